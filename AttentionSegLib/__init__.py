@@ -1,0 +1,61 @@
+"""AttentionSegLib: the headless engine of AttentionSeg (attention-based interactive medical image segmentation).
+
+Public API (everything else is internal)::
+
+    from AttentionSegLib import read_image, write_image, load_model, predict_volume, InteractiveSession
+
+Conventions: arrays are ``(k, j, i)`` as SimpleITK and Slicer return them; points are voxel indices ``(i, j, k)``
+(``*_ijk``) or millimetres (``*_ras`` for Slicer's RAS, LPS elsewhere); scribble maps are uint8 with 255 = not
+scribbled, 0 = background, ``k`` = label ``k``. The engine imports torch, numpy and SimpleITK only.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; imported on first use so that ``import AttentionSegLib`` stays light.
+_EXPORTS = {
+    "Volume": "image",
+    "ImageReadError": "image",
+    "read_image": "image",
+    "write_image": "image",
+    "ras_to_lps": "image",
+    "lps_to_ras": "image",
+    "build_network": "networks",
+    "network_names": "networks",
+    "save_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "LoadedModel": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "load_model": "models",
+    "available_models": "models",
+    "ModelNotFoundError": "models",
+    "predict_volume": "inference",
+    "sliding_window_predict": "inference",
+    "resolve_device": "inference",
+    "Prediction": "inference",
+    "Cancelled": "inference",
+    "InteractiveSession": "interactive",
+    "TrainConfig": "training",
+    "train": "training",
+    "make_abdominal_phantom": "phantom",
+    "evaluate_folder": "evaluation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'AttentionSegLib' has no attribute '{name}'")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

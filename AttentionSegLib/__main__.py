@@ -1,0 +1,7 @@
+"""``python -m AttentionSegLib`` is the ``attentionseg`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,421 @@
+"""``attentionseg``: one command, with subcommands for every workflow of the engine.
+
+    attentionseg demo                      phantom CT -> segmentation + attention maps + PNG (bundled model)
+    attentionseg segment IMAGE -o OUT      segment a file or DICOM folder (optionally only at clicked points)
+    attentionseg train --data DIR ...      train a network (supervised | scribble | semi), torchrun for DDP
+    attentionseg evaluate ...              Dice / HD95 of a model or of predictions against labels
+    attentionseg models [list|info|import] the named models
+    attentionseg phantom OUT_DIR           write synthetic abdominal CT phantoms (an MSD-style folder)
+
+Every command exits 0 on success, 2 on bad input (the message names the file and the problem) and 130 when
+interrupted; outputs are written to a temporary file and renamed, so a failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(ValueError):
+    """A problem with the command's arguments or inputs."""
+
+
+# ------------------------------------------------------------------------------------------------ parsing helpers
+
+
+def parse_point(text: str, what: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} '{text}' is not three comma-separated numbers") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"{what} '{text}' needs exactly three numbers, e.g. 10.5,-3,20")
+    return values  # type: ignore[return-value]
+
+
+def _ras(text: str) -> tuple[float, float, float]:
+    return parse_point(text, "--point-ras")
+
+
+def _ijk(text: str) -> tuple[float, float, float]:
+    return parse_point(text, "--point-ijk")
+
+
+def _check_output(output: Path, inputs: Sequence[Path]) -> None:
+    for source in inputs:
+        if source.exists() and output.exists() and output.resolve() == source.resolve():
+            raise CLIError(f"{output}: refusing to overwrite the input; choose another output path")
+    if output.parent and not output.parent.exists():
+        output.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _progress_printer(label: str, enabled: bool):
+    if not enabled:
+        return None
+    from .progress import ProgressBar
+
+    state: dict[str, Any] = {}
+
+    def report(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None or bar.total != total:
+            if bar is not None:
+                bar.close()
+            bar = state["bar"] = ProgressBar(total, label)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            state.pop("bar", None)
+
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------ segment
+
+
+def points_to_ijk(volume, points_ras: Sequence[Sequence[float]], points_ijk: Sequence[Sequence[float]],
+                  source: str) -> list[tuple[float, ...]]:
+    """All points as voxel indices (i, j, k); a point outside the image is an error naming it."""
+    import numpy as np
+
+    out: list[tuple[float, ...]] = []
+    for ras in points_ras:
+        out.append(tuple(float(v) for v in volume.ras_to_ijk(np.asarray(ras, dtype=float))))
+    out.extend(tuple(float(v) for v in p) for p in points_ijk)
+    size = volume.shape[::-1]  # (i, j, k) extents
+    for point in out:
+        if len(point) != len(size) or not all(-0.5 <= c < s - 0.5 for c, s in zip(point, size)):
+            raise CLIError(f"{source}: point (i, j, k) = {tuple(round(c, 2) for c in point)} lies outside the "
+                           f"image of size (i, j, k) = {tuple(size)}")
+    return out
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .image import read_image, write_image
+    from .inference import predict_volume, restrict_to_points
+    from .models import load_model
+
+    image_path = Path(args.image)
+    output = Path(args.output)
+    _check_output(output, [image_path])
+    volume = read_image(image_path)
+    model = load_model(args.model)
+    if volume.ndim == 2 and model.spatial_dims == 3:
+        raise CLIError(f"{image_path}: a 2D image (shape {volume.shape}) cannot be segmented by the 3D model "
+                       f"'{args.model}'")
+    points = points_to_ijk(volume, args.point_ras or [], args.point_ijk or [], str(image_path))
+    want_attention = args.attention_dir is not None
+    progress = _progress_printer("segment", not args.quiet)
+    started = time.perf_counter()
+    if points and args.roi:
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        attention: dict[str, Any] = {}
+        for point in points:
+            pred = predict_volume(model, volume, device=args.device, roi_center_ijk=point,
+                                  return_attention=want_attention, overlap=args.overlap, progress=progress)
+            labels = np.where(labels > 0, labels, pred.labels.array)
+            for name, amap in pred.attention.items():
+                attention[name] = amap if name not in attention else attention[name].with_array(
+                    np.maximum(attention[name].array, amap.array))
+        prediction = pred
+        prediction.labels = volume.with_array(labels)
+        prediction.attention = attention
+    else:
+        prediction = predict_volume(model, volume, device=args.device, return_attention=want_attention,
+                                    overlap=args.overlap, progress=progress)
+    labels = prediction.labels.array
+    if points:
+        labels = restrict_to_points(labels, points)
+    written = [write_image(volume.with_array(labels.astype(np.uint8)), output)]
+    if want_attention:
+        folder = Path(args.attention_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(output.suffixes) or ".nii.gz"
+        for name, amap in prediction.attention.items():
+            written.append(write_image(amap, folder / f"attention_{name}{suffix}"))
+    if args.uncertainty:
+        written.append(write_image(prediction.uncertainty, Path(args.uncertainty)))
+    elapsed = time.perf_counter() - started
+    counts = {model.labels.get(int(v), str(int(v))): int((labels == v).sum()) for v in np.unique(labels) if v}
+    if not args.quiet:
+        print(f"segmented {image_path} in {elapsed:.1f} s; voxels per label: {json.dumps(counts)}")
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------------- train
+
+
+def _train_config(args: argparse.Namespace):
+    from .training import TrainConfig
+
+    values: dict[str, Any] = {}
+    if args.config:
+        values = TrainConfig.from_json(args.config).to_dict()
+    overrides = {
+        "data": args.data, "output": args.output, "regime": args.regime, "network": args.network,
+        "spatial_dims": args.spatial_dims, "batch_size": args.batch_size, "iterations": args.iterations,
+        "learning_rate": args.learning_rate, "validate_every": args.validate_every,
+        "checkpoint_every": args.checkpoint_every, "seed": args.seed, "device": args.device,
+        "threads": args.threads,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if args.patch_size:
+        values["patch_size"] = [int(v) for v in args.patch_size.split(",")]
+    if args.network_config:
+        values["network_config"] = {**values.get("network_config", {}), **json.loads(args.network_config)}
+    if args.normalization:
+        values["normalization"] = json.loads(args.normalization)
+    if args.spacing:
+        values["spacing"] = [float(v) for v in args.spacing.split(",")]
+    if args.validation is not None:
+        text = args.validation
+        values["validation"] = float(text) if "." in text else (int(text) if text.isdigit() else text.split(","))
+    if args.labelled:
+        values["labelled_cases"] = args.labelled.split(",")
+    if args.regime_options:
+        values["regime_options"] = {**values.get("regime_options", {}), **json.loads(args.regime_options)}
+    if args.no_amp:
+        values["amp"] = False
+    if args.resume:
+        values["resume"] = True
+    return TrainConfig.from_dict(values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    config = _train_config(args)
+    if not Path(config.data).is_dir():
+        raise CLIError(f"{config.data}: dataset folder not found")
+    result = train(config, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
+        best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f}"
+        print(f"trained {result.iterations} iterations; best validation Dice {best}")
+        print(f"wrote {result.best_model}\nwrote {result.last_model}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_folder
+
+    report = evaluate_folder(args.data, model=args.model, predictions=args.predictions, device=args.device,
+                             cases=args.cases.split(",") if args.cases else None, progress=not args.quiet)
+    text = json.dumps(report, indent=2)
+    if args.output:
+        out = Path(args.output)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out)
+    print(text if args.output is None else f"mean Dice {report['summary']['dice_mean']:.4f}; wrote {args.output}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- models
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .inference import model_summary
+    from .models import available_models, load_model, register_model
+
+    action = args.action or "list"
+    if action == "list":
+        models = available_models()
+        if not models:
+            print("no named models installed")
+        for name, entry in sorted(models.items()):
+            print(f"{name:28s} {entry.task:20s} {entry.description}")
+    elif action == "info":
+        if not args.name:
+            raise CLIError("models info needs a model name or checkpoint path")
+        model = load_model(args.name)
+        print(json.dumps({**model_summary(model), "provenance": model.provenance}, indent=2, default=str))
+    elif action == "import":
+        if not args.name or not args.checkpoint:
+            raise CLIError("usage: attentionseg models import NAME CHECKPOINT")
+        entry = register_model(args.checkpoint, args.name, description=args.description or "")
+        print(f"registered '{entry.name}' -> {entry.path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- phantom/demo
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from .phantom import make_phantom_dataset
+
+    folder = make_phantom_dataset(args.output, n_cases=args.cases, seed=args.seed)
+    print(f"wrote {args.cases} phantom case(s) to {folder}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.output, model=args.model, device=args.device, seed=args.seed, progress=not args.quiet)
+    print(f"phantom CT segmented with '{summary['model']}' in {summary['seconds']:.1f} s")
+    for name, value in summary["dice"].items():
+        print(f"  Dice {name:14s} {value:.3f}")
+    for path in summary["files"]:
+        print(f"wrote {path}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attentionseg",
+        description="Attention-based interactive medical image segmentation (the AttentionSeg engine).",
+        epilog="Arrays are (k, j, i) as SimpleITK and Slicer return them; --point-ijk is (i, j, k) voxels, "
+               "--point-ras is Slicer's RAS millimetres. Run 'attentionseg COMMAND --help' for each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="segment a synthetic CT phantom with the bundled model (no data needed)",
+                          description="Make an abdominal CT phantom, segment it with the bundled demo model and "
+                                      "write the image, the segmentation, the attention maps and a PNG of a slice "
+                                      "with both overlaid.")
+    demo.add_argument("-o", "--output", default="demo_output", help="output folder (default: %(default)s)")
+    demo.add_argument("--model", default=None, help="model name or checkpoint (default: the bundled demo model)")
+    demo.add_argument("--seed", type=int, default=1234, help="phantom seed (default: %(default)s)")
+    _device_arg(demo)
+    _quiet_arg(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    seg = sub.add_parser("segment", help="segment an image file or DICOM folder",
+                         description="Segment IMAGE (NIfTI, NRRD, MHA or a DICOM series folder) and write a label "
+                                     "image with exactly the input's geometry. With points, only the connected "
+                                     "components at the points are kept.")
+    seg.add_argument("image", help="image file or DICOM series folder")
+    seg.add_argument("-o", "--output", required=True, help="label image to write (.nii.gz, .nrrd, .mha)")
+    seg.add_argument("--model", default=None, help="model name (see 'attentionseg models') or checkpoint path")
+    seg.add_argument("--point-ras", type=_ras, action="append", metavar="R,A,S",
+                     help="a point in RAS mm (as Slicer shows it); repeatable")
+    seg.add_argument("--point-ijk", type=_ijk, action="append", metavar="I,J,K",
+                     help="a point as voxel indices (i, j, k); repeatable")
+    seg.add_argument("--roi", action="store_true",
+                     help="with points: infer only a window around each point (faster on large images)")
+    seg.add_argument("--attention-dir", default=None, help="also write the attention maps into this folder")
+    seg.add_argument("--uncertainty", default=None, help="also write the voxel-wise uncertainty (entropy) here")
+    seg.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default: %(default)s)")
+    _device_arg(seg)
+    _quiet_arg(seg)
+    seg.set_defaults(func=cmd_segment)
+
+    tr = sub.add_parser("train", help="train a network on a dataset folder (torchrun for multi-GPU)",
+                        description="Train on an MSD-style folder (imagesTr/, labelsTr/, scribblesTr/, dataset.json)."
+                                    " Flags override --config. For several GPUs or processes: torchrun "
+                                    "--nproc_per_node=N -m AttentionSegLib.cli train ...")
+    tr.add_argument("--config", help="training config JSON (see TrainConfig)")
+    tr.add_argument("--data", help="dataset folder")
+    tr.add_argument("-o", "--output", help="output folder for checkpoints and the log")
+    tr.add_argument("--regime", choices=["supervised", "scribble", "semi"])
+    tr.add_argument("--network", help="network name (attention_unet, joint_attention_unet, mistake_attention_unet)")
+    tr.add_argument("--network-config", help='JSON, e.g. \'{"filters": [8, 16, 32, 64, 128]}\'')
+    tr.add_argument("--spatial-dims", type=int, choices=[2, 3])
+    tr.add_argument("--patch-size", help="e.g. 32,64,64 (array order k,j,i)")
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--iterations", type=int)
+    tr.add_argument("--learning-rate", type=float)
+    tr.add_argument("--normalization", help='JSON, e.g. \'{"kind": "ct_window", "window": [-160, 240]}\'')
+    tr.add_argument("--spacing", help="resample to this spacing x,y,z mm")
+    tr.add_argument("--validation", help="validation cases: fraction (0.2), count (4) or comma-separated names")
+    tr.add_argument("--labelled", help="semi regime: comma-separated names/regexes of the labelled cases")
+    tr.add_argument("--regime-options", help="JSON of regime loss weights/switches")
+    tr.add_argument("--validate-every", type=int)
+    tr.add_argument("--checkpoint-every", type=int)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--threads", type=int, help="torch CPU threads")
+    tr.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    tr.add_argument("--resume", action="store_true", help="continue from OUTPUT/training_state.pt")
+    _device_arg(tr, default=None)
+    _quiet_arg(tr)
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="per-class Dice and HD95 of a model (or predictions) on a folder")
+    ev.add_argument("data", help="dataset folder with imagesTr/ and labelsTr/")
+    ev.add_argument("--model", help="model name or checkpoint to run")
+    ev.add_argument("--predictions", help="folder of existing label images named like the cases")
+    ev.add_argument("--cases", help="comma-separated case names/regexes (default: all)")
+    ev.add_argument("-o", "--output", help="write the JSON report here")
+    _device_arg(ev)
+    _quiet_arg(ev)
+    ev.set_defaults(func=cmd_evaluate)
+
+    mo = sub.add_parser("models", help="list, describe or import named models")
+    mo.add_argument("action", nargs="?", choices=["list", "info", "import"], default="list")
+    mo.add_argument("name", nargs="?", help="model name (info/import) or checkpoint path (info)")
+    mo.add_argument("checkpoint", nargs="?", help="import: the checkpoint file")
+    mo.add_argument("--description", help="import: a one-line description")
+    mo.set_defaults(func=cmd_models)
+
+    ph = sub.add_parser("phantom", help="write synthetic abdominal CT phantoms as an MSD-style folder")
+    ph.add_argument("output", help="folder to create")
+    ph.add_argument("--cases", type=int, default=4)
+    ph.add_argument("--seed", type=int, default=0)
+    ph.set_defaults(func=cmd_phantom)
+    return parser
+
+
+def _device_arg(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    parser.add_argument("--device", default=default, choices=["auto", "cpu", "cuda", "mps"],
+                        help="where to run (default: auto = cuda, then mps, then cpu)")
+
+
+def _quiet_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("AttentionSegLib")
+    except Exception:  # not installed (running from a checkout)
+        return "dev"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    if getattr(args, "model", "unset") is None and args.command in {"segment"}:
+        from .models import DEFAULT_MODEL
+
+        args.model = DEFAULT_MODEL
+    from .checkpoint import CheckpointError
+    from .image import ImageReadError
+
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("attentionseg: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CLIError, ImageReadError, CheckpointError, ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
+        print(f"attentionseg {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

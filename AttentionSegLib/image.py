@@ -1,0 +1,542 @@
+"""Images with their geometry: the :class:`Volume` type, file and DICOM I/O, and RAS <-> LPS.
+
+Conventions (``docs/engine-api.md``):
+
+* ``Volume.array`` is in SimpleITK / Slicer order, ``(k, j, i)`` for 3D and ``(j, i)`` for 2D. A map with
+  several channels (class probabilities) carries them on a leading axis: ``(C, k, j, i)``.
+* ``spacing``, ``origin`` and ``direction`` follow ITK: spacing and origin in ``(x, y, z) = (i, j, k)`` order,
+  origin in LPS millimetres, direction the row-major flattened ``D x D`` matrix whose columns are the
+  physical directions of the ``i``, ``j``, ``k`` axes, so that ``p = origin + direction @ (spacing * ijk)``.
+* Physical points are LPS everywhere in the engine; :func:`ras_to_lps` / :func:`lps_to_ras` are the one place
+  where Slicer's RAS enters or leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: File extensions :func:`read_image` and :func:`write_image` accept (compared case-insensitively).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+# CT Image Storage (DICOM PS3.4 B.5).
+_CT_IMAGE_STORAGE_UID = "1.2.840.10008.5.1.4.1.1.2"
+
+# Patient and study attributes copied from a reference series so that a derived series joins the same
+# study and frame of reference in a PACS or in Slicer's DICOM browser.
+_REFERENCE_TAGS: tuple[str, ...] = (
+    "0010|0010",  # Patient's Name
+    "0010|0020",  # Patient ID
+    "0010|0030",  # Patient's Birth Date
+    "0010|0040",  # Patient's Sex
+    "0008|0020",  # Study Date
+    "0008|0030",  # Study Time
+    "0008|0050",  # Accession Number
+    "0008|0090",  # Referring Physician's Name
+    "0008|1030",  # Study Description
+    "0020|000d",  # Study Instance UID
+    "0020|0010",  # Study ID
+    "0020|0052",  # Frame of Reference UID
+)
+
+
+class ImageReadError(ValueError):
+    """An image file or DICOM folder is missing, unreadable, corrupt, or of an unsupported kind."""
+
+
+class ImageWriteError(ValueError):
+    """An image could not be written (unsupported extension, format limit, I/O failure)."""
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class Volume:
+    """A voxel array together with its physical geometry.
+
+    Args:
+        array: ``(k, j, i)`` / ``(j, i)`` voxels, or ``(C, k, j, i)`` / ``(C, j, i)`` for a multi-channel map
+            (then ``spacing`` must be given so the number of spatial axes is known).
+        spacing: voxel size in mm, ITK order ``(i, j, k)``; empty means 1 mm on every axis.
+        origin: LPS position (mm) of the centre of voxel ``(0, 0, 0)``; empty means the zero vector.
+        direction: row-major flattened direction cosine matrix; empty means the identity.
+
+    Example:
+        >>> vol = Volume(np.zeros((4, 5, 6), np.int16), spacing=(0.5, 0.5, 2.0))
+        >>> vol.shape, vol.size
+        ((4, 5, 6), (6, 5, 4))
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, ...] = ()
+    origin: tuple[float, ...] = ()
+    direction: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.array)
+        ndim = len(self.spacing) if len(self.spacing) else self.array.ndim
+        if ndim not in (2, 3):
+            raise ValueError(f"Volume: only 2D and 3D images are supported, got {ndim} spatial dimensions")
+        if self.array.ndim not in (ndim, ndim + 1):
+            raise ValueError(
+                f"Volume: array of shape {self.array.shape} does not fit {ndim} spatial dimensions "
+                f"(expected {ndim} axes, or {ndim + 1} with a leading channel axis)"
+            )
+        self.spacing = _float_tuple(self.spacing or (1.0,) * ndim, ndim, "spacing")
+        self.origin = _float_tuple(self.origin or (0.0,) * ndim, ndim, "origin")
+        self.direction = _float_tuple(
+            self.direction or tuple(np.eye(ndim).ravel()), ndim * ndim, "direction"
+        )
+        if any(s <= 0 for s in self.spacing):
+            raise ValueError(f"Volume: spacing must be positive, got {self.spacing}")
+        if abs(abs(np.linalg.det(self.direction_matrix)) - 1.0) > 1e-3:
+            raise ValueError(f"Volume: direction {self.direction} is not an orthonormal matrix")
+
+    def __repr__(self) -> str:
+        return (
+            f"Volume(shape={self.array.shape}, dtype={self.array.dtype}, spacing={self.spacing}, "
+            f"origin={self.origin}, direction={self.direction})"
+        )
+
+    # -- shape ---------------------------------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions (2 or 3)."""
+        return len(self.spacing)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Spatial shape in array order ``(k, j, i)`` (without a channel axis)."""
+        return tuple(self.array.shape[-self.ndim :])
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        """Spatial size in ITK order ``(i, j, k)``."""
+        return self.shape[::-1]
+
+    @property
+    def has_channels(self) -> bool:
+        """True when the array carries a leading channel axis."""
+        return self.array.ndim == self.ndim + 1
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        """The direction cosines as a ``(D, D)`` matrix; column ``a`` is the direction of index axis ``a``."""
+        return np.asarray(self.direction, dtype=np.float64).reshape(self.ndim, self.ndim)
+
+    # -- derived volumes -----------------------------------------------------------------------------------
+    def with_array(self, array: np.ndarray) -> Volume:
+        """A volume with this geometry and another array of the same spatial shape (channels may differ)."""
+        array = np.asarray(array)
+        spatial = tuple(array.shape[-self.ndim :]) if array.ndim >= self.ndim else array.shape
+        if spatial != self.shape or array.ndim not in (self.ndim, self.ndim + 1):
+            raise ValueError(
+                f"Volume.with_array: array of shape {array.shape} does not match the volume's spatial shape "
+                f"{self.shape}"
+            )
+        return Volume(array, self.spacing, self.origin, self.direction)
+
+    def same_geometry(self, other: Volume, *, atol: float = 1e-4) -> bool:
+        """Whether ``other`` has the same spatial shape, spacing, origin and direction.
+
+        Args:
+            other: the volume to compare with.
+            atol: absolute tolerance for spacing and origin (mm) and direction cosines; the default absorbs the
+                float32 rounding of NIfTI headers.
+        """
+        return (
+            self.shape == other.shape
+            and np.allclose(self.spacing, other.spacing, rtol=0.0, atol=atol)
+            and np.allclose(self.origin, other.origin, rtol=0.0, atol=atol)
+            and np.allclose(self.direction, other.direction, rtol=0.0, atol=atol)
+        )
+
+    # -- index <-> physical --------------------------------------------------------------------------------
+    def _index_to_physical_matrix(self) -> np.ndarray:
+        return self.direction_matrix @ np.diag(self.spacing)
+
+    def ijk_to_lps(self, points_ijk: Any) -> np.ndarray:
+        """Continuous voxel indices ``(i, j, k)`` -> LPS mm, as ITK's ``TransformContinuousIndexToPhysicalPoint``.
+
+        Args:
+            points_ijk: one point ``(D,)`` or several ``(N, D)``.
+        """
+        points = _points(points_ijk, self.ndim, "points_ijk")
+        return np.asarray(self.origin) + points @ self._index_to_physical_matrix().T
+
+    def lps_to_ijk(self, points_lps: Any) -> np.ndarray:
+        """LPS mm -> continuous voxel indices ``(i, j, k)`` (not rounded; ``np.rint`` gives the nearest voxel)."""
+        points = _points(points_lps, self.ndim, "points_lps")
+        inverse = np.linalg.inv(self._index_to_physical_matrix())
+        return (points - np.asarray(self.origin)) @ inverse.T
+
+    def ijk_to_ras(self, points_ijk: Any) -> np.ndarray:
+        """Continuous voxel indices ``(i, j, k)`` -> RAS mm (Slicer's world coordinates)."""
+        return lps_to_ras(self.ijk_to_lps(points_ijk))
+
+    def ras_to_ijk(self, points_ras: Any) -> np.ndarray:
+        """RAS mm -> continuous voxel indices ``(i, j, k)``."""
+        return self.lps_to_ijk(ras_to_lps(points_ras))
+
+    def contains_ijk(self, points_ijk: Any) -> bool | np.ndarray:
+        """Whether the voxel nearest to each index ``(i, j, k)`` lies inside the image.
+
+        Returns a bool for one point ``(D,)`` and a bool array for ``(N, D)``.
+        """
+        points = np.rint(_points(points_ijk, self.ndim, "points_ijk"))
+        inside = np.all((points >= 0) & (points < np.asarray(self.size)), axis=-1)
+        return bool(inside) if inside.ndim == 0 else inside
+
+
+def _float_tuple(values: Sequence[float], length: int, name: str) -> tuple[float, ...]:
+    result = tuple(float(v) for v in np.asarray(values, dtype=np.float64).ravel())
+    if len(result) != length:
+        raise ValueError(f"Volume: {name} must have {length} values, got {len(result)}: {tuple(values)}")
+    if not all(np.isfinite(result)):
+        raise ValueError(f"Volume: {name} must be finite, got {result}")
+    return result
+
+
+def _points(points: Any, ndim: int, name: str) -> np.ndarray:
+    array = np.asarray(points, dtype=np.float64)
+    if array.ndim not in (1, 2) or array.shape[-1] != ndim:
+        raise ValueError(f"{name}: expected shape ({ndim},) or (N, {ndim}), got {array.shape}")
+    return array
+
+
+# -- RAS <-> LPS ---------------------------------------------------------------------------------------------
+def ras_to_lps(points: Any) -> np.ndarray:
+    """RAS -> LPS: negate the first two coordinates (Slicer world -> ITK physical space).
+
+    Args:
+        points: one point ``(D,)`` or an array ``(..., D)`` with ``D`` 2 or 3.
+    """
+    array = np.array(points, dtype=np.float64)  # a copy: the caller's points stay untouched
+    if array.ndim == 0 or array.shape[-1] not in (2, 3):
+        raise ValueError(f"ras_to_lps/lps_to_ras: points must end in 2 or 3 coordinates, got shape {array.shape}")
+    array[..., :2] *= -1.0
+    return array
+
+
+def lps_to_ras(points: Any) -> np.ndarray:
+    """LPS -> RAS; the same sign flip as :func:`ras_to_lps` (it is its own inverse)."""
+    return ras_to_lps(points)
+
+
+# -- SimpleITK conversion ------------------------------------------------------------------------------------
+def to_sitk(volume: Volume) -> sitk.Image:
+    """A SimpleITK image with the volume's voxels and geometry (channels become vector components).
+
+    Booleans are stored as uint8 and float16 as float32, which SimpleITK lacks.
+    """
+    array = volume.array
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    elif array.dtype == np.float16:
+        array = array.astype(np.float32)
+    if volume.has_channels:
+        image = sitk.GetImageFromArray(np.moveaxis(array, 0, -1), isVector=True)
+    else:
+        image = sitk.GetImageFromArray(array)
+    image.SetSpacing(volume.spacing)
+    image.SetOrigin(volume.origin)
+    image.SetDirection(volume.direction)
+    return image
+
+
+def from_sitk(image: sitk.Image) -> Volume:
+    """A :class:`Volume` from a 2D or 3D SimpleITK image (vector components become a leading channel axis)."""
+    if image.GetDimension() not in (2, 3):
+        raise ValueError(f"from_sitk: only 2D and 3D images are supported, got {image.GetDimension()}D")
+    array = sitk.GetArrayFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        array = np.ascontiguousarray(np.moveaxis(array, -1, 0))
+    return Volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+
+# -- reading -------------------------------------------------------------------------------------------------
+def _extension(path: Path) -> str:
+    name = path.name.lower()
+    for extension in IMAGE_EXTENSIONS:
+        if name.endswith(extension):
+            return extension
+    return path.suffix.lower()
+
+
+def _itk_reason(error: Exception) -> str:
+    """The informative last line of a SimpleITK exception (its first lines are source locations)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def read_image(path: PathLike, dtype: Any = None) -> Volume:
+    """Read an image file or a DICOM series folder.
+
+    Args:
+        path: a ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha`` or ``.mhd`` file, or a folder holding a
+            DICOM series. A folder with several series yields the one with the most files (with a warning).
+        dtype: convert the voxels to this numpy dtype; ``None`` keeps the stored type.
+
+    Raises:
+        ImageReadError: the path is missing, has an unsupported extension, holds no DICOM series, or cannot
+            be decoded; the message names the path and the problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"cannot read image '{path}': no such file or folder")
+    if path.is_dir():
+        image = _read_dicom_series(path)
+    else:
+        if _extension(path) not in IMAGE_EXTENSIONS:
+            raise ImageReadError(
+                f"cannot read image '{path}': unsupported extension '{_extension(path) or path.name}' "
+                f"(supported: {', '.join(IMAGE_EXTENSIONS)} or a DICOM series folder)"
+            )
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            raise ImageReadError(f"cannot read image '{path}': {_itk_reason(error)}") from error
+    if image.GetDimension() not in (2, 3):
+        raise ImageReadError(
+            f"cannot read image '{path}': it has {image.GetDimension()} dimensions; only 2D and 3D are supported"
+        )
+    volume = from_sitk(image)
+    if dtype is not None:
+        volume.array = volume.array.astype(dtype, copy=False)
+    return volume
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series_ids = reader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise ImageReadError(f"cannot read image '{folder}': the folder holds no DICOM series")
+    files_per_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    chosen = max(series_ids, key=lambda sid: len(files_per_series[sid]))
+    if len(series_ids) > 1:
+        others = ", ".join(f"{sid or '<no UID>'} ({len(files_per_series[sid])} files)" for sid in series_ids
+                           if sid != chosen)
+        warnings.warn(
+            f"'{folder}' holds {len(series_ids)} DICOM series; reading {chosen or '<no UID>'} "
+            f"({len(files_per_series[chosen])} files), ignoring {others}",
+            stacklevel=3,
+        )
+    reader.SetFileNames(files_per_series[chosen])
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise ImageReadError(f"cannot read DICOM series in '{folder}': {_itk_reason(error)}") from error
+
+
+# -- writing -------------------------------------------------------------------------------------------------
+def write_image(volume: Volume, path: PathLike, *, compress: bool = True) -> Path:
+    """Write a volume atomically: readers see the old file or the complete new one, never a partial file.
+
+    SimpleITK writes into a temporary folder beside ``path`` under the final file name (so it picks the
+    writer from the real extension and a ``.mhd`` header names the right data file); the files are then
+    moved into place with ``os.replace`` (data file before header) and the temporary folder is removed, also
+    when writing fails. Missing parent folders are created.
+
+    Args:
+        volume: the image; multi-channel volumes are written as vector images.
+        path: destination ending in one of :data:`IMAGE_EXTENSIONS`.
+        compress: compress the voxel data where the format allows (``.nii`` stays uncompressed; use
+            ``.nii.gz``).
+
+    Returns:
+        The written path.
+
+    Raises:
+        ImageWriteError: unsupported extension, a limit of the format, or an I/O failure.
+    """
+    path = Path(path)
+    if _extension(path) not in IMAGE_EXTENSIONS:
+        raise ImageWriteError(
+            f"cannot write image '{path}': unsupported extension '{_extension(path) or path.name}' "
+            f"(supported: {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    image = to_sitk(volume)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    except OSError as error:
+        raise ImageWriteError(f"cannot write image '{path}': {error}") from error
+    try:
+        staged = staging / path.name
+        sitk.WriteImage(image, str(staged), useCompression=compress)
+        # The header goes last so that it never points at a data file that is not there yet.
+        for produced in sorted(staging.iterdir(), key=lambda p: p.name == staged.name):
+            os.replace(produced, path.parent / produced.name)
+    except RuntimeError as error:
+        raise ImageWriteError(f"cannot write image '{path}': {_itk_reason(error)}") from error
+    except OSError as error:
+        raise ImageWriteError(f"cannot write image '{path}': {error}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def new_dicom_uid() -> str:
+    """A fresh DICOM UID derived from a random UUID (the ``2.25.`` root of DICOM PS3.5 B.2)."""
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def _decimal_string(value: float) -> str:
+    """A DICOM DS value: a decimal string of at most 16 characters (DICOM PS3.5 Table 6.2-1)."""
+    text = repr(float(value))
+    if text.endswith(".0"):
+        text = text[:-2]
+    precision = 15
+    while len(text) > 16 and precision > 1:
+        text = f"{float(value):.{precision}g}"
+        precision -= 1
+    return "0" if text in ("-0", "-0.0") else text
+
+
+def _multi_value(values: Sequence[float]) -> str:
+    return "\\".join(_decimal_string(v) for v in values)
+
+
+def _reference_tags(reference: PathLike) -> dict[str, str]:
+    reference = Path(reference)
+    if not reference.exists():
+        raise ImageReadError(f"cannot read DICOM reference '{reference}': no such file or folder")
+    if reference.is_dir():
+        series_reader = sitk.ImageSeriesReader()
+        series_ids = series_reader.GetGDCMSeriesIDs(str(reference))
+        if not series_ids:
+            raise ImageReadError(f"cannot read DICOM reference '{reference}': the folder holds no DICOM series")
+        reference = Path(series_reader.GetGDCMSeriesFileNames(str(reference), series_ids[0])[0])
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(reference))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise ImageReadError(f"cannot read DICOM reference '{reference}': {_itk_reason(error)}") from error
+    keys = set(reader.GetMetaDataKeys())
+    return {tag: reader.GetMetaData(tag).strip() for tag in _REFERENCE_TAGS if tag in keys}
+
+
+def _right_handed(volume: Volume) -> Volume:
+    """The same physical image with the slice axis reversed when the direction matrix is left-handed.
+
+    DICOM readers order slices along ``row x column`` of ImageOrientationPatient, i.e. they assume a
+    right-handed frame; storing a left-handed volume unchanged would read back with its slices reversed.
+    """
+    if np.linalg.det(volume.direction_matrix) > 0:
+        return volume
+    direction = volume.direction_matrix.copy()
+    direction[:, 2] *= -1.0
+    origin = volume.ijk_to_lps((0.0, 0.0, volume.size[2] - 1.0))
+    return Volume(volume.array[::-1].copy(), volume.spacing, tuple(origin), tuple(direction.ravel()))
+
+
+def write_dicom_series(
+    volume: Volume,
+    folder: PathLike,
+    *,
+    reference: PathLike | None = None,
+    series_description: str = "AttentionSeg",
+    modality: str = "CT",
+) -> Path:
+    """Write a 3D volume as a DICOM series (one int16 CT image file per slice) into a new folder.
+
+    Each slice gets ImagePositionPatient from the volume's geometry, and the series shares
+    ImageOrientationPatient (the first two direction columns), PixelSpacing (row spacing = ``spacing[1]``,
+    column spacing = ``spacing[0]``), SliceThickness (``spacing[2]``), a fresh SeriesInstanceUID and
+    RescaleIntercept 0 / RescaleSlope 1, so the stored values are the HU values. Voxels are rounded and
+    clipped to the int16 range (with a warning when clipping changed any). A left-handed volume is stored as
+    the equivalent right-handed one (slice order reversed). DS values hold at most 16 characters, so geometry
+    round-trips exactly for short decimals and to about 1e-10 relative otherwise.
+
+    Args:
+        volume: a scalar 3D volume (HU).
+        folder: the series folder; it must not exist yet or be empty. Written atomically (a temporary folder
+            beside it is renamed).
+        reference: a DICOM file or series folder whose patient, study and frame-of-reference attributes the
+            new series copies (a derived series of the same study); without it, fresh study/frame UIDs.
+        series_description: SeriesDescription (0008,103E).
+        modality: Modality (0008,0060).
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder)
+    if volume.ndim != 3 or volume.has_channels:
+        raise ImageWriteError(f"cannot write DICOM series '{folder}': needs a scalar 3D volume, got {volume!r}")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ImageWriteError(f"cannot write DICOM series '{folder}': it exists and is not an empty folder")
+    volume = _right_handed(volume)
+    values = np.rint(volume.array.astype(np.float64))
+    info = np.iinfo(np.int16)
+    if values.min(initial=0) < info.min or values.max(initial=0) > info.max:
+        warnings.warn(f"write_dicom_series '{folder}': values clipped to the int16 range", stacklevel=2)
+    image = to_sitk(volume.with_array(np.clip(values, info.min, info.max).astype(np.int16)))
+
+    tags = _reference_tags(reference) if reference is not None else {}
+    tags.setdefault("0020|000d", new_dicom_uid())
+    tags.setdefault("0020|0052", new_dicom_uid())
+    date, clock = time.strftime("%Y%m%d"), time.strftime("%H%M%S")
+    direction = volume.direction_matrix
+    normal = direction[:, 2]
+    tags.update(
+        {
+            "0008|0008": "DERIVED\\SECONDARY",  # Image Type
+            "0008|0016": _CT_IMAGE_STORAGE_UID,  # SOP Class UID
+            "0008|0021": date,  # Series Date
+            "0008|0031": clock,  # Series Time
+            "0008|0060": modality,
+            "0008|103e": series_description,
+            "0020|000e": new_dicom_uid(),  # Series Instance UID
+            "0020|0011": "1001",  # Series Number
+            "0020|0037": _multi_value(np.concatenate([direction[:, 0], direction[:, 1]])),
+            "0028|0030": _multi_value((volume.spacing[1], volume.spacing[0])),  # Pixel Spacing: row\column
+            "0018|0050": _decimal_string(volume.spacing[2]),  # Slice Thickness
+            "0028|1052": "0",  # Rescale Intercept
+            "0028|1053": "1",  # Rescale Slope
+            "0028|1054": "HU" if modality == "CT" else "US",  # Rescale Type
+        }
+    )
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    except OSError as error:
+        raise ImageWriteError(f"cannot write DICOM series '{folder}': {error}") from error
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()  # otherwise the writer replaces our series/instance UIDs
+        for k in range(volume.size[2]):
+            slice_image = image[:, :, k]
+            position = volume.ijk_to_lps((0.0, 0.0, float(k)))
+            for tag, value in tags.items():
+                slice_image.SetMetaData(tag, value)
+            slice_image.SetMetaData("0008|0018", new_dicom_uid())  # SOP Instance UID
+            slice_image.SetMetaData("0008|0023", date)  # Content Date
+            slice_image.SetMetaData("0008|0033", clock)  # Content Time
+            slice_image.SetMetaData("0020|0013", str(k + 1))  # Instance Number
+            slice_image.SetMetaData("0020|0032", _multi_value(position))  # Image Position (Patient)
+            slice_image.SetMetaData("0020|1041", _decimal_string(float(position @ normal)))  # Slice Location
+            writer.SetFileName(str(staging / f"IM{k + 1:05d}.dcm"))
+            writer.Execute(slice_image)
+        if folder.exists():
+            folder.rmdir()  # empty (checked above); os.replace cannot replace a directory on every platform
+        os.replace(staging, folder)
+    except RuntimeError as error:
+        raise ImageWriteError(f"cannot write DICOM series '{folder}': {_itk_reason(error)}") from error
+    except OSError as error:
+        raise ImageWriteError(f"cannot write DICOM series '{folder}': {error}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

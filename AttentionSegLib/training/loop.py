@@ -1,0 +1,249 @@
+"""The one training loop: every regime (supervised, scribble, semi) plugs its loss into it.
+
+The loop owns what all regimes share: device and AMP, DistributedDataParallel through ``torchrun``, the
+polynomial learning-rate decay of nnU-Net (``lr * (1 - it / total) ** 0.9``), validation Dice on whole cases,
+checkpoints (``model_last.pt``, ``model_best.pt`` and a ``training_state.pt`` for resume), a progress bar, and
+cancellation (the state is saved so that ``--resume`` continues).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..checkpoint import atomic_torch_save, save_checkpoint, state_digest
+from ..datasets import Case, list_cases, load_case, read_labels, split_cases
+from ..inference import CancelToken, autocast_for, resolve_device, sliding_window_predict
+from ..metrics import dice
+from ..networks import build_network
+from ..progress import ProgressBar
+from .config import TrainConfig
+from .distributed import DistributedContext, all_equal, barrier, device_for_rank, init_distributed, shutdown
+from .regimes import Regime, make_regime
+
+STATE_FILE = "training_state.pt"
+LAST_MODEL = "model_last.pt"
+BEST_MODEL = "model_best.pt"
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    best_model: Path
+    last_model: Path
+    iterations: int
+    best_metric: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    cancelled: bool = False
+    replicas_in_sync: bool = True
+
+
+def git_commit(path: Path) -> str | None:
+    """The project's git commit, when it runs from a checkout (provenance only; never required)."""
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["attentionseg", *sys.argv[1:]]) if sys.argv else ""
+
+
+def poly_lr(base: float, iteration: int, total: int, exponent: float = 0.9) -> float:
+    return base * (1.0 - min(iteration, total) / max(total, 1)) ** exponent
+
+
+@torch.no_grad()
+def validate(network: nn.Module, cases: Sequence[Case], config: TrainConfig, device: torch.device,
+             labels: Sequence[int]) -> dict[str, float]:
+    """Mean Dice per label over whole validation cases (in the model grid)."""
+    scores: dict[int, list[float]] = {label: [] for label in labels}
+    for case in cases:
+        if case.label is None:
+            continue
+        if config.spatial_dims == 2 and case.image.ndim == 3:
+            slices = [torch.from_numpy(case.image[k])[None, None] for k in range(case.image.shape[0])]
+            probs = torch.stack([sliding_window_predict(network, s, config.patch_size, device=device,
+                                                        amp=config.amp)[0] for s in slices], dim=1)
+        else:
+            probs = sliding_window_predict(network, torch.from_numpy(case.image)[None, None], config.patch_size,
+                                           device=device, amp=config.amp)[0]
+        prediction = probs.argmax(0).numpy()
+        for label in labels:
+            scores[label].append(dice(prediction, case.label, label=label))
+    result = {f"dice_{label}": float(np.nanmean(v)) if v else float("nan") for label, v in scores.items()}
+    values = [v for v in result.values() if not math.isnan(v)]
+    result["dice_mean"] = float(np.mean(values)) if values else float("nan")
+    return result
+
+
+def _network_config(config: TrainConfig, out_channels: int) -> dict[str, Any]:
+    net_config = dict(config.network_config)
+    net_config.setdefault("spatial_dims", config.spatial_dims)
+    net_config.setdefault("in_channels", 1)
+    net_config.setdefault("out_channels", out_channels)
+    if net_config["spatial_dims"] != config.spatial_dims:
+        raise ValueError(f"network_config.spatial_dims={net_config['spatial_dims']} but spatial_dims="
+                         f"{config.spatial_dims}")
+    return net_config
+
+
+def train(config: TrainConfig, *, progress: bool = True, cancel: CancelToken | None = None) -> TrainResult:
+    """Train a network as ``config`` says; returns where the checkpoints are. Safe to run under ``torchrun``."""
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    context = init_distributed(device)
+    device = device_for_rank(device, context)
+    try:
+        return _train(config, device, context, progress=progress, cancel=cancel)
+    finally:
+        shutdown(context)
+
+
+def _train(config: TrainConfig, device: torch.device, context: DistributedContext, *, progress: bool,
+           cancel: CancelToken | None) -> TrainResult:
+    torch.manual_seed(config.seed + context.rank)
+    output = Path(config.output)
+    if context.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+    barrier(context)
+
+    root = Path(config.data)
+    label_names = read_labels(root)
+    files = list_cases(root, require="scribble" if config.regime == "scribble" else "label")
+    train_files, val_files = split_cases(files, config.validation, seed=config.seed)
+    preprocessing = config.preprocessing()
+    val_cases = [load_case(f, preprocessing) for f in val_files if f.label is not None] if context.is_main else []
+
+    regime: Regime = make_regime(config, train_files, preprocessing, rank=context.rank)
+    label_values = sorted(set(label_names) - {0}) or regime.label_values()
+    out_channels = max([*label_values, 1]) + 1
+    net_config = _network_config(config, out_channels)
+    network = build_network(config.network, **net_config).to(device)
+    regime.attach(network)
+
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(network.parameters(), lr=config.learning_rate, momentum=0.99, nesterov=True,
+                                    weight_decay=config.weight_decay)
+    elif config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer '{config.optimizer}' (adamw or sgd)")
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start, best_metric, history = 0, None, []
+    state_path = output / STATE_FILE
+    if config.resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        regime.load_state_dict(state.get("regime", {}))
+        start, best_metric, history = state["iteration"], state["best_metric"], state["history"]
+
+    model: nn.Module = network
+    if context.enabled:
+        model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+
+    labels_for_checkpoint = {k: v for k, v in label_names.items() if k != 0} or {
+        v: f"label_{v}" for v in label_values}
+
+    def provenance(iteration: int, metrics: dict[str, float] | None) -> dict[str, Any]:
+        return {
+            "data": str(root.resolve()),
+            "command": command_line(),
+            "config": config.to_dict(),
+            "iterations": iteration,
+            "validation_cases": [f.name for f in val_files],
+            "metrics": metrics or {},
+            "world_size": context.world_size,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": str(device),
+            "git_commit": git_commit(Path(__file__).resolve().parents[2]),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def save_state(iteration: int) -> None:
+        atomic_torch_save({"network": network.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scaler": scaler.state_dict(), "regime": regime.state_dict(), "iteration": iteration,
+                           "best_metric": best_metric, "history": history, "config": config.to_dict()}, state_path)
+        save_checkpoint(output / LAST_MODEL, network, preprocessing=preprocessing, labels=labels_for_checkpoint,
+                        provenance=provenance(iteration, history[-1] if history else None))
+
+    bar = ProgressBar(config.iterations, f"train[{config.regime}]", enabled=progress and context.is_main,
+                      initial=start)
+    cancelled = False
+    iteration = start
+    last_metrics: dict[str, float] | None = None
+    try:
+        while iteration < config.iterations:
+            if cancel is not None and cancel.is_set():
+                cancelled = True
+                break
+            lr = poly_lr(config.learning_rate, iteration, config.iterations)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            with autocast_for(device, use_amp):
+                loss, logs = regime.loss(model, network, device, iteration)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            regime.after_step(network)
+            iteration += 1
+            bar.update()
+            bar.set_postfix(loss=float(loss.detach()), lr=lr)
+
+            if context.is_main and val_cases and (iteration % config.validate_every == 0
+                                                  or iteration == config.iterations):
+                last_metrics = validate(network, val_cases, config, device, label_values)
+                history.append({"iteration": iteration, "loss": float(loss.detach()), **last_metrics, **logs})
+                bar.write(f"iteration {iteration}: validation dice_mean={last_metrics['dice_mean']:.4f}")
+                if best_metric is None or last_metrics["dice_mean"] > best_metric:
+                    best_metric = last_metrics["dice_mean"]
+                    save_checkpoint(output / BEST_MODEL, network, preprocessing=preprocessing,
+                                    labels=labels_for_checkpoint, provenance=provenance(iteration, last_metrics))
+            if context.is_main and (iteration % config.checkpoint_every == 0 or iteration == config.iterations):
+                save_state(iteration)
+    finally:
+        bar.close()
+
+    in_sync = all_equal(state_digest(network.state_dict()), context)
+    if context.is_main:
+        save_state(iteration)
+        if best_metric is None or not (output / BEST_MODEL).exists():
+            save_checkpoint(output / BEST_MODEL, network, preprocessing=preprocessing, labels=labels_for_checkpoint,
+                            provenance={**provenance(iteration, last_metrics), "replicas_in_sync": in_sync})
+        log = {"config": config.to_dict(), "history": history, "best_metric": best_metric, "iterations": iteration,
+               "cancelled": cancelled, "world_size": context.world_size, "replicas_in_sync": in_sync}
+        tmp = output / ".training_log.json.tmp"
+        tmp.write_text(json.dumps(log, indent=2) + "\n")
+        os.replace(tmp, output / "training_log.json")
+    barrier(context)
+    return TrainResult(output=output, best_model=output / BEST_MODEL, last_model=output / LAST_MODEL,
+                       iterations=iteration, best_metric=best_metric, history=history, cancelled=cancelled,
+                       replicas_in_sync=in_sync)
