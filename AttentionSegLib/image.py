@@ -27,7 +27,7 @@ from typing import Any, Union
 import numpy as np
 import SimpleITK as sitk
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike]
 
 #: File extensions :func:`read_image` and :func:`write_image` accept (compared case-insensitively).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -93,14 +93,15 @@ class Volume:
                 f"Volume: array of shape {self.array.shape} does not fit {ndim} spatial dimensions "
                 f"(expected {ndim} axes, or {ndim + 1} with a leading channel axis)"
             )
-        self.spacing = _float_tuple(self.spacing or (1.0,) * ndim, ndim, "spacing")
-        self.origin = _float_tuple(self.origin or (0.0,) * ndim, ndim, "origin")
-        self.direction = _float_tuple(
-            self.direction or tuple(np.eye(ndim).ravel()), ndim * ndim, "direction"
-        )
+        self.spacing = _float_tuple(self.spacing if len(self.spacing) else (1.0,) * ndim, ndim, "spacing")
+        self.origin = _float_tuple(self.origin if len(self.origin) else (0.0,) * ndim, ndim, "origin")
+        identity = tuple(np.eye(ndim).ravel())
+        self.direction = _float_tuple(self.direction if len(self.direction) else identity, ndim * ndim,
+                                      "direction")
         if any(s <= 0 for s in self.spacing):
             raise ValueError(f"Volume: spacing must be positive, got {self.spacing}")
-        if abs(abs(np.linalg.det(self.direction_matrix)) - 1.0) > 1e-3:
+        matrix = self.direction_matrix
+        if not np.allclose(matrix @ matrix.T, np.eye(ndim), atol=1e-3):
             raise ValueError(f"Volume: direction {self.direction} is not an orthonormal matrix")
 
     def __repr__(self) -> str:
@@ -425,7 +426,9 @@ def _reference_tags(reference: PathLike) -> dict[str, str]:
     except RuntimeError as error:
         raise ImageReadError(f"cannot read DICOM reference '{reference}': {_itk_reason(error)}") from error
     keys = set(reader.GetMetaDataKeys())
-    return {tag: reader.GetMetaData(tag).strip() for tag in _REFERENCE_TAGS if tag in keys}
+    # De-identified series often carry empty UIDs; an empty value must not replace a fresh one.
+    values = {tag: reader.GetMetaData(tag).strip() for tag in _REFERENCE_TAGS if tag in keys}
+    return {tag: value for tag, value in values.items() if value}
 
 
 def _right_handed(volume: Volume) -> Volume:
@@ -448,7 +451,6 @@ def write_dicom_series(
     *,
     reference: PathLike | None = None,
     series_description: str = "AttentionSeg",
-    modality: str = "CT",
 ) -> Path:
     """Write a 3D volume as a DICOM series (one int16 CT image file per slice) into a new folder.
 
@@ -467,7 +469,6 @@ def write_dicom_series(
         reference: a DICOM file or series folder whose patient, study and frame-of-reference attributes the
             new series copies (a derived series of the same study); without it, fresh study/frame UIDs.
         series_description: SeriesDescription (0008,103E).
-        modality: Modality (0008,0060).
 
     Returns:
         The folder.
@@ -496,7 +497,7 @@ def write_dicom_series(
             "0008|0016": _CT_IMAGE_STORAGE_UID,  # SOP Class UID
             "0008|0021": date,  # Series Date
             "0008|0031": clock,  # Series Time
-            "0008|0060": modality,
+            "0008|0060": "CT",  # Modality
             "0008|103e": series_description,
             "0020|000e": new_dicom_uid(),  # Series Instance UID
             "0020|0011": "1001",  # Series Number
@@ -505,7 +506,7 @@ def write_dicom_series(
             "0018|0050": _decimal_string(volume.spacing[2]),  # Slice Thickness
             "0028|1052": "0",  # Rescale Intercept
             "0028|1053": "1",  # Rescale Slope
-            "0028|1054": "HU" if modality == "CT" else "US",  # Rescale Type
+            "0028|1054": "HU",  # Rescale Type
         }
     )
 

@@ -212,6 +212,7 @@ class Prediction:
 
     labels: Volume
     probabilities: Volume | None = None
+    roi: Volume | None = None  # uint8, 1 where the network was run (click-ROI inference); None = everywhere
     attention: dict[str, Volume] = field(default_factory=dict)
     uncertainty: Volume | None = None
 
@@ -275,7 +276,8 @@ def predict_volume(
     channels = [array[None]]
     if extra_channels is not None:
         extra = np.asarray(extra_channels, dtype=np.float32)
-        extra_volumes = [preprocessor.resample_channel(volume.with_array(c), context) for c in extra]
+        extra_volumes = [preprocessor.resample_channel(volume.with_array(c), context, interpolator="linear")
+                         for c in extra]
         channels.extend(e[None] for e in extra_volumes)
     image = np.concatenate(channels, axis=0).astype(np.float32)
     if image.shape[0] != model.in_channels:
@@ -288,7 +290,7 @@ def predict_volume(
     full_shape = image.shape[1:]
     region: tuple[slice, ...] = tuple(slice(0, s) for s in full_shape)
     if roi_center_ijk is not None:
-        center_model = preprocessor.point_to_model_index(volume, context, roi_center_ijk)
+        center_model = preprocessor.point_to_model_index(context, roi_center_ijk)
         size = list(roi_size) if roi_size is not None else ([1] if volume.ndim == 3 and spatial_dims == 2 else []) + patch
         size = size[-len(full_shape):] if len(size) >= len(full_shape) else [full_shape[0]] + list(size)
         region = roi_slices(full_shape, center_model, size)
@@ -329,6 +331,11 @@ def predict_volume(
     prediction.uncertainty = volume.with_array(normalised_entropy(back))
     if return_probabilities:
         prediction.probabilities = volume.with_array(back.astype(np.float32))
+    if roi_center_ijk is not None:
+        inside = np.zeros(full_shape, dtype=np.float32)
+        inside[region] = 1.0
+        prediction.roi = volume.with_array(
+            (preprocessor.inverse(inside, context, interpolator="nearest").array > 0.5).astype(np.uint8))
     for name, amap in maps_t.items():
         full = np.zeros(full_shape, dtype=np.float32)
         full[region] = amap.numpy()

@@ -1,28 +1,30 @@
 """AttenScribble's attentive similarity loss.
 
 Tian, Yang & Gao, "AttenScribble: Attentive Similarity Learning for Scribble-Supervised Medical Image
-Segmentation", arXiv 2312.06614 (journal version: J. Vis. Commun. Image Represent. 110, 104476, 2025), Sec. 3.
-The pluggable spatial self-attention module (``networks/self_attention.py``) turns its attention map into a
-normalised, symmetrised affinity ``A ∈ [0, 1]^{N×N}`` over the ``N`` voxels of one feature level. The loss asks
-the predictions, pooled to that level, to agree where ``A`` says two voxels are alike — a CRF energy whose
-kernel is learnt attention instead of a hand-made Gaussian::
+Segmentation", arXiv 2312.06614 (journal version: J. Vis. Commun. Image Represent. 110, 104476, 2025), method
+section. The pluggable spatial self-attention module (``networks/self_attention.py``) turns its attention map
+into a normalised, symmetrised affinity ``A ∈ [0, 1]^{N×N}`` over the ``N`` voxels of one feature level. The
+loss asks the predictions, pooled to that level, to agree where ``A`` says two voxels are alike — a CRF energy
+whose kernel is learnt attention instead of a hand-made Gaussian::
 
     L_as = 1/|P| Σ_{(i, j) ∈ P} A_ij G_ij (1 - y_i · y_j)
 
 with ``y_i`` the class-probability vector of voxel ``i`` after adaptive average pooling to the attention grid
-(pooled probability vectors are still probability vectors), ``P`` the ordered pairs ``i ≠ j`` that are compared
-and ``G_ij`` an optional Gaussian locality window. The authors' code (YangQinzhu/AttenScribble, ``AttnGatedCRF``)
-uses ``G`` with radius 5 and σ = 6 on a 64×64 grid; ``radius=None`` keeps every pair (global affinity).
+(pooled probability vectors are still probability vectors), ``P`` the ordered pairs ``i ≠ j`` that are
+compared and ``G_ij`` an optional Gaussian locality window. The authors' code (YangQinzhu/AttenScribble,
+``AttnGatedCRF``) uses ``G`` with radius 5 and σ = 6 on a 64×64 grid; ``radius=None`` keeps every pair (global
+affinity).
 
 Normalisation: we average over the compared pairs, so the loss lies in ``[0, 1]`` for any grid size (the
 authors' code divides the sum by ``B·N`` only, i.e. scales with the neighbourhood size; use the loss weight to
 match it).
 
-Gradient to the affinity: the paper states the loss "optimizes the alignment of FCN encoders, attention mapping
-and model prediction", and the published ACDC run lets gradients reach both the predictions and the attention
-(``is_y_grad_acrf = is_k_grad_acrf = true``). The affinity is therefore **not** detached by default;
-``detach_affinity=True`` trains only the predictions. Note that on its own the gradient can only lower ``A`` where
-predictions disagree; the partial cross-entropy and masked CRF keep the predictions, and hence ``A``, meaningful.
+Gradient to the affinity: the paper states the loss "optimizes the alignment of FCN encoders, attention
+mapping and model prediction", and the published ACDC run lets gradients reach both the predictions and the
+attention (``is_y_grad_acrf = is_k_grad_acrf = true``). The affinity is therefore **not** detached by default;
+``detach_affinity=True`` trains only the predictions. Note that on its own the gradient can only lower ``A``
+where predictions disagree; the partial cross-entropy and masked CRF keep the predictions, and hence ``A``,
+meaningful.
 """
 
 from __future__ import annotations
@@ -62,12 +64,12 @@ def attentive_similarity_loss(
     sigma: float | None = None,
     detach_affinity: bool = False,
 ) -> torch.Tensor:
-    """Disagreement of the predictions weighted by the attention affinity (AttenScribble, Sec. 3).
+    """Disagreement of the predictions weighted by the attention affinity (AttenScribble).
 
     Args:
         probs: ``(B, C, *spatial)`` class probabilities at full resolution, 2D or 3D.
-        affinity: ``(B, N, N)`` normalised, symmetrised attention (``SpatialSelfAttention.last_affinity``), entries
-            in ``[0, 1]``.
+        affinity: ``(B, N, N)`` normalised, symmetrised attention (``SpatialSelfAttention.last_affinity``),
+            entries in ``[0, 1]``.
         affinity_shape: spatial shape of the attention's feature level (``SpatialSelfAttention.last_shape``),
             ``prod(affinity_shape) == N`` and ``len(affinity_shape) == spatial_dims``.
         radius: compare only pairs within this Chebyshev distance on the attention grid (``None``: all pairs).
@@ -86,10 +88,11 @@ def attentive_similarity_loss(
     spatial_dims = probs.ndim - 2
     if len(shape) != spatial_dims or any(n < 1 for n in shape):
         raise ValueError(
-            f"affinity_shape must hold {spatial_dims} positive sizes for {spatial_dims}D probs, got {tuple(shape)}"
+            f"affinity_shape must hold {spatial_dims} positive sizes for {spatial_dims}D probs, got {shape}"
         )
     if any(n > m for n, m in zip(shape, probs.shape[2:])):
-        raise ValueError(f"affinity_shape {shape} is larger than the prediction grid {tuple(probs.shape[2:])}")
+        grid = tuple(probs.shape[2:])
+        raise ValueError(f"affinity_shape {shape} is larger than the prediction grid {grid}")
     voxels = math.prod(shape)
     if affinity.ndim != 3 or tuple(affinity.shape) != (probs.shape[0], voxels, voxels):
         raise ValueError(
@@ -115,7 +118,8 @@ def attentive_similarity_loss(
             pair_weight = window * off_diagonal
             pair_count = float(((window > 0).float() * off_diagonal).sum())
         weights = weights * pair_weight
-        # Σ_ij W_ij (1 - y_i·y_j) = Σ_ij W_ij - Σ_i y_i · (W y)_i, without forming the (B, N, N) agreement matrix.
+        # Σ_ij W_ij (1 - y_i·y_j) = Σ_ij W_ij - Σ_i y_i · (W y)_i, without forming the (B, N, N) agreement
+        # matrix.
         agreement = (torch.bmm(weights, y) * y).sum()
         energy = weights.sum() - agreement
         return energy / (pair_count * probs.shape[0])

@@ -1,8 +1,8 @@
 """Masked (gated) CRF loss on local windows, for 2D and 3D.
 
 Gated CRF loss (Obukhov et al., "Gated CRF Loss for Weakly Supervised Semantic Image Segmentation", arXiv
-1906.04651, Sec. 3, Eq. 3-5) with the Potts compatibility, as customised by AttenScribble (Tian et al., arXiv
-2312.06614, Sec. 3, "masked CRF": scribbled voxels do not receive CRF energy)::
+1906.04651; the authors' ``ModelLossSemsegGatedCRF``) with the Potts compatibility, as customised by
+AttenScribble (Tian et al., arXiv 2312.06614, "masked CRF": scribbled voxels do not receive CRF energy)::
 
     L_CRF = 1/Σ_i d_i · Σ_i Σ_{j ∈ Ω_r(i), j ≠ i}  d_i s_i s_j K_ij (1 - y_i · y_j)
 
@@ -11,13 +11,13 @@ Gated CRF loss (Obukhov et al., "Gated CRF Loss for Weakly Supervised Semantic I
 ``y`` are class probabilities, ``p`` voxel positions (mm when ``spacing`` is given), ``I`` image intensities,
 ``Ω_r(i)`` the ``(2r+1)^D`` window around ``i``, ``s`` the gate (``mask``: voxels outside it neither send nor
 receive) and ``d = s · receive_mask`` the receivers (AttenScribble: the unscribbled voxels). For probability
-vectors ``1 - y_i · y_j`` is the relaxed Potts penalty, so the loss is 0 for a prediction that is constant over
-every window and small when label changes coincide with intensity edges.
+vectors ``1 - y_i · y_j`` is the relaxed Potts penalty, so the loss is 0 for a prediction that is constant
+over every window and small when label changes coincide with intensity edges.
 
 Memory: the sum over the window is written as a filter ``F(x)_i = Σ_j K_ij x_j``; ``K`` is symmetric, so the
-backward pass of ``F`` is ``F`` again. :class:`_WindowFilter` therefore recomputes the kernel offset by offset in
-both passes and keeps only ``O(B·C·N)`` memory (no ``(2r+1)^D``-fold unfolded copy), which is what lets the loss
-run on 256² slices and 64³ patches.
+backward pass of ``F`` is ``F`` again. :class:`_WindowFilter` therefore recomputes the kernel offset by offset
+in both passes and keeps only ``O(B·C·N)`` memory (no ``(2r+1)^D``-fold unfolded copy), which is what lets the
+loss run on 256² slices and 64³ patches.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def _window_offsets(
 ) -> list[tuple[Slices, Slices, float]]:
     """Half of the non-zero window offsets (the other half is implied by symmetry) and their spatial weights.
 
-    Returns per offset δ the pair of slices selecting voxel ``i`` and its neighbour ``i + δ`` on their overlap,
-    as index tuples over ``(B, C, *spatial)``, and ``exp(-|δ ⊙ step|² / (2 σ_xy²))``.
+    Returns per offset δ the pair of slices selecting voxel ``i`` and its neighbour ``i + δ`` on their
+    overlap, as index tuples over ``(B, C, *spatial)``, and ``exp(-|δ ⊙ step|² / (2 σ_xy²))``.
     """
     result: list[tuple[Slices, Slices, float]] = []
     for delta in itertools.product(range(-radius, radius + 1), repeat=len(spatial)):
@@ -87,7 +87,8 @@ class _WindowFilter(torch.autograd.Function):
     ) -> tuple[torch.Tensor, None, None]:
         (features,) = ctx.saved_tensors  # type: ignore[attr-defined]
         # K is symmetric, so dL/dx = K^T g = F(g).
-        return _apply_window_filter(grad_output.contiguous(), features, ctx.offsets), None, None  # type: ignore
+        offsets = ctx.offsets  # type: ignore[attr-defined]
+        return _apply_window_filter(grad_output.contiguous(), features, offsets), None, None
 
 
 def _as_gate(
@@ -98,7 +99,9 @@ def _as_gate(
     if mask.ndim == len(spatial) + 1:
         mask = mask.unsqueeze(1)
     if tuple(mask.shape) != (batch, 1, *spatial):
-        raise ValueError(f"{name} must have shape (B, 1, *spatial) = {(batch, 1, *spatial)}, got {tuple(mask.shape)}")
+        raise ValueError(
+            f"{name} must have shape (B, 1, *spatial) = {(batch, 1, *spatial)}, got {tuple(mask.shape)}"
+        )
     return (mask != 0).to(device=device, dtype=torch.float32)
 
 
@@ -129,17 +132,18 @@ def masked_crf_loss(
 
     Args:
         probs: ``(B, C, *spatial)`` class probabilities (softmax output), 2D or 3D.
-        image: ``(B, C_img, *spatial)`` normalised intensities on the same grid. ``sigma_rgb`` is in its units.
+        image: ``(B, C_img, *spatial)`` normalised intensities on the same grid. ``sigma_rgb`` is in its
+            units.
         mask: optional gate ``(B, 1, *spatial)`` or ``(B, *spatial)``; voxels where it is 0 contribute nothing
             (neither as centre nor as neighbour), e.g. padding or voxels outside a region of interest.
         receive_mask: optional ``(B, 1, *spatial)`` or ``(B, *spatial)``; only voxels where it is non-zero
-            receive energy. AttenScribble passes the unscribbled voxels so scribbles are never pulled away from
-            their labels, while still pulling their neighbours.
+            receive energy. AttenScribble passes the unscribbled voxels so scribbles are never pulled away
+            from their labels, while still pulling their neighbours.
         sigma_xy: spatial bandwidth, in voxels, or in mm when ``spacing`` is given.
         sigma_rgb: intensity bandwidth.
         radius: window radius in voxels of the (down-sampled) grid; the window is ``(2 radius + 1)^D``.
-        spacing: voxel size in ITK order ``(x, y, z)`` like ``Volume.spacing`` (reversed internally to the tensor
-            order ``(z, y, x)``); ``None`` treats voxels as isotropic unit cubes.
+        spacing: voxel size in ITK order ``(x, y, z)`` like ``Volume.spacing`` (reversed internally to the
+            tensor order ``(z, y, x)``); ``None`` treats voxels as isotropic unit cubes.
         downsample: integer factor; probabilities, image and gates are average (gates: min) pooled to
             ``ceil(size / downsample)`` first, as in the Gated CRF paper, to cut time and memory.
 
@@ -156,7 +160,8 @@ def masked_crf_loss(
     spatial = tuple(spatial_list)
     if image.ndim != probs.ndim or image.shape[0] != batch or tuple(image.shape[2:]) != spatial:
         raise ValueError(
-            f"image must be (B, C_img, *spatial) matching probs {tuple(probs.shape)}, got {tuple(image.shape)}"
+            f"image must be (B, C_img, *spatial) matching probs {tuple(probs.shape)}, "
+            f"got {tuple(image.shape)}"
         )
     if sigma_xy <= 0 or sigma_rgb <= 0:
         raise ValueError(f"sigma_xy and sigma_rgb must be > 0, got {sigma_xy}, {sigma_rgb}")
@@ -168,7 +173,9 @@ def masked_crf_loss(
         step = [1.0] * spatial_dims
     else:
         if len(spacing) != spatial_dims or any(s <= 0 for s in spacing):
-            raise ValueError(f"spacing must hold {spatial_dims} positive values (ITK order x, y, z), got {spacing}")
+            raise ValueError(
+                f"spacing must hold {spatial_dims} positive values (ITK order x, y, z), got {spacing}"
+            )
         step = [float(s) for s in reversed(tuple(spacing))]
 
     gate = _as_gate(mask, batch, spatial, probs.device, "mask")
@@ -193,7 +200,8 @@ def masked_crf_loss(
 
         offsets = _window_offsets(int(radius), tuple(y.shape[2:]), step, float(sigma_xy))
         features = (intensities / float(sigma_rgb)).detach().contiguous()
-        # One pass filters the gate (the pairwise normaliser Σ_j K_ij s_j) and the gated probabilities together.
+        # One pass filters the gate (the pairwise normaliser Σ_j K_ij s_j) and the gated probabilities
+        # together.
         filtered = _WindowFilter.apply(torch.cat([gate, gate * y], dim=1), features, offsets)
         agreement = (y * filtered[:, 1:]).sum(dim=1, keepdim=True)
         energy = (receivers * (filtered[:, :1] - agreement)).sum()

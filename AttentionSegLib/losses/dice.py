@@ -1,13 +1,13 @@
 """Soft Dice and Dice + cross-entropy for dense labels, with ignored voxels.
 
-Soft Dice (Milletari et al., "V-Net", 3DV 2016, Eq. 1, with additive smoothing as in MONAI's ``DiceLoss``), per
-class ``c``::
+Soft Dice (Milletari et al., "V-Net", 3DV 2016; additive smoothing as in MONAI's ``DiceLoss``), per class
+``c``::
 
     D_c = (2 Σ_i p_ic g_ic + ε_nr) / (Σ_i p_ic + Σ_i g_ic + ε_dr)        L_Dice = 1 - mean_c D_c
 
-``p`` are softmax (or, for one output channel, sigmoid) probabilities and ``g`` the one-hot target. Voxels labelled
-``ignore_index`` are removed from both sums, and from the cross-entropy term of :class:`DiceCELoss`, so partially
-annotated volumes (padding, unlabelled slices) can be trained on directly.
+``p`` are softmax (or, for one output channel, sigmoid) probabilities and ``g`` the one-hot target. Voxels
+labelled ``ignore_index`` are removed from both sums, and from the cross-entropy term of :class:`DiceCELoss`,
+so partially annotated volumes (padding, unlabelled slices) can be trained on directly.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def probabilities_and_one_hot(
         ignore_index: label excluded from the loss (``None``: every voxel counts).
 
     Returns:
-        ``(probs, one_hot, valid)`` with shapes ``(B, C, *spatial)``, ``(B, C, *spatial)``, ``(B, 1, *spatial)``.
+        ``(probs, one_hot, valid)``; the first two ``(B, C, *spatial)``, the mask ``(B, 1, *spatial)``.
     """
     labels = class_index_target(logits, target)
     num_channels = logits.shape[1]
@@ -63,8 +63,8 @@ class DiceLoss(nn.Module):
         smooth_nr: ε added to the numerator; makes an empty class predicted empty score Dice 1.
         smooth_dr: ε added to the denominator; avoids 0/0.
         squared_pred: use ``Σ p² + Σ g²`` in the denominator (V-Net's original form).
-        batch: pool the sums over the batch before the ratio (one Dice per class for the whole batch), which is
-            steadier for small structures absent from some patches.
+        batch: pool the sums over the batch before the ratio (one Dice per class for the whole batch), which
+            is steadier for small structures absent from some patches.
         ignore_index: label of voxels excluded from the loss.
         reduction: ``"mean"`` (scalar) or ``"none"`` (``(B, C')`` or, with ``batch=True``, ``(C',)``).
     """
@@ -114,8 +114,8 @@ class DiceLoss(nn.Module):
 class DiceCELoss(nn.Module):
     """Weighted sum ``lambda_dice * Dice + lambda_ce * CE`` over the non-ignored voxels.
 
-    The cross-entropy is the mean over valid voxels (binary cross-entropy for single-channel outputs). When every
-    voxel is ignored the loss is 0 (still attached to the graph).
+    The cross-entropy is the mean over valid voxels (binary cross-entropy for single-channel outputs). When
+    every voxel is ignored the loss is 0 (still attached to the graph).
 
     Args:
         lambda_dice: weight of the Dice term.
@@ -154,20 +154,22 @@ class DiceCELoss(nn.Module):
             ignore_index=ignore_index,
         )
         self.class_weights: torch.Tensor | None
-        self.register_buffer(
-            "class_weights", None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
-        )
+        weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", weights)
 
     def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over non-ignored voxels (0 with gradient when there are none)."""
         labels = class_index_target(logits, target)
         logits32 = logits.float()
-        valid = torch.ones_like(labels, dtype=torch.bool) if self.ignore_index is None else labels != self.ignore_index
+        if self.ignore_index is None:
+            valid = torch.ones_like(labels, dtype=torch.bool)
+        else:
+            valid = labels != self.ignore_index
         if not bool(valid.any()):
             return logits32.sum() * 0.0
         if logits.shape[1] == 1:
             if self.class_weights is not None:
-                raise ValueError("class_weights needs multi-class logits; single-channel outputs use plain BCE")
+                raise ValueError("class_weights needs multi-class logits; single-channel outputs use BCE")
             check_label_range(labels, 2, self.ignore_index, name="target")
             per_voxel = F.binary_cross_entropy_with_logits(logits32[:, 0], labels.float(), reduction="none")
             return per_voxel[valid].mean()
@@ -180,7 +182,8 @@ class DiceCELoss(nn.Module):
         per_voxel = F.cross_entropy(logits32, safe, weight=weight, reduction="none")
         if weight is None:
             return per_voxel[valid].mean()
-        # Weighted mean as in torch.nn.CrossEntropyLoss: normalise by the summed weights of the counted voxels.
+        # Weighted mean as in torch.nn.CrossEntropyLoss: normalise by the summed weights of the counted
+        # voxels.
         return per_voxel[valid].sum() / weight[safe[valid]].sum().clamp_min(1e-12)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,13 @@
 """Partial cross-entropy: supervision from scribbles only.
 
-Scribble-supervised methods (e.g. AttenScribble, Tian et al., arXiv 2312.06614, Sec. 3, the "partial segmentation
-loss"; originally Tang et al., CVPR 2018, "Normalized cut loss", Eq. 1) compute the cross-entropy over the labelled
-voxels ``Ω_L`` only:
+Scribble-supervised methods (e.g. AttenScribble, Tian et al., arXiv 2312.06614, the "partial segmentation
+loss"; introduced by Tang et al., CVPR 2018, "Normalized cut loss") compute the cross-entropy over the
+labelled voxels ``Ω_L`` only::
 
     L_pCE = -1/|Ω_L| Σ_{i ∈ Ω_L} log p_i(s_i)
 
-where ``s_i`` is the scribble label of voxel ``i``. Unscribbled voxels (value :data:`IGNORE_INDEX`) neither count
-nor receive gradient; the regularisers (masked CRF, attentive similarity) take care of them.
+where ``s_i`` is the scribble label of voxel ``i``. Unscribbled voxels (value :data:`IGNORE_INDEX`) neither
+count nor receive gradient; the regularisers (masked CRF, attentive similarity) take care of them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def class_index_target(logits: torch.Tensor, target: torch.Tensor, *, name: str 
         ValueError: when the shapes do not match or the target is not integral.
     """
     if logits.ndim < 3:
-        raise ValueError(f"logits must be (B, C, *spatial) with 1-3 spatial dims, got shape {tuple(logits.shape)}")
+        raise ValueError(f"logits must be (B, C, *spatial), got shape {tuple(logits.shape)}")
     if target.ndim == logits.ndim and target.shape[1] == 1:
         target = target[:, 0]
     expected = (logits.shape[0], *logits.shape[2:])
@@ -74,11 +74,12 @@ def partial_cross_entropy(
         logits: ``(B, C, *spatial)`` raw network scores (any float dtype; computed in float32).
         scribbles: ``(B, *spatial)`` or ``(B, 1, *spatial)`` labels; ``ignore_index`` = not scribbled.
         ignore_index: label of unscribbled voxels.
-        class_weights: optional ``(C,)`` weights; the mean is then weighted (as ``torch.nn.CrossEntropyLoss``).
+        class_weights: optional ``(C,)`` weights; the mean is then weighted (as
+            ``torch.nn.CrossEntropyLoss``).
 
     Returns:
-        Scalar loss. When nothing is scribbled it is ``0`` and still attached to the graph (zero gradient), so a
-        training step never has to special-case empty scribble batches.
+        Scalar loss. When nothing is scribbled it is ``0`` and still attached to the graph (zero gradient), so
+        a training step never has to special-case empty scribble batches.
 
     Raises:
         ValueError: on shape mismatches or labels outside ``[0, C)``.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import torch
@@ -26,9 +26,10 @@ class GatedUNet(SegmentationNetwork):
     """U-Net whose skip connections pass an attention module gated by the next coarser decoder level.
 
     The shared skeleton of :class:`AttentionUNet` and the joint-attention network: encoder (two conv–norm–ReLU
-    per level, max pooling), a 1×1 conv–norm–ReLU gating signal on the bottleneck (Oktay et al., Fig. 2), and
-    per skip level ``l`` (finest = 0) a module ``make_skip_attention(l, filters[l], filters[l + 1])`` that
-    returns ``(attended skip, alpha)``; ``alpha`` is reported as attention map ``gate{l + 1}``. Deep supervision
+    per level, max pooling) and, per skip level ``l`` (finest = 0), a module
+    ``make_skip_attention(l, filters[l], filters[l + 1])`` that returns ``(attended skip, alpha)``, gated by
+    the decoder output one level coarser (the bottleneck for the deepest skip) after a 1×1 conv–norm–ReLU
+    gating block (Oktay et al., Fig. 2); ``alpha`` is reported as attention map ``gate{l + 1}``. Deep supervision
     heads ``ds1`` .. ``ds{L-2}`` sit on the decoder outputs of levels 1 .. L-2.
     """
 
@@ -61,7 +62,12 @@ class GatedUNet(SegmentationNetwork):
             filters[self_attention_level] if self_attention_level is not None else 0,
             self_attention_max_tokens,
         )
-        self.gating = ConvNormAct(spatial_dims, filters[-1], filters[-1], kernel_size=1, norm=norm)
+        # Every gate's gating signal passes a 1×1 conv–norm–ReLU first, as Oktay et al.'s gating block does
+        # for the bottleneck; it decouples the gating features from the decoder features they come from.
+        self.gating = nn.ModuleList(
+            ConvNormAct(spatial_dims, filters[level + 1], filters[level + 1], kernel_size=1, norm=norm)
+            for level in range(levels - 1)
+        )
         self.skip_attention = nn.ModuleList(
             make_skip_attention(level, filters[level], filters[level + 1]) for level in range(levels - 1)
         )
@@ -76,27 +82,25 @@ class GatedUNet(SegmentationNetwork):
             else None
         )
 
-    def extra_attention_maps(self) -> dict[str, torch.Tensor]:
-        """Further named maps of the last forward (subclasses); the gates are reported by :meth:`compute`."""
+    def extra_attention_maps(self, gate_maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Further named maps of the last forward (subclasses); ``gate_maps`` are the gates' maps."""
         return {}
 
     def compute(self, x: torch.Tensor, return_attention: bool) -> NetworkOutput:
         features = self.encoder(x, self.encoder_hooks())
         decoded = features[-1]
-        gating = self.gating(decoded)
         attention: dict[str, torch.Tensor] = {}
         decoder_outputs: dict[int, torch.Tensor] = {}
         for level in reversed(range(len(self.decoder))):
-            skip, alpha = self.skip_attention[level](features[level], gating)
+            skip, alpha = self.skip_attention[level](features[level], self.gating[level](decoded))
             attention[f"gate{level + 1}"] = alpha
             decoded = self.decoder[level](decoded, skip)
             decoder_outputs[level] = decoded
-            gating = decoded
         aux: dict[str, torch.Tensor] = {}
         if self.training and self.deep_supervision is not None:
             aux = self.deep_supervision(decoder_outputs, x.shape[2:])
         if return_attention:
-            attention.update(self.extra_attention_maps())
+            attention.update(self.extra_attention_maps(attention))
         return NetworkOutput(logits=self.head(decoded), attention=attention, aux_logits=aux)
 
 

@@ -9,6 +9,7 @@ the attention of its last forward for the loss.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -37,6 +38,14 @@ def pooled_shape(spatial: Sequence[int], max_tokens: int) -> tuple[int, ...]:
         factor += 1
 
 
+def float32_region(device_type: str) -> contextlib.AbstractContextManager[object]:
+    """A context in which autocast is off, so the attention softmax runs in float32."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know (older torch + MPS) never autocasts anyway
+        return contextlib.nullcontext()
+
+
 def symmetric_normalised_affinity(
     attention: torch.Tensor, *, iterations: int = 50, tolerance: float = 1e-5
 ) -> torch.Tensor:
@@ -58,7 +67,7 @@ def symmetric_normalised_affinity(
     """
     if attention.dim() != 3 or attention.shape[-1] != attention.shape[-2]:
         raise ValueError(f"attention must have shape (B, N, N), got {tuple(attention.shape)}")
-    with torch.autocast(device_type=attention.device.type, enabled=False):
+    with float32_region(attention.device.type):
         sym = 0.5 * (attention.float() + attention.float().transpose(1, 2))
         tiny = torch.finfo(sym.dtype).tiny
         scale = torch.ones(sym.shape[:2], dtype=sym.dtype, device=sym.device)
@@ -146,7 +155,7 @@ class SpatialSelfAttention(nn.Module):
         query, key, value = self.query(tokens), self.key(tokens), self.value(tokens)
         # Scores and softmax in float32 under autocast too: N-way softmax in half precision loses the
         # small weights that the affinity is made of.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with float32_region(x.device.type):
             scores = torch.bmm(query.float(), key.float().transpose(1, 2)) / math.sqrt(self.key_channels)
             attention = scores.softmax(dim=-1)
             mixed = torch.bmm(attention, value.float())

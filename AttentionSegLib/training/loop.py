@@ -138,7 +138,7 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
     regime: Regime = make_regime(config, train_files, preprocessing, rank=context.rank)
     label_values = sorted(set(label_names) - {0}) or regime.label_values()
     out_channels = max([*label_values, 1]) + 1
-    net_config = _network_config(config, out_channels)
+    net_config = {**_network_config(config, out_channels), **regime.network_overrides()}
     network = build_network(config.network, **net_config).to(device)
     regime.attach(network)
 

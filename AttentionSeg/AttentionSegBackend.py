@@ -1,0 +1,319 @@
+"""The backend seam: where the engine's interactive session lives and runs, off Slicer's GUI thread.
+
+The module's Logic never calls the engine directly. It opens a session on a backend and sends it
+:class:`SessionCall` steps (``click``, ``add_scribbles`` + ``refine``, ``undo`` ...); each submission returns a
+:class:`Job` at once, which the GUI polls (a Qt timer) for progress and the result, and can cancel. Only plain
+data crosses the seam (numpy arrays, numbers, strings, the engine :class:`~AttentionSegLib.Volume`), so a backend
+that forwards the same steps to a GPU server over HTTP can replace :class:`LocalBackend` without the Logic
+noticing.
+
+:class:`LocalBackend` keeps the session in this process and runs every job on one worker thread, so jobs run one
+after another in submission order and never touch the session at the same time. MRML is never touched here:
+results travel back to the GUI thread, which writes them into nodes.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class JobState(enum.Enum):
+    """Life cycle of a job: PENDING -> RUNNING -> one of the three final states."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class SessionCall:
+    """One method call on the engine's interactive session.
+
+    Args:
+        method: the session method, e.g. ``"click"``.
+        args, kwargs: its arguments (plain data only).
+        reports_progress: the method takes ``progress=`` and ``cancel=`` keywords (long work such as ``refine``);
+            the backend supplies them.
+        attribute: ``method`` names an attribute to read (e.g. ``mask``) instead of a method to call.
+    """
+
+    method: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    reports_progress: bool = False
+    attribute: bool = False
+
+    @classmethod
+    def read(cls, name: str) -> SessionCall:
+        """A step that reads the session attribute ``name``."""
+        return cls(name, attribute=True)
+
+
+class Job:
+    """Handle on a submitted piece of work; thread-safe, polled from the GUI thread.
+
+    Attributes:
+        name: what the job does, shown to the user ("Refine", "Click" ...).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._state = JobState.PENDING
+        self._progress = 0.0
+        self._message = ""
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._traceback = ""
+        self.submitted_at = time.monotonic()
+
+    # -- read from any thread --------------------------------------------------------------------------------
+    @property
+    def state(self) -> JobState:
+        with self._lock:
+            return self._state
+
+    @property
+    def progress(self) -> float:
+        """Fraction done in [0, 1] as last reported by the engine."""
+        with self._lock:
+            return self._progress
+
+    @property
+    def message(self) -> str:
+        with self._lock:
+            return self._message
+
+    @property
+    def error(self) -> BaseException | None:
+        with self._lock:
+            return self._error
+
+    @property
+    def error_message(self) -> str:
+        """``"<name> failed: <exception type>: <message>"``, or an empty string when the job did not fail."""
+        error = self.error
+        if error is None:
+            return ""
+        return f"{self.name} failed: {type(error).__name__}: {error}"
+
+    @property
+    def traceback(self) -> str:
+        with self._lock:
+            return self._traceback
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def cancel_event(self) -> threading.Event:
+        """The event handed to the engine as its ``cancel`` token."""
+        return self._cancel
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job finishes (never call this on the GUI thread); True when it did."""
+        return self._done.wait(timeout)
+
+    def result(self) -> Any:
+        """The job's return value.
+
+        Raises:
+            RuntimeError: the job has not finished, or was cancelled.
+            Exception: the engine's own exception when the job failed (chained).
+        """
+        state = self.state
+        if not state.finished:
+            raise RuntimeError(f"{self.name} has not finished (state {state.value})")
+        if state is JobState.CANCELLED:
+            raise RuntimeError(f"{self.name} was cancelled")
+        if state is JobState.FAILED:
+            raise RuntimeError(self.error_message) from self.error
+        return self._result
+
+    def cancel(self) -> None:
+        """Ask the job to stop; a pending job will not start, a running one stops at the engine's next check."""
+        self._cancel.set()
+
+    def fail(self, error: Exception) -> None:
+        """Mark a finished job failed after the fact: its result could not be applied (e.g. written to MRML)."""
+        self._finish(JobState.FAILED, error=error)
+
+    # -- written by the backend ------------------------------------------------------------------------------
+    def report(self, done: float, total: float = 1.0, message: str = "") -> None:
+        """Progress callback in the engine's ``(done, total)`` convention; an optional message describes the step."""
+        fraction = float(done) / float(total) if total else 0.0
+        with self._lock:
+            self._progress = min(max(fraction, 0.0), 1.0)
+            if message:
+                self._message = str(message)
+
+    def _start(self) -> bool:
+        with self._lock:
+            if self._cancel.is_set():
+                self._state = JobState.CANCELLED
+                self._done.set()
+                return False
+            self._state = JobState.RUNNING
+            return True
+
+    def _finish(self, state: JobState, result: Any = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            self._state = state
+            self._result = result
+            self._error = error
+            if error is not None:
+                self._traceback = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            if state is JobState.SUCCEEDED:
+                self._progress = 1.0
+        self._done.set()
+
+    def __repr__(self) -> str:
+        return f"Job({self.name!r}, {self.state.value}, progress={self.progress:.2f})"
+
+
+class SessionBackend(Protocol):
+    """What the Logic needs from wherever the engine runs."""
+
+    def open_session(self, volume: Any, model: Any, **options: Any) -> Job:
+        """Create the interactive session for ``volume`` with ``model``; the job's result is None."""
+
+    def run(self, name: str, calls: Sequence[SessionCall]) -> Job:
+        """Run ``calls`` in order on the open session; stops at the first error; result = the last call's."""
+
+    def cancel_all(self) -> None:
+        """Cancel every pending and running job."""
+
+    def shutdown(self) -> None:
+        """Cancel everything and release the worker (the session is dropped)."""
+
+
+def detach(value: Any) -> Any:
+    """A copy of a result that shares no numpy memory with the session.
+
+    The session may keep mutating its own arrays in the next job while the GUI thread is still writing the
+    previous result into MRML; copying on the worker thread makes that race impossible.
+    """
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, dict):
+        return {key: detach(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(detach(item) for item in value)
+    return value
+
+
+class LocalBackend:
+    """Runs the session in this process on a single worker thread.
+
+    Args:
+        session_factory: builds the session, ``session_factory(volume, model, **options)``; default
+            ``AttentionSegLib.InteractiveSession`` (imported on first use, so that this module loads without
+            torch).
+    """
+
+    def __init__(self, session_factory: Callable[..., Any] | None = None) -> None:
+        self._session_factory = session_factory
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="AttentionSeg")
+        self._session: Any = None
+        self._jobs: list[Job] = []
+        self._jobs_lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def has_session(self) -> bool:
+        return self._session is not None
+
+    def open_session(self, volume: Any, model: Any, **options: Any) -> Job:
+        def create(job: Job) -> None:
+            factory = self._session_factory
+            if factory is None:
+                from AttentionSegLib import InteractiveSession
+
+                factory = InteractiveSession
+            job.report(0, 1, "loading the model")
+            session = factory(volume, model, **options)
+            self._session = session  # only once fully built: a failed start keeps the previous session
+            return None
+
+        return self._submit("Start session", create)
+
+    def run(self, name: str, calls: Sequence[SessionCall]) -> Job:
+        calls = tuple(calls)
+        if not calls:
+            raise ValueError(f"{name}: no session calls given")
+
+        def execute(job: Job) -> Any:
+            if self._session is None:
+                raise RuntimeError("no interactive session is open; start a session first")
+            result = None
+            for call in calls:
+                if call.attribute:
+                    if not hasattr(self._session, call.method):
+                        raise AttributeError(f"the interactive session has no attribute '{call.method}'")
+                    result = getattr(self._session, call.method)
+                    continue
+                method = getattr(self._session, call.method, None)
+                if method is None or not callable(method):
+                    raise AttributeError(f"the interactive session has no method '{call.method}'")
+                kwargs = dict(call.kwargs)
+                if call.reports_progress:
+                    kwargs.update(progress=job.report, cancel=job.cancel_event)
+                result = method(*call.args, **kwargs)
+            return detach(result)
+
+        return self._submit(name, execute)
+
+    def cancel_all(self) -> None:
+        with self._jobs_lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel()
+
+    def shutdown(self) -> None:
+        self._closed = True
+        self.cancel_all()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._session = None
+
+    def _submit(self, name: str, work: Callable[[Job], Any]) -> Job:
+        if self._closed:
+            raise RuntimeError("the AttentionSeg backend has been shut down")
+        job = Job(name)
+        with self._jobs_lock:
+            self._jobs = [j for j in self._jobs if not j.done()] + [job]
+        self._executor.submit(self._execute, job, work)
+        return job
+
+    @staticmethod
+    def _execute(job: Job, work: Callable[[Job], Any]) -> None:
+        if not job._start():
+            return
+        try:
+            result = work(job)
+        except Exception as error:  # every failure must reach the GUI, never kill the worker silently
+            # an engine that honours the cancel token raises when it stops; report that as a cancellation
+            state = JobState.CANCELLED if job.cancel_requested else JobState.FAILED
+            job._finish(state, error=error if state is JobState.FAILED else None)
+            return
+        job._finish(JobState.SUCCEEDED, result=result)

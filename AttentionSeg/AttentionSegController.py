@@ -1,0 +1,320 @@
+"""The module's workflow: MRML nodes in, engine session calls through the backend, results back into nodes.
+
+This is the body of the module's Logic, kept apart from ``AttentionSeg.py`` so that it imports without ``qt`` or
+``slicer.app`` and runs on the bare Slicer core in CI. ``AttentionSegLogic`` owns one
+:class:`SegmentationController`; the Widget forwards every button to it and polls :meth:`~SegmentationController.poll`
+from a Qt timer.
+
+Two rules shape it:
+
+* **Never block** - everything that touches the network is a backend :class:`~AttentionSegBackend.Job`; MRML is
+  read when the work is submitted and written when :meth:`~SegmentationController.poll` sees the job succeed, both
+  on the caller's (GUI) thread.
+* **Never lose** - a job that fails or is cancelled writes nothing, so the user's segments and scribbles stay as
+  they were; scribbles are only ever read; a result rewrites only the segments whose label it changes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import AttentionSegMRML as mrml
+from AttentionSegBackend import Job, JobState, LocalBackend, SessionBackend, SessionCall
+
+OVERLAY_PREFIX = "AttentionSeg"
+UNCERTAINTY_NAME = "uncertainty"
+BACKGROUND_SCRIBBLE_COLOR = (0.25, 0.55, 1.0)
+POSITIVE_POINT_COLOR = (0.1, 0.9, 0.2)
+NEGATIVE_POINT_COLOR = (1.0, 0.2, 0.2)
+
+ApplyResult = Callable[[Any], None]
+
+
+class SegmentationController:
+    """The interactive click-scribble-refine workflow on one volume.
+
+    Args:
+        scene: the MRML scene (``slicer.mrmlScene`` in the application).
+        backend: where the engine runs; default a :class:`~AttentionSegBackend.LocalBackend`.
+
+    Attributes:
+        volume_node: the input volume of the open session.
+        segmentation_node: output segments; each carries the engine label it stands for as a tag.
+        scribble_node: scribble segments (label 0 = background) painted with the Segment Editor.
+        overlay_nodes: ``{map name: scalar volume node}`` of the attention / uncertainty overlays shown so far.
+    """
+
+    def __init__(self, scene: Any, backend: SessionBackend | None = None) -> None:
+        self.scene = scene
+        self.backend: SessionBackend = backend if backend is not None else LocalBackend()
+        self.volume_node: Any = None
+        self.segmentation_node: Any = None
+        self.scribble_node: Any = None
+        self.overlay_nodes: dict[str, Any] = {}
+        self._points: dict[bool, Any] = {}
+        self._mask: np.ndarray | None = None  # the session's mask as last written into the segments
+        self._pending: deque[tuple[Job, ApplyResult | None]] = deque()
+        self._started = False
+
+    # -- session ------------------------------------------------------------------------------------------------
+    @property
+    def session_open(self) -> bool:
+        """True once a session has started successfully (its job was polled)."""
+        return self._started
+
+    @property
+    def busy(self) -> bool:
+        """True while submitted jobs have not been polled to completion."""
+        return bool(self._pending)
+
+    @property
+    def current_job(self) -> Job | None:
+        """The oldest unfinished job (the one to show progress for)."""
+        return self._pending[0][0] if self._pending else None
+
+    def start(self, volume_node: Any, model: Any, *, device: str = "auto", segmentation_node: Any = None,
+              scribble_node: Any = None) -> Job:
+        """Open an interactive session on ``volume_node`` with ``model`` (a model name, checkpoint path or config).
+
+        Missing output / scribble segmentation nodes are created; both are given the volume's grid.
+        """
+        volume = mrml.volume_from_node(volume_node)  # validate before touching any node
+        name = volume_node.GetName()
+        if segmentation_node is None:
+            segmentation_node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} AttentionSeg")
+        if scribble_node is None:
+            scribble_node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} scribbles")
+        if scribble_node is segmentation_node:
+            raise ValueError("the scribble segmentation must differ from the output segmentation")
+        mrml.prepare_segmentation(segmentation_node, volume_node)
+        mrml.prepare_segmentation(scribble_node, volume_node)
+
+        def opened(_: Any) -> None:
+            self.volume_node, self.segmentation_node, self.scribble_node = volume_node, segmentation_node, scribble_node
+            self._mask = np.zeros(volume.shape, dtype=np.uint8)
+            self._started = True
+
+        job = self.backend.open_session(volume, model, device=device)
+        self._pending.append((job, opened))
+        return job
+
+    # -- clicks -------------------------------------------------------------------------------------------------
+    def point_list(self, positive: bool) -> Any:
+        """The markups node collecting positive (or negative) clicks, created on first use."""
+        node = self._points.get(positive)
+        if node is None or self.scene.GetNodeByID(node.GetID()) is None:
+            name = f"{OVERLAY_PREFIX} {'positive' if positive else 'negative'} points"
+            node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+            node.CreateDefaultDisplayNodes()
+            color = POSITIVE_POINT_COLOR if positive else NEGATIVE_POINT_COLOR
+            node.GetDisplayNode().SetSelectedColor(*color)
+            node.GetDisplayNode().SetActiveColor(*color)
+            self._points[positive] = node
+        return node
+
+    def click(self, point_ras: Sequence[float], *, segment_id: str, positive: bool = True) -> Job:
+        """Segment from one click at a world RAS point into the segment ``segment_id``.
+
+        Raises:
+            ValueError: the point lies outside the volume (nothing is submitted).
+        """
+        self._require_session()
+        point_ijk = mrml.voxel_index(self.volume_node, point_ras)
+        label = mrml.label_for_segment(self.segmentation_node, segment_id)
+        call = SessionCall("click", (point_ijk,), {"label": label, "positive": bool(positive)})
+        return self._submit("Click", [call], self._write_mask)
+
+    def click_control_point(self, markups_node: Any, index: int, *, segment_id: str, positive: bool) -> Job:
+        """:meth:`click` at control point ``index`` of a markups node (its world position)."""
+        position = [0.0, 0.0, 0.0]
+        if not 0 <= index < markups_node.GetNumberOfControlPoints():
+            raise IndexError(f"markups node '{markups_node.GetName()}' has no control point {index}")
+        markups_node.GetNthControlPointPositionWorld(index, position)
+        return self.click(position, segment_id=segment_id, positive=positive)
+
+    # -- scribbles and refinement -------------------------------------------------------------------------------
+    def scribble_segment(self, segment_id: str | None) -> str:
+        """The scribble segment for the output segment ``segment_id`` (None = background), created when absent."""
+        self._require_session()
+        if segment_id is None:
+            return mrml.ensure_labelled_segment(self.scribble_node, 0, mrml.scribble_segment_name(0),
+                                                BACKGROUND_SCRIBBLE_COLOR)
+        label = mrml.label_for_segment(self.segmentation_node, segment_id)
+        target = self.segmentation_node.GetSegmentation().GetSegment(segment_id)
+        return mrml.ensure_labelled_segment(self.scribble_node, label, f"{target.GetName()} scribble",
+                                            target.GetColor())
+
+    def scribble_map(self) -> np.ndarray:
+        """The current scribbles as the engine's map (255 none, 0 background, k label k)."""
+        self._require_session()
+        return mrml.scribble_map_from_segments(self.scribble_node, self.volume_node)
+
+    def refine(self, time_budget_s: float) -> Job:
+        """Fine-tune the session's network on the painted scribbles for at most ``time_budget_s`` seconds.
+
+        The whole scribble map is sent each time, so erased scribbles are gone for the engine too.
+
+        Raises:
+            ValueError: nothing is scribbled, or the budget is not positive (nothing is submitted).
+        """
+        self._require_session()
+        if not time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be positive, got {time_budget_s}")
+        scribbles = self.scribble_map()
+        if np.all(scribbles == mrml.UNSCRIBBLED):
+            raise ValueError("no scribbles yet: paint foreground and background scribbles before refining")
+        calls = [SessionCall("add_scribbles", (scribbles,)),
+                 SessionCall("refine", (), {"time_budget_s": float(time_budget_s)}, reports_progress=True)]
+        return self._submit("Refine", calls, self._write_mask)
+
+    def segment(self) -> Job:
+        """Automatic whole-volume segmentation with the session's model."""
+        self._require_session()
+        return self._submit("Segment", [SessionCall("segment")], self._write_mask)
+
+    def undo(self) -> Job:
+        """Step back one edit (mask and network weights)."""
+        self._require_session()
+        return self._submit("Undo", [SessionCall("undo"), SessionCall.read("mask")], self._write_mask)
+
+    def redo(self) -> Job:
+        """Step forward one undone edit."""
+        self._require_session()
+        return self._submit("Redo", [SessionCall("redo"), SessionCall.read("mask")], self._write_mask)
+
+    def lock(self, segment_ids: Iterable[str]) -> Job:
+        """Lock segments: the engine treats them as negatives and never overwrites them (empty = unlock all)."""
+        self._require_session()
+        labels = sorted(mrml.label_for_segment(self.segmentation_node, sid) for sid in segment_ids)
+        return self._submit("Lock", [SessionCall("lock", (labels,))], None)
+
+    # -- overlays -----------------------------------------------------------------------------------------------
+    def show_attention(self, color_map: str | None = None) -> Job:
+        """Compute the attention-gate maps and put each into a scalar volume node on the input's grid."""
+        self._require_session()
+        return self._submit("Attention maps", [SessionCall("attention_maps")],
+                            lambda maps: self._write_overlays(maps, color_map, (0.0, 1.0)))
+
+    def show_uncertainty(self, color_map: str | None = None) -> Job:
+        """Compute the voxel-wise uncertainty and put it into a scalar volume node on the input's grid.
+
+        The window spans 0 to the largest value, since the engine's measure need not stop at 1 (e.g. entropy).
+        """
+        self._require_session()
+        return self._submit("Uncertainty", [SessionCall("uncertainty")],
+                            lambda unc: self._write_overlays({UNCERTAINTY_NAME: unc}, color_map, None))
+
+    def set_overlay_color_map(self, color_map: str) -> None:
+        """Show every overlay with another colour map."""
+        color_id = mrml.color_node_id(self.scene, color_map)
+        for node in self.overlay_nodes.values():
+            node.GetDisplayNode().SetAndObserveColorNodeID(color_id)
+
+    # -- files --------------------------------------------------------------------------------------------------
+    def save_model(self, path: str | os.PathLike[str]) -> Job:
+        """Save the adapted network as a checkpoint."""
+        self._require_session()
+        return self._submit("Save model", [SessionCall("save_model", (str(Path(path)),))], None)
+
+    def export_segmentation(self, path: str | os.PathLike[str]) -> Path:
+        """Write the output segmentation: ``.seg.nrrd`` keeps every segment; an image file gets one label map.
+
+        Label maps (``.nii.gz``, ``.nrrd``, ...) hold each segment's engine label on the input's geometry.
+        """
+        self._require_session()
+        path = Path(path)
+        if path.name.endswith(mrml.SEGMENT_FILE_SUFFIX):
+            return mrml.save_segmentation(self.segmentation_node, path)
+        from AttentionSegLib import write_image
+
+        labels = mrml.segments_to_label_array(self.segmentation_node, self.volume_node)
+        return write_image(mrml.volume_from_node(self.volume_node).with_array(labels), path)
+
+    # -- jobs ---------------------------------------------------------------------------------------------------
+    def poll(self) -> list[Job]:
+        """Apply the results of the jobs that finished, in submission order; returns those jobs.
+
+        Call this from the thread that owns the scene (the GUI thread): results are written into MRML here.
+        A job whose result cannot be written is marked failed.
+        """
+        finished: list[Job] = []
+        while self._pending and self._pending[0][0].done():
+            job, apply = self._pending.popleft()
+            if job.state is JobState.SUCCEEDED and apply is not None:
+                try:
+                    apply(job.result())
+                except Exception as error:  # shown to the user like any engine failure
+                    job.fail(error)
+            finished.append(job)
+        return finished
+
+    def wait(self, job: Job, timeout: float | None = None, idle: Callable[[], None] | None = None) -> Job:
+        """Poll until ``job`` has been applied (for scripts and tests; the GUI uses a timer instead).
+
+        Args:
+            idle: called between polls, e.g. ``slicer.app.processEvents`` to keep the GUI alive.
+
+        Raises:
+            TimeoutError: ``job`` did not finish within ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.poll()
+            if job.done() and all(job is not pending for pending, _ in self._pending):
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{job.name} did not finish within {timeout} s")
+            if idle is not None:
+                idle()
+            time.sleep(0.01)
+
+    def cancel(self) -> None:
+        """Cancel every pending and running job; none of them changes any node."""
+        self.backend.cancel_all()
+
+    def close(self) -> None:
+        """Cancel everything and release the engine; nodes stay in the scene."""
+        self.backend.shutdown()
+        self._pending.clear()
+        self._started = False
+
+    # -- internals ----------------------------------------------------------------------------------------------
+    def _require_session(self) -> None:
+        if not self._started:
+            raise RuntimeError("no AttentionSeg session is open: choose a volume and a model, then start a session")
+
+    def _submit(self, name: str, calls: Sequence[SessionCall], apply: ApplyResult | None) -> Job:
+        job = self.backend.run(name, calls)
+        self._pending.append((job, apply))
+        return job
+
+    def _write_mask(self, mask: Any) -> None:
+        """Write the labels whose voxels changed since the last result into their segments."""
+        mask = np.asarray(mask)
+        previous = self._mask if self._mask is not None else np.zeros_like(mask)
+        if mask.shape != previous.shape:
+            raise ValueError(f"the engine returned a mask of shape {mask.shape}; the volume is {previous.shape}")
+        labels = {int(v) for v in np.unique(mask)} | {int(v) for v in np.unique(previous)}
+        changed = [k for k in sorted(labels - {0}) if not np.array_equal(mask == k, previous == k)]
+        mrml.labels_to_segments(self.segmentation_node, self.volume_node, mask, labels=changed)
+        self._mask = mask.astype(np.uint8, copy=True)
+
+    def _write_overlays(self, maps: dict[str, Any], color_map: str | None,
+                        value_range: tuple[float, float] | None) -> None:
+        color_id = mrml.color_node_id(self.scene, color_map) if color_map else None
+        arrays = {name: np.asarray(array, dtype=np.float32) for name, array in maps.items()}
+        for name, array in arrays.items():
+            window = value_range if value_range is not None else (0.0, max(float(array.max(initial=0.0)), 1e-6))
+            existing = self.overlay_nodes.get(name)
+            if existing is not None and self.scene.GetNodeByID(existing.GetID()) is None:
+                existing = None  # the user deleted it
+            self.overlay_nodes[name] = mrml.overlay_volume_node(
+                self.scene, self.volume_node, array, f"{OVERLAY_PREFIX} {name}", color_node_id=color_id,
+                value_range=window, node=existing)

@@ -1,0 +1,21 @@
+"""Attention-based segmentation networks, each one class for 2D and 3D, built by name from a JSON-able config.
+
+Networks: ``attention_unet`` (Oktay et al. 2018), ``joint_attention_unet`` (Zhang, Dong & Li, ISBI 2022),
+``mistake_attention_unet`` (Xu et al., BMVC 2020); every one can carry the pluggable AttenScribble
+self-attention (Tian et al., arXiv 2312.06614) on an encoder level. Contract: ``docs/engine-api.md``.
+"""
+
+from __future__ import annotations
+
+from .attention_gate import AttentionGate
+from .base import SegmentationNetwork
+from .registry import build_network, network_names
+from .self_attention import SpatialSelfAttention
+
+__all__ = [
+    "AttentionGate",
+    "SegmentationNetwork",
+    "SpatialSelfAttention",
+    "build_network",
+    "network_names",
+]

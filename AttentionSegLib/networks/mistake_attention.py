@@ -1,0 +1,178 @@
+"""Mistake attention network after Xu et al., "Learning To Pay Attention To Mistakes" (BMVC 2020, arXiv 2007.15131).
+
+Xu et al. observe that segmentation networks under-segment the periphery of foreground regions (a bias towards
+false negatives) and counter it with spatial attention of different *effective receptive fields* (ERF):
+
+- "explicit" steering: an attention branch with a **larger ERF** (dilated convolutions) that attends to the
+  foreground, so the model looks at more context around it and becomes willing to call more voxels
+  foreground, i.e. it is steered towards false positives rather than false negatives (their FP attention);
+- "implicit" steering: an attention branch with a **smaller ERF** attending to the background side (their
+  FN attention, trained in the paper on reversed labels so that the background is the attended class).
+
+Mapping to this module:
+
+- one shared U-Net encoder/decoder (the paper inserts the attention into the blocks of its U-Net; here the
+  two branches sit on the shared decoder's full-resolution features ``F``, which keeps the maps at the input
+  size and the branches comparable);
+- false-positive branch (``fp``): ``a_fp = sigmoid(large-ERF stack(F))`` from two depthwise 3×3(×3)
+  convolutions dilated by ``fp_dilation`` (ERF of the branch: ``4 · fp_dilation + 1`` voxels per axis;
+  default 9, the dilation of the authors' release), features ``F_fp = F · (1 + a_fp)`` (the identity-add
+  form of the paper's attention), its own classifier → ``aux_logits["fp_branch"]``;
+- false-negative branch (``fn``): the same with one undilated depthwise convolution (ERF 3 voxels per
+  axis) → ``a_fn``, ``F_fn``, ``aux_logits["fn_branch"]``;
+- output logits: a 1×1(×1) classifier on ``[F_fp, F_fn]``.
+
+Deviation: both branch outputs are supervised by the trainer with the true labels (the engine's trainer
+applies one segmentation loss to every auxiliary output); the paper's label reversal for the FN variant is
+not reproduced, so which side the small-ERF branch attends to is learnt rather than imposed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import (
+    DEFAULT_FILTERS,
+    DEFAULT_MAX_TOKENS,
+    NetworkOutput,
+    SegmentationNetwork,
+    config_error,
+    validate_common_config,
+)
+from .blocks import DeepSupervisionHeads, UNetEncoder, UpBlock, conv_layer, norm_layer
+
+
+class ReceptiveFieldAttention(nn.Module):
+    """Spatial attention map from a stack of depthwise convolutions of a chosen receptive field.
+
+    ``a = sigmoid(conv1x1(ReLU(norm(dwconv_d(... ReLU(norm(dwconv_d(conv1x1(F))))))))``, one channel, in [0, 1];
+    ``depth`` depthwise 3×3(×3) convolutions with dilation ``dilation`` give the branch an ERF of
+    ``2 · depth · dilation + 1`` voxels per axis while costing few parameters (Xu et al. 2020, Sec. 3).
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, *, dilation: int, depth: int, norm: str) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [conv_layer(spatial_dims, channels, channels, kernel_size=1, bias=False)]
+        for _ in range(depth):
+            layers += [
+                conv_layer(spatial_dims, channels, channels, 3, dilation=dilation, groups=channels, bias=False),
+                norm_layer(norm, spatial_dims, channels),
+                nn.ReLU(),
+            ]
+        layers.append(conv_layer(spatial_dims, channels, 1, kernel_size=1, bias=True))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.layers(features))
+
+
+class MistakeAttentionUNet(SegmentationNetwork):
+    """U-Net with a false-positive (large ERF) and a false-negative (small ERF) attention branch.
+
+    See the module docstring for the mapping to Xu et al. (BMVC 2020).
+
+    Attention maps: ``fp`` and ``fn``, each (B, 1, *input spatial) in [0, 1].
+    Auxiliary logits (training): ``fp_branch``, ``fn_branch`` and, with ``deep_supervision``, ``ds1`` ..
+
+    Args:
+        spatial_dims, in_channels, out_channels, filters, norm, dropout, deep_supervision,
+        self_attention_level, self_attention_max_tokens: as :class:`~.attention_unet.AttentionUNet`.
+        fp_dilation: dilation of the false-positive branch's two depthwise convolutions (its larger ERF).
+    """
+
+    name = "mistake_attention_unet"
+
+    def __init__(
+        self,
+        *,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        filters: Sequence[int] = DEFAULT_FILTERS,
+        norm: str = "instance",
+        dropout: float = 0.0,
+        deep_supervision: bool = False,
+        self_attention_level: int | None = None,
+        self_attention_max_tokens: int = DEFAULT_MAX_TOKENS,
+        fp_dilation: int = 9,
+    ) -> None:
+        filters = validate_common_config(
+            self.name,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            filters=filters,
+            norm=norm,
+            dropout=dropout,
+            deep_supervision=deep_supervision,
+            self_attention_level=self_attention_level,
+            self_attention_max_tokens=self_attention_max_tokens,
+        )
+        if isinstance(fp_dilation, bool) or not isinstance(fp_dilation, int) or fp_dilation < 2:
+            # Dilation 1 would give the FP branch the FN branch's receptive field: no longer the paper's design.
+            raise config_error(self.name, "fp_dilation", f"must be an integer >= 2, got {fp_dilation!r}")
+        config: dict[str, Any] = {
+            "spatial_dims": spatial_dims,
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "filters": filters,
+            "norm": norm,
+            "dropout": float(dropout),
+            "deep_supervision": deep_supervision,
+            "self_attention_level": self_attention_level,
+            "self_attention_max_tokens": self_attention_max_tokens,
+            "fp_dilation": fp_dilation,
+        }
+        levels = len(filters)
+        super().__init__(
+            config=config,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            required_divisor=2 ** (levels - 1),
+        )
+        self.encoder = UNetEncoder(spatial_dims, in_channels, filters, norm=norm, dropout=float(dropout))
+        self.attach_self_attention(
+            self_attention_level,
+            filters[self_attention_level] if self_attention_level is not None else 0,
+            self_attention_max_tokens,
+        )
+        self.decoder = nn.ModuleList(
+            UpBlock(spatial_dims, filters[level + 1], filters[level], filters[level], norm=norm, dropout=float(dropout))
+            for level in range(levels - 1)
+        )
+        width = filters[0]
+        self.fp_attention = ReceptiveFieldAttention(spatial_dims, width, dilation=fp_dilation, depth=2, norm=norm)
+        self.fn_attention = ReceptiveFieldAttention(spatial_dims, width, dilation=1, depth=1, norm=norm)
+        self.fp_head = conv_layer(spatial_dims, width, out_channels, kernel_size=1)
+        self.fn_head = conv_layer(spatial_dims, width, out_channels, kernel_size=1)
+        self.head = conv_layer(spatial_dims, 2 * width, out_channels, kernel_size=1)
+        self.deep_supervision: DeepSupervisionHeads | None = (
+            DeepSupervisionHeads(spatial_dims, {level: filters[level] for level in range(1, levels - 1)}, out_channels)
+            if deep_supervision
+            else None
+        )
+
+    def compute(self, x: torch.Tensor, return_attention: bool) -> NetworkOutput:
+        features = self.encoder(x, self.encoder_hooks())
+        decoded = features[-1]
+        decoder_outputs: dict[int, torch.Tensor] = {}
+        for level in reversed(range(len(self.decoder))):
+            decoded = self.decoder[level](decoded, features[level])
+            decoder_outputs[level] = decoded
+        fp_map = self.fp_attention(decoded)
+        fn_map = self.fn_attention(decoded)
+        fp_features = decoded * (1.0 + fp_map.to(decoded.dtype))
+        fn_features = decoded * (1.0 + fn_map.to(decoded.dtype))
+        logits = self.head(torch.cat([fp_features, fn_features], dim=1))
+        aux: dict[str, torch.Tensor] = {}
+        if self.training:
+            aux["fp_branch"] = self.fp_head(fp_features)
+            aux["fn_branch"] = self.fn_head(fn_features)
+            if self.deep_supervision is not None:
+                aux.update(self.deep_supervision(decoder_outputs, x.shape[2:]))
+        return NetworkOutput(logits=logits, attention={"fp": fp_map, "fn": fn_map}, aux_logits=aux)

@@ -1,0 +1,379 @@
+"""A synthetic abdominal CT phantom: the built-in image for the demo and for fast tests.
+
+The anatomy is drawn in coordinates normalised to the field of view (``-1..1`` on each axis; ``x`` towards
+the patient's left, ``y`` posterior, ``z`` superior, i.e. LPS with an identity direction), so any shape and
+spacing give a complete abdomen. Every seed jitters positions, sizes, shapes (a smooth random warp and
+lobulation) and tissue intensities, so a network trained on several phantoms has to learn the anatomy rather
+than one picture. Intensities follow typical unenhanced CT values (Hounsfield units): air -1000, fat about
+-100, muscle 50, liver 60, spleen 48, kidney cortex 38 / medulla 28, pancreas 45, blood 40 (200 with
+``contrast=True``), cancellous bone 350, cortical bone 900. The image is blurred slightly (scanner point
+spread) and Gaussian noise is added.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from AttentionSegLib.image import Volume, write_image
+
+#: Label ids of the phantom's label map (0 is background).
+PHANTOM_LABELS: dict[int, str] = {
+    1: "liver",
+    2: "spleen",
+    3: "kidney_left",
+    4: "kidney_right",
+    5: "aorta",
+    6: "vertebrae",
+    7: "pancreas",
+}
+
+#: Mean intensity (HU) of each tissue before the per-seed jitter.
+TISSUE_HU: dict[str, float] = {
+    "air": -1000.0,
+    "subcutaneous_fat": -100.0,
+    "visceral_fat": -90.0,
+    "muscle": 50.0,
+    "liver": 60.0,
+    "spleen": 48.0,
+    "kidney_cortex": 38.0,
+    "kidney_medulla": 28.0,
+    "renal_sinus_fat": -60.0,
+    "pancreas": 45.0,
+    "blood": 40.0,
+    "blood_contrast": 200.0,
+    "bowel": 25.0,
+    "bowel_gas": -850.0,
+    "intervertebral_disc": 90.0,
+    "spinal_canal": 15.0,
+    "cancellous_bone": 350.0,
+    "cortical_bone": 900.0,
+}
+
+_LABEL_IDS = {name: label for label, name in PHANTOM_LABELS.items()}
+
+
+class _Canvas:
+    """The HU image and label map being painted, with the warped normalised coordinates of every voxel."""
+
+    def __init__(self, shape: tuple[int, int, int], rng: np.random.Generator) -> None:
+        self.shape = shape
+        self.rng = rng
+        k, j, i = shape
+        # Voxel centres normalised to -1..1 across the field of view, broadcastable to the full shape.
+        x = ((np.arange(i, dtype=np.float32) + 0.5) / i * 2 - 1).reshape(1, 1, i)
+        y = ((np.arange(j, dtype=np.float32) + 0.5) / j * 2 - 1).reshape(1, j, 1)
+        z = ((np.arange(k, dtype=np.float32) + 0.5) / k * 2 - 1).reshape(k, 1, 1)
+        # A smooth random warp (a few percent of the field of view) makes every organ's shape differ per seed.
+        self.x = x + self._wave(y, z, 0.025)
+        self.y = y + self._wave(x, z, 0.02)
+        self.z = z + self._wave(x, y, 0.03)
+        self.hu = np.full(shape, TISSUE_HU["air"], dtype=np.float32)
+        self.labels = np.zeros(shape, dtype=np.uint8)
+
+    def _wave(self, a: np.ndarray, b: np.ndarray, amplitude: float) -> np.ndarray:
+        fa, fb = self.rng.uniform(0.5, 1.5, 2) * np.pi
+        phase = self.rng.uniform(0, 2 * np.pi)
+        return (amplitude * np.sin(fa * a + fb * b + phase)).astype(np.float32)
+
+    def ellipsoid(self, centre: Sequence[float], radii: Sequence[float], lobulation: float = 0.0) -> np.ndarray:
+        """Voxels inside an axis-aligned ellipsoid whose surface is perturbed by up to ``lobulation``."""
+        (cx, cy, cz), (rx, ry, rz) = centre, radii
+        rho = ((self.x - cx) / rx) ** 2 + ((self.y - cy) / ry) ** 2 + ((self.z - cz) / rz) ** 2
+        if lobulation:
+            f = self.rng.uniform(4, 9, 3) * np.pi
+            p = self.rng.uniform(0, 2 * np.pi, 3)
+            rho = rho * (1 + lobulation * np.sin(f[0] * self.x + p[0]) * np.sin(f[1] * self.y + p[1])
+                         * np.sin(f[2] * self.z + p[2]))
+        return rho <= 1.0
+
+    def normalized_radius(self, centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
+        (cx, cy, cz), (rx, ry, rz) = centre, radii
+        return np.sqrt(((self.x - cx) / rx) ** 2 + ((self.y - cy) / ry) ** 2 + ((self.z - cz) / rz) ** 2)
+
+    def tube(self, points: np.ndarray, radii: np.ndarray, z_stretch: float) -> np.ndarray:
+        """Union of ellipsoidal beads centred on ``points`` (``(N, 3)`` x, y, z) with in-plane ``radii``."""
+        lower, upper = points.min(axis=0) - radii.max() * np.array([1, 1, z_stretch]), \
+            points.max(axis=0) + radii.max() * np.array([1, 1, z_stretch])
+        box = self._box(lower, upper)
+        inside = np.zeros(self.shape, dtype=bool)
+        if box is None:
+            return inside
+        x, y, z = (np.broadcast_to(c, self.shape)[box] for c in (self.x, self.y, self.z))
+        region = np.zeros(x.shape, dtype=bool)
+        for (px, py, pz), r in zip(points, radii):
+            region |= ((x - px) ** 2 + (y - py) ** 2) / r**2 + (z - pz) ** 2 / (r * z_stretch) ** 2 <= 1.0
+        inside[box] = region
+        return inside
+
+    def _box(self, lower: np.ndarray, upper: np.ndarray) -> tuple[slice, ...] | None:
+        """Array slices covering normalised coordinates ``lower..upper`` (x, y, z) plus the warp's reach."""
+        slices = []
+        for axis_size, lo, hi in zip(self.shape, lower[::-1], upper[::-1]):
+            start = int(np.floor(((lo - 0.06) + 1) / 2 * axis_size))
+            stop = int(np.ceil(((hi + 0.06) + 1) / 2 * axis_size))
+            start, stop = max(start, 0), min(stop, axis_size)
+            if start >= stop:
+                return None
+            slices.append(slice(start, stop))
+        return tuple(slices)
+
+    def paint(self, mask: np.ndarray, hu: float, label: int | None = None) -> None:
+        """Set the voxels of ``mask`` to ``hu``; ``label`` sets their label (``0`` clears it, ``None`` keeps)."""
+        self.hu[mask] = hu
+        if label is not None:
+            self.labels[mask] = label
+
+
+def make_abdominal_phantom(
+    shape: Sequence[int] = (48, 96, 96),
+    spacing: Sequence[float] = (3.0, 3.0, 3.0),
+    seed: int | Sequence[int] = 0,
+    *,
+    noise_hu: float = 12.0,
+    blur_sigma: float = 0.6,
+    contrast: bool = False,
+    dtype: str = "int16",
+) -> tuple[Volume, Volume, dict[int, str]]:
+    """Generate one random, reproducible abdominal CT phantom with its organ labels.
+
+    Args:
+        shape: array shape ``(k, j, i)`` (axial slices of ``j x i`` voxels).
+        spacing: voxel size in mm, ITK order ``(i, j, k)``.
+        seed: seeds numpy's generator; a sequence such as ``(dataset_seed, case)`` gives independent streams.
+        noise_hu: standard deviation of the additive Gaussian noise (0 for a noise-free image).
+        blur_sigma: Gaussian blur in voxels (0 disables it), applied before the noise.
+        contrast: enhance the aorta (and the inferior vena cava) to about 200 HU, as in an arterial phase.
+        dtype: ``"int16"`` (rounded HU, clipped to -1024..3071) or ``"float32"``.
+
+    Returns:
+        ``(image, labels, label_names)``: the CT volume (identity direction, centred on the LPS origin), a
+        uint8 label map with the same geometry using :data:`PHANTOM_LABELS`, and a copy of that dict.
+    """
+    shape = tuple(int(s) for s in shape)
+    spacing = tuple(float(s) for s in spacing)
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"make_abdominal_phantom: shape must be three sizes >= 8 (k, j, i), got {shape}")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"make_abdominal_phantom: spacing must be three positive values (x, y, z), got {spacing}")
+    if dtype not in ("int16", "float32"):
+        raise ValueError(f"make_abdominal_phantom: dtype must be 'int16' or 'float32', got {dtype!r}")
+    rng = np.random.default_rng(seed)
+    canvas = _Canvas(shape, rng)  # type: ignore[arg-type]
+    hu = {name: value + (rng.normal(0, 4) if name not in ("air", "bowel_gas") else 0.0)
+          for name, value in TISSUE_HU.items()}
+    blood = hu["blood_contrast"] if contrast else hu["blood"]
+
+    cavity = _paint_body(canvas, rng, hu)
+    _paint_bowel(canvas, rng, hu, cavity)
+    _paint_organs(canvas, rng, hu, cavity, blood)
+    _paint_spine(canvas, rng, hu)
+
+    image = canvas.hu
+    # A gentle low-frequency texture inside the body, so organs are not perfectly flat.
+    body = image > -500
+    image += (4.0 * np.sin(rng.uniform(3, 6) * canvas.x + rng.uniform(0, 6.3))
+              * np.cos(rng.uniform(3, 6) * canvas.y + rng.uniform(0, 6.3))).astype(np.float32) * body
+    if blur_sigma > 0:
+        smoothed = sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(image),
+                                                   [blur_sigma] * 3)  # unit spacing: sigma in voxels
+        image = sitk.GetArrayFromImage(smoothed)
+    if noise_hu > 0:
+        image += rng.standard_normal(shape, dtype=np.float32) * np.float32(noise_hu)
+    if dtype == "int16":
+        image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
+    else:
+        image = image.astype(np.float32)
+
+    size = np.asarray(shape[::-1], dtype=np.float64)
+    origin = tuple(-(size - 1) / 2 * np.asarray(spacing))
+    image_volume = Volume(image, spacing, origin)
+    return image_volume, image_volume.with_array(canvas.labels), dict(PHANTOM_LABELS)
+
+
+def _paint_body(canvas: _Canvas, rng: np.random.Generator, hu: dict[str, float]) -> np.ndarray:
+    """Body outline, subcutaneous fat, abdominal wall muscle, paraspinal muscles; returns the cavity mask."""
+    a = rng.uniform(0.82, 0.9) * (1 + 0.05 * np.sin(np.pi * 0.8 * canvas.z + rng.uniform(0, 6.3)))
+    b = rng.uniform(0.6, 0.66) * (1 + 0.04 * np.sin(np.pi * 0.6 * canvas.z + rng.uniform(0, 6.3)))
+    rho = np.sqrt((canvas.x / a) ** 2 + (canvas.y / b) ** 2)
+    fat, muscle = rng.uniform(0.07, 0.12), rng.uniform(0.035, 0.05)
+    canvas.paint(rho <= 1.0, hu["subcutaneous_fat"])
+    canvas.paint(rho <= 1.0 - fat, hu["muscle"])
+    cavity = rho <= 1.0 - fat - muscle
+    canvas.paint(cavity, hu["visceral_fat"])
+    for side in (-1, 1):
+        paraspinal = canvas.ellipsoid((side * 0.12, 0.53, 0.0), (0.10, 0.075, 3.0))
+        canvas.paint(paraspinal & (rho <= 1.0 - fat), hu["muscle"])
+    return cavity & ~canvas.ellipsoid((0.0, 0.53, 0.0), (0.22, 0.09, 3.0))
+
+
+def _jitter(rng: np.random.Generator, centre: Sequence[float], radii: Sequence[float],
+            shift: float = 0.025, scale: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    return (np.asarray(centre) + rng.normal(0, shift, 3),
+            np.asarray(radii) * rng.uniform(1 - scale, 1 + scale, 3))
+
+
+def _paint_bowel(canvas: _Canvas, rng: np.random.Generator, hu: dict[str, float], cavity: np.ndarray) -> None:
+    """Unlabelled soft-tissue distractors: bowel loops (some with gas), the stomach and the duodenum."""
+    for _ in range(int(rng.integers(6, 11))):
+        centre = (rng.uniform(-0.5, 0.5), rng.uniform(-0.42, 0.05), rng.uniform(-0.95, -0.15))
+        radius = rng.uniform(0.08, 0.14)
+        radii = (radius, radius, radius * 1.6)
+        canvas.paint(canvas.ellipsoid(centre, radii, lobulation=0.2) & cavity, hu["bowel"] + rng.normal(0, 5))
+        if rng.random() < 0.4:
+            gas = canvas.ellipsoid(centre, np.asarray(radii) * 0.45)
+            canvas.paint(gas & cavity, hu["bowel_gas"])
+    stomach_centre, stomach_radii = _jitter(rng, (0.22, -0.2, 0.55), (0.2, 0.14, 0.3))
+    canvas.paint(canvas.ellipsoid(stomach_centre, stomach_radii, 0.1) & cavity, hu["bowel"] + 5)
+    duodenum = np.array([(-0.1, -0.04, 0.18), (-0.27, 0.04, 0.06), (-0.26, 0.12, -0.14), (-0.06, 0.15, -0.2)])
+    points = _polyline(duodenum + rng.normal(0, 0.015, duodenum.shape), 24)
+    canvas.paint(canvas.tube(points, np.full(len(points), 0.045), 1.6) & cavity, hu["bowel"])
+
+
+def _polyline(nodes: np.ndarray, count: int) -> np.ndarray:
+    """``count`` points spaced evenly (by parameter) along the polyline through ``nodes``."""
+    t = np.linspace(0, len(nodes) - 1, count)
+    return np.stack([np.interp(t, np.arange(len(nodes)), nodes[:, axis]) for axis in range(3)], axis=1)
+
+
+def _paint_organs(canvas: _Canvas, rng: np.random.Generator, hu: dict[str, float], cavity: np.ndarray,
+                  blood: float) -> None:
+    # Kidneys, retroperitoneal beside the spine: cortex shell, medulla, and renal sinus fat at the hilum.
+    for name, side, height in (("kidney_left", 1, 0.05), ("kidney_right", -1, -0.05)):
+        centre, radii = _jitter(rng, (side * 0.3, 0.32, height), (0.095, 0.11, 0.3), scale=0.08)
+        rho = canvas.normalized_radius(centre, radii)
+        kidney = (rho <= 1.0) & cavity
+        canvas.paint(kidney, hu["kidney_cortex"], _LABEL_IDS[name])
+        canvas.paint(kidney & (rho <= 0.72), hu["kidney_medulla"])
+        sinus_centre = centre + np.array([-side * 0.065, -0.01, 0.0])
+        sinus = canvas.ellipsoid(sinus_centre, radii * np.array([0.45, 0.4, 0.4])) & kidney
+        canvas.paint(sinus, hu["renal_sinus_fat"], 0)
+
+    centre, radii = _jitter(rng, (0.5, 0.26, 0.52), (0.12, 0.19, 0.26))
+    canvas.paint(canvas.ellipsoid(centre, radii, lobulation=0.15) & cavity, hu["spleen"], _LABEL_IDS["spleen"])
+
+    right_centre, right_radii = _jitter(rng, (-0.4, -0.02, 0.52), (0.34, 0.4, 0.52))
+    left_centre, left_radii = _jitter(rng, (0.0, -0.24, 0.64), (0.26, 0.15, 0.28))
+    liver = canvas.ellipsoid(right_centre, right_radii, 0.08) | canvas.ellipsoid(left_centre, left_radii, 0.1)
+    canvas.paint(liver & cavity, hu["liver"], _LABEL_IDS["liver"])
+
+    # Inferior vena cava (unlabelled) right of the aorta, then the aorta in front of the spine.
+    ivc_x, aorta_x = -0.1 + rng.normal(0, 0.015), 0.05 + rng.normal(0, 0.015)
+    wobble = 0.015 * np.sin(np.pi * canvas.z + rng.uniform(0, 6.3))
+    ivc = ((canvas.x - ivc_x - wobble) / 0.06) ** 2 + ((canvas.y - 0.22) / 0.045) ** 2 <= 1.0
+    canvas.paint(ivc & cavity, blood - 5.0, 0)
+    aorta_radius = 0.065 * rng.uniform(0.9, 1.1)
+    aorta = (canvas.x - aorta_x - wobble) ** 2 + (canvas.y - 0.22) ** 2 <= aorta_radius**2
+    canvas.paint(aorta & cavity, blood, _LABEL_IDS["aorta"])
+
+    _paint_pancreas(canvas, rng, hu, cavity, aorta_x)
+
+
+def _paint_pancreas(canvas: _Canvas, rng: np.random.Generator, hu: dict[str, float], cavity: np.ndarray,
+                    aorta_x: float) -> None:
+    """A lobulated tube from the head (in the duodenal C-loop) in front of the aorta to the splenic hilum."""
+    nodes = np.array([(-0.16, 0.1, -0.02), (aorta_x - 0.08, 0.07, 0.04), (aorta_x + 0.07, 0.08, 0.1),
+                      (0.25, 0.13, 0.16), (0.37, 0.17, 0.22)])
+    nodes = nodes + rng.normal(0, 0.015, nodes.shape)
+    count = 28
+    points = _polyline(nodes, count)
+    radii = np.interp(np.linspace(0, 1, count), [0, 0.25, 1], [0.075, 0.05, 0.04])
+    radii = radii * rng.uniform(0.8, 1.2, count)  # bead by bead: the lobulated outline of the gland
+    pancreas = canvas.tube(points, radii, 1.6)
+    # A few lobules budding off the main duct line.
+    picks = rng.integers(0, count, 6)
+    buds = points[picks] + rng.normal(0, 0.03, (6, 3))
+    pancreas |= canvas.tube(buds, radii[picks] * rng.uniform(0.45, 0.65, 6), 1.6)
+    pancreas &= cavity & (canvas.labels != _LABEL_IDS["aorta"])
+    canvas.paint(pancreas, hu["pancreas"], _LABEL_IDS["pancreas"])
+
+
+def _paint_spine(canvas: _Canvas, rng: np.random.Generator, hu: dict[str, float]) -> None:
+    """Vertebral bodies (cortical shell, cancellous core) with discs between them, arches and spinal canal."""
+    centre_y = 0.4 + rng.normal(0, 0.01)
+    radius_x, radius_y = 0.085 * rng.uniform(0.9, 1.1), 0.075 * rng.uniform(0.9, 1.1)
+    rho = np.sqrt((canvas.x / radius_x) ** 2 + ((canvas.y - centre_y) / radius_y) ** 2)
+    period, phase = rng.uniform(0.36, 0.44), rng.uniform(0, 1)
+    # Position within each vertebra's period along z: the last 18 % of each period is the disc.
+    level = np.mod(canvas.z / period + phase, 1.0)
+    disc = level > 0.82
+    column = rho <= 1.0
+    canvas.paint(column & ~disc, hu["cortical_bone"], _LABEL_IDS["vertebrae"])
+    canvas.paint(column & ~disc & (rho <= 0.8), hu["cancellous_bone"])
+    canvas.paint(column & disc, hu["intervertebral_disc"], 0)
+    # Posterior arch: a bony ring around the spinal canal and the spinous process behind it.
+    canal_y = centre_y + radius_y + 0.05
+    ring = np.sqrt(canvas.x**2 + (canvas.y - canal_y) ** 2)
+    spinous = (np.abs(canvas.x) <= 0.018) & (canvas.y > canal_y) & (canvas.y <= canal_y + 0.13)
+    arch = ((ring <= 0.07) | spinous) & (level <= 0.7)
+    canvas.paint(arch, hu["cortical_bone"] - 150.0, _LABEL_IDS["vertebrae"])
+    canvas.paint(ring <= 0.04, hu["spinal_canal"], 0)
+
+
+def make_phantom_dataset(
+    folder: Union[str, os.PathLike],
+    n_cases: int,
+    seed: int = 0,
+    **phantom_kwargs: Any,
+) -> Path:
+    """Write phantoms as a Medical Segmentation Decathlon-style dataset folder.
+
+    Layout: ``imagesTr/case_000.nii.gz``, ``labelsTr/case_000.nii.gz`` and ``dataset.json`` (``name``,
+    ``modality``, ``labels`` with ``"0": "background"``, ``numTraining``, ``training`` list of
+    ``{"image", "label"}`` relative paths, ``test`` empty, and the generator ``seed``). Case ``n`` is
+    ``make_abdominal_phantom(seed=(seed, n), **phantom_kwargs)``, so datasets with different seeds share no
+    case. Every file is written atomically.
+
+    Args:
+        folder: the dataset folder (created if missing; existing cases with the same names are replaced).
+        n_cases: number of training cases.
+        seed: the dataset seed.
+        **phantom_kwargs: passed on to :func:`make_abdominal_phantom` (``shape``, ``spacing``, ``noise_hu`` ...).
+
+    Returns:
+        The folder.
+    """
+    if int(n_cases) < 1:
+        raise ValueError(f"make_phantom_dataset: n_cases must be at least 1, got {n_cases}")
+    folder = Path(folder)
+    training = []
+    for case in range(int(n_cases)):
+        image, labels, _ = make_abdominal_phantom(seed=(int(seed), case), **phantom_kwargs)
+        name = f"case_{case:03d}.nii.gz"
+        write_image(image, folder / "imagesTr" / name)
+        write_image(labels, folder / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    description = {
+        "name": "AttentionSegPhantom",
+        "description": "Synthetic abdominal CT phantoms (AttentionSegLib.phantom)",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", **{str(k): v for k, v in PHANTOM_LABELS.items()}},
+        "numTraining": len(training),
+        "numTest": 0,
+        "training": training,
+        "test": [],
+        "seed": int(seed),
+    }
+    _write_json_atomically(description, folder / "dataset.json")
+    return folder
+
+
+def _write_json_atomically(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=2)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,302 @@
+"""Preprocessing between an image's own grid and a model's: intensity normalisation and resampling.
+
+The model-side configuration is the ``preprocessing`` dict of a checkpoint (``docs/engine-api.md``)::
+
+    {"normalization": {"kind": "ct_window", "window": [lo, hi]} | {"kind": "zscore"} | {"kind": "none"},
+     "spacing": [x, y, z] | null,       # null keeps the image's own spacing
+     "patch_size": [d, h, w]}           # used by inference, not here
+
+:class:`Preprocessor` maps an image into the model grid and every model output (probabilities, labels,
+attention maps) back onto exactly the image's size, spacing, origin and direction. Normalisation happens before
+resampling, as in nnU-Net's preprocessing (Isensee et al., Nature Methods 2021).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from AttentionSegLib.image import Volume, to_sitk
+
+_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
+
+# Spacings closer than this (relative) count as equal, so an image already at the model spacing is not
+# resampled (which would blur it for nothing).
+_SPACING_RTOL = 1e-4
+
+
+def normalize_intensity(array: np.ndarray, config: Mapping[str, Any]) -> np.ndarray:
+    """Normalise intensities to the range a network was trained on.
+
+    Kinds:
+
+    * ``{"kind": "ct_window", "window": [lo, hi]}``: clip HU to ``[lo, hi]`` and scale linearly to ``[0, 1]``
+      (``lo`` -> 0, ``hi`` -> 1); an optional ``"output_range": [a, b]`` scales to ``[a, b]`` instead,
+      e.g. ``[-1, 1]``.
+    * ``{"kind": "zscore"}``: subtract the mean and divide by the standard deviation. With
+      ``"foreground": "nonzero"`` the statistics come from the nonzero voxels only and zero voxels stay 0 (MR
+      with a zero background, as nnU-Net's ``use_mask_for_norm``); the default ``"all"`` uses every voxel.
+    * ``{"kind": "none"}``: the values unchanged.
+
+    Args:
+        array: voxels of any numeric dtype (channels allowed; statistics are taken over the whole array).
+        config: the ``normalization`` entry of a preprocessing config.
+
+    Returns:
+        A new float32 array.
+    """
+    kind = config.get("kind") if isinstance(config, Mapping) else None
+    values = np.asarray(array, dtype=np.float32)
+    if kind == "none":
+        return values.copy()
+    if kind == "ct_window":
+        lo, hi = _pair(config.get("window"), "normalization.window")
+        if not hi > lo:
+            raise ValueError(f"normalization.window must satisfy lo < hi, got [{lo}, {hi}]")
+        out_lo, out_hi = _pair(config.get("output_range", (0.0, 1.0)), "normalization.output_range")
+        unit = (np.clip(values, lo, hi) - np.float32(lo)) / np.float32(hi - lo)
+        return (unit * np.float32(out_hi - out_lo) + np.float32(out_lo)).astype(np.float32)
+    if kind == "zscore":
+        foreground = config.get("foreground", "all")
+        if foreground == "all":
+            mask = None
+        elif foreground == "nonzero":
+            mask = values != 0
+        else:
+            raise ValueError(f"normalization.foreground must be 'all' or 'nonzero', got {foreground!r}")
+        sample = values if mask is None else values[mask]
+        if sample.size == 0:
+            return np.zeros_like(values)
+        mean = float(sample.mean(dtype=np.float64))
+        std = max(float(sample.std(dtype=np.float64)), 1e-8)
+        normalized = ((values - np.float32(mean)) / np.float32(std)).astype(np.float32)
+        if mask is not None:
+            normalized[~mask] = 0.0
+        return normalized
+    raise ValueError(f"normalization.kind must be 'ct_window', 'zscore' or 'none', got {kind!r}")
+
+
+def _pair(values: Any, name: str) -> tuple[float, float]:
+    if values is None or len(values) != 2:
+        raise ValueError(f"{name} must be two numbers [lo, hi], got {values!r}")
+    return float(values[0]), float(values[1])
+
+
+def _resample(
+    volume: Volume,
+    size: Sequence[int],
+    spacing: Sequence[float],
+    origin: Sequence[float],
+    direction: Sequence[float],
+    interpolator: str,
+    default_value: float | None,
+) -> np.ndarray:
+    if interpolator not in _INTERPOLATORS:
+        raise ValueError(f"interpolator must be one of {sorted(_INTERPOLATORS)}, got {interpolator!r}")
+    source = volume
+    if interpolator == "linear" and volume.array.dtype != np.float32:
+        # Linear interpolation in an integer type would truncate; probabilities and HU both want float32.
+        source = volume.with_array(volume.array.astype(np.float32))
+    if default_value is None:
+        default_value = float(volume.array.min()) if interpolator == "linear" and volume.array.size else 0.0
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize([int(s) for s in size])
+    resampler.SetOutputSpacing([float(s) for s in spacing])
+    resampler.SetOutputOrigin([float(o) for o in origin])
+    resampler.SetOutputDirection([float(d) for d in direction])
+    resampler.SetInterpolator(_INTERPOLATORS[interpolator])
+    resampler.SetDefaultPixelValue(float(default_value))
+    result = sitk.GetArrayFromImage(resampler.Execute(to_sitk(source)))
+    if volume.has_channels:
+        result = np.ascontiguousarray(np.moveaxis(result, -1, 0))
+    if interpolator == "nearest" and result.dtype != volume.array.dtype:
+        result = result.astype(volume.array.dtype)  # booleans travel through SimpleITK as uint8
+    return result
+
+
+def resample_to_spacing(
+    volume: Volume,
+    spacing: Sequence[float],
+    *,
+    interpolator: str = "linear",
+    default_value: float | None = None,
+) -> Volume:
+    """Resample onto a grid with the given spacing, the same direction and the same centre.
+
+    The new size is ``round(size * old_spacing / spacing)`` (at least 1) and the origin moves so that the
+    centre of the field of view stays where it was.
+
+    Args:
+        volume: the image or map (channels allowed).
+        spacing: the new voxel size in mm, ITK order ``(i, j, k)``.
+        interpolator: ``"linear"`` (output float32) or ``"nearest"`` (keeps the dtype; for label maps).
+        default_value: value of samples outside the input; ``None`` means the input's minimum for linear and
+            0 for nearest.
+    """
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != volume.ndim or any(s <= 0 for s in spacing):
+        raise ValueError(f"resample_to_spacing: spacing must be {volume.ndim} positive values, got {spacing}")
+    old_size = np.asarray(volume.size, dtype=np.float64)
+    old_spacing = np.asarray(volume.spacing)
+    new_size = np.maximum(np.rint(old_size * old_spacing / np.asarray(spacing)), 1).astype(int)
+    direction = volume.direction_matrix
+    centre = np.asarray(volume.origin) + direction @ ((old_size - 1) * old_spacing / 2)
+    origin = centre - direction @ ((new_size - 1) * np.asarray(spacing) / 2)
+    array = _resample(volume, new_size, spacing, origin, volume.direction, interpolator, default_value)
+    return Volume(array, spacing, tuple(origin), volume.direction)
+
+
+def resample_like(
+    volume: Volume,
+    reference: Volume,
+    *,
+    interpolator: str = "linear",
+    default_value: float | None = 0.0,
+) -> Volume:
+    """Resample onto the reference grid: the result has exactly ``reference``'s shape and geometry.
+
+    Only the reference's geometry is used (its array may be a zero-size view such as
+    ``np.broadcast_to(0, shape)``). When the grids already agree to 1e-6 mm the array is copied, not
+    interpolated.
+
+    Args:
+        volume: the image or map to move (channels allowed).
+        reference: the target grid.
+        interpolator: ``"linear"`` (output float32) or ``"nearest"`` (keeps the dtype).
+        default_value: value of samples outside ``volume``; ``None`` means its minimum for linear.
+    """
+    if volume.ndim != reference.ndim:
+        raise ValueError(f"resample_like: a {volume.ndim}D volume cannot be resampled onto a {reference.ndim}D grid")
+    if volume.same_geometry(reference, atol=1e-6):
+        array = volume.array.copy()
+        if interpolator == "linear" and array.dtype != np.float32:
+            array = array.astype(np.float32)
+    else:
+        array = _resample(volume, reference.size, reference.spacing, reference.origin, reference.direction,
+                          interpolator, default_value)
+    return Volume(array, reference.spacing, reference.origin, reference.direction)
+
+
+def _geometry_only(volume: Volume) -> Volume:
+    """The volume's geometry without holding on to its voxels (a read-only broadcast view of one zero)."""
+    return volume.with_array(np.broadcast_to(np.zeros((), dtype=np.uint8), volume.shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessingContext:
+    """What :meth:`Preprocessor.inverse` needs to return a model output to the image's geometry.
+
+    Attributes:
+        original: the image's grid (geometry only; its array is an empty view).
+        model: the grid of the array :meth:`Preprocessor.forward` returned (geometry only).
+        resampled: whether the two grids differ (otherwise ``inverse`` only reattaches the geometry).
+    """
+
+    original: Volume
+    model: Volume
+    resampled: bool
+
+
+class Preprocessor:
+    """Image -> model grid (normalised float32) and model outputs -> image geometry.
+
+    Args:
+        config: a checkpoint's ``preprocessing`` dict; ``normalization`` defaults to ``{"kind": "none"}`` and
+            ``spacing`` to ``None`` (keep the image's own spacing).
+
+    Example:
+        >>> pre = Preprocessor({"normalization": {"kind": "ct_window", "window": [-200, 300]}, "spacing": None})
+        >>> x, context = pre.forward(volume)            # x: float32 (k, j, i) in [0, 1]
+        >>> labels = pre.inverse(model_labels, context, interpolator="nearest")   # a Volume like `volume`
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        if not isinstance(config, Mapping):
+            raise ValueError(f"Preprocessor: config must be a dict, got {type(config).__name__}")
+        self.config = dict(config)
+        self.normalization: Mapping[str, Any] = config.get("normalization") or {"kind": "none"}
+        spacing = config.get("spacing")
+        self.spacing: tuple[float, ...] | None = None if spacing is None else tuple(float(s) for s in spacing)
+        if self.spacing is not None and (len(self.spacing) not in (2, 3) or min(self.spacing) <= 0):
+            raise ValueError(f"preprocessing.spacing must be 2 or 3 positive values or null, got {spacing!r}")
+        normalize_intensity(np.zeros(1, np.float32), self.normalization)  # fail now on a bad config
+
+    def forward(self, volume: Volume) -> tuple[np.ndarray, PreprocessingContext]:
+        """Normalise, then resample to the model spacing (linear).
+
+        Returns:
+            The float32 array in the model grid (array order, no channel axis added) and the context for
+            :meth:`inverse`.
+        """
+        if volume.has_channels:
+            raise ValueError(f"Preprocessor.forward: expected a scalar image, got {volume!r}")
+        if self.spacing is not None and len(self.spacing) != volume.ndim:
+            raise ValueError(
+                f"Preprocessor.forward: preprocessing.spacing {self.spacing} does not fit a {volume.ndim}D image"
+            )
+        normalized = volume.with_array(normalize_intensity(volume.array, self.normalization))
+        needs_resampling = self.spacing is not None and not np.allclose(
+            volume.spacing, self.spacing, rtol=_SPACING_RTOL, atol=0.0
+        )
+        model = resample_to_spacing(normalized, self.spacing, interpolator="linear") if needs_resampling \
+            else normalized
+        context = PreprocessingContext(_geometry_only(volume), _geometry_only(model), needs_resampling)
+        return model.array.astype(np.float32, copy=False), context
+
+    def inverse(
+        self,
+        array: np.ndarray | Volume,
+        context: PreprocessingContext,
+        interpolator: str = "linear",
+    ) -> Volume:
+        """Bring a model-grid map back onto the original image grid.
+
+        Args:
+            array: ``(k, j, i)`` or ``(C, k, j, i)`` in the model grid (or a Volume holding it).
+            context: from :meth:`forward` on the same image.
+            interpolator: ``"linear"`` for probabilities and attention maps (float32), ``"nearest"`` for labels.
+
+        Returns:
+            A volume with exactly the original size, spacing, origin and direction (samples outside the model
+            grid are 0).
+        """
+        values = array.array if isinstance(array, Volume) else np.asarray(array)
+        model = context.model.with_array(values)  # raises on a shape mismatch
+        if not context.resampled:
+            return context.original.with_array(values.copy())
+        return resample_like(model, context.original, interpolator=interpolator, default_value=0.0)
+
+    def resample_channel(
+        self,
+        volume: Volume,
+        context: PreprocessingContext,
+        interpolator: str = "linear",
+    ) -> np.ndarray:
+        """An image-grid map (click maps, scribbles, masks) on the model grid, without intensity normalisation.
+
+        Use ``"nearest"`` for label maps (scribbles) and ``"linear"`` for continuous maps.
+        """
+        if volume.shape != context.original.shape:
+            raise ValueError(f"Preprocessor.resample_channel: map of shape {volume.shape} is not on the image grid "
+                             f"{context.original.shape}")
+        if not context.resampled:
+            return np.asarray(volume.array)
+        return resample_like(volume, context.model, interpolator=interpolator, default_value=0.0).array
+
+    def point_to_model_index(self, context: PreprocessingContext, point_ijk: Sequence[float]) -> np.ndarray:
+        """A voxel index ``(i, j, k)`` of the image as a continuous array index (k, j, i) of the model grid."""
+        point = np.asarray(point_ijk, dtype=float)
+        if context.resampled:
+            point = np.asarray(context.model.lps_to_ijk(context.original.ijk_to_lps(point)), dtype=float)
+        return point[::-1].copy()
+
+    def model_index_to_point(self, context: PreprocessingContext, index: Sequence[float]) -> np.ndarray:
+        """The inverse of :meth:`point_to_model_index`: model-grid array index (k, j, i) -> image ``(i, j, k)``."""
+        point = np.asarray(index, dtype=float)[::-1]
+        if context.resampled:
+            point = np.asarray(context.original.lps_to_ijk(context.model.ijk_to_lps(point)), dtype=float)
+        return point

@@ -1,0 +1,131 @@
+"""Sliding-window inference and volume prediction: blending, geometry, ROI, devices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from AttentionSegLib.checkpoint import model_from_config
+from AttentionSegLib.image import Volume
+from AttentionSegLib.inference import (
+    Cancelled,
+    gaussian_importance,
+    predict_volume,
+    resolve_device,
+    sliding_window_predict,
+    window_starts,
+)
+from AttentionSegLib.networks import build_network
+
+
+class _Threshold(torch.nn.Module):
+    """A fixed 'network' whose output depends only on each voxel: windows must blend to the exact answer."""
+
+    out_channels = 2
+    required_divisor = 1
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, return_attention=False):
+        logits = torch.cat([torch.zeros_like(x), 4 * x], dim=1)
+        if return_attention:
+            return logits, {"gate1": torch.sigmoid(x)}
+        return logits
+
+
+def test_window_starts_cover_the_axis_with_overlap():
+    starts = window_starts(100, 32, 0.5)
+    assert starts[0] == 0 and starts[-1] == 100 - 32
+    assert all(b - a <= 16 for a, b in zip(starts, starts[1:]))
+    assert window_starts(20, 32, 0.5) == [0]
+
+
+def test_gaussian_importance_peaks_in_the_centre():
+    w = gaussian_importance([9, 9, 9])
+    assert w.shape == (9, 9, 9)
+    assert w[4, 4, 4] == w.max() == 1.0
+    assert w.min() > 0
+
+
+def test_blending_reproduces_a_voxelwise_network_exactly():
+    x = torch.randn(1, 1, 20, 37, 29)
+    probs, maps = sliding_window_predict(_Threshold(), x, [8, 16, 16], overlap=0.5, return_attention=True)
+    expected = torch.softmax(torch.cat([torch.zeros_like(x), 4 * x], 1), 1)
+    assert probs.shape == expected.shape
+    assert torch.allclose(probs, expected, atol=1e-5)
+    assert torch.allclose(maps["gate1"], torch.sigmoid(x), atol=1e-5)
+
+
+def test_progress_and_cancel():
+    calls = []
+    x = torch.randn(1, 1, 16, 32, 32)
+    sliding_window_predict(_Threshold(), x, [8, 16, 16], progress=lambda d, t: calls.append((d, t)))
+    assert calls and calls[-1][0] == calls[-1][1]
+
+    class Set:
+        def is_set(self):
+            return True
+
+    with pytest.raises(Cancelled):
+        sliding_window_predict(_Threshold(), x, [8, 16, 16], cancel=Set())
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def _volume(shape=(12, 40, 36)):
+    rng = np.random.default_rng(0)
+    direction = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    return Volume(rng.normal(size=shape).astype(np.float32), spacing=(0.8, 0.9, 2.5), origin=(10.0, -5.0, 3.0),
+                  direction=direction)
+
+
+def _model(dims=3, **kw):
+    config = {"spatial_dims": dims, "in_channels": 1, "out_channels": 2, "filters": [4, 8, 16, 32, 64], **kw}
+    patch = [16, 32, 32] if dims == 3 else [32, 32]
+    return model_from_config("attention_unet", config,
+                             preprocessing={"normalization": {"kind": "zscore"}, "spacing": None, "patch_size": patch})
+
+
+def test_prediction_has_the_input_geometry_and_attention_maps():
+    volume = _volume()
+    pred = predict_volume(_model(), volume, device="cpu", return_attention=True, return_probabilities=True)
+    for out in [pred.labels, pred.uncertainty, *pred.attention.values()]:
+        assert out.shape == volume.shape
+        assert out.same_geometry(volume)
+    assert pred.attention, "attention maps were asked for"
+    for amap in pred.attention.values():
+        assert amap.array.min() >= 0 and amap.array.max() <= 1
+    assert np.allclose(pred.probabilities.array.sum(0), 1, atol=1e-4)
+
+
+def test_two_d_model_on_a_volume_runs_slice_by_slice():
+    volume = _volume((3, 40, 36))
+    pred = predict_volume(_model(2), volume, device="cpu", return_attention=True)
+    assert pred.labels.shape == volume.shape
+    assert set(pred.attention) and all(a.shape == volume.shape for a in pred.attention.values())
+
+
+def test_three_d_model_refuses_a_two_d_image():
+    image = Volume(np.zeros((32, 32), np.float32), spacing=(1.0, 1.0), origin=(0.0, 0.0), direction=(1.0, 0, 0, 1.0))
+    with pytest.raises(ValueError, match="2D image"):
+        predict_volume(_model(3), image, device="cpu")
+
+
+def test_roi_inference_only_touches_the_box_around_the_point():
+    volume = _volume((20, 64, 64))
+    pred = predict_volume(_model(), volume, device="cpu", roi_center_ijk=(10, 10, 5), roi_size=[8, 16, 16])
+    inside = pred.roi.array.astype(bool)
+    assert inside.sum() == 8 * 16 * 16
+    assert (pred.labels.array[~inside] == 0).all()
+    assert inside[5, 10, 10]

@@ -1,0 +1,183 @@
+"""The interactive session: clicks, scribbles, refine by fine-tuning, undo/redo of masks and weights, locks."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from AttentionSegLib.checkpoint import load_checkpoint, state_digest
+from AttentionSegLib.image import Volume
+from AttentionSegLib.inference import Cancelled
+from AttentionSegLib.interactive import InteractiveSession, RefineSettings
+from AttentionSegLib.metrics import dice
+
+NET_2D = {"name": "attention_unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 3,
+          "filters": [8, 16, 32, 64, 128], "preprocessing": {"normalization": {"kind": "zscore"}, "spacing": None,
+                                                             "patch_size": [64, 64]}}
+
+
+def _disk_image(shape=(3, 64, 64), radius=12, seed=0):
+    """A bright disk (label 1) and a dim square (label 2) on a noisy background, repeated over 3 slices."""
+    rng = np.random.default_rng(seed)
+    _, h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    disk = (yy - 24) ** 2 + (xx - 22) ** 2 <= radius ** 2
+    square = (yy >= 40) & (yy < 56) & (xx >= 40) & (xx < 56)
+    truth2d = np.where(disk, 1, np.where(square, 2, 0)).astype(np.uint8)
+    image2d = np.where(disk, 1.0, np.where(square, 0.5, 0.0))
+    image = np.stack([image2d + rng.normal(0, 0.1, image2d.shape) for _ in range(shape[0])]).astype(np.float32)
+    truth = np.stack([truth2d] * shape[0])
+    volume = Volume(image, spacing=(1.0, 1.0, 5.0), origin=(0.0, 0.0, 0.0),
+                    direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    return volume, truth
+
+
+def _scribbles(truth):
+    """Thin strokes inside each structure and in the background, on the middle slice only."""
+    s = np.full(truth.shape, 255, np.uint8)
+    s[1, 24, 16:29] = 1
+    s[1, 44:52, 48] = 2
+    s[1, 4, 4:60] = 0
+    s[1, 4:60, 4] = 0
+    s[1, 60, 4:60] = 0
+    return s
+
+
+def _session(**kw):
+    torch.manual_seed(0)
+    volume, truth = _disk_image()
+    settings = RefineSettings(max_roi=(3, 64, 64), **kw)
+    return InteractiveSession(volume, dict(NET_2D), device="cpu", settings=settings), truth
+
+
+def test_refine_learns_the_structures_from_scribbles_on_an_untrained_network():
+    session, truth = _session(learning_rate=3e-3, max_steps=80)
+    session.add_scribbles(_scribbles(truth))
+    mask = session.refine(time_budget_s=60)
+    assert dice(mask[1] == 1, truth[1] == 1) > 0.8
+    assert dice(mask[1] == 2, truth[1] == 2) > 0.7
+    assert session.last_report.steps == 80 and session.last_report.stopped_by == "max_steps"
+
+
+def test_scribbles_are_never_lost_and_always_honoured():
+    session, truth = _session(max_steps=3)
+    scribbles = _scribbles(truth)
+    session.add_scribbles(scribbles)
+    mask = session.refine(time_budget_s=0)
+    drawn = scribbles != 255
+    assert np.array_equal(session.scribbles, scribbles)
+    assert np.array_equal(mask[drawn], scribbles[drawn])
+
+
+def test_time_budget_stops_fine_tuning():
+    session, truth = _session(max_steps=100000, min_steps=1)
+    session.add_scribbles(_scribbles(truth))
+    session.refine(time_budget_s=0.5)
+    report = session.last_report
+    assert report.stopped_by == "time_budget"
+    assert report.seconds >= 0.5 and report.steps < 100000
+
+
+def test_undo_restores_mask_scribbles_and_weights_and_redo_reapplies():
+    session, truth = _session(max_steps=5)
+    digest0 = state_digest(session.model.network.state_dict())
+    session.add_scribbles(_scribbles(truth))
+    mask_before = session.mask.copy()
+    refined = session.refine(time_budget_s=0).copy()
+    digest1 = state_digest(session.model.network.state_dict())
+    assert digest1 != digest0, "refine changes the weights"
+    session.undo()
+    assert np.array_equal(session.mask, mask_before)
+    assert state_digest(session.model.network.state_dict()) == digest0
+    assert (session.scribbles != 255).any(), "the scribbles came before the refine"
+    session.undo()
+    assert (session.scribbles == 255).all()
+    session.redo()
+    session.redo()
+    assert np.array_equal(session.mask, refined)
+    assert state_digest(session.model.network.state_dict()) == digest1
+
+
+def test_locked_labels_are_never_overwritten():
+    session, truth = _session(max_steps=3)
+    session.add_scribbles(_scribbles(truth))
+    session.mask[0] = np.where(truth[0] == 2, 2, 0)
+    session.lock(2)
+    locked_before = session.mask == 2
+    mask = session.refine(time_budget_s=0)
+    assert (mask[locked_before] == 2).all()
+    with pytest.raises(ValueError, match="locked"):
+        session.click((48, 48, 1), label=2)
+
+
+def test_cancel_raises_and_leaves_the_session_as_it_was():
+    session, truth = _session(max_steps=1000)
+    session.add_scribbles(_scribbles(truth))
+    digest = state_digest(session.model.network.state_dict())
+    mask = session.mask.copy()
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        session.refine(time_budget_s=10, cancel=stop)
+    assert np.array_equal(session.mask, mask)
+    assert state_digest(session.model.network.state_dict()) == digest
+    assert (session.scribbles != 255).any()
+
+
+def test_progress_is_reported_as_a_fraction():
+    session, truth = _session(max_steps=4)
+    session.add_scribbles(_scribbles(truth))
+    seen = []
+    session.refine(time_budget_s=0, progress=lambda f, msg: seen.append((f, msg)))
+    assert seen and seen[-1][0] == 1.0 and all(0 <= f <= 1 for f, _ in seen)
+
+
+def test_clicks_leave_scribbles_and_negative_clicks_remove_components():
+    session, truth = _session(max_steps=60, learning_rate=3e-3, click_budget_s=60)
+    session.add_scribbles(_scribbles(truth))
+    session.refine(time_budget_s=60)
+    mask = session.click((22, 24, 1), label=1, positive=True)
+    assert mask[1, 24, 22] == 1
+    assert session.scribbles[1, 24, 22] == 1
+    mask = session.click((22, 24, 1), label=1, positive=False)
+    assert mask[1, 24, 22] == 0
+    assert session.scribbles[1, 24, 22] == 0
+
+
+def test_bad_inputs_are_refused_with_clear_messages():
+    session, truth = _session()
+    with pytest.raises(ValueError, match="grid"):
+        session.add_scribbles(np.zeros((2, 2, 2), np.uint8))
+    with pytest.raises(ValueError, match="no scribbles"):
+        session.add_scribbles(np.full(truth.shape, 255, np.uint8))
+    bad = np.full(truth.shape, 255, np.uint8)
+    bad[0, 0, 0] = 7
+    with pytest.raises(ValueError, match="7"):
+        session.add_scribbles(bad)
+    with pytest.raises(ValueError, match="nothing to refine"):
+        session.refine(time_budget_s=0)
+    with pytest.raises(ValueError, match="outside"):
+        session.click((100, 0, 0))
+
+
+def test_attention_and_uncertainty_maps_are_in_the_image_grid():
+    session, truth = _session(max_steps=2)
+    session.add_scribbles(_scribbles(truth))
+    session.refine(time_budget_s=0)
+    maps = session.attention_maps()
+    assert maps and all(m.shape == truth.shape and m.dtype == np.float32 for m in maps.values())
+    unc = session.uncertainty()
+    assert unc.shape == truth.shape and 0 <= unc.min() and unc.max() <= 1
+
+
+def test_save_model_writes_a_loadable_adapted_checkpoint(tmp_path):
+    session, truth = _session(max_steps=2)
+    session.add_scribbles(_scribbles(truth))
+    session.refine(time_budget_s=0)
+    path = session.save_model(tmp_path / "adapted.pt")
+    loaded = load_checkpoint(path)
+    assert loaded.provenance["adaptation"]["refine_steps"] == 2
+    assert state_digest(loaded.network.state_dict()) == state_digest(session.model.network.state_dict())
