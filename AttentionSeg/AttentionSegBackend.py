@@ -1,15 +1,15 @@
 """The backend seam: where the engine's interactive session lives and runs, off Slicer's GUI thread.
 
 The module's Logic never calls the engine directly. It opens a session on a backend and sends it
-:class:`SessionCall` steps (``click``, ``add_scribbles`` + ``refine``, ``undo`` ...); each submission returns a
-:class:`Job` at once, which the GUI polls (a Qt timer) for progress and the result, and can cancel. Only plain
-data crosses the seam (numpy arrays, numbers, strings, the engine :class:`~AttentionSegLib.Volume`), so a backend
-that forwards the same steps to a GPU server over HTTP can replace :class:`LocalBackend` without the Logic
-noticing.
+:class:`SessionCall` steps (``click``, ``add_scribbles`` + ``refine``, ``undo`` ...); each submission returns
+a :class:`Job` at once, which the GUI polls (a Qt timer) for progress and the result, and can cancel. Only
+plain data crosses the seam (numpy arrays, numbers, strings, the engine :class:`~AttentionSegLib.Volume`), so
+a backend that forwards the same steps to a GPU server over HTTP can replace :class:`LocalBackend` without the
+Logic noticing.
 
-:class:`LocalBackend` keeps the session in this process and runs every job on one worker thread, so jobs run one
-after another in submission order and never touch the session at the same time. MRML is never touched here:
-results travel back to the GUI thread, which writes them into nodes.
+:class:`LocalBackend` keeps the session in this process and runs every job on one worker thread, so jobs run
+one after another in submission order and never touch the session at the same time. MRML is never touched
+here: results travel back to the GUI thread, which writes them into nodes.
 """
 
 from __future__ import annotations
@@ -47,21 +47,14 @@ class SessionCall:
     Args:
         method: the session method, e.g. ``"click"``.
         args, kwargs: its arguments (plain data only).
-        reports_progress: the method takes ``progress=`` and ``cancel=`` keywords (long work such as ``refine``);
-            the backend supplies them.
-        attribute: ``method`` names an attribute to read (e.g. ``mask``) instead of a method to call.
+        reports_progress: the method takes ``progress=`` and ``cancel=`` keywords (long work such as
+            ``refine``); the backend supplies them.
     """
 
     method: str
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     reports_progress: bool = False
-    attribute: bool = False
-
-    @classmethod
-    def read(cls, name: str) -> SessionCall:
-        """A step that reads the session attribute ``name``."""
-        return cls(name, attribute=True)
 
 
 class Job:
@@ -152,23 +145,33 @@ class Job:
         return self._result
 
     def cancel(self) -> None:
-        """Ask the job to stop; a pending job will not start, a running one stops at the engine's next check."""
+        """Ask the job to stop: a pending job will not start, a running one stops at its next check."""
         self._cancel.set()
 
     def fail(self, error: Exception) -> None:
-        """Mark a finished job failed after the fact: its result could not be applied (e.g. written to MRML)."""
-        self._finish(JobState.FAILED, error=error)
+        """Mark a finished job failed after the fact: its result could not be applied (written to MRML)."""
+        self.finish(JobState.FAILED, error=error)
 
     # -- written by the backend ------------------------------------------------------------------------------
-    def report(self, done: float, total: float = 1.0, message: str = "") -> None:
-        """Progress callback in the engine's ``(done, total)`` convention; an optional message describes the step."""
-        fraction = float(done) / float(total) if total else 0.0
+    def report(self, done: float, total: float | str | None = None, message: str = "") -> None:
+        """Progress callback for both engine conventions.
+
+        ``report(done, total)`` as inference and ``segment`` call it, or ``report(fraction, message)`` as
+        ``refine`` and ``click`` call it.
+        """
+        if isinstance(total, str):
+            total, message = None, total
+        if total is None:
+            fraction = float(done)
+        else:
+            fraction = float(done) / float(total) if float(total) else 0.0
         with self._lock:
             self._progress = min(max(fraction, 0.0), 1.0)
             if message:
                 self._message = str(message)
 
-    def _start(self) -> bool:
+    def mark_running(self) -> bool:
+        """Called by the backend as the job starts; False (and the job cancelled) when cancel came first."""
         with self._lock:
             if self._cancel.is_set():
                 self._state = JobState.CANCELLED
@@ -177,7 +180,8 @@ class Job:
             self._state = JobState.RUNNING
             return True
 
-    def _finish(self, state: JobState, result: Any = None, error: BaseException | None = None) -> None:
+    def finish(self, state: JobState, result: Any = None, error: BaseException | None = None) -> None:
+        """Called by the backend with the job's outcome; wakes up :meth:`wait`."""
         with self._lock:
             self._state = state
             self._result = result
@@ -196,7 +200,8 @@ class SessionBackend(Protocol):
     """What the Logic needs from wherever the engine runs."""
 
     def open_session(self, volume: Any, model: Any, **options: Any) -> Job:
-        """Create the interactive session for ``volume`` with ``model``; the job's result is None."""
+        """Create the interactive session for ``volume`` with ``model``; the job's result is
+        ``{"num_classes": int, "labels": {label: name}}`` (what the model can segment)."""
 
     def run(self, name: str, calls: Sequence[SessionCall]) -> Job:
         """Run ``calls`` in order on the open session; stops at the first error; result = the last call's."""
@@ -223,6 +228,14 @@ def detach(value: Any) -> Any:
     return value
 
 
+def describe_session(session: Any) -> dict[str, Any]:
+    """What the session's model segments: ``{"num_classes": int, "labels": {label: name}}`` (plain data)."""
+    model = getattr(session, "model", None)
+    labels = getattr(model, "labels", None) or {}
+    return {"num_classes": int(getattr(session, "num_classes", 0)),
+            "labels": {int(label): str(name) for label, name in dict(labels).items()}}
+
+
 class LocalBackend:
     """Runs the session in this process on a single worker thread.
 
@@ -245,7 +258,7 @@ class LocalBackend:
         return self._session is not None
 
     def open_session(self, volume: Any, model: Any, **options: Any) -> Job:
-        def create(job: Job) -> None:
+        def create(job: Job) -> dict[str, Any]:
             factory = self._session_factory
             if factory is None:
                 from AttentionSegLib import InteractiveSession
@@ -254,7 +267,7 @@ class LocalBackend:
             job.report(0, 1, "loading the model")
             session = factory(volume, model, **options)
             self._session = session  # only once fully built: a failed start keeps the previous session
-            return None
+            return describe_session(session)
 
         return self._submit("Start session", create)
 
@@ -268,11 +281,6 @@ class LocalBackend:
                 raise RuntimeError("no interactive session is open; start a session first")
             result = None
             for call in calls:
-                if call.attribute:
-                    if not hasattr(self._session, call.method):
-                        raise AttributeError(f"the interactive session has no attribute '{call.method}'")
-                    result = getattr(self._session, call.method)
-                    continue
                 method = getattr(self._session, call.method, None)
                 if method is None or not callable(method):
                     raise AttributeError(f"the interactive session has no method '{call.method}'")
@@ -307,13 +315,13 @@ class LocalBackend:
 
     @staticmethod
     def _execute(job: Job, work: Callable[[Job], Any]) -> None:
-        if not job._start():
+        if not job.mark_running():
             return
         try:
             result = work(job)
         except Exception as error:  # every failure must reach the GUI, never kill the worker silently
             # an engine that honours the cancel token raises when it stops; report that as a cancellation
             state = JobState.CANCELLED if job.cancel_requested else JobState.FAILED
-            job._finish(state, error=error if state is JobState.FAILED else None)
+            job.finish(state, error=error if state is JobState.FAILED else None)
             return
-        job._finish(JobState.SUCCEEDED, result=result)
+        job.finish(JobState.SUCCEEDED, result=result)

@@ -1,17 +1,17 @@
 """The module's workflow: MRML nodes in, engine session calls through the backend, results back into nodes.
 
-This is the body of the module's Logic, kept apart from ``AttentionSeg.py`` so that it imports without ``qt`` or
-``slicer.app`` and runs on the bare Slicer core in CI. ``AttentionSegLogic`` owns one
-:class:`SegmentationController`; the Widget forwards every button to it and polls :meth:`~SegmentationController.poll`
-from a Qt timer.
+This is the body of the module's Logic, kept apart from ``AttentionSeg.py`` so that it imports without
+``qt`` or ``slicer.app`` and runs on the bare Slicer core in CI. ``AttentionSegLogic`` owns one
+:class:`SegmentationController`; the Widget forwards every button to it and polls
+:meth:`~SegmentationController.poll` from a Qt timer.
 
 Two rules shape it:
 
-* **Never block** - everything that touches the network is a backend :class:`~AttentionSegBackend.Job`; MRML is
-  read when the work is submitted and written when :meth:`~SegmentationController.poll` sees the job succeed, both
-  on the caller's (GUI) thread.
-* **Never lose** - a job that fails or is cancelled writes nothing, so the user's segments and scribbles stay as
-  they were; scribbles are only ever read; a result rewrites only the segments whose label it changes.
+* **Never block** - everything that touches the network is a backend :class:`~AttentionSegBackend.Job`;
+  MRML is read when the work is submitted and written when :meth:`~SegmentationController.poll` sees the job
+  succeed, both on the caller's (GUI) thread.
+* **Never lose** - a job that fails or is cancelled writes nothing, so the user's segments and scribbles stay
+  as they were; scribbles are only ever read; a result rewrites only the segments whose label it changes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import AttentionSegMRML as mrml
 from AttentionSegBackend import Job, JobState, LocalBackend, SessionBackend, SessionCall
 
-OVERLAY_PREFIX = "AttentionSeg"
+NODE_PREFIX = "AttentionSeg"
 UNCERTAINTY_NAME = "uncertainty"
 BACKGROUND_SCRIBBLE_COLOR = (0.25, 0.55, 1.0)
 POSITIVE_POINT_COLOR = (0.1, 0.9, 0.2)
@@ -48,7 +48,8 @@ class SegmentationController:
         volume_node: the input volume of the open session.
         segmentation_node: output segments; each carries the engine label it stands for as a tag.
         scribble_node: scribble segments (label 0 = background) painted with the Segment Editor.
-        overlay_nodes: ``{map name: scalar volume node}`` of the attention / uncertainty overlays shown so far.
+        overlay_nodes: ``{map name: scalar volume node}`` of the attention / uncertainty overlays shown.
+        model_labels: ``{label: name}`` the session's model segments (each offered as a segment at start).
     """
 
     def __init__(self, scene: Any, backend: SessionBackend | None = None) -> None:
@@ -62,8 +63,9 @@ class SegmentationController:
         self._mask: np.ndarray | None = None  # the session's mask as last written into the segments
         self._pending: deque[tuple[Job, ApplyResult | None]] = deque()
         self._started = False
+        self.model_labels: dict[int, str] = {}
 
-    # -- session ------------------------------------------------------------------------------------------------
+    # -- session ---------------------------------------------------------------------------------------------
     @property
     def session_open(self) -> bool:
         """True once a session has started successfully (its job was polled)."""
@@ -80,15 +82,20 @@ class SegmentationController:
         return self._pending[0][0] if self._pending else None
 
     def start(self, volume_node: Any, model: Any, *, device: str = "auto", segmentation_node: Any = None,
-              scribble_node: Any = None) -> Job:
-        """Open an interactive session on ``volume_node`` with ``model`` (a model name, checkpoint path or config).
+              scribble_node: Any = None, **session_options: Any) -> Job:
+        """Open an interactive session on ``volume_node`` with ``model`` (name, checkpoint path or config).
 
-        Missing output / scribble segmentation nodes are created; both are given the volume's grid.
+        Missing output / scribble segmentation nodes are created; both are given the volume's grid. Every
+        label the model segments gets a segment in the output segmentation (named after the model's labels).
+
+        Args:
+            session_options: passed on to the engine's ``InteractiveSession`` (e.g. ``settings``).
         """
         volume = mrml.volume_from_node(volume_node)  # validate before touching any node
         name = volume_node.GetName()
         if segmentation_node is None:
-            segmentation_node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} AttentionSeg")
+            segmentation_node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                             f"{name} AttentionSeg")
         if scribble_node is None:
             scribble_node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} scribbles")
         if scribble_node is segmentation_node:
@@ -96,21 +103,23 @@ class SegmentationController:
         mrml.prepare_segmentation(segmentation_node, volume_node)
         mrml.prepare_segmentation(scribble_node, volume_node)
 
-        def opened(_: Any) -> None:
-            self.volume_node, self.segmentation_node, self.scribble_node = volume_node, segmentation_node, scribble_node
+        def opened(description: dict[str, Any]) -> None:
+            self.volume_node = volume_node
+            self.segmentation_node, self.scribble_node = segmentation_node, scribble_node
             self._mask = np.zeros(volume.shape, dtype=np.uint8)
+            self.model_labels = self._offer_model_labels(description)
             self._started = True
 
-        job = self.backend.open_session(volume, model, device=device)
+        job = self.backend.open_session(volume, model, device=device, **session_options)
         self._pending.append((job, opened))
         return job
 
-    # -- clicks -------------------------------------------------------------------------------------------------
+    # -- clicks ----------------------------------------------------------------------------------------------
     def point_list(self, positive: bool) -> Any:
         """The markups node collecting positive (or negative) clicks, created on first use."""
         node = self._points.get(positive)
         if node is None or self.scene.GetNodeByID(node.GetID()) is None:
-            name = f"{OVERLAY_PREFIX} {'positive' if positive else 'negative'} points"
+            name = f"{NODE_PREFIX} {'positive' if positive else 'negative'} points"
             node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
             node.CreateDefaultDisplayNodes()
             color = POSITIVE_POINT_COLOR if positive else NEGATIVE_POINT_COLOR
@@ -126,22 +135,24 @@ class SegmentationController:
             ValueError: the point lies outside the volume (nothing is submitted).
         """
         self._require_session()
-        point_ijk = mrml.voxel_index(self.volume_node, point_ras)
-        label = mrml.label_for_segment(self.segmentation_node, segment_id)
-        call = SessionCall("click", (point_ijk,), {"label": label, "positive": bool(positive)})
-        return self._submit("Click", [call], self._write_mask)
+        return self._click_voxel(mrml.voxel_index(self.volume_node, point_ras), segment_id, positive)
 
     def click_control_point(self, markups_node: Any, index: int, *, segment_id: str, positive: bool) -> Job:
         """:meth:`click` at control point ``index`` of a markups node (its world position)."""
-        position = [0.0, 0.0, 0.0]
-        if not 0 <= index < markups_node.GetNumberOfControlPoints():
-            raise IndexError(f"markups node '{markups_node.GetName()}' has no control point {index}")
-        markups_node.GetNthControlPointPositionWorld(index, position)
-        return self.click(position, segment_id=segment_id, positive=positive)
+        self._require_session()
+        voxel = mrml.control_point_voxel(markups_node, index, self.volume_node)
+        return self._click_voxel(voxel, segment_id, positive)
 
-    # -- scribbles and refinement -------------------------------------------------------------------------------
+    def _click_voxel(self, point_ijk: tuple[int, int, int], segment_id: str, positive: bool) -> Job:
+        label = mrml.label_for_segment(self.segmentation_node, segment_id)
+        # a click may fine-tune briefly when the network misses the structure, so it reports progress too
+        call = SessionCall("click", (point_ijk,), {"label": label, "positive": bool(positive)},
+                           reports_progress=True)
+        return self._submit("Click", [call], self._write_mask)
+
+    # -- scribbles and refinement ----------------------------------------------------------------------------
     def scribble_segment(self, segment_id: str | None) -> str:
-        """The scribble segment for the output segment ``segment_id`` (None = background), created when absent."""
+        """The scribble segment of output segment ``segment_id`` (None: background), created when absent."""
         self._require_session()
         if segment_id is None:
             return mrml.ensure_labelled_segment(self.scribble_node, 0, mrml.scribble_segment_name(0),
@@ -177,39 +188,42 @@ class SegmentationController:
     def segment(self) -> Job:
         """Automatic whole-volume segmentation with the session's model."""
         self._require_session()
-        return self._submit("Segment", [SessionCall("segment")], self._write_mask)
+        return self._submit("Segment", [SessionCall("segment", reports_progress=True)], self._write_mask)
 
     def undo(self) -> Job:
         """Step back one edit (mask and network weights)."""
         self._require_session()
-        return self._submit("Undo", [SessionCall("undo"), SessionCall.read("mask")], self._write_mask)
+        return self._submit("Undo", [SessionCall("undo")], self._write_mask)
 
     def redo(self) -> Job:
         """Step forward one undone edit."""
         self._require_session()
-        return self._submit("Redo", [SessionCall("redo"), SessionCall.read("mask")], self._write_mask)
+        return self._submit("Redo", [SessionCall("redo")], self._write_mask)
 
     def lock(self, segment_ids: Iterable[str]) -> Job:
-        """Lock segments: the engine treats them as negatives and never overwrites them (empty = unlock all)."""
+        """Lock segments: the engine never overwrites them and learns from them what other labels are not."""
         self._require_session()
         labels = sorted(mrml.label_for_segment(self.segmentation_node, sid) for sid in segment_ids)
         return self._submit("Lock", [SessionCall("lock", (labels,))], None)
 
-    # -- overlays -----------------------------------------------------------------------------------------------
+    def unlock(self, segment_ids: Iterable[str]) -> Job:
+        """Undo :meth:`lock` for these segments."""
+        self._require_session()
+        labels = sorted(mrml.label_for_segment(self.segmentation_node, sid) for sid in segment_ids)
+        return self._submit("Unlock", [SessionCall("unlock", (labels,))], None)
+
+    # -- overlays --------------------------------------------------------------------------------------------
     def show_attention(self, color_map: str | None = None) -> Job:
         """Compute the attention-gate maps and put each into a scalar volume node on the input's grid."""
         self._require_session()
         return self._submit("Attention maps", [SessionCall("attention_maps")],
-                            lambda maps: self._write_overlays(maps, color_map, (0.0, 1.0)))
+                            lambda maps: self._write_overlays(maps, color_map))
 
     def show_uncertainty(self, color_map: str | None = None) -> Job:
-        """Compute the voxel-wise uncertainty and put it into a scalar volume node on the input's grid.
-
-        The window spans 0 to the largest value, since the engine's measure need not stop at 1 (e.g. entropy).
-        """
+        """Compute the voxel-wise uncertainty (normalised entropy, 0 sure .. 1 undecided) as a volume node."""
         self._require_session()
         return self._submit("Uncertainty", [SessionCall("uncertainty")],
-                            lambda unc: self._write_overlays({UNCERTAINTY_NAME: unc}, color_map, None))
+                            lambda unc: self._write_overlays({UNCERTAINTY_NAME: unc}, color_map))
 
     def set_overlay_color_map(self, color_map: str) -> None:
         """Show every overlay with another colour map."""
@@ -217,7 +231,7 @@ class SegmentationController:
         for node in self.overlay_nodes.values():
             node.GetDisplayNode().SetAndObserveColorNodeID(color_id)
 
-    # -- files --------------------------------------------------------------------------------------------------
+    # -- files -----------------------------------------------------------------------------------------------
     def save_model(self, path: str | os.PathLike[str]) -> Job:
         """Save the adapted network as a checkpoint."""
         self._require_session()
@@ -237,7 +251,7 @@ class SegmentationController:
         labels = mrml.segments_to_label_array(self.segmentation_node, self.volume_node)
         return write_image(mrml.volume_from_node(self.volume_node).with_array(labels), path)
 
-    # -- jobs ---------------------------------------------------------------------------------------------------
+    # -- jobs ------------------------------------------------------------------------------------------------
     def poll(self) -> list[Job]:
         """Apply the results of the jobs that finished, in submission order; returns those jobs.
 
@@ -285,36 +299,45 @@ class SegmentationController:
         self._pending.clear()
         self._started = False
 
-    # -- internals ----------------------------------------------------------------------------------------------
+    # -- internals -------------------------------------------------------------------------------------------
     def _require_session(self) -> None:
         if not self._started:
-            raise RuntimeError("no AttentionSeg session is open: choose a volume and a model, then start a session")
+            raise RuntimeError("no AttentionSeg session is open: choose a volume and a model, then start one")
 
     def _submit(self, name: str, calls: Sequence[SessionCall], apply: ApplyResult | None) -> Job:
         job = self.backend.run(name, calls)
         self._pending.append((job, apply))
         return job
 
+    def _offer_model_labels(self, description: dict[str, Any]) -> dict[int, str]:
+        """Give every label the model segments a segment (named after the model's label) to click into."""
+        count = int(description.get("num_classes", 0))
+        names = {int(k): str(v) for k, v in dict(description.get("labels", {})).items()}
+        labels = {label: names.get(label, f"Label {label}") for label in range(1, count)}
+        for label, name in labels.items():
+            mrml.ensure_labelled_segment(self.segmentation_node, label, name)
+        return labels
+
     def _write_mask(self, mask: Any) -> None:
         """Write the labels whose voxels changed since the last result into their segments."""
         mask = np.asarray(mask)
         previous = self._mask if self._mask is not None else np.zeros_like(mask)
         if mask.shape != previous.shape:
-            raise ValueError(f"the engine returned a mask of shape {mask.shape}; the volume is {previous.shape}")
+            raise ValueError(f"the engine returned a mask of shape {mask.shape} for a volume of "
+                             f"{previous.shape}")
         labels = {int(v) for v in np.unique(mask)} | {int(v) for v in np.unique(previous)}
         changed = [k for k in sorted(labels - {0}) if not np.array_equal(mask == k, previous == k)]
         mrml.labels_to_segments(self.segmentation_node, self.volume_node, mask, labels=changed)
         self._mask = mask.astype(np.uint8, copy=True)
 
-    def _write_overlays(self, maps: dict[str, Any], color_map: str | None,
-                        value_range: tuple[float, float] | None) -> None:
+    def _write_overlays(self, maps: dict[str, Any], color_map: str | None) -> None:
+        """Attention gates and uncertainty lie in [0, 1]; a fixed window makes their colours comparable."""
         color_id = mrml.color_node_id(self.scene, color_map) if color_map else None
         arrays = {name: np.asarray(array, dtype=np.float32) for name, array in maps.items()}
         for name, array in arrays.items():
-            window = value_range if value_range is not None else (0.0, max(float(array.max(initial=0.0)), 1e-6))
             existing = self.overlay_nodes.get(name)
             if existing is not None and self.scene.GetNodeByID(existing.GetID()) is None:
                 existing = None  # the user deleted it
             self.overlay_nodes[name] = mrml.overlay_volume_node(
-                self.scene, self.volume_node, array, f"{OVERLAY_PREFIX} {name}", color_node_id=color_id,
-                value_range=window, node=existing)
+                self.scene, self.volume_node, array, f"{NODE_PREFIX} {name}", color_node_id=color_id,
+                value_range=(0.0, 1.0), node=existing)

@@ -1,18 +1,18 @@
-"""MRML <-> engine conversions for the AttentionSeg module: the one place where Slicer nodes meet numpy arrays.
+"""MRML <-> engine conversions of the AttentionSeg module: the one place where Slicer nodes meet numpy.
 
 Everything here works on the bare Slicer core (``pip install slicer-core``): no ``qt``, no ``slicer.app``, no
 ``slicer.mrmlScene`` singleton. Every function takes the nodes it works on, so the same code runs inside the
 Slicer application, in its Python console and in CI.
 
-Geometry conventions (Slicer "Coordinate systems" documentation): a volume node maps voxel indices ``(i, j, k)``
-to RAS millimetres through its IJKToRAS matrix, while the engine (ITK) stores spacing, an LPS origin and an LPS
-direction matrix. The two differ by the flip ``diag(-1, -1, 1)``, applied through the engine's single conversion
-``AttentionSegLib.ras_to_lps`` / ``lps_to_ras``. Arrays are in ``(k, j, i)`` order, as ``slicer.util``
-returns them.
+Geometry conventions (Slicer "Coordinate systems" documentation): a volume node maps voxel indices
+``(i, j, k)`` to RAS millimetres through its IJKToRAS matrix, while the engine (ITK) stores spacing, an LPS
+origin and an LPS direction matrix. The two differ by the flip ``diag(-1, -1, 1)``, applied through the
+engine's single conversion ``AttentionSegLib.ras_to_lps`` / ``lps_to_ras``. Arrays are in ``(k, j, i)``
+order, as ``slicer.util`` returns them.
 
-Segments written by the module carry a tag (:data:`LABEL_TAG`) holding the engine label value they stand for,
-so label maps can be turned into segments and back without depending on segment order or names, and the mapping
-survives a ``.seg.nrrd`` save and reload.
+Segments written by the module carry a tag (:data:`LABEL_TAG`) holding the engine label value they stand
+for, so label maps can be turned into segments and back without depending on segment order or names, and the
+mapping survives a ``.seg.nrrd`` save and reload.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ OVERLAY_COLOR_MAPS = ("Inferno", "Viridis", "ColdToHotRainbow", "Rainbow", "PET-
 
 # Segmentation nodes need the labelmap <-> surface converter rules. The Slicer application registers them when
 # its Segmentations module starts; the bare core does not, so they are registered here once when absent.
-_CONVERTER_RULES = ("vtkBinaryLabelmapToClosedSurfaceConversionRule", "vtkClosedSurfaceToBinaryLabelmapConversionRule")
+_CONVERTER_RULES = ("vtkBinaryLabelmapToClosedSurfaceConversionRule",
+                    "vtkClosedSurfaceToBinaryLabelmapConversionRule")
 
 
 def ensure_segmentation_converters() -> None:
@@ -55,9 +56,9 @@ def ensure_segmentation_converters() -> None:
             factory.RegisterConverterRule(getattr(slicer, name)())
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Volumes
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def ijk_to_ras(volume_node: Any) -> np.ndarray:
@@ -67,7 +68,10 @@ def ijk_to_ras(volume_node: Any) -> np.ndarray:
     return slicer.util.arrayFromVTKMatrix(matrix)
 
 
-def geometry_from_ijk_to_ras(matrix: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+Geometry = tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]
+
+
+def geometry_from_ijk_to_ras(matrix: np.ndarray) -> Geometry:
     """Split an IJKToRAS matrix into ITK ``(spacing, origin_lps, direction_lps)``.
 
     The columns of the 3x3 block are the voxel axes scaled by the spacing; their norms are the spacing and the
@@ -78,7 +82,8 @@ def geometry_from_ijk_to_ras(matrix: np.ndarray) -> tuple[tuple[float, ...], tup
     if np.any(spacing <= 0):
         raise ValueError(f"IJKToRAS matrix has a zero-length voxel axis: {matrix!r}")
     direction_ras = block / spacing
-    direction_lps = ras_to_lps(direction_ras.T).T + 0.0  # the flip applies to each axis vector; + 0.0 drops -0.0
+    # the flip applies to each axis vector (a column); adding 0.0 turns -0.0 into 0.0
+    direction_lps = ras_to_lps(direction_ras.T).T + 0.0
     origin_lps = ras_to_lps(np.asarray(matrix, dtype=np.float64)[:3, 3]) + 0.0
     return (tuple(float(s) for s in spacing), tuple(float(o) for o in np.ravel(origin_lps)),
             tuple(float(d) for d in np.ravel(direction_lps)))
@@ -115,13 +120,14 @@ def volume_from_node(volume_node: Any) -> Volume:
 
 
 def update_node_from_volume(volume_node: Any, volume: Volume) -> Any:
-    """Write an engine :class:`Volume` (voxels and geometry) into an existing volume node; returns the node."""
+    """Write an engine :class:`Volume` (voxels and geometry) into an existing volume node; returns it."""
     volume_node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras_from_geometry(volume)))
     slicer.util.updateVolumeFromArray(volume_node, np.ascontiguousarray(volume.array))
     return volume_node
 
 
-def add_volume_node(scene: Any, volume: Volume, name: str, *, class_name: str = "vtkMRMLScalarVolumeNode") -> Any:
+def add_volume_node(scene: Any, volume: Volume, name: str, *,
+                    class_name: str = "vtkMRMLScalarVolumeNode") -> Any:
     """A new volume node in ``scene`` holding ``volume`` (with display nodes, ready to show)."""
     node = scene.AddNewNodeByClass(class_name, name)
     update_node_from_volume(node, volume)
@@ -136,9 +142,9 @@ def same_grid(node_a: Any, node_b: Any) -> bool:
     return dims_a == dims_b and np.array_equal(ijk_to_ras(node_a), ijk_to_ras(node_b))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Points
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def world_to_node_ras(node: Any, point_ras: Sequence[float]) -> np.ndarray:
@@ -178,15 +184,16 @@ def control_point_voxel(markups_node: Any, index: int, volume_node: Any) -> tupl
     """The voxel ``(i, j, k)`` of control point ``index`` of a markups node (world position)."""
     count = markups_node.GetNumberOfControlPoints()
     if not 0 <= index < count:
-        raise IndexError(f"markups node '{markups_node.GetName()}' has {count} control points; no index {index}")
+        raise IndexError(f"markups node '{markups_node.GetName()}' has no control point {index} "
+                         f"(it has {count})")
     position = [0.0, 0.0, 0.0]
     markups_node.GetNthControlPointPositionWorld(index, position)
     return voxel_index(volume_node, position)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Segments
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _reference_image(volume_node: Any) -> Any:
@@ -198,7 +205,8 @@ def _reference_image(volume_node: Any) -> Any:
 
 
 def _image_array(image: Any) -> np.ndarray:
-    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(tuple(reversed(image.GetDimensions())))
+    shape = tuple(reversed(image.GetDimensions()))
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape)
 
 
 def _check_grid(array: np.ndarray, volume_node: Any, what: str) -> None:
@@ -253,8 +261,8 @@ def labelled_segments(segmentation_node: Any) -> dict[int, str]:
         if label is None:
             continue
         if label in result:
-            raise ValueError(f"segments '{result[label]}' and '{segment_id}' of '{segmentation_node.GetName()}' "
-                             f"both carry label {label}")
+            raise ValueError(f"segments '{result[label]}' and '{segment_id}' of "
+                             f"'{segmentation_node.GetName()}' both carry label {label}")
         result[label] = segment_id
     return result
 
@@ -281,7 +289,7 @@ def label_for_segment(segmentation_node: Any, segment_id: str) -> int:
     used = set(labelled_segments(segmentation_node))
     free = next((k for k in range(1, MAX_LABEL + 1) if k not in used), None)
     if free is None:
-        raise ValueError(f"segmentation '{segmentation_node.GetName()}' already uses every label 1..{MAX_LABEL}")
+        raise ValueError(f"segmentation '{segmentation_node.GetName()}' uses every label 1..{MAX_LABEL}")
     set_segment_label(segmentation_node, segment_id, free)
     return free
 
@@ -317,7 +325,8 @@ def read_segment(segmentation_node: Any, segment_id: str, volume_node: Any) -> n
     # nearest neighbour keeps the mask binary; the output takes the reference extent, i.e. the volume's grid
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
             stored, reference, resampled, False, True):
-        raise RuntimeError(f"could not resample segment '{segment_id}' to the grid of '{volume_node.GetName()}'")
+        raise RuntimeError(f"could not resample segment '{segment_id}' to the grid of "
+                           f"'{volume_node.GetName()}'")
     return _image_array(resampled).reshape(shape) > 0
 
 
@@ -328,8 +337,8 @@ def labels_to_segments(segmentation_node: Any, volume_node: Any, label_array: np
 
     Args:
         label_array: integer array in the volume's grid.
-        labels: the labels to write (default: every non-zero value present). A listed label absent from the array
-            empties its segment.
+        labels: the labels to write (default: every non-zero value present). A listed label absent from the
+            array empties its segment.
         names: names for segments that have to be created; others get ``name_format``.
 
     Returns:
@@ -371,8 +380,9 @@ def segments_to_label_array(segmentation_node: Any, volume_node: Any, *, fill: i
         covered |= mask
     if clash.any():
         if conflict is None:
-            raise ValueError(f"{int(clash.sum())} voxels of '{segmentation_node.GetName()}' belong to segments of "
-                             "different labels; one label map cannot hold them (save as .seg.nrrd instead)")
+            raise ValueError(f"{int(clash.sum())} voxels of '{segmentation_node.GetName()}' belong to "
+                             "segments of different labels; one label map cannot hold them "
+                             "(save as .seg.nrrd instead)")
         result[clash] = conflict
     return result
 
@@ -404,9 +414,9 @@ def scribble_segment_name(label: int) -> str:
     return "Background scribble" if label == 0 else f"Label {label} scribble"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Overlays (attention gates, uncertainty)
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def color_node_id(scene: Any, name: str) -> str:
@@ -453,9 +463,9 @@ def overlay_volume_node(scene: Any, source_node: Any, array: np.ndarray, name: s
     return node
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Files
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _require_seg_nrrd(path: str | os.PathLike[str]) -> Path:
@@ -466,7 +476,7 @@ def _require_seg_nrrd(path: str | os.PathLike[str]) -> Path:
 
 
 def save_segmentation(segmentation_node: Any, path: str | os.PathLike[str]) -> Path:
-    """Write a segmentation node to ``.seg.nrrd`` atomically (temporary file, then rename); returns the path."""
+    """Write a segmentation node to ``.seg.nrrd`` atomically; returns the path."""
     path = _require_seg_nrrd(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot save '{path}': folder '{path.parent}' does not exist")

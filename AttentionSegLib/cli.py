@@ -2,6 +2,7 @@
 
     attentionseg demo                      phantom CT -> segmentation + attention maps + PNG (bundled model)
     attentionseg segment IMAGE -o OUT      segment a file or DICOM folder (optionally only at clicked points)
+    attentionseg refine IMAGE --scribbles S -o OUT   fine-tune on scribbles and re-segment (one interactive round)
     attentionseg train --data DIR ...      train a network (supervised | scribble | semi), torchrun for DDP
     attentionseg evaluate ...              Dice / HD95 of a model or of predictions against labels
     attentionseg models [list|info|import] the named models
@@ -151,6 +152,69 @@ def cmd_segment(args: argparse.Namespace) -> int:
     counts = {model.labels.get(int(v), str(int(v))): int((labels == v).sum()) for v in np.unique(labels) if v}
     if not args.quiet:
         print(f"segmented {image_path} in {elapsed:.1f} s; voxels per label: {json.dumps(counts)}")
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- refine
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    """One interactive round from the shell: scribbles (+ an initial segmentation) -> refined segmentation."""
+    import numpy as np
+
+    from .image import read_image, write_image
+    from .interactive import InteractiveSession
+
+    image_path, scribble_path, output = Path(args.image), Path(args.scribbles), Path(args.output)
+    inputs = [image_path, scribble_path] + ([Path(args.init)] if args.init else [])
+    _check_output(output, inputs)
+    if args.save_model:
+        _check_output(Path(args.save_model), inputs)
+    volume = read_image(image_path)
+    scribbles = read_image(scribble_path)
+    if scribbles.shape != volume.shape or not scribbles.same_geometry(volume):
+        raise CLIError(f"{scribble_path}: scribbles are on another grid (shape {scribbles.shape}, spacing "
+                       f"{scribbles.spacing}) than the image {image_path} (shape {volume.shape}, spacing "
+                       f"{volume.spacing})")
+    values = scribbles.array
+    if values.min() < 0 or values.max() > 255 or not np.issubdtype(values.dtype, np.integer):
+        raise CLIError(f"{scribble_path}: scribbles must be integer labels 0..254 with 255 = not scribbled")
+    if args.model is None:
+        model: Any = {"name": "attention_unet", "spatial_dims": volume.ndim, "in_channels": 1,
+                      "out_channels": int(values[values != 255].max(initial=1)) + 1}
+    else:
+        model = args.model
+    session = InteractiveSession(volume, model, device=args.device)
+    try:
+        session.add_scribbles(values.astype(np.uint8))
+    except ValueError as exc:
+        raise CLIError(f"{scribble_path}: {exc}") from exc
+    if args.init:
+        init = read_image(args.init)
+        if init.shape != volume.shape or not init.same_geometry(volume):
+            raise CLIError(f"{args.init}: the initial segmentation is on another grid than the image {image_path}")
+        bad = sorted(int(v) for v in np.unique(init.array) if not 0 <= v < session.num_classes)
+        if bad:
+            raise CLIError(f"{args.init}: labels {bad} are not labels of the model (0..{session.num_classes - 1})")
+        session.mask = init.array.astype(np.uint8)
+    from .progress import ProgressBar
+
+    bar = ProgressBar(100, "refine", enabled=not args.quiet)
+
+    def report(fraction: float, message: str) -> None:
+        bar.update(int(round(fraction * 100)) - bar.n)
+        bar.set_postfix(status=message)
+
+    mask = session.refine(time_budget_s=args.time_budget, progress=report)
+    bar.close()
+    written = [write_image(volume.with_array(mask), output)]
+    if args.save_model:
+        written.append(session.save_model(args.save_model))
+    if not args.quiet:
+        r = session.last_report
+        print(f"refined in {r.seconds:.1f} s ({r.steps} steps, scribble loss {r.best_loss:.3f})")
         for path in written:
             print(f"wrote {path}")
     return 0
@@ -320,6 +384,22 @@ def build_parser() -> argparse.ArgumentParser:
     _device_arg(seg)
     _quiet_arg(seg)
     seg.set_defaults(func=cmd_segment)
+
+    rf = sub.add_parser("refine", help="one interactive round: fine-tune on scribbles, write the refined labels",
+                        description="Fine-tune the model on SCRIBBLES (uint8 in the image grid: 255 none, 0 "
+                                    "background, k = label k) for --time-budget seconds, re-infer around them and "
+                                    "write the segmentation. Chain rounds with --init and --save-model/--model.")
+    rf.add_argument("image", help="image file or DICOM series folder")
+    rf.add_argument("--scribbles", required=True, help="scribble map on the image grid")
+    rf.add_argument("-o", "--output", required=True, help="refined label image to write")
+    rf.add_argument("--init", help="the current segmentation to refine (labels on the image grid)")
+    rf.add_argument("--model", default=None,
+                    help="model name or checkpoint (default: an untrained attention_unet learnt from the scribbles)")
+    rf.add_argument("--time-budget", type=float, default=10.0, help="seconds of fine-tuning (default: %(default)s)")
+    rf.add_argument("--save-model", help="also save the adapted network here (use it as --model next round)")
+    _device_arg(rf)
+    _quiet_arg(rf)
+    rf.set_defaults(func=cmd_refine)
 
     tr = sub.add_parser("train", help="train a network on a dataset folder (torchrun for multi-GPU)",
                         description="Train on an MSD-style folder (imagesTr/, labelsTr/, scribblesTr/, dataset.json)."

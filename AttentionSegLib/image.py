@@ -66,11 +66,11 @@ class Volume:
     """A voxel array together with its physical geometry.
 
     Args:
-        array: ``(k, j, i)`` / ``(j, i)`` voxels, or ``(C, k, j, i)`` / ``(C, j, i)`` for a multi-channel map
-            (then ``spacing`` must be given so the number of spatial axes is known).
+        array: ``(k, j, i)`` / ``(j, i)`` voxels, or ``(C, k, j, i)`` / ``(C, j, i)`` with ``has_channels``.
         spacing: voxel size in mm, ITK order ``(i, j, k)``; empty means 1 mm on every axis.
         origin: LPS position (mm) of the centre of voxel ``(0, 0, 0)``; empty means the zero vector.
         direction: row-major flattened direction cosine matrix; empty means the identity.
+        has_channels: the array's first axis holds channels (e.g. class probabilities), not space.
 
     Example:
         >>> vol = Volume(np.zeros((4, 5, 6), np.int16), spacing=(0.5, 0.5, 2.0))
@@ -82,16 +82,16 @@ class Volume:
     spacing: tuple[float, ...] = ()
     origin: tuple[float, ...] = ()
     direction: tuple[float, ...] = ()
+    has_channels: bool = False
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
-        ndim = len(self.spacing) if len(self.spacing) else self.array.ndim
+        self.has_channels = bool(self.has_channels)
+        ndim = self.array.ndim - int(self.has_channels)
         if ndim not in (2, 3):
-            raise ValueError(f"Volume: only 2D and 3D images are supported, got {ndim} spatial dimensions")
-        if self.array.ndim not in (ndim, ndim + 1):
             raise ValueError(
-                f"Volume: array of shape {self.array.shape} does not fit {ndim} spatial dimensions "
-                f"(expected {ndim} axes, or {ndim + 1} with a leading channel axis)"
+                f"Volume: only 2D and 3D images are supported, got an array of shape {self.array.shape}"
+                f"{' with a channel axis' if self.has_channels else ''}"
             )
         self.spacing = _float_tuple(self.spacing if len(self.spacing) else (1.0,) * ndim, ndim, "spacing")
         self.origin = _float_tuple(self.origin if len(self.origin) else (0.0,) * ndim, ndim, "origin")
@@ -107,7 +107,8 @@ class Volume:
     def __repr__(self) -> str:
         return (
             f"Volume(shape={self.array.shape}, dtype={self.array.dtype}, spacing={self.spacing}, "
-            f"origin={self.origin}, direction={self.direction})"
+            f"origin={self.origin}, direction={self.direction}"
+            f"{', has_channels=True' if self.has_channels else ''})"
         )
 
     # -- shape ---------------------------------------------------------------------------------------------
@@ -127,18 +128,16 @@ class Volume:
         return self.shape[::-1]
 
     @property
-    def has_channels(self) -> bool:
-        """True when the array carries a leading channel axis."""
-        return self.array.ndim == self.ndim + 1
-
-    @property
     def direction_matrix(self) -> np.ndarray:
         """The direction cosines as a ``(D, D)`` matrix; column ``a`` is the direction of index axis ``a``."""
         return np.asarray(self.direction, dtype=np.float64).reshape(self.ndim, self.ndim)
 
     # -- derived volumes -----------------------------------------------------------------------------------
     def with_array(self, array: np.ndarray) -> Volume:
-        """A volume with this geometry and another array of the same spatial shape (channels may differ)."""
+        """A volume with this geometry and another array of the same spatial shape.
+
+        An array with one more axis than the geometry has spatial axes gets a leading channel axis.
+        """
         array = np.asarray(array)
         spatial = tuple(array.shape[-self.ndim :]) if array.ndim >= self.ndim else array.shape
         if spatial != self.shape or array.ndim not in (self.ndim, self.ndim + 1):
@@ -146,15 +145,15 @@ class Volume:
                 f"Volume.with_array: array of shape {array.shape} does not match the volume's spatial shape "
                 f"{self.shape}"
             )
-        return Volume(array, self.spacing, self.origin, self.direction)
+        return Volume(array, self.spacing, self.origin, self.direction, has_channels=array.ndim > self.ndim)
 
     def same_geometry(self, other: Volume, *, atol: float = 1e-4) -> bool:
         """Whether ``other`` has the same spatial shape, spacing, origin and direction.
 
         Args:
             other: the volume to compare with.
-            atol: absolute tolerance for spacing and origin (mm) and direction cosines; the default absorbs the
-                float32 rounding of NIfTI headers.
+            atol: absolute tolerance for spacing and origin (mm) and direction cosines; the default absorbs
+                the float32 rounding of NIfTI headers.
         """
         return (
             self.shape == other.shape
@@ -168,7 +167,7 @@ class Volume:
         return self.direction_matrix @ np.diag(self.spacing)
 
     def ijk_to_lps(self, points_ijk: Any) -> np.ndarray:
-        """Continuous voxel indices ``(i, j, k)`` -> LPS mm, as ITK's ``TransformContinuousIndexToPhysicalPoint``.
+        """Continuous voxel indices ``(i, j, k)`` -> LPS mm, like ITK's continuous-index transform.
 
         Args:
             points_ijk: one point ``(D,)`` or several ``(N, D)``.
@@ -177,7 +176,7 @@ class Volume:
         return np.asarray(self.origin) + points @ self._index_to_physical_matrix().T
 
     def lps_to_ijk(self, points_lps: Any) -> np.ndarray:
-        """LPS mm -> continuous voxel indices ``(i, j, k)`` (not rounded; ``np.rint`` gives the nearest voxel)."""
+        """LPS mm -> continuous voxel indices ``(i, j, k)``, not rounded (``np.rint``: nearest voxel)."""
         points = _points(points_lps, self.ndim, "points_lps")
         inverse = np.linalg.inv(self._index_to_physical_matrix())
         return (points - np.asarray(self.origin)) @ inverse.T
@@ -225,7 +224,9 @@ def ras_to_lps(points: Any) -> np.ndarray:
     """
     array = np.array(points, dtype=np.float64)  # a copy: the caller's points stay untouched
     if array.ndim == 0 or array.shape[-1] not in (2, 3):
-        raise ValueError(f"ras_to_lps/lps_to_ras: points must end in 2 or 3 coordinates, got shape {array.shape}")
+        raise ValueError(
+            f"ras_to_lps/lps_to_ras: points must end in 2 or 3 coordinates, got shape {array.shape}"
+        )
     array[..., :2] *= -1.0
     return array
 
@@ -261,9 +262,10 @@ def from_sitk(image: sitk.Image) -> Volume:
     if image.GetDimension() not in (2, 3):
         raise ValueError(f"from_sitk: only 2D and 3D images are supported, got {image.GetDimension()}D")
     array = sitk.GetArrayFromImage(image)
-    if image.GetNumberOfComponentsPerPixel() > 1:
+    vector = image.GetNumberOfComponentsPerPixel() > 1
+    if vector:
         array = np.ascontiguousarray(np.moveaxis(array, -1, 0))
-    return Volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    return Volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), has_channels=vector)
 
 
 # -- reading -------------------------------------------------------------------------------------------------
@@ -310,7 +312,8 @@ def read_image(path: PathLike, dtype: Any = None) -> Volume:
             raise ImageReadError(f"cannot read image '{path}': {_itk_reason(error)}") from error
     if image.GetDimension() not in (2, 3):
         raise ImageReadError(
-            f"cannot read image '{path}': it has {image.GetDimension()} dimensions; only 2D and 3D are supported"
+            f"cannot read image '{path}': it has {image.GetDimension()} dimensions; "
+            "only 2D and 3D are supported"
         )
     volume = from_sitk(image)
     if dtype is not None:
@@ -417,7 +420,9 @@ def _reference_tags(reference: PathLike) -> dict[str, str]:
         series_reader = sitk.ImageSeriesReader()
         series_ids = series_reader.GetGDCMSeriesIDs(str(reference))
         if not series_ids:
-            raise ImageReadError(f"cannot read DICOM reference '{reference}': the folder holds no DICOM series")
+            raise ImageReadError(
+                f"cannot read DICOM reference '{reference}': the folder holds no DICOM series"
+            )
         reference = Path(series_reader.GetGDCMSeriesFileNames(str(reference), series_ids[0])[0])
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(reference))
@@ -475,7 +480,9 @@ def write_dicom_series(
     """
     folder = Path(folder)
     if volume.ndim != 3 or volume.has_channels:
-        raise ImageWriteError(f"cannot write DICOM series '{folder}': needs a scalar 3D volume, got {volume!r}")
+        raise ImageWriteError(
+            f"cannot write DICOM series '{folder}': needs a scalar 3D volume, got {volume!r}"
+        )
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ImageWriteError(f"cannot write DICOM series '{folder}': it exists and is not an empty folder")
     volume = _right_handed(volume)

@@ -41,7 +41,8 @@ class RefineSettings:
     """Knobs of ``refine``; defaults suit 2 CPU cores and a 10 s budget.
 
     Attributes:
-        learning_rate: Adam step size for fine-tuning.
+        learning_rate: Adam step size for fine-tuning; ``None`` picks 1e-2 for an untrained network (it has
+            everything to learn) and 3e-4 for a trained one (adapt it, do not overwrite it).
         crf_weight: weight of the masked CRF term (AttenScribble uses 1.0 on ACDC with sigma_rgb 0.1).
         attention_weight: weight of the attentive similarity term (used when the network has self-attention).
         margin: voxels added around the interactions' bounding box (model grid).
@@ -51,9 +52,10 @@ class RefineSettings:
         crf_radius: window radius of the CRF (voxels).
         click_radius: radius (voxels) of the scribble disk a click leaves.
         click_budget_s: fine-tuning budget a click may spend when the network does not find the structure.
+        window_fraction: each step trains on a random window of this fraction of the ROI (with random flips).
     """
 
-    learning_rate: float = 1e-3
+    learning_rate: float | None = None
     crf_weight: float = 0.5
     attention_weight: float = 0.1
     margin: int = 12
@@ -63,6 +65,7 @@ class RefineSettings:
     crf_radius: int = 3
     click_radius: int = 2
     click_budget_s: float = 3.0
+    window_fraction: float = 0.75
 
 
 @dataclass
@@ -440,10 +443,14 @@ class InteractiveSession:
             valid = F.pad(valid, flat, value=0.0)
         x, target, valid = x.to(self.device), target.to(self.device), valid.to(self.device)
         unscribbled = (target == IGNORE_INDEX).float()[:, None] * valid
-        crf_image = x[:, :1]
 
-        optimiser = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
+        learning_rate = settings.learning_rate
+        if learning_rate is None:
+            learning_rate = 1e-2 if self.model.path is None and "untrained" in str(
+                self.model.provenance.get("source", "")) else 3e-4
+        optimiser = torch.optim.Adam(network.parameters(), lr=learning_rate)
         best_state = None
+        smoothed = math.inf
         started = time.perf_counter()
         network.train()
         try:
@@ -458,13 +465,23 @@ class InteractiveSession:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("refine cancelled")
                 optimiser.zero_grad(set_to_none=True)
-                logits = network(x)
+                window = self._random_window(x.shape[2:], divisor)
+                flips = [d + 2 for d in range(x.dim() - 2)[-2:] if torch.rand(1, generator=self.generator) < 0.5]
+
+                def view(t: torch.Tensor) -> torch.Tensor:
+                    t = t[(slice(None), slice(None), *window)] if t.dim() == x.dim() else t[(slice(None), *window)]
+                    dims = flips if t.dim() == x.dim() else [d - 1 for d in flips]
+                    return t.flip(dims) if dims else t
+
+                xs, ts, vs, us = view(x), view(target), view(valid), view(unscribbled)
+                if not (ts != IGNORE_INDEX).any():  # a window without scribbles teaches nothing
+                    xs, ts, vs, us = x, target, valid, unscribbled
+                logits = network(xs)
                 probs = torch.softmax(logits.float(), dim=1)
-                loss_ce = partial_cross_entropy(logits, target)
+                loss_ce = partial_cross_entropy(logits, ts)
                 loss = loss_ce
                 if settings.crf_weight > 0:
-                    loss = loss + settings.crf_weight * masked_crf_loss(probs, crf_image, mask=valid,
-                                                                        receive_mask=unscribbled,
+                    loss = loss + settings.crf_weight * masked_crf_loss(probs, xs[:, :1], mask=vs, receive_mask=us,
                                                                         radius=settings.crf_radius)
                 attention_module = getattr(network, "self_attention", None)
                 affinity = getattr(attention_module, "last_affinity", None)
@@ -473,8 +490,10 @@ class InteractiveSession:
                         probs, affinity, attention_module.last_shape)
                 value = float(loss_ce.detach())
                 report.losses.append(float(loss.detach()))
-                if value < report.best_loss:
-                    report.best_loss = value
+                # Windows differ from step to step: judge the weights by a running mean of the scribble loss.
+                smoothed = value if report.steps == 0 else 0.8 * smoothed + 0.2 * value
+                if smoothed < report.best_loss:
+                    report.best_loss = smoothed
                     best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
                 loss.backward()
                 optimiser.step()
@@ -490,6 +509,20 @@ class InteractiveSession:
         self._adapt_steps += report.steps
         self._weights_version += 1
         return report
+
+    def _random_window(self, shape: Sequence[int], divisor: int) -> tuple[slice, ...]:
+        """A random crop of about ``window_fraction`` of the ROI per axis (a multiple of ``divisor``).
+
+        Random windows and flips keep a network fine-tuned from a handful of scribbles from learning where the
+        scribbles are (via the zero padding at the borders) instead of what they look like.
+        """
+        window = []
+        for size in shape:
+            want = int(size * self.settings.window_fraction) // divisor * divisor
+            want = min(max(want, divisor), size)
+            start = int(torch.randint(0, size - want + 1, (1,), generator=self.generator))
+            window.append(slice(start, start + want))
+        return tuple(window)
 
     def refine(self, time_budget_s: float = 10.0, progress: RefineProgress | None = None,
                cancel: CancelToken | None = None) -> np.ndarray:

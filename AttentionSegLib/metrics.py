@@ -79,7 +79,9 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 def _check_spacing(spacing: Sequence[float], ndim: int, name: str) -> tuple[float, ...]:
     values = tuple(float(s) for s in spacing)
     if len(values) != ndim or min(values) <= 0:
-        raise ValueError(f"{name}: spacing must be {ndim} positive values in (i, j, k) order, got {tuple(spacing)}")
+        raise ValueError(
+            f"{name}: spacing must be {ndim} positive values in (i, j, k) order, got {tuple(spacing)}"
+        )
     return values
 
 
@@ -142,7 +144,9 @@ def hausdorff_distance(
     return float(max(np.percentile(to_ref, percentile), np.percentile(to_pred, percentile)))
 
 
-def hausdorff95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], label: int | None = None) -> float:
+def hausdorff95(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], label: int | None = None
+) -> float:
     """95th-percentile symmetric Hausdorff distance (mm); see :func:`hausdorff_distance`."""
     return hausdorff_distance(pred, ref, spacing, percentile=95.0, label=label)
 
@@ -189,7 +193,9 @@ def evaluate_labels(
     """
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
-        raise ValueError(f"evaluate_labels: pred and ref must have the same shape, got {pred.shape} and {ref.shape}")
+        raise ValueError(
+            f"evaluate_labels: pred and ref must have the same shape, got {pred.shape} and {ref.shape}"
+        )
     # JSON label dicts (dataset.json) have string keys: normalise to ints.
     names = {int(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else None
     results: dict[int, dict[str, float | int | str]] = {}

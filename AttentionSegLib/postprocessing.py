@@ -1,7 +1,7 @@
 """Connected-component clean-up of predicted masks, driven by user clicks or by size.
 
-Masks are arrays in array order ``(k, j, i)`` / ``(j, i)``; every nonzero voxel is foreground. Points are voxel
-indices ``(i, j, k)`` (rounded to the nearest voxel). Results keep the input's dtype and values: removed
+Masks are arrays in array order ``(k, j, i)`` / ``(j, i)``; every nonzero voxel is foreground. Points are
+voxel indices ``(i, j, k)`` (rounded to the nearest voxel). Results keep the input's dtype and values: removed
 voxels become 0, kept voxels keep their label. Components are face-connected by default (6-neighbourhood in
 3D, 4 in 2D); ``fully_connected=True`` also joins voxels touching at edges and corners (26 / 8).
 """
@@ -44,7 +44,9 @@ def _component_at(
     """The component under a point, else the one with the voxel nearest to it within ``search_radius``."""
     point = np.asarray(point_ijk, dtype=np.float64)
     if point.shape != (components.ndim,):
-        raise ValueError(f"{name}: each point must have {components.ndim} coordinates (i, j, k), got {point_ijk!r}")
+        raise ValueError(
+            f"{name}: each point must have {components.ndim} coordinates (i, j, k), got {point_ijk!r}"
+        )
     index = np.rint(point[::-1]).astype(int)  # (i, j, k) -> array order
     if np.any(index < 0) or np.any(index >= components.shape):
         raise ValueError(f"{name}: point {tuple(point_ijk)} lies outside the mask of size "
@@ -71,7 +73,8 @@ def _components_at_points(
     name: str,
 ) -> tuple[np.ndarray, set[int]]:
     components, _ = connected_components(mask, fully_connected=fully_connected)
-    points = np.asarray(points_ijk if isinstance(points_ijk, np.ndarray) else list(points_ijk), dtype=np.float64)
+    listed = points_ijk if isinstance(points_ijk, np.ndarray) else list(points_ijk)
+    points = np.asarray(listed, dtype=np.float64)
     if points.size == 0:
         points = np.zeros((0, components.ndim))
     elif points.ndim == 1:
@@ -136,7 +139,9 @@ def largest_component(mask: np.ndarray, *, fully_connected: bool = False) -> np.
     return np.where(components == int(np.argmax(sizes)), mask, np.zeros((), dtype=mask.dtype))
 
 
-def remove_small_components(mask: np.ndarray, min_voxels: int, *, fully_connected: bool = False) -> np.ndarray:
+def remove_small_components(
+    mask: np.ndarray, min_voxels: int, *, fully_connected: bool = False
+) -> np.ndarray:
     """Remove components with fewer than ``min_voxels`` voxels (isolated false-positive specks)."""
     mask = _as_mask(mask)
     components, count = connected_components(mask, fully_connected=fully_connected)
@@ -146,7 +151,9 @@ def remove_small_components(mask: np.ndarray, min_voxels: int, *, fully_connecte
     return np.where(small[components], np.zeros((), dtype=mask.dtype), mask)
 
 
-def fill_holes(mask: np.ndarray, *, slice_axis: int | None = None, fully_connected: bool = False) -> np.ndarray:
+def fill_holes(
+    mask: np.ndarray, *, slice_axis: int | None = None, fully_connected: bool = False
+) -> np.ndarray:
     """Fill background cavities enclosed by the foreground.
 
     Filled voxels take the mask's largest value (1 or ``True`` for a binary mask). In 3D only cavities closed

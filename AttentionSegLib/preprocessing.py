@@ -7,8 +7,8 @@ The model-side configuration is the ``preprocessing`` dict of a checkpoint (``do
      "patch_size": [d, h, w]}           # used by inference, not here
 
 :class:`Preprocessor` maps an image into the model grid and every model output (probabilities, labels,
-attention maps) back onto exactly the image's size, spacing, origin and direction. Normalisation happens before
-resampling, as in nnU-Net's preprocessing (Isensee et al., Nature Methods 2021).
+attention maps) back onto exactly the image's size, spacing, origin and direction. Normalisation happens
+before resampling, as in nnU-Net's preprocessing (Isensee et al., Nature Methods 2021).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def resample_to_spacing(
     centre = np.asarray(volume.origin) + direction @ ((old_size - 1) * old_spacing / 2)
     origin = centre - direction @ ((new_size - 1) * np.asarray(spacing) / 2)
     array = _resample(volume, new_size, spacing, origin, volume.direction, interpolator, default_value)
-    return Volume(array, spacing, tuple(origin), volume.direction)
+    return Volume(array, spacing, tuple(origin), volume.direction, has_channels=volume.has_channels)
 
 
 def resample_like(
@@ -170,7 +170,9 @@ def resample_like(
         default_value: value of samples outside ``volume``; ``None`` means its minimum for linear.
     """
     if volume.ndim != reference.ndim:
-        raise ValueError(f"resample_like: a {volume.ndim}D volume cannot be resampled onto a {reference.ndim}D grid")
+        raise ValueError(
+            f"resample_like: a {volume.ndim}D volume cannot be resampled onto a {reference.ndim}D grid"
+        )
     if volume.same_geometry(reference, atol=1e-6):
         array = volume.array.copy()
         if interpolator == "linear" and array.dtype != np.float32:
@@ -178,7 +180,8 @@ def resample_like(
     else:
         array = _resample(volume, reference.size, reference.spacing, reference.origin, reference.direction,
                           interpolator, default_value)
-    return Volume(array, reference.spacing, reference.origin, reference.direction)
+    return Volume(array, reference.spacing, reference.origin, reference.direction,
+                  has_channels=volume.has_channels)
 
 
 def _geometry_only(volume: Volume) -> Volume:
@@ -209,7 +212,8 @@ class Preprocessor:
             ``spacing`` to ``None`` (keep the image's own spacing).
 
     Example:
-        >>> pre = Preprocessor({"normalization": {"kind": "ct_window", "window": [-200, 300]}, "spacing": None})
+        >>> pre = Preprocessor({"normalization": {"kind": "ct_window", "window": [-200, 300]},
+        ...                     "spacing": None})
         >>> x, context = pre.forward(volume)            # x: float32 (k, j, i) in [0, 1]
         >>> labels = pre.inverse(model_labels, context, interpolator="nearest")   # a Volume like `volume`
     """
@@ -236,7 +240,8 @@ class Preprocessor:
             raise ValueError(f"Preprocessor.forward: expected a scalar image, got {volume!r}")
         if self.spacing is not None and len(self.spacing) != volume.ndim:
             raise ValueError(
-                f"Preprocessor.forward: preprocessing.spacing {self.spacing} does not fit a {volume.ndim}D image"
+                f"Preprocessor.forward: preprocessing.spacing {self.spacing} does not fit a "
+                f"{volume.ndim}D image"
             )
         normalized = volume.with_array(normalize_intensity(volume.array, self.normalization))
         needs_resampling = self.spacing is not None and not np.allclose(
@@ -258,7 +263,8 @@ class Preprocessor:
         Args:
             array: ``(k, j, i)`` or ``(C, k, j, i)`` in the model grid (or a Volume holding it).
             context: from :meth:`forward` on the same image.
-            interpolator: ``"linear"`` for probabilities and attention maps (float32), ``"nearest"`` for labels.
+            interpolator: ``"linear"`` for probabilities and attention maps (float32), ``"nearest"`` for
+                labels.
 
         Returns:
             A volume with exactly the original size, spacing, origin and direction (samples outside the model
@@ -276,26 +282,26 @@ class Preprocessor:
         context: PreprocessingContext,
         interpolator: str = "linear",
     ) -> np.ndarray:
-        """An image-grid map (click maps, scribbles, masks) on the model grid, without intensity normalisation.
+        """An image-grid map (click maps, scribbles, masks) on the model grid, not intensity-normalised.
 
         Use ``"nearest"`` for label maps (scribbles) and ``"linear"`` for continuous maps.
         """
         if volume.shape != context.original.shape:
-            raise ValueError(f"Preprocessor.resample_channel: map of shape {volume.shape} is not on the image grid "
-                             f"{context.original.shape}")
+            raise ValueError(f"Preprocessor.resample_channel: map of shape {volume.shape} is not on the "
+                             f"image grid {context.original.shape}")
         if not context.resampled:
             return np.asarray(volume.array)
         return resample_like(volume, context.model, interpolator=interpolator, default_value=0.0).array
 
     def point_to_model_index(self, context: PreprocessingContext, point_ijk: Sequence[float]) -> np.ndarray:
-        """A voxel index ``(i, j, k)`` of the image as a continuous array index (k, j, i) of the model grid."""
+        """An image voxel index ``(i, j, k)`` as a continuous array index ``(k, j, i)`` of the model grid."""
         point = np.asarray(point_ijk, dtype=float)
         if context.resampled:
             point = np.asarray(context.model.lps_to_ijk(context.original.ijk_to_lps(point)), dtype=float)
         return point[::-1].copy()
 
     def model_index_to_point(self, context: PreprocessingContext, index: Sequence[float]) -> np.ndarray:
-        """The inverse of :meth:`point_to_model_index`: model-grid array index (k, j, i) -> image ``(i, j, k)``."""
+        """Inverse of :meth:`point_to_model_index`: model array index ``(k, j, i)`` -> image ``(i, j, k)``."""
         point = np.asarray(index, dtype=float)[::-1]
         if context.resampled:
             point = np.asarray(context.original.lps_to_ijk(context.model.ijk_to_lps(point)), dtype=float)

@@ -40,9 +40,11 @@ def _scribbles(truth):
     s = np.full(truth.shape, 255, np.uint8)
     s[1, 24, 16:29] = 1
     s[1, 44:52, 48] = 2
-    s[1, 4, 4:60] = 0
-    s[1, 4:60, 4] = 0
-    s[1, 60, 4:60] = 0
+    s[1, 0, :] = 0  # a ring of background strokes along the border
+    s[1, 63, :] = 0
+    s[1, :, 0] = 0
+    s[1, :, 63] = 0
+    s[1, 48, 30:36] = 0  # and one between the structures
     return s
 
 
@@ -54,12 +56,13 @@ def _session(**kw):
 
 
 def test_refine_learns_the_structures_from_scribbles_on_an_untrained_network():
-    session, truth = _session(learning_rate=3e-3, max_steps=80)
+    # A step budget (not a time budget) keeps the test deterministic on a loaded machine.
+    session, truth = _session(max_steps=200)
     session.add_scribbles(_scribbles(truth))
-    mask = session.refine(time_budget_s=60)
-    assert dice(mask[1] == 1, truth[1] == 1) > 0.8
+    mask = session.refine(time_budget_s=3600)
+    assert dice(mask[1] == 1, truth[1] == 1) > 0.85
     assert dice(mask[1] == 2, truth[1] == 2) > 0.7
-    assert session.last_report.steps == 80 and session.last_report.stopped_by == "max_steps"
+    assert session.last_report.steps == 200 and session.last_report.stopped_by == "max_steps"
 
 
 def test_scribbles_are_never_lost_and_always_honoured():
@@ -136,9 +139,9 @@ def test_progress_is_reported_as_a_fraction():
 
 
 def test_clicks_leave_scribbles_and_negative_clicks_remove_components():
-    session, truth = _session(max_steps=60, learning_rate=3e-3, click_budget_s=60)
+    session, truth = _session(max_steps=200, click_budget_s=3600)
     session.add_scribbles(_scribbles(truth))
-    session.refine(time_budget_s=60)
+    session.refine(time_budget_s=3600)
     mask = session.click((22, 24, 1), label=1, positive=True)
     assert mask[1, 24, 22] == 1
     assert session.scribbles[1, 24, 22] == 1

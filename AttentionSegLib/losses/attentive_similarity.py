@@ -118,8 +118,7 @@ def attentive_similarity_loss(
             pair_weight = window * off_diagonal
             pair_count = float(((window > 0).float() * off_diagonal).sum())
         weights = weights * pair_weight
-        # Σ_ij W_ij (1 - y_i·y_j) = Σ_ij W_ij - Σ_i y_i · (W y)_i, without forming the (B, N, N) agreement
-        # matrix.
+        # Σ_ij W_ij (1 - y_i·y_j) = Σ_ij W_ij - Σ_i y_i·(W y)_i: no (B, N, N) agreement matrix needed.
         agreement = (torch.bmm(weights, y) * y).sum()
         energy = weights.sum() - agreement
         return energy / (pair_count * probs.shape[0])

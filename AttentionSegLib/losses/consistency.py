@@ -45,12 +45,14 @@ class ImagePerturbation:
         mask: ``(B, 1, *spatial)`` bool, ``True`` where the content now comes from the source image.
         source_index: ``(B,)`` int64: item ``b`` received its box from source item ``source_index[b]``.
         boxes: per item, ``(start, stop)`` voxel bounds of the box along each spatial axis.
+        source_is_batch: the boxes came from other items of the perturbed batch itself (no ``source_images``).
     """
 
     images: torch.Tensor
     mask: torch.Tensor
     source_index: torch.Tensor
     boxes: tuple[tuple[tuple[int, int], ...], ...]
+    source_is_batch: bool
 
     def mix(self, target: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """Applies the same cut-and-paste to a per-voxel tensor aligned with the images.
@@ -60,8 +62,11 @@ class ImagePerturbation:
 
         Args:
             target: ``(B, *spatial)`` or ``(B, K, *spatial)`` values of the perturbed batch.
-            source: the same quantity for the source images; ``None`` when the source was the batch itself
-                (``source_images`` not given), in which case it is ``target`` re-indexed by ``source_index``.
+            source: the same quantity for the source images. Leave it ``None`` when the source was the batch
+                itself (``source_images`` not given): it is then ``target`` re-indexed by ``source_index``.
+
+        Raises:
+            ValueError: on shape mismatches, or ``source`` missing although ``source_images`` were used.
         """
         spatial = tuple(self.mask.shape[2:])
         if target.shape[0] != self.mask.shape[0] or tuple(target.shape[-len(spatial) :]) != spatial:
@@ -70,6 +75,8 @@ class ImagePerturbation:
                 f"got {tuple(target.shape)}"
             )
         if source is None:
+            if not self.source_is_batch:
+                raise ValueError("the boxes came from source_images: pass the same quantity for them as source")
             source = target[self.source_index.to(target.device)]
         elif source.shape != target.shape:
             raise ValueError(
@@ -186,7 +193,13 @@ def attention_guided_image_perturbation(
         mask[(b, 0, *(slice(lo, hi) for lo, hi in bounds))] = True
     mask = mask.to(images.device)
     perturbed = torch.where(mask, sources, images)
-    return ImagePerturbation(images=perturbed, mask=mask, source_index=source_index, boxes=tuple(boxes))
+    return ImagePerturbation(
+        images=perturbed,
+        mask=mask,
+        source_index=source_index,
+        boxes=tuple(boxes),
+        source_is_batch=source_images is None,
+    )
 
 
 def feature_perturbation(

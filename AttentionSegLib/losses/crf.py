@@ -200,8 +200,7 @@ def masked_crf_loss(
 
         offsets = _window_offsets(int(radius), tuple(y.shape[2:]), step, float(sigma_xy))
         features = (intensities / float(sigma_rgb)).detach().contiguous()
-        # One pass filters the gate (the pairwise normaliser Σ_j K_ij s_j) and the gated probabilities
-        # together.
+        # One pass filters the gate (giving Σ_j K_ij s_j) and the gated probabilities together.
         filtered = _WindowFilter.apply(torch.cat([gate, gate * y], dim=1), features, offsets)
         agreement = (y * filtered[:, 1:]).sum(dim=1, keepdim=True)
         energy = (receivers * (filtered[:, :1] - agreement)).sum()

@@ -175,15 +175,14 @@ class DiceCELoss(nn.Module):
             return per_voxel[valid].mean()
         num_classes = logits.shape[1]
         check_label_range(labels, num_classes, self.ignore_index, name="target")
-        weight = self.class_weights
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise ValueError(f"class_weights must have shape ({num_classes},), got {tuple(weight.shape)}")
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         per_voxel = F.cross_entropy(logits32, safe, weight=weight, reduction="none")
         if weight is None:
             return per_voxel[valid].mean()
-        # Weighted mean as in torch.nn.CrossEntropyLoss: normalise by the summed weights of the counted
-        # voxels.
+        # Weighted mean as in torch.nn.CrossEntropyLoss: divide by the summed weights of the counted voxels.
         return per_voxel[valid].sum() / weight[safe[valid]].sum().clamp_min(1e-12)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

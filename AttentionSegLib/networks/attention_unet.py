@@ -1,9 +1,12 @@
-"""Attention U-Net (Oktay et al. 2018, "Attention U-Net: Learning Where to Look for the Pancreas", arXiv 1804.03999)."""
+"""Attention U-Net (Oktay et al. 2018, "Attention U-Net: Learning Where to Look for the Pancreas").
+
+arXiv 1804.03999; the gate itself is :class:`~.attention_gate.AttentionGate`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,12 +28,13 @@ SkipAttentionFactory = Callable[[int, int, int], nn.Module]
 class GatedUNet(SegmentationNetwork):
     """U-Net whose skip connections pass an attention module gated by the next coarser decoder level.
 
-    The shared skeleton of :class:`AttentionUNet` and the joint-attention network: encoder (two conv–norm–ReLU
-    per level, max pooling) and, per skip level ``l`` (finest = 0), a module
-    ``make_skip_attention(l, filters[l], filters[l + 1])`` that returns ``(attended skip, alpha)``, gated by
-    the decoder output one level coarser (the bottleneck for the deepest skip) after a 1×1 conv–norm–ReLU
-    gating block (Oktay et al., Fig. 2); ``alpha`` is reported as attention map ``gate{l + 1}``. Deep supervision
-    heads ``ds1`` .. ``ds{L-2}`` sit on the decoder outputs of levels 1 .. L-2.
+    The shared skeleton of :class:`AttentionUNet` and the joint-attention network: encoder (two
+    conv–norm–ReLU per level, max pooling) and, per skip level ``l`` (finest = 0), a module
+    ``make_skip_attention(l, filters[l], filters[l + 1])`` that returns ``(attended skip, alpha)``, gated
+    by the decoder output one level coarser (the bottleneck for the deepest skip) after a 1×1
+    conv–norm–ReLU gating block (Oktay et al., Fig. 2); ``alpha`` is reported as attention map
+    ``gate{l + 1}``. Deep supervision heads ``ds1`` .. ``ds{L-2}`` sit on the decoder outputs of levels
+    1 .. L-2.
     """
 
     def __init__(
@@ -57,13 +61,9 @@ class GatedUNet(SegmentationNetwork):
             required_divisor=2 ** (levels - 1),
         )
         self.encoder = UNetEncoder(spatial_dims, in_channels, filters, norm=norm, dropout=dropout)
-        self.attach_self_attention(
-            self_attention_level,
-            filters[self_attention_level] if self_attention_level is not None else 0,
-            self_attention_max_tokens,
-        )
-        # Every gate's gating signal passes a 1×1 conv–norm–ReLU first, as Oktay et al.'s gating block does
-        # for the bottleneck; it decouples the gating features from the decoder features they come from.
+        self.attach_self_attention(self_attention_level, filters, self_attention_max_tokens)
+        # Every gate's gating signal passes a 1×1 conv–norm–ReLU first, as Oktay et al.'s gating block
+        # does for the bottleneck; it decouples the gating features from the decoder features they come from.
         self.gating = nn.ModuleList(
             ConvNormAct(spatial_dims, filters[level + 1], filters[level + 1], kernel_size=1, norm=norm)
             for level in range(levels - 1)
@@ -72,14 +72,15 @@ class GatedUNet(SegmentationNetwork):
             make_skip_attention(level, filters[level], filters[level + 1]) for level in range(levels - 1)
         )
         self.decoder = nn.ModuleList(
-            UpBlock(spatial_dims, filters[level + 1], filters[level], filters[level], norm=norm, dropout=dropout)
+            UpBlock(
+                spatial_dims, filters[level + 1], filters[level], filters[level], norm=norm, dropout=dropout
+            )
             for level in range(levels - 1)
         )
         self.head = conv_layer(spatial_dims, filters[0], out_channels, kernel_size=1)
+        ds_channels = {level: filters[level] for level in range(1, levels - 1)}
         self.deep_supervision: DeepSupervisionHeads | None = (
-            DeepSupervisionHeads(spatial_dims, {level: filters[level] for level in range(1, levels - 1)}, out_channels)
-            if deep_supervision
-            else None
+            DeepSupervisionHeads(spatial_dims, ds_channels, out_channels) if deep_supervision else None
         )
 
     def extra_attention_maps(self, gate_maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -110,7 +111,7 @@ class AttentionUNet(GatedUNet):
     Each skip ``x_l`` is multiplied by the coefficients ``alpha_l`` of an :class:`AttentionGate` whose gating
     signal is the decoder output one level coarser (the bottleneck's 1×1 gating block for the deepest skip),
     Eq. (1)–(2) of the paper. Levels are two 3×3(×3) conv–norm–ReLU layers; with the paper's filters
-    16-32-64-128-256, one input channel and 3D, the model has about 6.3 M parameters (paper: 6.40 M).
+    16-32-64-128-256, one input channel and 3D, the model has about 6.21 M parameters (paper: 6.40 M).
 
     Attention maps: ``gate1`` (finest skip) .. ``gate{L-1}`` (coarsest), each (B, 1, *skip spatial) in [0, 1].
     Auxiliary logits (training, ``deep_supervision=True``): ``ds1`` .. ``ds{L-2}``.
@@ -143,7 +144,7 @@ class AttentionUNet(GatedUNet):
         self_attention_level: int | None = None,
         self_attention_max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> None:
-        filters = validate_common_config(
+        common = validate_common_config(
             self.name,
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -155,31 +156,8 @@ class AttentionUNet(GatedUNet):
             self_attention_level=self_attention_level,
             self_attention_max_tokens=self_attention_max_tokens,
         )
-        config = {
-            "spatial_dims": spatial_dims,
-            "in_channels": in_channels,
-            "out_channels": out_channels,
-            "filters": filters,
-            "norm": norm,
-            "dropout": float(dropout),
-            "deep_supervision": deep_supervision,
-            "self_attention_level": self_attention_level,
-            "self_attention_max_tokens": self_attention_max_tokens,
-        }
 
         def make_gate(level: int, skip_channels: int, gating_channels: int) -> nn.Module:
-            return AttentionGate(spatial_dims, skip_channels, gating_channels, norm=norm)
+            return AttentionGate(common["spatial_dims"], skip_channels, gating_channels, norm=common["norm"])
 
-        super().__init__(
-            config=config,
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            filters=filters,
-            norm=norm,
-            dropout=float(dropout),
-            deep_supervision=deep_supervision,
-            self_attention_level=self_attention_level,
-            self_attention_max_tokens=self_attention_max_tokens,
-            make_skip_attention=make_gate,
-        )
+        super().__init__(config=dict(common), make_skip_attention=make_gate, **common)

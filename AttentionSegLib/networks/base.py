@@ -1,7 +1,8 @@
-"""The interface every segmentation network of the engine implements (see ``docs/engine-api.md``, networks/)."""
+"""The interface every segmentation network of the engine implements (``docs/engine-api.md``, networks/)."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -30,8 +31,9 @@ def config_error(network: str, key: str, problem: str) -> ValueError:
     return ValueError(f"network {network!r}: config key {key!r} {problem}")
 
 
-def _check_int(network: str, key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def check_int(network: str, key: str, value: Any, minimum: int) -> int:
+    """``value`` as a plain ``int`` if it is an integer (numpy ones too, bools not) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise config_error(network, key, f"must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
@@ -48,35 +50,47 @@ def validate_common_config(
     deep_supervision: Any,
     self_attention_level: Any,
     self_attention_max_tokens: Any,
-) -> list[int]:
-    """Check the config keys every network shares; return ``filters`` as a list of ints.
+) -> dict[str, Any]:
+    """Check the config keys every network shares; return them as plain JSON-able values.
 
     Raises:
         ValueError: naming ``network`` and the key whose value is unusable.
     """
-    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
+    integral = isinstance(spatial_dims, numbers.Integral) and not isinstance(spatial_dims, bool)
+    if not integral or spatial_dims not in {2, 3}:
         raise config_error(network, "spatial_dims", f"must be 2 or 3, got {spatial_dims!r}")
-    _check_int(network, "in_channels", in_channels, 1)
-    _check_int(network, "out_channels", out_channels, 1)
     if isinstance(filters, (str, bytes)) or not isinstance(filters, Sequence) or len(filters) < 2:
-        raise config_error(network, "filters", f"must be a list of at least 2 channel counts, got {filters!r}")
-    checked = [_check_int(network, "filters", f, 1) for f in filters]
+        raise config_error(network, "filters", f"must list at least 2 channel counts, got {filters!r}")
+    checked_filters = [check_int(network, "filters", f, 1) for f in filters]
     if norm not in NORMS:
         raise config_error(network, "norm", f"must be one of {list(NORMS)}, got {norm!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise config_error(network, "dropout", f"must be a number in [0, 1), got {dropout!r}")
     if not isinstance(deep_supervision, bool):
         raise config_error(network, "deep_supervision", f"must be true or false, got {deep_supervision!r}")
+    level = None
     if self_attention_level is not None:
-        level = _check_int(network, "self_attention_level", self_attention_level, 0)
-        if level >= len(checked):
+        level = check_int(network, "self_attention_level", self_attention_level, 0)
+        if level >= len(checked_filters):
             raise config_error(
                 network,
                 "self_attention_level",
-                f"must be an encoder level in 0..{len(checked) - 1} (0 = finest) or null, got {level}",
+                f"must be an encoder level in 0..{len(checked_filters) - 1} (0 = finest) or null, "
+                f"got {level}",
             )
-    _check_int(network, "self_attention_max_tokens", self_attention_max_tokens, 1)
-    return checked
+    return {
+        "spatial_dims": int(spatial_dims),
+        "in_channels": check_int(network, "in_channels", in_channels, 1),
+        "out_channels": check_int(network, "out_channels", out_channels, 1),
+        "filters": checked_filters,
+        "norm": str(norm),
+        "dropout": float(dropout),
+        "deep_supervision": deep_supervision,
+        "self_attention_level": level,
+        "self_attention_max_tokens": check_int(
+            network, "self_attention_max_tokens", self_attention_max_tokens, 1
+        ),
+    }
 
 
 class SegmentationNetwork(nn.Module):
@@ -116,11 +130,18 @@ class SegmentationNetwork(nn.Module):
         self.self_attention: SpatialSelfAttention | None = None
         self.self_attention_level: int | None = None
 
-    def attach_self_attention(self, level: int | None, channels: int, max_tokens: int) -> None:
+    def __getstate__(self) -> dict[str, Any]:
+        # The outputs of the last forward carry autograd graphs, which neither deepcopy nor pickle accept;
+        # a copy of the network (e.g. an undo snapshot) starts without them.
+        state = self.__dict__.copy()
+        state["aux_logits"] = {}
+        return state
+
+    def attach_self_attention(self, level: int | None, filters: Sequence[int], max_tokens: int) -> None:
         """Attach the AttenScribble module to encoder ``level`` (``None``: leave the network without it)."""
         if level is None:
             return
-        self.self_attention = SpatialSelfAttention(channels, self.spatial_dims, max_tokens=max_tokens)
+        self.self_attention = SpatialSelfAttention(filters[level], self.spatial_dims, max_tokens=max_tokens)
         self.self_attention_level = int(level)
 
     def encoder_hooks(self) -> dict[int, FeatureHook]:
@@ -130,16 +151,19 @@ class SegmentationNetwork(nn.Module):
         return {self.self_attention_level: self.self_attention}
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise ``ValueError`` unless ``x`` is (B, in_channels, *spatial) with sizes divisible as required."""
+        """Raise ``ValueError`` unless ``x`` is (B, in_channels, *spatial), sizes divisible as required."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{self.name}: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != self.spatial_dims + 2:
+            axes = "D, H, W" if self.spatial_dims == 3 else "H, W"
             raise ValueError(
-                f"{self.name}: input must have shape (B, C, {'D, H, W' if self.spatial_dims == 3 else 'H, W'}) "
-                f"for spatial_dims={self.spatial_dims}, got {tuple(x.shape)}"
+                f"{self.name}: input must have shape (B, C, {axes}) for spatial_dims={self.spatial_dims}, "
+                f"got {tuple(x.shape)}"
             )
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"{self.name}: input has {x.shape[1]} channels, the network expects {self.in_channels}")
+            raise ValueError(
+                f"{self.name}: input has {x.shape[1]} channels, the network expects {self.in_channels}"
+            )
         spatial = tuple(int(s) for s in x.shape[2:])
         if any(s == 0 or s % self.required_divisor for s in spatial):
             raise ValueError(

@@ -9,8 +9,7 @@ concatenation up.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +106,13 @@ class ConvNormAct(nn.Sequential):
     ) -> None:
         super().__init__(
             conv_layer(
-                spatial_dims, in_channels, out_channels, kernel_size, dilation=dilation, groups=groups, bias=False
+                spatial_dims,
+                in_channels,
+                out_channels,
+                kernel_size,
+                dilation=dilation,
+                groups=groups,
+                bias=False,
             ),
             norm_layer(norm, spatial_dims, out_channels),
             nn.ReLU(),
@@ -118,7 +123,13 @@ class DoubleConv(nn.Sequential):
     """The U-Net level: two 3×3(×3) conv–norm–ReLU layers with optional channel dropout between them."""
 
     def __init__(
-        self, spatial_dims: int, in_channels: int, out_channels: int, *, norm: str = "instance", dropout: float = 0.0
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        *,
+        norm: str = "instance",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(
             ConvNormAct(spatial_dims, in_channels, out_channels, norm=norm),
@@ -179,7 +190,9 @@ class UpBlock(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.conv = DoubleConv(spatial_dims, coarse_channels + skip_channels, out_channels, norm=norm, dropout=dropout)
+        self.conv = DoubleConv(
+            spatial_dims, coarse_channels + skip_channels, out_channels, norm=norm, dropout=dropout
+        )
 
     def forward(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = resize(coarse, skip.shape[2:])
@@ -196,10 +209,15 @@ class DeepSupervisionHeads(nn.Module):
     def __init__(self, spatial_dims: int, channels_per_level: Mapping[int, int], out_channels: int) -> None:
         super().__init__()
         self.heads = nn.ModuleDict(
-            {f"ds{level}": conv_layer(spatial_dims, ch, out_channels, 1) for level, ch in channels_per_level.items()}
+            {
+                f"ds{level}": conv_layer(spatial_dims, channels, out_channels, 1)
+                for level, channels in channels_per_level.items()
+            }
         )
 
-    def forward(self, decoder_features: Mapping[int, torch.Tensor], size: Sequence[int]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, decoder_features: Mapping[int, torch.Tensor], size: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
         return {
             f"ds{level}": resize(self.heads[f"ds{level}"](features), size)
             for level, features in sorted(decoder_features.items())

@@ -5,18 +5,18 @@ doi:10.1109/ISBI52829.2022.9761624) write spatial attention mechanisms in one fo
 
     y_i = sum_j w_ij · v(x_j),
 
-in which *point-wise* attention (attention gates) uses ``w_ij = alpha_i · delta_ij`` (each voxel rescaled by its
-own coefficient: sharp localisation) and *self-attention* uses ``w_ij = softmax_j(q(x_i) · k(x_j))`` (every
-voxel mixes all others: global context). Their joint attention uses both at once to get the localisation of
-the first and the global features of the second, and was built into a DenseUNet.
+in which *point-wise* attention (attention gates) uses ``w_ij = alpha_i · delta_ij`` (each voxel rescaled by
+its own coefficient: sharp localisation) and *self-attention* uses ``w_ij = softmax_j(q(x_i) · k(x_j))``
+(every voxel mixes all others: global context). Their joint attention uses both at once, to get the
+localisation of the first and the global features of the second, and was built into a DenseUNet.
 
 What this module implements (from the paper's abstract-level description; the full text was not available):
 
-- the joint weight ``w_ij = alpha_i · delta_ij + gamma · A_ij`` on a skip connection: ``alpha`` is the additive
-  attention gate of Oktay et al. (gated by the coarser decoder level), ``A`` the single-head spatial
+- the joint weight ``w_ij = alpha_i · delta_ij + gamma · A_ij`` on a skip connection: ``alpha`` is the
+  additive attention gate of Oktay et al. (gated by the coarser decoder level), ``A`` the single-head spatial
   self-attention of :class:`~.self_attention.SpatialSelfAttention` over the same skip features, ``gamma`` a
-  learnable scale initialised to 0 (the network starts as an Attention U-Net and learns how much global context
-  to mix in);
+  learnable scale initialised to 0 (the network starts as an Attention U-Net and learns how much global
+  context to mix in);
 - on the Attention U-Net skeleton of :mod:`.attention_unet` instead of DenseUNet (simplification: the joint
   module is what the paper contributes; the backbone is interchangeable), at the gates listed in
   ``self_attention_gates`` (default: the two coarsest, where full self-attention is affordable); the other
@@ -55,7 +55,9 @@ class JointAttention(nn.Module):
         self, spatial_dims: int, skip_channels: int, gating_channels: int, *, norm: str, max_tokens: int
     ) -> None:
         super().__init__()
-        self.gate = AttentionGate(spatial_dims, skip_channels, gating_channels, norm=norm, output_transform=False)
+        self.gate = AttentionGate(
+            spatial_dims, skip_channels, gating_channels, norm=norm, output_transform=False
+        )
         self.self_attention = SpatialSelfAttention(skip_channels, spatial_dims, max_tokens=max_tokens)
         self.output = nn.Sequential(
             conv_layer(spatial_dims, skip_channels, skip_channels, kernel_size=1, bias=False),
@@ -63,7 +65,7 @@ class JointAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(joint-attended skip, alpha)``; ``alpha`` is the point-wise gate map (B, 1, *x.spatial)."""
+        """Return ``(joint-attended skip, alpha)``; ``alpha`` is the point-wise gate (B, 1, *x.spatial)."""
         alpha = self.gate.coefficients(x, g)
         joint = x * alpha.to(x.dtype) + self.self_attention.context(x)
         return self.output(joint), alpha
@@ -102,7 +104,7 @@ class JointAttentionUNet(GatedUNet):
         self_attention_max_tokens: int = DEFAULT_MAX_TOKENS,
         self_attention_gates: Sequence[int] | None = None,
     ) -> None:
-        filters = validate_common_config(
+        common = validate_common_config(
             self.name,
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -114,45 +116,29 @@ class JointAttentionUNet(GatedUNet):
             self_attention_level=self_attention_level,
             self_attention_max_tokens=self_attention_max_tokens,
         )
-        joint_gates = _check_gates(self.name, self_attention_gates, n_gates=len(filters) - 1)
-        config: dict[str, Any] = {
-            "spatial_dims": spatial_dims,
-            "in_channels": in_channels,
-            "out_channels": out_channels,
-            "filters": filters,
-            "norm": norm,
-            "dropout": float(dropout),
-            "deep_supervision": deep_supervision,
-            "self_attention_level": self_attention_level,
-            "self_attention_max_tokens": self_attention_max_tokens,
-            "self_attention_gates": joint_gates,
-        }
+        joint_gates = _check_gates(self.name, self_attention_gates, n_gates=len(common["filters"]) - 1)
+        config: dict[str, Any] = {**common, "self_attention_gates": joint_gates}
 
         def make_skip_attention(level: int, skip_channels: int, gating_channels: int) -> nn.Module:
+            dims, norm_name = common["spatial_dims"], common["norm"]
             if level + 1 in joint_gates:
                 return JointAttention(
-                    spatial_dims, skip_channels, gating_channels, norm=norm, max_tokens=self_attention_max_tokens
+                    dims,
+                    skip_channels,
+                    gating_channels,
+                    norm=norm_name,
+                    max_tokens=common["self_attention_max_tokens"],
                 )
-            return AttentionGate(spatial_dims, skip_channels, gating_channels, norm=norm)
+            return AttentionGate(dims, skip_channels, gating_channels, norm=norm_name)
 
-        super().__init__(
-            config=config,
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            filters=filters,
-            norm=norm,
-            dropout=float(dropout),
-            deep_supervision=deep_supervision,
-            self_attention_level=self_attention_level,
-            self_attention_max_tokens=self_attention_max_tokens,
-            make_skip_attention=make_skip_attention,
-        )
+        super().__init__(config=config, make_skip_attention=make_skip_attention, **common)
 
     def joint_modules(self) -> dict[int, JointAttention]:
         """The joint attention modules by gate index (1 = finest skip)."""
         return {
-            level + 1: module for level, module in enumerate(self.skip_attention) if isinstance(module, JointAttention)
+            level + 1: module
+            for level, module in enumerate(self.skip_attention)
+            if isinstance(module, JointAttention)
         }
 
     def extra_attention_maps(self, gate_maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -170,7 +156,9 @@ def _check_gates(network: str, gates: Sequence[int] | None, *, n_gates: int) -> 
     if gates is None:
         return list(range(max(1, n_gates - 1), n_gates + 1))
     if isinstance(gates, (str, bytes)) or not isinstance(gates, Sequence):
-        raise config_error(network, "self_attention_gates", f"must be a list of gate indices or null, got {gates!r}")
+        raise config_error(
+            network, "self_attention_gates", f"must be a list of gate indices or null, got {gates!r}"
+        )
     checked: list[int] = []
     for gate in gates:
         if isinstance(gate, bool) or not isinstance(gate, int) or not 1 <= gate <= n_gates:

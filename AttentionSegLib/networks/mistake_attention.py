@@ -1,4 +1,4 @@
-"""Mistake attention network after Xu et al., "Learning To Pay Attention To Mistakes" (BMVC 2020, arXiv 2007.15131).
+"""Mistake attention after Xu et al., "Learning To Pay Attention To Mistakes" (BMVC 2020, arXiv 2007.15131).
 
 Xu et al. observe that segmentation networks under-segment the periphery of foreground regions (a bias towards
 false negatives) and counter it with spatial attention of different *effective receptive fields* (ERF):
@@ -30,7 +30,6 @@ not reproduced, so which side the small-ERF branch attends to is learnt rather t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +39,7 @@ from .base import (
     DEFAULT_MAX_TOKENS,
     NetworkOutput,
     SegmentationNetwork,
-    config_error,
+    check_int,
     validate_common_config,
 )
 from .blocks import DeepSupervisionHeads, UNetEncoder, UpBlock, conv_layer, norm_layer
@@ -49,8 +48,8 @@ from .blocks import DeepSupervisionHeads, UNetEncoder, UpBlock, conv_layer, norm
 class ReceptiveFieldAttention(nn.Module):
     """Spatial attention map from a stack of depthwise convolutions of a chosen receptive field.
 
-    ``a = sigmoid(conv1x1(ReLU(norm(dwconv_d(... ReLU(norm(dwconv_d(conv1x1(F))))))))``, one channel, in [0, 1];
-    ``depth`` depthwise 3×3(×3) convolutions with dilation ``dilation`` give the branch an ERF of
+    ``a = sigmoid(conv1x1(ReLU(norm(dwconv_d(... ReLU(norm(dwconv_d(conv1x1(F))))))))``: one channel, in
+    [0, 1]; ``depth`` depthwise 3×3(×3) convolutions with dilation ``dilation`` give the branch an ERF of
     ``2 · depth · dilation + 1`` voxels per axis while costing few parameters (Xu et al. 2020, Sec. 3).
     """
 
@@ -59,7 +58,10 @@ class ReceptiveFieldAttention(nn.Module):
         layers: list[nn.Module] = [conv_layer(spatial_dims, channels, channels, kernel_size=1, bias=False)]
         for _ in range(depth):
             layers += [
-                conv_layer(spatial_dims, channels, channels, 3, dilation=dilation, groups=channels, bias=False),
+                # Depthwise: a wide receptive field for few parameters.
+                conv_layer(
+                    spatial_dims, channels, channels, 3, dilation=dilation, groups=channels, bias=False
+                ),
                 norm_layer(norm, spatial_dims, channels),
                 nn.ReLU(),
             ]
@@ -100,7 +102,7 @@ class MistakeAttentionUNet(SegmentationNetwork):
         self_attention_max_tokens: int = DEFAULT_MAX_TOKENS,
         fp_dilation: int = 9,
     ) -> None:
-        filters = validate_common_config(
+        common = validate_common_config(
             self.name,
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -112,48 +114,39 @@ class MistakeAttentionUNet(SegmentationNetwork):
             self_attention_level=self_attention_level,
             self_attention_max_tokens=self_attention_max_tokens,
         )
-        if isinstance(fp_dilation, bool) or not isinstance(fp_dilation, int) or fp_dilation < 2:
-            # Dilation 1 would give the FP branch the FN branch's receptive field: no longer the paper's design.
-            raise config_error(self.name, "fp_dilation", f"must be an integer >= 2, got {fp_dilation!r}")
-        config: dict[str, Any] = {
-            "spatial_dims": spatial_dims,
-            "in_channels": in_channels,
-            "out_channels": out_channels,
-            "filters": filters,
-            "norm": norm,
-            "dropout": float(dropout),
-            "deep_supervision": deep_supervision,
-            "self_attention_level": self_attention_level,
-            "self_attention_max_tokens": self_attention_max_tokens,
-            "fp_dilation": fp_dilation,
-        }
-        levels = len(filters)
+        # Dilation 1 would give the FP branch the FN branch's receptive field: not the paper's design.
+        fp_dilation = check_int(self.name, "fp_dilation", fp_dilation, 2)
         super().__init__(
-            config=config,
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            required_divisor=2 ** (levels - 1),
+            config={**common, "fp_dilation": fp_dilation},
+            spatial_dims=common["spatial_dims"],
+            in_channels=common["in_channels"],
+            out_channels=common["out_channels"],
+            required_divisor=2 ** (len(common["filters"]) - 1),
         )
-        self.encoder = UNetEncoder(spatial_dims, in_channels, filters, norm=norm, dropout=float(dropout))
+        spatial_dims, filters, norm = common["spatial_dims"], common["filters"], common["norm"]
+        dropout, levels = common["dropout"], len(common["filters"])
+        self.encoder = UNetEncoder(spatial_dims, self.in_channels, filters, norm=norm, dropout=dropout)
         self.attach_self_attention(
-            self_attention_level,
-            filters[self_attention_level] if self_attention_level is not None else 0,
-            self_attention_max_tokens,
+            common["self_attention_level"], filters, common["self_attention_max_tokens"]
         )
         self.decoder = nn.ModuleList(
-            UpBlock(spatial_dims, filters[level + 1], filters[level], filters[level], norm=norm, dropout=float(dropout))
+            UpBlock(
+                spatial_dims, filters[level + 1], filters[level], filters[level], norm=norm, dropout=dropout
+            )
             for level in range(levels - 1)
         )
         width = filters[0]
-        self.fp_attention = ReceptiveFieldAttention(spatial_dims, width, dilation=fp_dilation, depth=2, norm=norm)
+        self.fp_attention = ReceptiveFieldAttention(
+            spatial_dims, width, dilation=fp_dilation, depth=2, norm=norm
+        )
         self.fn_attention = ReceptiveFieldAttention(spatial_dims, width, dilation=1, depth=1, norm=norm)
-        self.fp_head = conv_layer(spatial_dims, width, out_channels, kernel_size=1)
-        self.fn_head = conv_layer(spatial_dims, width, out_channels, kernel_size=1)
-        self.head = conv_layer(spatial_dims, 2 * width, out_channels, kernel_size=1)
+        self.fp_head = conv_layer(spatial_dims, width, self.out_channels, kernel_size=1)
+        self.fn_head = conv_layer(spatial_dims, width, self.out_channels, kernel_size=1)
+        self.head = conv_layer(spatial_dims, 2 * width, self.out_channels, kernel_size=1)
+        ds_channels = {level: filters[level] for level in range(1, levels - 1)}
         self.deep_supervision: DeepSupervisionHeads | None = (
-            DeepSupervisionHeads(spatial_dims, {level: filters[level] for level in range(1, levels - 1)}, out_channels)
-            if deep_supervision
+            DeepSupervisionHeads(spatial_dims, ds_channels, self.out_channels)
+            if common["deep_supervision"]
             else None
         )
 

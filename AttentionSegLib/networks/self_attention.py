@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ _ADAPTIVE_AVG_POOL = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 
 
 def pooled_shape(spatial: Sequence[int], max_tokens: int) -> tuple[int, ...]:
-    """The grid self-attention runs on: ``spatial`` itself, or the largest uniformly pooled grid ≤ max_tokens.
+    """The grid self-attention runs on: ``spatial``, or the largest uniformly pooled grid of <= max_tokens.
 
     The pooling factor is the same in every dimension so the token grid keeps the level's aspect ratio.
     """
@@ -116,7 +117,10 @@ class SpatialSelfAttention(nn.Module):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         key_channels = int(key_channels) if key_channels is not None else int(channels)
         if channels < 1 or key_channels < 1:
-            raise ValueError(f"SpatialSelfAttention: channels and key_channels must be >= 1, got {channels}, {key_channels}")
+            raise ValueError(
+                f"SpatialSelfAttention: channels and key_channels must be >= 1, "
+                f"got {channels} and {key_channels}"
+            )
         if max_tokens < 1:
             raise ValueError(f"SpatialSelfAttention: max_tokens must be >= 1, got {max_tokens}")
         self.channels = int(channels)
@@ -131,6 +135,13 @@ class SpatialSelfAttention(nn.Module):
         self.last_attention: torch.Tensor | None = None
         self.last_shape: tuple[int, ...] = ()
         self._affinity: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The last attention carries its autograd graph, which neither deepcopy nor pickle accept; a copy
+        # of the module (e.g. an undo snapshot of the network) starts without it.
+        state = self.__dict__.copy()
+        state.update(last_attention=None, last_shape=(), _affinity=None)
+        return state
 
     @property
     def last_affinity(self) -> torch.Tensor | None:

@@ -179,7 +179,7 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
             "validation_cases": [f.name for f in val_files],
             "metrics": metrics or {},
             "world_size": context.world_size,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),  # TorchVersion would not load with weights_only=True
             "python": platform.python_version(),
             "device": str(device),
             "git_commit": git_commit(Path(__file__).resolve().parents[2]),

@@ -115,3 +115,9 @@ def test_label_outside_the_classes_is_a_clear_error() -> None:
     labels[0, 0, 0] = 5
     with pytest.raises(ValueError, match="labels in \\[0, 5\\]"):
         DiceCELoss()(torch.randn(1, 3, 4, 4), labels)
+
+
+def test_single_channel_outputs_use_binary_cross_entropy() -> None:
+    logits, labels = torch.randn(2, 1, 6, 6), torch.randint(0, 2, (2, 6, 6))
+    ce_only = DiceCELoss(lambda_dice=0.0)(logits, labels)
+    torch.testing.assert_close(ce_only, F.binary_cross_entropy_with_logits(logits[:, 0], labels.float()))

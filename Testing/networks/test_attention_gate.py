@@ -1,4 +1,4 @@
-"""Specification of the additive attention gate (``AttentionSegLib/networks/attention_gate.py``, Oktay et al. 2018)."""
+"""Specification of the additive attention gate (``AttentionSegLib/networks/attention_gate.py``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ def test_coefficients_are_one_per_skip_voxel_in_unit_interval(dims: int, skip_si
     gate = AttentionGate(dims, skip_channels=4, gating_channels=6)
     x = torch.randn(2, 4, *skip_size)
     g = torch.randn(2, 6, *(s // 2 for s in skip_size))
-    gated, alpha = gate(x, g)
+    with torch.no_grad():
+        gated, alpha = gate(x, g)
     assert gated.shape == x.shape
     assert alpha.shape == (2, 1, *skip_size)
     assert float(alpha.min()) >= 0.0 and float(alpha.max()) <= 1.0

@@ -1,4 +1,4 @@
-"""Specification of the Attention U-Net (``AttentionSegLib/networks/attention_unet.py``, Oktay et al. 2018)."""
+"""Specification of the Attention U-Net (``AttentionSegLib/networks/attention_unet.py``)."""
 
 from __future__ import annotations
 
@@ -56,9 +56,18 @@ def test_a_gate_changes_the_prediction_it_gates() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("filters", [16]), ("filters", "16,32"), ("norm", "group"), ("dropout", 1.0), ("spatial_dims", 1),
-     ("in_channels", 0), ("deep_supervision", "yes"), ("self_attention_level", 5), ("self_attention_max_tokens", 0)],
+    [
+        ("filters", [16]),
+        ("filters", "16,32"),
+        ("norm", "group"),
+        ("dropout", 1.0),
+        ("spatial_dims", 1),
+        ("in_channels", 0),
+        ("deep_supervision", "yes"),
+        ("self_attention_level", 5),
+        ("self_attention_max_tokens", 0),
+    ],
 )
 def test_unusable_config_values_are_rejected_naming_network_and_key(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"network 'attention_unet': config key '{key}'"):
-        build_network("attention_unet", spatial_dims=2, filters=[4, 8, 16, 32, 64], **{key: value})
+        build_network("attention_unet", **{"spatial_dims": 2, "filters": [4, 8, 16, 32, 64], key: value})

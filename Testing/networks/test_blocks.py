@@ -86,6 +86,7 @@ def test_up_block_upsamples_to_the_skip_and_concatenates() -> None:
 
 def test_deep_supervision_heads_predict_at_the_input_size() -> None:
     heads = DeepSupervisionHeads(2, {1: 8, 2: 16}, out_channels=3)
-    outputs = heads({0: torch.randn(1, 4, 16, 16), 1: torch.randn(1, 8, 8, 8), 2: torch.randn(1, 16, 4, 4)}, (16, 16))
+    decoder = {0: torch.randn(1, 4, 16, 16), 1: torch.randn(1, 8, 8, 8), 2: torch.randn(1, 16, 4, 4)}
+    outputs = heads(decoder, (16, 16))
     assert sorted(outputs) == ["ds1", "ds2"]  # level 0 is the main output, not a deep-supervision head
     assert all(o.shape == (1, 3, 16, 16) for o in outputs.values())

@@ -1,4 +1,4 @@
-"""Specification of the joint-attention network (``AttentionSegLib/networks/joint_attention.py``, Zhang et al. 2022)."""
+"""Specification of the joint-attention network (``AttentionSegLib/networks/joint_attention.py``)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_joint_attention_combines_a_local_gate_with_global_context() -> None:
     block = JointAttention(2, skip_channels=4, gating_channels=8, norm="batch", max_tokens=256).eval()
     x, g = torch.randn(1, 4, 16, 16), torch.randn(1, 8, 8, 8)
     changed = x.clone()
-    changed[..., 0, 0] += 5.0
+    changed[0, :, 0, 0] += torch.tensor([5.0, -5.0, 2.0, 0.0])  # per-channel, so LayerNorm keeps it
     with torch.no_grad():
         # gamma = 0: the point-wise term alone, y = alpha · x — a corner change stays local.
         local = (block(changed, g)[0] - block(x, g)[0]).abs()

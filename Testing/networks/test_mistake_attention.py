@@ -1,4 +1,4 @@
-"""Specification of the mistake-attention network (``AttentionSegLib/networks/mistake_attention.py``, Xu et al. 2020)."""
+"""Specification of the mistake-attention network (``AttentionSegLib/networks/mistake_attention.py``)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def test_branch_logits_are_auxiliary_outputs_for_the_trainer() -> None:
     logits = net(torch.randn(2, 1, 16, 16))
     assert sorted(net.aux_logits) == ["fn_branch", "fp_branch"]
     assert all(aux.shape == logits.shape for aux in net.aux_logits.values())
-    net_ds = build_network("mistake_attention_unet", spatial_dims=2, filters=FILTERS, deep_supervision=True).train()
+    net_ds = build_network("mistake_attention_unet", spatial_dims=2, filters=FILTERS, deep_supervision=True)
+    net_ds.train()
     net_ds(torch.randn(1, 1, 16, 16))
     assert sorted(net_ds.aux_logits) == ["ds1", "fn_branch", "fp_branch"]
 

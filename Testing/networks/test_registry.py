@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from AttentionSegLib.networks import SegmentationNetwork, build_network, network_names
@@ -44,3 +45,15 @@ def test_unknown_config_keys_are_rejected_naming_network_and_key(name: str) -> N
 def test_keys_of_another_network_are_unknown_here() -> None:
     with pytest.raises(ValueError, match="unknown config key 'fp_dilation'"):
         build_network("attention_unet", fp_dilation=9)
+
+
+def test_numpy_integers_are_accepted_and_stored_as_plain_json_values() -> None:
+    net = build_network("attention_unet", spatial_dims=np.int64(2), filters=[np.int64(4), np.int32(8)])
+    assert net.config["spatial_dims"] == 2 and net.config["filters"] == [4, 8]
+    json.dumps(net.config)
+
+
+@pytest.mark.parametrize("dims", [2.0, "2", None])
+def test_spatial_dims_must_be_an_integer(dims: object) -> None:
+    with pytest.raises(ValueError, match="config key 'spatial_dims' must be 2 or 3"):
+        build_network("mistake_attention_unet", spatial_dims=dims)

@@ -1,8 +1,8 @@
 """Fixtures for the Slicer module's tests: the module folder on ``sys.path`` and MRML scenes on the real core.
 
 The module's Python files are imported the way Slicer imports them, as top-level modules from the module
-folder (``import AttentionSegMRML``). MRML tests need the real Slicer core (``pip install slicer-core``) and skip
-with a reason without it; the static checks of the module's files need nothing.
+folder (``import AttentionSegMRML``). MRML tests need the real Slicer core (``pip install slicer-core``) and
+skip with a reason without it; the static checks of the module's files need nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ for _path in (REPO_ROOT, MODULE_DIR):
 
 def require_slicer() -> Any:
     """The ``slicer`` package of slicer-core, or a skip that says how to get it."""
-    return pytest.importorskip("slicer", reason="the real Slicer core is not installed (pip install slicer-core)")
+    return pytest.importorskip("slicer", reason="the Slicer core is not installed (pip install slicer-core)")
 
 
 @pytest.fixture

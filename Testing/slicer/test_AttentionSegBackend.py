@@ -1,8 +1,8 @@
 """The backend seam: jobs run off the calling thread, in order, report progress, cancel, and capture errors.
 
-The backend runs methods of whatever its factory builds; these tests give it a small counter object of their own
-so that timing and failures are under the test's control. The real engine session runs through it in
-``test_AttentionSegController.py``.
+The backend runs methods of whatever its factory builds; these tests give it a small counter object of
+their own so that timing and failures are under the test's control. The real engine session runs through it
+in ``test_AttentionSegController.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ class Counter:
             progress(done + 1, steps)
         return steps
 
+    def fit(self, steps: int, *, progress: Any, cancel: threading.Event) -> int:
+        for done in range(steps):
+            time.sleep(0.01)
+            progress((done + 1) / steps, f"step {done + 1}")
+        return steps
+
     def broken(self) -> None:
         raise ZeroDivisionError("the engine divided by zero")
 
@@ -75,9 +81,9 @@ def test_calls_run_in_order_on_a_worker_thread(backend: LocalBackend) -> None:
 
 
 def test_steps_of_one_job_share_it_and_it_returns_the_last(backend: LocalBackend) -> None:
-    job = backend.run("two steps", [SessionCall("add", (1,)), SessionCall("add", (1,)), SessionCall.read("value")])
+    job = backend.run("two steps", [SessionCall("add", (1,)), SessionCall("add", (3,))])
 
-    assert finished(job).result() == 14
+    assert finished(job).result() == 18
 
 
 def test_progress_is_reported_in_the_engine_convention(backend: LocalBackend) -> None:
@@ -91,6 +97,27 @@ def test_progress_is_reported_in_the_engine_convention(backend: LocalBackend) ->
     assert job.progress == 1.0
     assert any(0.0 < p < 1.0 for p in seen)
     assert seen == sorted(seen)
+
+
+def test_progress_may_come_as_a_fraction_with_a_message(backend: LocalBackend) -> None:
+    job = backend.run("fit", [SessionCall("fit", (5,), reports_progress=True)])
+
+    assert finished(job).state is JobState.SUCCEEDED
+    assert job.progress == 1.0
+    assert job.message == "step 5"
+
+
+def test_opening_a_session_tells_what_it_segments() -> None:
+    class Labelled(Counter):
+        num_classes = 3
+        model = type("Model", (), {"labels": {1: "liver", 2: "pancreas"}})()
+
+    backend = LocalBackend(session_factory=Labelled)
+    try:
+        job = finished(backend.open_session(0, None))
+        assert job.result() == {"num_classes": 3, "labels": {1: "liver", 2: "pancreas"}}
+    finally:
+        backend.shutdown()
 
 
 def test_cancel_stops_a_running_job(backend: LocalBackend) -> None:
@@ -118,7 +145,8 @@ def test_a_job_cancelled_before_it_starts_never_runs(backend: LocalBackend) -> N
 
 
 def test_cancel_all_reaches_every_job(backend: LocalBackend) -> None:
-    jobs = [backend.run("slow", [SessionCall("count_slowly", (10_000,), reports_progress=True)]) for _ in range(3)]
+    slow = [SessionCall("count_slowly", (10_000,), reports_progress=True)]
+    jobs = [backend.run("slow", slow) for _ in range(3)]
 
     backend.cancel_all()
 
@@ -174,7 +202,7 @@ def test_a_session_that_fails_to_start_keeps_the_previous_one(backend: LocalBack
 
     assert bad.state is JobState.FAILED
     assert "unexpected keyword argument 'unknown'" in bad.error_message
-    assert finished(backend.run("add", [SessionCall("add")])).result() == 12  # still the session of the fixture
+    assert finished(backend.run("add", [SessionCall("add")])).result() == 12  # the fixture's session
 
 
 def test_a_shut_down_backend_refuses_work() -> None:

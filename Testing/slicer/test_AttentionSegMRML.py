@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="the real Slicer core is not installed (pip install slicer-core)")
+slicer = pytest.importorskip("slicer", reason="the Slicer core is not installed (pip install slicer-core)")
 import vtk  # noqa: E402  (after the skip: vtk comes with slicer-core)
 
 import AttentionSegMRML as mrml  # noqa: E402
@@ -31,7 +31,13 @@ def rotation(axis: int, degrees: float) -> np.ndarray:
 def oblique_volume() -> Volume:
     array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
     direction = rotation(2, 30) @ np.diag([-1.0, 1.0, 1.0])  # oblique and with a flipped axis
-    return Volume(array, spacing=(0.7, 1.3, 2.5), origin=(10.0, -20.0, 5.5), direction=tuple(direction.ravel()))
+    return Volume(array, spacing=(0.7, 1.3, 2.5), origin=(10.0, -20.0, 5.5),
+                  direction=tuple(direction.ravel()))
+
+
+def new_segmentation(scene: Any, volume_node: Any, name: str) -> Any:
+    """A segmentation node on the volume's grid."""
+    return mrml.prepare_segmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name), volume_node)
 
 
 def assert_same_grid(node: Any, reference: Any) -> None:
@@ -39,7 +45,7 @@ def assert_same_grid(node: Any, reference: Any) -> None:
     np.testing.assert_array_equal(mrml.ijk_to_ras(node), mrml.ijk_to_ras(reference))
 
 
-# -- volumes ---------------------------------------------------------------------------------------------------
+# -- volumes -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.shared_data
@@ -97,7 +103,7 @@ def test_two_dimensional_volume_cannot_become_a_node(scene: Any) -> None:
         mrml.add_volume_node(scene, Volume(np.zeros((5, 6))), "slice")
 
 
-# -- points ----------------------------------------------------------------------------------------------------
+# -- points --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.shared_data
@@ -133,7 +139,7 @@ def test_point_in_world_coordinates_follows_the_volume_transform(scene: Any) -> 
     assert mrml.voxel_index(node, world) == (4, 2, 1)
 
 
-# -- segments --------------------------------------------------------------------------------------------------
+# -- segments ------------------------------------------------------------------------------------------------
 
 
 def box_labels(shape: tuple[int, ...]) -> np.ndarray:
@@ -146,7 +152,7 @@ def box_labels(shape: tuple[int, ...]) -> np.ndarray:
 @pytest.mark.shared_data
 def test_label_array_becomes_segments_on_the_volume_grid(scene: Any, ct_node: Any) -> None:
     labels = box_labels(mrml.volume_from_node(ct_node).shape)
-    segmentation = mrml.prepare_segmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out"), ct_node)
+    segmentation = new_segmentation(scene, ct_node, "out")
 
     written = mrml.labels_to_segments(segmentation, ct_node, labels, names={1: "pancreas"})
 
@@ -157,7 +163,8 @@ def test_label_array_becomes_segments_on_the_volume_grid(scene: Any, ct_node: An
     exported = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "exported")
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(written[1])
-    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, exported, ct_node)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic.ExportSegmentsToLabelmapNode(segmentation, ids, exported, ct_node)
     assert_same_grid(exported, ct_node)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(exported) > 0, labels == 1)
 
@@ -165,7 +172,7 @@ def test_label_array_becomes_segments_on_the_volume_grid(scene: Any, ct_node: An
 @pytest.mark.shared_data
 def test_segments_read_back_into_the_same_label_array(scene: Any, ct_node: Any) -> None:
     labels = box_labels(mrml.volume_from_node(ct_node).shape)
-    segmentation = mrml.prepare_segmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out"), ct_node)
+    segmentation = new_segmentation(scene, ct_node, "out")
     mrml.labels_to_segments(segmentation, ct_node, labels)
     segmentation.GetSegmentation().CollapseBinaryLabelmaps(False)  # as the Segment Editor stores them
 
@@ -174,7 +181,7 @@ def test_segments_read_back_into_the_same_label_array(scene: Any, ct_node: Any) 
 
 def test_writing_a_segment_replaces_its_voxels_and_only_its_own(scene: Any) -> None:
     node = mrml.add_volume_node(scene, oblique_volume(), "oblique")
-    segmentation = mrml.prepare_segmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out"), node)
+    segmentation = new_segmentation(scene, node, "out")
     labels = np.zeros((4, 5, 6), dtype=np.uint8)
     labels[1:3, 1:4, 2:5] = 1
     labels[3, 4, 5] = 2
@@ -188,7 +195,7 @@ def test_writing_a_segment_replaces_its_voxels_and_only_its_own(scene: Any) -> N
 
 def test_mask_of_the_wrong_shape_is_refused(scene: Any) -> None:
     node = mrml.add_volume_node(scene, oblique_volume(), "oblique")
-    segmentation = mrml.prepare_segmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out"), node)
+    segmentation = new_segmentation(scene, node, "out")
     segment_id = mrml.ensure_labelled_segment(segmentation, 1, "one")
 
     with pytest.raises(ValueError, match=r"shape \(5, 5, 6\).*\(4, 5, 6\)"):
@@ -220,7 +227,7 @@ def test_two_segments_with_one_label_are_reported(scene: Any) -> None:
 
 def test_overlapping_segments_cannot_become_one_label_map(scene: Any) -> None:
     node = mrml.add_volume_node(scene, oblique_volume(), "oblique")
-    segmentation = mrml.prepare_segmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out"), node)
+    segmentation = new_segmentation(scene, node, "out")
     for label in (1, 2):
         segment_id = mrml.ensure_labelled_segment(segmentation, label, f"s{label}")
         mask = np.zeros((4, 5, 6), bool)
@@ -231,7 +238,7 @@ def test_overlapping_segments_cannot_become_one_label_map(scene: Any) -> None:
         mrml.segments_to_label_array(segmentation, node)
 
 
-# -- scribbles -------------------------------------------------------------------------------------------------
+# -- scribbles -----------------------------------------------------------------------------------------------
 
 
 def scribble_map(shape: tuple[int, ...]) -> np.ndarray:
@@ -244,7 +251,7 @@ def scribble_map(shape: tuple[int, ...]) -> np.ndarray:
 
 def test_scribble_map_survives_a_trip_through_segments(scene: Any) -> None:
     node = mrml.add_volume_node(scene, oblique_volume(), "oblique")
-    scribble_node = mrml.prepare_segmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "scribbles"), node)
+    scribble_node = new_segmentation(scene, node, "scribbles")
     scribbles = scribble_map((4, 5, 6))
 
     written = mrml.scribble_segments_from_map(scribble_node, node, scribbles)
@@ -256,7 +263,7 @@ def test_scribble_map_survives_a_trip_through_segments(scene: Any) -> None:
 
 def test_contradicting_scribbles_are_left_out(scene: Any) -> None:
     node = mrml.add_volume_node(scene, oblique_volume(), "oblique")
-    scribble_node = mrml.prepare_segmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "scribbles"), node)
+    scribble_node = new_segmentation(scene, node, "scribbles")
     mrml.scribble_segments_from_map(scribble_node, node, scribble_map((4, 5, 6)))
     background = mrml.labelled_segments(scribble_node)[0]
     painted = mrml.read_segment(scribble_node, background, node)
@@ -271,7 +278,7 @@ def test_contradicting_scribbles_are_left_out(scene: Any) -> None:
 
 def test_writing_a_scribble_map_empties_labels_it_no_longer_has(scene: Any) -> None:
     node = mrml.add_volume_node(scene, oblique_volume(), "oblique")
-    scribble_node = mrml.prepare_segmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "scribbles"), node)
+    scribble_node = new_segmentation(scene, node, "scribbles")
     mrml.scribble_segments_from_map(scribble_node, node, scribble_map((4, 5, 6)))
     fewer = scribble_map((4, 5, 6))
     fewer[fewer == 2] = mrml.UNSCRIBBLED
@@ -281,16 +288,18 @@ def test_writing_a_scribble_map_empties_labels_it_no_longer_has(scene: Any) -> N
     np.testing.assert_array_equal(mrml.scribble_map_from_segments(scribble_node, node), fewer)
 
 
-# -- overlays --------------------------------------------------------------------------------------------------
+# -- overlays ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.shared_data
-def test_attention_map_node_has_the_input_geometry_exactly(scene: Any, ct_node: Any, example_ct: Path) -> None:
+def test_attention_map_node_has_the_input_geometry_exactly(scene: Any, ct_node: Any,
+                                                           example_ct: Path) -> None:
     shape = mrml.volume_from_node(ct_node).shape
     attention = np.random.default_rng(0).random(shape, dtype=np.float32)
     color_id = mrml.color_node_id(scene, "Rainbow")
 
-    overlay = mrml.overlay_volume_node(scene, ct_node, attention, "AttentionSeg gate1", color_node_id=color_id)
+    overlay = mrml.overlay_volume_node(scene, ct_node, attention, "AttentionSeg gate1",
+                                       color_node_id=color_id)
 
     assert_same_grid(overlay, ct_node)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(overlay), attention)
@@ -326,18 +335,18 @@ def test_unknown_colour_map_is_a_clear_error(scene: Any) -> None:
 
 
 def test_offered_colour_maps_that_exist_without_the_application(scene: Any) -> None:
-    # The application also loads file-based maps (Inferno, Viridis, ColdToHotRainbow); the bare core has the rest.
+    # The application also loads file-based maps (Inferno, Viridis, ColdToHotRainbow); the core has these.
     assert mrml.color_node_id(scene, "Grey") == "vtkMRMLColorTableNodeGrey"
     assert mrml.color_node_id(scene, "PET-Heat") == "vtkMRMLPETProceduralColorNodePET-Heat"
 
 
-# -- files -----------------------------------------------------------------------------------------------------
+# -- files ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.shared_data
 def test_seg_nrrd_export_and_import_round_trip(scene: Any, ct_node: Any, tmp_path: Path) -> None:
     labels = box_labels(mrml.volume_from_node(ct_node).shape)
-    segmentation = mrml.prepare_segmentation(scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out"), ct_node)
+    segmentation = new_segmentation(scene, ct_node, "out")
     written = mrml.labels_to_segments(segmentation, ct_node, labels, names={1: "pancreas", 3: "kidney"})
     segmentation.GetSegmentation().GetSegment(written[1]).SetColor(0.9, 0.8, 0.1)
 
@@ -349,7 +358,8 @@ def test_seg_nrrd_export_and_import_round_trip(scene: Any, ct_node: Any, tmp_pat
     again = mrml.labelled_segments(loaded)
     assert sorted(again) == [1, 3]
     assert loaded.GetSegmentation().GetSegment(again[1]).GetName() == "pancreas"
-    np.testing.assert_allclose(loaded.GetSegmentation().GetSegment(again[1]).GetColor(), (0.9, 0.8, 0.1), atol=1e-6)
+    color = loaded.GetSegmentation().GetSegment(again[1]).GetColor()
+    np.testing.assert_allclose(color, (0.9, 0.8, 0.1), atol=1e-6)
     np.testing.assert_array_equal(mrml.segments_to_label_array(loaded, ct_node), labels)
 
 

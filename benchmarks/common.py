@@ -1,0 +1,178 @@
+"""What every benchmark shares: the machine it ran on, a results writer, and a timing helper.
+
+Results follow ``docs/benchmarks.md`` (shared docs), "Conventions": one JSON file
+``{"benchmark", "commit", "machine", "records", ...}`` whose records are flat objects with at least ``method``,
+``dataset``, ``metric`` and ``value``, plus a short markdown table beside it (same name, ``.md``). Both are
+written atomically (a temporary file in the same folder, then ``os.replace``), so an interrupted run never leaves
+a half-written result behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REQUIRED_FIELDS = ("method", "dataset", "metric", "value")
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str | None:
+    """The checked-out commit (with ``-dirty`` when the work tree has changes), or ``None`` outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if status else head
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The machine a benchmark ran on: cpu, core and thread counts, torch version, device, commit.
+
+    Args:
+        device: the device the benchmark computed on (``"auto"`` is resolved as the engine resolves it).
+    """
+    if str(device) == "auto":
+        from AttentionSegLib import resolve_device
+
+        device = resolve_device("auto")
+    info: dict[str, Any] = {
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "commit": git_commit(),
+    }
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats become ``null`` (JSON has no NaN or infinity); numpy scalars become Python numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _check_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    checked = []
+    for index, record in enumerate(records):
+        missing = [f for f in REQUIRED_FIELDS if f not in record]
+        if missing:
+            raise ValueError(f"write_results: record {index} lacks {missing} (every record needs "
+                             f"{list(REQUIRED_FIELDS)}): {dict(record)}")
+        checked.append(dict(record))
+    return checked
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(name: str, records: Iterable[Mapping[str, Any]], out_json: str | os.PathLike, table_md: str,
+                  extra: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write a benchmark's results: ``out_json`` and, beside it, ``table_md`` as ``<out_json stem>.md``.
+
+    Args:
+        name: the benchmark's name (``"interactive"``, ``"acdc"``, ...).
+        records: flat objects with at least ``method``, ``dataset``, ``metric``, ``value``.
+        out_json: the JSON file to write (its folder is created).
+        table_md: the markdown table (text).
+        extra: more top-level entries (settings, per-case numbers, notes). ``extra["machine"]``, when given,
+            replaces the machine description that is otherwise taken on the CPU.
+
+    Returns:
+        The paths of the JSON and markdown files.
+
+    Raises:
+        ValueError: a record lacks a required field, or ``extra`` tries to replace ``benchmark``/``records``.
+    """
+    rows = _check_records(records)
+    extra = dict(extra or {})
+    clash = {"benchmark", "commit", "records"} & set(extra)
+    if clash:
+        raise ValueError(f"write_results: extra may not replace {sorted(clash)}")
+    machine = extra.pop("machine", None) or machine_info("cpu")
+    document = {"benchmark": name, "commit": machine.get("commit") or git_commit(), "machine": machine,
+                "records": rows, **extra}
+    out_json = Path(out_json)
+    out_md = out_json.with_suffix(".md")
+    _atomic_write(out_json, json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n")
+    _atomic_write(out_md, table_md if table_md.endswith("\n") else table_md + "\n")
+    return out_json, out_md
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs, after ``warmup`` untimed runs.
+
+    On CUDA the device is synchronised around every run, so asynchronous kernels are counted.
+    """
+    if repeats < 1:
+        raise ValueError(f"median_time: repeats must be >= 1, got {repeats}")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(max(warmup, 0)):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def markdown_table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
+    """A GitHub markdown table; floats are shown with 3 decimals, ``None`` as an en dash."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, float):
+            return "–" if not math.isfinite(value) else f"{value:.3f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
