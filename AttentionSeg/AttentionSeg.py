@@ -288,6 +288,9 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateGUI()
 
     def onPoll(self) -> None:
+        if not self.logic.hasController:  # the scene was closed while work was running
+            self._pollTimer.stop()
+            return
         controller = self.logic.controller
         for job in controller.poll():
             callback = self._onSuccess.pop(job, None)

@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Volume": "image",
     "ImageReadError": "image",
+    "ImageWriteError": "image",
+    "write_dicom_series": "image",
     "read_image": "image",
     "write_image": "image",
     "ras_to_lps": "image",
@@ -39,9 +41,14 @@ _EXPORTS = {
     "Prediction": "inference",
     "Cancelled": "inference",
     "InteractiveSession": "interactive",
+    "RefineSettings": "interactive",
+    "evaluate_labels": "metrics",
+    "dice": "metrics",
+    "hausdorff95": "metrics",
     "TrainConfig": "training",
     "train": "training",
     "make_abdominal_phantom": "phantom",
+    "make_phantom_dataset": "phantom",
     "evaluate_folder": "evaluation",
 }
 

@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-o", "--output", required=True, help="label image to write (.nii.gz, .nrrd, .mha)")
     seg.add_argument("--model", default=None, help="model name (see 'attentionseg models') or checkpoint path")
     seg.add_argument("--point-ras", type=_ras, action="append", metavar="R,A,S",
-                     help="a point in RAS mm (as Slicer shows it); repeatable")
+                     help="a point in RAS mm (as Slicer shows it); repeatable; write --point-ras=-12,30,5 when "
+                          "the first number is negative")
     seg.add_argument("--point-ijk", type=_ijk, action="append", metavar="I,J,K",
                      help="a point as voxel indices (i, j, k); repeatable")
     seg.add_argument("--roi", action="store_true",

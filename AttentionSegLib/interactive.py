@@ -62,7 +62,7 @@ class RefineSettings:
     max_roi: tuple[int, ...] = (48, 128, 128)
     min_steps: int = 3
     max_steps: int = 400
-    crf_radius: int = 3
+    crf_radius: int = 2
     click_radius: int = 2
     click_budget_s: float = 3.0
     window_fraction: float = 0.75
@@ -144,13 +144,13 @@ class InteractiveSession:
     def __init__(self, volume: Volume, model: Any, *, device: str | torch.device = "auto",
                  settings: RefineSettings | None = None, max_history: int = 20, seed: int = 0) -> None:
         self.volume = volume
+        torch.manual_seed(seed)  # an untrained network's initial weights are part of the session's randomness
         self.model = _resolve_model(model, volume)
         self.device = resolve_device(device)
         self.model.network.to(self.device).eval()
         self.settings = settings or RefineSettings()
         self.max_history = max_history
         self.generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
         if volume.ndim == 2 and self.model.spatial_dims == 3:
             raise ValueError(f"a 2D image cannot be used with the 3D network '{self.model.network_name}'")
         self.num_classes = int(getattr(self.model.network, "out_channels", 2))
@@ -252,8 +252,12 @@ class InteractiveSession:
 
     # ------------------------------------------------------------------------------------------------ inputs
 
-    def add_scribbles(self, scribble_map: np.ndarray) -> None:
-        """Merge a scribble map (uint8 in the image grid: 255 none, 0 background, k = label k) into the session."""
+    def add_scribbles(self, scribble_map: np.ndarray, *, replace: bool = False) -> None:
+        """Merge a scribble map (uint8 in the image grid: 255 none, 0 background, k = label k) into the session.
+
+        With ``replace=True`` the map becomes the session's whole set of scribbles (e.g. when the user erased
+        some in Slicer's scribble segmentation); the scribbles left by clicks are kept.
+        """
         scribble_map = np.asarray(scribble_map)
         if scribble_map.shape != self.volume.shape:
             raise ValueError(f"scribble map of shape {scribble_map.shape} is not on the image grid {self.volume.shape}")
@@ -265,7 +269,15 @@ class InteractiveSession:
         if bad:
             raise ValueError(f"scribble labels {bad} are not labels of this network (0..{self.num_classes - 1})")
         self._push_undo("scribbles")
-        self.scribbles = np.where(drawn, scribble_map, self.scribbles).astype(np.uint8)
+        base = self._click_scribbles() if replace else self.scribbles
+        self.scribbles = np.where(drawn, scribble_map, base).astype(np.uint8)
+
+    def _click_scribbles(self) -> np.ndarray:
+        scribbles = np.full(self.volume.shape, IGNORE_INDEX, dtype=np.uint8)
+        for click in self.clicks:
+            region, inside = self._disk(click.point_ijk)
+            scribbles[region][inside] = click.label if click.positive else 0
+        return scribbles
 
     def clear_scribbles(self) -> None:
         self._push_undo("clear scribbles")

@@ -123,8 +123,9 @@ def test_ras_points_are_converted_through_the_image_geometry(image, checkpoint, 
     volume = read_image(image)
     ras = volume.ijk_to_ras(np.array([3.0, 4.0, 5.0]))
     out = tmp_path / "seg.nii.gz"
-    assert _run("segment", image, "-o", out, "--model", checkpoint, "--point-ras",
-                ",".join(f"{v:.4f}" for v in ras), "-q") == 0
+    # "--point-ras=..." because RAS coordinates are often negative (argparse would take "-12,..." for an option).
+    assert _run("segment", image, "-o", out, "--model", checkpoint,
+                "--point-ras=" + ",".join(f"{v:.4f}" for v in ras), "-q") == 0
 
 
 def test_console_command_runs_as_a_real_process(image, checkpoint, tmp_path):

@@ -373,12 +373,50 @@ def results_table(records: Sequence[Mapping[str, Any]], labels: Mapping[int, str
 # ------------------------------------------------------------------------------------------------------- run
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train and evaluate every requested method; returns what was written."""
-    import torch
+class TrainingIncomplete(RuntimeError):
+    """A method's training stopped before its iterations were done (cancelled or interrupted)."""
 
+
+@dataclass
+class MethodResult:
+    """What one method produced: its records, timings and configuration, and its per-volume numbers."""
+
+    records: list[dict[str, Any]]
+    run: dict[str, Any]
+    cases: list[dict[str, Any]]
+
+
+def train_and_evaluate(method: str, config: Any, *, data: Path, evaluated: Sequence[str],
+                       labels: Mapping[int, str], profile: str, setting: str, device: str,
+                       progress: bool) -> MethodResult:
+    """Train one method through the engine's public API, then evaluate its last checkpoint on ``evaluated``."""
     from AttentionSegLib.evaluation import evaluate_folder
     from AttentionSegLib.training import train
+
+    print(f"[acdc] {method}: training {config.iterations} iterations ({config.regime}, {config.regime_options})",
+          flush=True)
+    started = time.perf_counter()
+    result = train(config, progress=progress)
+    train_seconds = time.perf_counter() - started
+    if result.cancelled or result.iterations < config.iterations:
+        raise TrainingIncomplete(f"{method}: training stopped at iteration {result.iterations} of {config.iterations}")
+    print(f"[acdc] {method}: evaluating {len(evaluated)} validation volumes", flush=True)
+    started = time.perf_counter()
+    report = evaluate_folder(data, model=str(result.last_model), device=device, cases=list(evaluated),
+                             progress=progress)
+    eval_seconds = time.perf_counter() - started
+    records = method_records(method, report, labels, profile=profile, setting=setting)
+    dice_mean = next(r["value"] for r in records if r["metric"] == "dice_mean")
+    print(f"[acdc] {method}: dice_mean={dice_mean} (train {train_seconds / 60:.1f} min, eval {eval_seconds:.0f} s)",
+          flush=True)
+    run = {"train_seconds": train_seconds, "eval_seconds": eval_seconds, "iterations": result.iterations,
+           "checkpoint": str(result.last_model), "config": config.to_dict()}
+    return MethodResult(records=records, run=run, cases=list(report["cases"]))
+
+
+def run_benchmark(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Train and evaluate every requested method in one run; returns the JSON and markdown paths."""
+    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -387,79 +425,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     training, validation = split_cases(list_acdc_cases(data))
     limit = args.limit if args.limit is not None else profile.evaluation_limit
     evaluated = validation[:limit] if limit else validation
-    training_patients = sorted({patient_of(c) for c in training})
-    labelled = pick_labelled_patients(training_patients)
+    labelled = pick_labelled_patients(sorted({patient_of(c) for c in training}))
     labels = label_names(data)
     iterations = args.iterations if args.iterations is not None else profile.iterations
     setting = (f"2D attention_unet filters={list(profile.network_config['filters'])} "
                f"patch={profile.patch_size[0]}x{profile.patch_size[1]} spacing={profile.spacing} "
                f"batch={profile.batch_size} iterations={iterations} {profile.optimizer} lr={profile.learning_rate}")
 
-    temporary = None
-    if args.work:
-        work = Path(args.work)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        temporary = tempfile.TemporaryDirectory(prefix="attentionseg-acdc-")
-        work = Path(temporary.name)
-    try:
-        folders = {
-            "dense": prepare_training_folder(data, work / "train_dense", training, dense_labels=True),
-            "scribble": prepare_training_folder(data, work / "train_scribble", training, dense_labels=False),
-        }
-        folders["semi"] = folders["dense"]
-        records: list[dict[str, Any]] = []
-        runs: dict[str, dict[str, Any]] = {}
-        per_case: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="attentionseg-acdc-") as temporary:
+        work = Path(args.work) if args.work else Path(temporary)
+        dense = prepare_training_folder(data, work / "train_dense", training, dense_labels=True)
+        folders = {"dense": dense, "semi": dense,
+                   "scribble": prepare_training_folder(data, work / "train_scribble", training, dense_labels=False)}
+        results: dict[str, MethodResult] = {}
         for method in args.methods:
             config = train_config(method, args.profile, data=folders[METHODS[method].labels],
                                   output=work / method, labelled_patients=labelled, iterations=iterations,
                                   device=args.device, seed=args.seed, threads=args.threads, resume=args.resume)
-            print(f"[acdc] {method}: training {config.iterations} iterations ({config.regime}, "
-                  f"{config.regime_options})", flush=True)
-            started = time.perf_counter()
-            result = train(config, progress=not args.quiet)
-            train_seconds = time.perf_counter() - started
-            print(f"[acdc] {method}: evaluating {len(evaluated)} validation volumes", flush=True)
-            started = time.perf_counter()
-            report = evaluate_folder(data, model=str(result.last_model), device=args.device,
-                                     cases=evaluated, progress=not args.quiet)
-            eval_seconds = time.perf_counter() - started
-            method_rows = method_records(method, report, labels, profile=args.profile, setting=setting)
-            records.extend(method_rows)
-            per_case[method] = report["cases"]  # write_results turns inf into null
-            runs[method] = {"train_seconds": train_seconds, "eval_seconds": eval_seconds,
-                            "iterations": result.iterations, "checkpoint": str(result.last_model),
-                            "config": config.to_dict()}
-            dice_mean = next(r["value"] for r in method_rows if r["metric"] == "dice_mean")
-            print(f"[acdc] {method}: dice_mean={dice_mean} train {train_seconds / 60:.1f} min, "
-                  f"eval {eval_seconds:.0f} s", flush=True)
+            results[method] = train_and_evaluate(method, config, data=data, evaluated=evaluated, labels=labels,
+                                                 profile=args.profile, setting=setting, device=args.device,
+                                                 progress=not args.quiet)
 
-        extra = {
-            "machine": machine_info(args.device),
-            "profile": args.profile,
-            "profile_settings": {**asdict(profile), "iterations": iterations},
-            "methods": {m: asdict(METHODS[m]) for m in args.methods},
-            "split": {"validation_patients": [VALIDATION_PATIENTS.start, VALIDATION_PATIENTS.stop - 1],
-                      "training_patients": [TRAINING_PATIENTS.start, TRAINING_PATIENTS.stop - 1],
-                      "evaluated_volumes": evaluated,
-                      "semi_labelled_patients": labelled,
-                      "semi_labelled_rule": "7 patients evenly spread over the sorted training patients "
-                                            "(pick_labelled_patients)"},
-            "data": str(data),
-            "hd95_units": "voxels of the stored grid (the source kept no spacing; files carry 1, 1, 1)",
-            "checkpoint_evaluated": "model_last.pt (no model selection on the validation volumes)",
-            "runs": runs,
-            "per_case": per_case,
-        }
-        out_json = Path(args.out)
-        table = results_table(records, labels, runs)
-        write_results(BENCHMARK, records, out_json, table, extra=extra)
-        print(table)
-        return {"records": records, "runs": runs, "out": str(out_json)}
-    finally:
-        if temporary is not None:
-            temporary.cleanup()
+    records = [r for result in results.values() for r in result.records]
+    runs = {m: result.run for m, result in results.items()}
+    extra = {
+        "machine": machine_info(args.device),
+        "profile": args.profile,
+        "profile_settings": {**asdict(profile), "iterations": iterations},
+        "methods": {m: asdict(METHODS[m]) for m in args.methods},
+        "split": {"validation_patients": [VALIDATION_PATIENTS.start, VALIDATION_PATIENTS.stop - 1],
+                  "training_patients": [TRAINING_PATIENTS.start, TRAINING_PATIENTS.stop - 1],
+                  "evaluated_volumes": evaluated,
+                  "semi_labelled_patients": labelled,
+                  "semi_labelled_rule": "7 patients evenly spread over the sorted training patients "
+                                        "(pick_labelled_patients)"},
+        "data": str(data),
+        "hd95_units": "voxels of the stored grid (the source kept no spacing; files carry 1, 1, 1)",
+        "checkpoint_evaluated": "model_last.pt (no model selection on the validation volumes)",
+        "runs": runs,
+        "per_case": {m: result.cases for m, result in results.items()},  # write_results turns inf into null
+    }
+    table = results_table(records, labels, runs)
+    paths = write_results(BENCHMARK, records, Path(args.out), table, extra=extra)
+    print(table, end="")
+    return paths
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -493,12 +502,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
-    except (FileNotFoundError, ValueError) as exc:
+        json_path, table_path = run_benchmark(args)
+    except (FileNotFoundError, ValueError, TrainingIncomplete) as exc:
         print(f"acdc: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    print(f"[acdc] wrote {json_path} and {table_path}")
     return 0
 
 

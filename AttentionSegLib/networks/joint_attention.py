@@ -27,6 +27,7 @@ What this module implements (from the paper's abstract-level description; the fu
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -161,7 +162,7 @@ def _check_gates(network: str, gates: Sequence[int] | None, *, n_gates: int) -> 
         )
     checked: list[int] = []
     for gate in gates:
-        if isinstance(gate, bool) or not isinstance(gate, int) or not 1 <= gate <= n_gates:
+        if isinstance(gate, bool) or not isinstance(gate, numbers.Integral) or not 1 <= gate <= n_gates:
             raise config_error(
                 network, "self_attention_gates", f"entries must be gate indices in 1..{n_gates}, got {gate!r}"
             )
