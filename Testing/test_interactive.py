@@ -85,11 +85,11 @@ def test_time_budget_stops_fine_tuning():
 
 
 def test_undo_restores_mask_scribbles_and_weights_and_redo_reapplies():
-    session, truth = _session(max_steps=5)
+    session, truth = _session(max_steps=40)
     digest0 = state_digest(session.model.network.state_dict())
     session.add_scribbles(_scribbles(truth))
     mask_before = session.mask.copy()
-    refined = session.refine(time_budget_s=0).copy()
+    refined = session.refine(time_budget_s=3600).copy()
     digest1 = state_digest(session.model.network.state_dict())
     assert digest1 != digest0, "refine changes the weights"
     session.undo()

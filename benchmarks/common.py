@@ -50,7 +50,7 @@ def _cpu_name() -> str:
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The machine a benchmark ran on: cpu, core and thread counts, torch version, device, commit.
+    """The machine a benchmark ran on: cpu, core and thread counts, torch version, device, commit, load.
 
     Args:
         device: the device the benchmark computed on (``"auto"`` is resolved as the engine resolves it).
@@ -69,6 +69,8 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         "device": str(device),
         "commit": git_commit(),
     }
+    if hasattr(os, "getloadavg"):  # timings on a shared machine mean little without it
+        info["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info

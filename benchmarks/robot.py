@@ -152,10 +152,21 @@ def largest_error_component(prediction: np.ndarray, target: np.ndarray) -> Error
     return best
 
 
+def _most_central_deepest(mask: np.ndarray, depth: np.ndarray, tolerance: float) -> tuple[int, ...]:
+    """The voxel of ``mask`` with the largest ``depth``; on a plateau (depths within ``tolerance`` of the
+    maximum, as along a bar) the one nearest the plateau's centroid, not the first in memory order."""
+    deepest = depth[mask].max()
+    candidates = np.argwhere(mask & (depth >= deepest - tolerance))
+    centre = candidates.mean(axis=0)
+    index = int(np.argmin(((candidates - centre) ** 2).sum(axis=1)))
+    return tuple(int(c) for c in candidates[index])
+
+
 def bounded_skeleton(section: np.ndarray, max_voxels: int = MAX_CORRECTION_VOXELS) -> np.ndarray:
     """The skeleton of a 2D region as one stroke of at most ``max_voxels`` voxels.
 
-    The stroke starts at the skeleton voxel deepest inside the region (largest distance to its border) and grows
+    The stroke starts at the skeleton voxel deepest inside the region (largest distance to its border; the most
+    central one on a plateau) and grows
     along the skeleton (8-connected, breadth first) until ``max_voxels`` are taken: a user draws one stroke
     through the middle of the error, not every branch of its medial axis.
     """
@@ -171,7 +182,7 @@ def bounded_skeleton(section: np.ndarray, max_voxels: int = MAX_CORRECTION_VOXEL
         skeleton[np.unravel_index(int(np.argmax(depth)), section.shape)] = True
     if skeleton.sum() <= max_voxels:
         return skeleton
-    start = np.unravel_index(int(np.argmax(np.where(skeleton, depth, -1.0))), section.shape)
+    start = _most_central_deepest(skeleton, depth, tolerance=0.5)
     stroke = np.zeros_like(section)
     stroke[start] = True
     taken, queue = 1, deque([start])
@@ -212,6 +223,9 @@ def next_click(prediction: np.ndarray, target: np.ndarray,
                spacing_ijk: tuple[float, ...] | None = None) -> RobotClick | None:
     """The robot's next click (§2), or ``None`` when there is no error left.
 
+    The click goes to the maximum of the Euclidean distance transform of the largest error component (the most
+    central voxel when several share the maximum).
+
     Args:
         prediction, target: boolean masks of one shape.
         spacing_ijk: voxel spacing in ITK order ``(i, j, k)`` so that "farthest from the border" is measured in
@@ -225,5 +239,5 @@ def next_click(prediction: np.ndarray, target: np.ndarray,
     # Padding makes the image border count as the component's border too.
     depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=sampling)
     depth = depth[tuple(slice(1, -1) for _ in mask.shape)]
-    index = np.unravel_index(int(np.argmax(depth)), mask.shape)
-    return RobotClick(tuple(int(c) for c in index[::-1]), component.false_negative)
+    index = _most_central_deepest(mask, depth, tolerance=1e-6)
+    return RobotClick(index[::-1], component.false_negative)

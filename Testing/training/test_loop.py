@@ -65,7 +65,7 @@ def test_training_changes_the_weights_and_reduces_the_loss(phantoms, tmp_path):
         loss, _ = regime.loss(net, net, torch.device("cpu"), it)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 
