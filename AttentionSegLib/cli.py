@@ -252,6 +252,8 @@ def _train_config(args: argparse.Namespace):
         values["labelled_cases"] = args.labelled.split(",")
     if args.regime_options:
         values["regime_options"] = {**values.get("regime_options", {}), **json.loads(args.regime_options)}
+    if args.click_channels:
+        values["click_channels"] = True
     if args.no_amp:
         values["amp"] = False
     if args.resume:
@@ -426,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-every", type=int)
     tr.add_argument("--seed", type=int)
     tr.add_argument("--threads", type=int, help="torch CPU threads")
+    tr.add_argument("--click-channels", action="store_true",
+                    help="supervised regime: train a click-conditioned network (DeepGrow-style positive and "
+                         "negative click maps as two extra input channels, clicks simulated from the labels)")
     tr.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     tr.add_argument("--resume", action="store_true", help="continue from OUTPUT/training_state.pt")
     _device_arg(tr, default=None)

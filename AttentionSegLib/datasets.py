@@ -212,7 +212,8 @@ class PatchSampler:
         cases: preprocessed cases.
         patch_size: patch size in array order (2 or 3 numbers).
         spatial_dims: 2 or 3.
-        foreground_fraction: probability that a patch is centred on a labelled (or scribbled) voxel.
+        foreground_fraction: probability that a patch is centred on a labelled (or scribbled) voxel; the class
+            is drawn uniformly among the case's foreground classes first.
         augment: draw and apply random augmentation.
         seed: base seed; each rank of a distributed run should pass a different one.
     """
@@ -234,16 +235,20 @@ class PatchSampler:
     def _mask_of(self, case: Case) -> np.ndarray | None:
         return case.scribble if self.target == "scribble" else case.label
 
-    def _foreground_voxels(self, case: Case) -> np.ndarray:
+    def _foreground_voxels(self, case: Case, per_class: int = 10000) -> list[np.ndarray]:
+        """The voxels of each foreground class (a subsample of at most ``per_class`` each) to centre patches on."""
         mask = self._mask_of(case)
         if mask is None:
-            return np.zeros((0, case.image.ndim), dtype=np.int64)
-        fg = (mask > 0) & (mask != IGNORE)
-        coords = np.argwhere(fg)
-        if len(coords) > 20000:  # a subsample is enough to pick centres from
-            step = len(coords) // 20000 + 1
-            coords = coords[::step]
-        return coords
+            return []
+        out = []
+        for value in np.unique(mask):
+            if value == 0 or value == IGNORE:
+                continue
+            coords = np.argwhere(mask == value)
+            if len(coords) > per_class:
+                coords = coords[:: len(coords) // per_class + 1]
+            out.append(coords)
+        return out
 
     def _randint(self, high: int) -> int:
         return int(torch.randint(0, max(high, 1), (1,), generator=self.generator).item())
@@ -253,9 +258,15 @@ class PatchSampler:
         index = self._randint(len(self.cases))
         case = self.cases[index]
         image, target = case.image, self._mask_of(case)
-        fg = self._foreground[index]
-        use_fg = len(fg) > 0 and torch.rand(1, generator=self.generator).item() < self.foreground_fraction
-        center = fg[self._randint(len(fg))] if use_fg else [self._randint(s) for s in image.shape]
+        classes = self._foreground[index]
+        use_fg = bool(classes) and torch.rand(1, generator=self.generator).item() < self.foreground_fraction
+        if use_fg:
+            # Class-balanced oversampling as in nnU-Net (Isensee et al. 2021): a class first, then one of its
+            # voxels, so that a small structure (pancreas, kidney) is centred as often as the liver.
+            coords = classes[self._randint(len(classes))]
+            center = coords[self._randint(len(coords))]
+        else:
+            center = [self._randint(s) for s in image.shape]
         if self.spatial_dims == 2 and image.ndim == 3:
             k = int(center[0])
             image = image[k]

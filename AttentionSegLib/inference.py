@@ -279,7 +279,7 @@ def predict_volume(
         extra_volumes = [preprocessor.resample_channel(volume.with_array(c), context, interpolator="linear")
                          for c in extra]
         channels.extend(e[None] for e in extra_volumes)
-    image = np.concatenate(channels, axis=0).astype(np.float32)
+    image = (np.concatenate(channels, axis=0) if len(channels) > 1 else channels[0]).astype(np.float32, copy=False)
     if image.shape[0] != model.in_channels:
         raise ValueError(
             f"model '{model.network_name}' expects {model.in_channels} input channel(s), the image gives "
@@ -321,16 +321,11 @@ def predict_volume(
         probs_t = probs_t[0]
         maps_t = {name: m[0, 0] for name, m in maps_full.items()}
 
-    n_classes = probs_t.shape[0]
-    probs = np.zeros((n_classes, *full_shape), dtype=np.float32)
-    probs[0] = 1.0  # outside the ROI: background
-    probs[(slice(None), *region)] = probs_t.numpy()
-    back = np.stack([preprocessor.inverse(p, context, interpolator="linear").array for p in probs])
-    labels = volume.with_array(np.argmax(back, axis=0).astype(np.uint8))
-    prediction = Prediction(labels=labels)
-    prediction.uncertainty = volume.with_array(normalised_entropy(back))
-    if return_probabilities:
-        prediction.probabilities = volume.with_array(back.astype(np.float32))
+    labels, uncertainty, probabilities = _back_to_image(probs_t.numpy(), region, full_shape, preprocessor, context,
+                                                        keep_probabilities=return_probabilities)
+    prediction = Prediction(labels=volume.with_array(labels), uncertainty=volume.with_array(uncertainty))
+    if probabilities is not None:
+        prediction.probabilities = volume.with_array(probabilities)
     if roi_center_ijk is not None:
         inside = np.zeros(full_shape, dtype=np.float32)
         inside[region] = 1.0
@@ -342,6 +337,52 @@ def predict_volume(
         amap_volume = preprocessor.inverse(full, context, interpolator="linear")
         prediction.attention[name] = amap_volume.with_array(amap_volume.array.astype(np.float32))
     return prediction
+
+
+def _back_to_image(probs: np.ndarray, region: tuple[slice, ...], full_shape: Sequence[int],
+                   preprocessor: Preprocessor, context: Any, *, keep_probabilities: bool
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Labels (argmax), normalised entropy and optionally the probabilities in the image grid.
+
+    One class at a time: each channel is placed in the model grid (background outside the ROI), resampled back
+    and folded into a running argmax and entropy, so memory grows with a few image-sized maps, not with the
+    number of classes (a 512 x 512 x 300 CT with eight classes stays within a few GiB).
+    """
+    n_classes = probs.shape[0]
+    whole = all(r.start == 0 and r.stop == s for r, s in zip(region, full_shape))
+    best: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    kept: np.ndarray | None = None
+    for c in range(n_classes):
+        if whole:
+            channel_model = probs[c]
+        else:
+            channel_model = np.full(full_shape, 1.0 if c == 0 else 0.0, dtype=np.float32)  # outside: background
+            channel_model[region] = probs[c]
+        channel = preprocessor.inverse(channel_model, context, interpolator="linear").array.astype(np.float32,
+                                                                                                   copy=False)
+        if best is None:
+            best, labels = channel.copy(), np.zeros(channel.shape, dtype=np.uint8)
+            entropy = np.zeros(channel.shape, dtype=np.float32)
+            if keep_probabilities:
+                kept = np.empty((n_classes, *channel.shape), dtype=np.float32)
+        else:
+            better = channel > best
+            labels[better] = c
+            np.maximum(best, channel, out=best)
+            del better
+        clipped = np.clip(channel, 1e-8, 1.0)
+        np.log(clipped, out=clipped)
+        clipped *= channel
+        entropy -= clipped
+        del clipped
+        if kept is not None:
+            kept[c] = channel
+    assert labels is not None and entropy is not None
+    entropy /= math.log(max(n_classes, 2))
+    np.clip(entropy, 0.0, 1.0, out=entropy)
+    return labels, entropy, kept
 
 
 def restrict_to_points(labels: np.ndarray, points_ijk: Sequence[Sequence[float]]) -> np.ndarray:

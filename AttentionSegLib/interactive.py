@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import LoadedModel, model_from_config, save_checkpoint
+from .clicks import draw_click_maps
 from .image import Volume
 from .inference import CancelToken, Cancelled, Prediction, predict_volume, resolve_device, roi_slices
 from .losses import IGNORE_INDEX, attentive_similarity_loss, masked_crf_loss, partial_cross_entropy
@@ -317,10 +318,9 @@ class InteractiveSession:
         index = tuple(int(round(c)) for c in point[::-1])
 
         if not positive:
-            current = self.mask == self.mask[index] if self.mask[index] else None
-            if current is not None and int(self.mask[index]) not in self.locked:
-                component = keep_components_at_points(current, [point])
-                self.mask = np.where(component, 0, self.mask).astype(np.uint8)
+            wrong = int(self.mask[index])
+            if wrong and wrong not in self.locked:
+                self.mask = self._without_false_positive(point, wrong)
             self._apply(self.mask)
             return self.mask
 
@@ -334,6 +334,34 @@ class InteractiveSession:
         self._apply(np.where(component, label, self.mask), region=None)
         return self.mask
 
+    @property
+    def click_conditioned(self) -> bool:
+        """Whether the network takes the clicks as input channels (DeepGrow-style), not only the image."""
+        return self.model.in_channels > 1
+
+    def _without_false_positive(self, point: tuple[float, ...], label: int) -> np.ndarray:
+        """The mask after a negative click on ``label`` at ``point``.
+
+        An automatic network's answer does not depend on clicks: the component at the point goes. A
+        click-conditioned network re-infers around the point with the new negative click; within its window
+        ``label`` becomes the prediction's components at this label's positive clicks, and the component at
+        the point goes in any case.
+        """
+        mask = self.mask
+        if self.click_conditioned:
+            prediction = self._predict(center_ijk=point)
+            window = (prediction.roi.array.astype(bool) if prediction.roi is not None
+                      else np.ones(mask.shape, bool))
+            seeds = [c.point_ijk for c in self.clicks if c.positive and c.label == label]
+            found = prediction.labels.array == label
+            kept = keep_components_at_points(found, seeds) if seeds and found.any() else np.zeros(mask.shape, bool)
+            mask = np.where(window & (mask == label), 0, mask)
+            mask = np.where(window & kept.astype(bool) & (mask == 0), label, mask)
+        if mask[tuple(int(round(c)) for c in point[::-1])] == label:
+            component = keep_components_at_points(mask == label, [point])
+            mask = np.where(component, 0, mask)
+        return mask.astype(np.uint8)
+
     # ---------------------------------------------------------------------------------------------- inference
 
     def _click_channels(self) -> np.ndarray | None:
@@ -341,10 +369,9 @@ class InteractiveSession:
         extra = self.model.in_channels - 1
         if extra <= 0:
             return None
-        maps = np.zeros((2, *self.volume.shape), dtype=np.float32)
-        for click in self.clicks:
-            region, inside = self._disk(click.point_ijk)
-            maps[(0 if click.positive else 1, *region)][inside] = 1.0
+        maps = draw_click_maps(self.volume.shape, [c.point_ijk[::-1] for c in self.clicks if c.positive],
+                               [c.point_ijk[::-1] for c in self.clicks if not c.positive],
+                               radius=self.settings.click_radius)
         return maps[:extra]
 
     def _predict(self, *, center_ijk: Sequence[float] | None = None, roi_size: Sequence[int] | None = None,

@@ -129,3 +129,22 @@ def test_roi_inference_only_touches_the_box_around_the_point():
     assert inside.sum() == 8 * 16 * 16
     assert (pred.labels.array[~inside] == 0).all()
     assert inside[5, 10, 10]
+
+
+@pytest.mark.parametrize("spacing", [None, [1.6, 1.8, 5.0]], ids=["own_grid", "resampled"])
+@pytest.mark.parametrize("roi", [False, True], ids=["whole", "roi"])
+def test_labels_and_uncertainty_agree_with_the_probabilities(spacing, roi):
+    """The class-by-class fold of the model's output back to the image grid equals the plain argmax/entropy."""
+    from AttentionSegLib.inference import normalised_entropy
+
+    torch.manual_seed(0)
+    config = {"spatial_dims": 3, "in_channels": 1, "out_channels": 4, "filters": [4, 8, 16, 32, 64]}
+    model = model_from_config("attention_unet", config, preprocessing={
+        "normalization": {"kind": "zscore"}, "spacing": spacing, "patch_size": [16, 32, 32]})
+    volume = _volume((20, 48, 40))
+    kw = {"roi_center_ijk": (20, 24, 10), "roi_size": [8, 16, 16]} if roi else {}
+    pred = predict_volume(model, volume, device="cpu", return_probabilities=True, **kw)
+    probs = pred.probabilities.array
+    assert probs.shape == (4, *volume.shape)
+    assert np.array_equal(pred.labels.array, np.argmax(probs, axis=0))
+    assert np.allclose(pred.uncertainty.array, np.clip(normalised_entropy(probs), 0, 1), atol=1e-5)

@@ -184,3 +184,26 @@ def test_save_model_writes_a_loadable_adapted_checkpoint(tmp_path):
     loaded = load_checkpoint(path)
     assert loaded.provenance["adaptation"]["refine_steps"] == 2
     assert state_digest(loaded.network.state_dict()) == state_digest(session.model.network.state_dict())
+
+
+def test_a_click_conditioned_network_gets_the_clicks_as_input_channels():
+    torch.manual_seed(0)
+    volume, _ = _disk_image()
+    config = {**NET_2D, "in_channels": 3}  # image + positive + negative click maps (DeepGrow-style)
+    session = InteractiveSession(volume, config, device="cpu", settings=RefineSettings(click_budget_s=0))
+    seen = []
+    session.model.network.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach().clone()))
+    session.click((22, 24, 1), label=1, positive=True)
+    session.mask[1, 8:14, 46:54] = 1  # a false positive for the negative click to correct
+    seen.clear()
+    session.click((50, 10, 1), label=1, positive=False)
+    assert session.mask[1, 10, 50] == 0
+    assert seen, "a negative click re-infers with a click-conditioned network"
+    last = torch.cat(seen)  # (windows, 3, j, i): the 2D network sees slices (windows) as its batch
+    assert last.shape[1] == 3
+    positive, negative = last[:, 1], last[:, 2]
+    assert positive.sum() > 0 and negative.sum() > 0
+    k, j, i = np.unravel_index(int(positive.argmax()), positive.shape)
+    assert abs(int(j) - 24) <= 2 and abs(int(i) - 22) <= 2, "the positive map marks the clicked voxel"
+    k, j, i = np.unravel_index(int(negative.argmax()), negative.shape)
+    assert abs(int(j) - 10) <= 2 and abs(int(i) - 50) <= 2

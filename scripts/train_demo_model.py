@@ -28,7 +28,7 @@ NAME = "demo_abdomen_ct"
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=1500)
+    parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--cases", type=int, default=10, help="phantoms to train on (2 more are validation)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")

@@ -24,6 +24,8 @@ class TrainConfig:
         validation: names/regexes of validation cases, a fraction (0.2) or a count.
         labelled_cases: for ``semi``: names/regexes of the cases whose labels may be used (the rest are unlabelled).
         regime_options: loss weights and switches of the regime (see each regime's docstring).
+        click_channels: train a click-conditioned network (``supervised`` regime): two extra input channels
+            with simulated positive / negative click maps (DeepGrow-style, ``AttentionSegLib/clicks.py``).
     """
 
     data: str = ""
@@ -48,6 +50,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     labelled_cases: list[str] = field(default_factory=list)
     regime_options: dict[str, Any] = field(default_factory=dict)
+    click_channels: bool = False
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -88,6 +91,9 @@ class TrainConfig:
             raise ValueError("iterations and batch_size must be positive")
         if not self.data:
             raise ValueError("no dataset folder given (data)")
+        if self.click_channels and self.regime != "supervised":
+            raise ValueError(f"click_channels needs the supervised regime (dense labels to simulate clicks "
+                             f"from), not '{self.regime}'")
 
     def preprocessing(self) -> dict[str, Any]:
         """The preprocessing recorded in the checkpoint so that inference prepares images the same way."""

@@ -74,17 +74,24 @@ def poly_lr(base: float, iteration: int, total: int, exponent: float = 0.9) -> f
 @torch.no_grad()
 def validate(network: nn.Module, cases: Sequence[Case], config: TrainConfig, device: torch.device,
              labels: Sequence[int]) -> dict[str, float]:
-    """Mean Dice per label over whole validation cases (in the model grid)."""
+    """Mean Dice per label over whole validation cases (in the model grid).
+
+    A click-conditioned network is validated without clicks (empty click maps): its automatic quality.
+    """
     scores: dict[int, list[float]] = {label: [] for label in labels}
+    extra = int(getattr(network, "in_channels", 1)) - 1
     for case in cases:
         if case.label is None:
             continue
+        image = case.image[None]
+        if extra > 0:
+            image = np.concatenate([image, np.zeros((extra, *case.image.shape), dtype=image.dtype)])
         if config.spatial_dims == 2 and case.image.ndim == 3:
-            slices = [torch.from_numpy(case.image[k])[None, None] for k in range(case.image.shape[0])]
+            slices = [torch.from_numpy(image[:, k])[None] for k in range(case.image.shape[0])]
             probs = torch.stack([sliding_window_predict(network, s, config.patch_size, device=device,
                                                         amp=config.amp)[0] for s in slices], dim=1)
         else:
-            probs = sliding_window_predict(network, torch.from_numpy(case.image)[None, None], config.patch_size,
+            probs = sliding_window_predict(network, torch.from_numpy(image)[None], config.patch_size,
                                            device=device, amp=config.amp)[0]
         prediction = probs.argmax(0).numpy()
         for label in labels:

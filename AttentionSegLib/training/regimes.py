@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..clicks import CLICK_CHANNELS, simulate_click_maps
 from ..datasets import CaseFiles, PatchSampler, load_case
 from ..losses import (
     IGNORE_INDEX,
@@ -89,7 +90,12 @@ def segmentation_loss_with_aux(loss_fn: nn.Module, logits: torch.Tensor, aux: Ma
 
 
 class SupervisedRegime(Regime):
-    """Dense labels: Dice + cross-entropy (Attention U-Net, Oktay et al. 2018, trained with a Dice-type loss)."""
+    """Dense labels: Dice + cross-entropy (Attention U-Net, Oktay et al. 2018, trained with a Dice-type loss).
+
+    With ``config.click_channels`` the network is click-conditioned (DeepGrow-style): every patch gets two more
+    input channels with simulated positive and negative clicks (``AttentionSegLib.clicks``). Options
+    (``regime_options``): ``max_positive`` (3), ``max_negative`` (3), ``p_no_clicks`` (0.25), ``click_radius`` (2).
+    """
 
     name = "supervised"
 
@@ -100,15 +106,31 @@ class SupervisedRegime(Regime):
         self.sampler = PatchSampler(self.cases, config.patch_size, spatial_dims=config.spatial_dims,
                                     foreground_fraction=config.foreground_fraction, augment=config.augment,
                                     seed=config.seed * 1000 + rank)
-        self.loss_fn = DiceCELoss()
+        self.loss_fn = DiceCELoss(batch=True)  # batch Dice, as nnU-Net: steadier for small structures
         self.mistake_loss = MistakeAttentionLoss(main_loss=self.loss_fn)
+
+        self.click_generator = torch.Generator().manual_seed(config.seed * 1000 + rank + 29)
 
     def label_values(self) -> list[int]:
         return labels_in(self.cases)
 
+    def network_overrides(self) -> dict[str, Any]:
+        return {"in_channels": 1 + CLICK_CHANNELS} if self.config.click_channels else {}
+
+    def with_clicks(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The batch with simulated click maps appended as channels (one draw per patch)."""
+        maps = [simulate_click_maps(t, self.click_generator, max_positive=int(self.options.get("max_positive", 3)),
+                                    max_negative=int(self.options.get("max_negative", 3)),
+                                    p_no_clicks=float(self.options.get("p_no_clicks", 0.25)),
+                                    radius=int(self.options.get("click_radius", 2)))
+                for t in targets.numpy()]
+        return torch.cat([images, torch.from_numpy(np.stack(maps))], dim=1)
+
     def loss(self, model: nn.Module, network: nn.Module, device: torch.device, iteration: int
              ) -> tuple[torch.Tensor, dict[str, float]]:
         images, targets = self.sampler.batch(self.config.batch_size)
+        if self.config.click_channels:
+            images = self.with_clicks(images, targets)
         images, targets = images.to(device), targets.to(device)
         logits = model(images)
         return supervised_loss(self, network, logits, targets), {}
@@ -231,7 +253,7 @@ class SemiRegime(Regime):
             self.unlabelled_sampler = PatchSampler(cases, config.patch_size, spatial_dims=config.spatial_dims,
                                                    foreground_fraction=0.0, augment=False,
                                                    seed=config.seed * 1000 + rank + 17)
-        self.loss_fn = DiceCELoss()
+        self.loss_fn = DiceCELoss(batch=True)  # batch Dice, as nnU-Net: steadier for small structures
         self.mistake_loss = MistakeAttentionLoss(main_loss=self.loss_fn)
         self.generator = torch.Generator().manual_seed(config.seed * 7919 + rank)
         self.teacher: EMATeacher | None = None

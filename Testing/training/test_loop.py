@@ -103,3 +103,34 @@ def test_ddp_on_gloo_with_two_processes_keeps_replicas_in_sync(phantoms, tmp_pat
     assert log["world_size"] == 2
     assert log["replicas_in_sync"] is True
     assert load_checkpoint(out / "model_last.pt").provenance["world_size"] == 2
+
+
+def test_click_conditioned_training_gives_a_network_with_click_channels(phantoms, tmp_path):
+    result = train(_config(phantoms, tmp_path / "run", click_channels=True, iterations=2, validate_every=2),
+                   progress=False)
+    model = load_checkpoint(result.last_model)
+    assert model.in_channels == 3, "image + positive + negative click maps"
+    assert model.network_config["in_channels"] == 3
+    assert result.history and 0.0 <= result.history[-1]["dice_mean"] <= 1.0, "validated without clicks"
+
+
+def test_click_channels_need_dense_labels(phantoms, tmp_path):
+    with pytest.raises(ValueError, match="supervised regime"):
+        _config(phantoms, tmp_path / "run", click_channels=True, regime="scribble").validate()
+
+
+def test_the_click_regime_feeds_the_clicks_it_simulates(phantoms):
+    from AttentionSegLib.datasets import list_cases
+    from AttentionSegLib.training.regimes import make_regime
+
+    config = _config(phantoms, Path("unused"), click_channels=True,
+                     regime_options={"p_no_clicks": 0.0, "click_radius": 0})  # a click is one voxel
+    regime = make_regime(config, list_cases(phantoms), config.preprocessing())
+    images, targets = regime.sampler.batch(4)
+    batch = regime.with_clicks(images, targets)
+    assert batch.shape[1] == 3 and torch.equal(batch[:, :1], images)
+    positive = batch[:, 1] > 0
+    has_foreground = (targets > 0).flatten(1).any(1)
+    assert positive.flatten(1).any(1).tolist() == has_foreground.tolist()
+    assert bool((targets[positive] > 0).all()), "positive clicks on the structures"
+    assert bool((targets[batch[:, 2] > 0] == 0).all()), "negative clicks on the background"
