@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -267,7 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     if not Path(config.data).is_dir():
         raise CLIError(f"{config.data}: dataset folder not found")
-    result = train(config, progress=not args.quiet)
+    result = train(config, progress=not args.quiet, command=args.command_line)
     if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
         best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f}"
         print(f"trained {result.iterations} iterations; best validation Dice {best}")
@@ -326,7 +327,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_phantom(args: argparse.Namespace) -> int:
     from .phantom import make_phantom_dataset
 
-    folder = make_phantom_dataset(args.output, n_cases=args.cases, seed=args.seed)
+    folder = make_phantom_dataset(args.output, n_cases=args.cases, seed=args.seed, scribbles=args.scribbles)
     print(f"wrote {args.cases} phantom case(s) to {folder}")
     return 0
 
@@ -458,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("output", help="folder to create")
     ph.add_argument("--cases", type=int, default=4)
     ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--scribbles", action="store_true",
+                    help="also write scribblesTr/ (simulated strokes inside each structure and in the background)")
     ph.set_defaults(func=cmd_phantom)
     return parser
 
@@ -482,7 +485,9 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["attentionseg", *argv])  # recorded in what the command writes
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_BAD_INPUT

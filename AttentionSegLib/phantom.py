@@ -383,10 +383,45 @@ def _paint_spine(canvas: _Canvas, rng: np.random.Generator, hu: dict[str, float]
     canvas.paint((box, ring <= 0.04), hu["spinal_canal"], 0)
 
 
+def simulate_scribbles(labels: np.ndarray, *, every: int = 4, erode: int = 2) -> np.ndarray:
+    """Scribble-like annotations of a label map: 255 none, 0 background, ``k`` label ``k``.
+
+    On every ``every``-th slice (axis 0) each structure gets one stroke: the middle row of the structure eroded
+    by up to ``erode`` voxels (so the stroke stays inside it), and the background one stroke along
+    the middle row where no structure is within ``erode`` voxels. Sparse, inside the structures, and drawn on
+    a few slices only, like the ACDC scribbles of Valvano et al. (2021); for tests and demos of scribble training.
+    """
+    labels = np.asarray(labels)
+    scribbles = np.full(labels.shape, 255, dtype=np.uint8)
+    planes = range(0, labels.shape[0], max(every, 1)) if labels.ndim == 3 else [None]
+    for k in planes:
+        plane = labels if k is None else labels[k]
+        out = scribbles if k is None else scribbles[k]
+        structures = plane > 0
+        for value in [v for v in np.unique(plane) if v]:
+            structure = sitk.GetImageFromArray((plane == value).astype(np.uint8))
+            for radius in range(erode, -1, -1):  # a structure thinner than the erosion gets a milder one
+                eroded = sitk.BinaryErode(structure, [radius] * plane.ndim) if radius else structure
+                inside = sitk.GetArrayFromImage(eroded).astype(bool)
+                if inside.any():
+                    break
+            rows = np.nonzero(inside.any(axis=1))[0]
+            if len(rows):
+                row = int(rows[len(rows) // 2])
+                out[row][inside[row]] = value
+        near = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(structures.astype(np.uint8)),
+                                                        [erode] * plane.ndim)).astype(bool)
+        row = plane.shape[0] // 2
+        out[row][~near[row]] = 0
+    return scribbles
+
+
 def make_phantom_dataset(
     folder: str | os.PathLike,
     n_cases: int,
     seed: int = 0,
+    *,
+    scribbles: bool = False,
     **phantom_kwargs: Any,
 ) -> Path:
     """Write phantoms as a Medical Segmentation Decathlon-style dataset folder.
@@ -401,6 +436,7 @@ def make_phantom_dataset(
         folder: the dataset folder (created if missing; existing cases with the same names are replaced).
         n_cases: number of training cases.
         seed: the dataset seed.
+        scribbles: also write ``scribblesTr/`` with :func:`simulate_scribbles` of each label map.
         **phantom_kwargs: passed on to :func:`make_abdominal_phantom` (``shape``, ``spacing``, ...).
 
     Returns:
@@ -415,6 +451,8 @@ def make_phantom_dataset(
         name = f"case_{case:03d}.nii.gz"
         write_image(image, folder / "imagesTr" / name)
         write_image(labels, folder / "labelsTr" / name)
+        if scribbles:
+            write_image(labels.with_array(simulate_scribbles(labels.array)), folder / "scribblesTr" / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     description = {
         "name": "AttentionSegPhantom",

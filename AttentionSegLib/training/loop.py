@@ -64,7 +64,10 @@ def git_commit(path: Path) -> str | None:
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["attentionseg", *sys.argv[1:]]) if sys.argv else ""
+    """The command line of this process (``python script.py ...``), for runs started through the Python API."""
+    if not sys.argv:
+        return ""
+    return shlex.join(["python", *sys.argv])
 
 
 def poly_lr(base: float, iteration: int, total: int, exponent: float = 0.9) -> float:
@@ -113,8 +116,13 @@ def _network_config(config: TrainConfig, out_channels: int) -> dict[str, Any]:
     return net_config
 
 
-def train(config: TrainConfig, *, progress: bool = True, cancel: CancelToken | None = None) -> TrainResult:
-    """Train a network as ``config`` says; returns where the checkpoints are. Safe to run under ``torchrun``."""
+def train(config: TrainConfig, *, progress: bool = True, cancel: CancelToken | None = None,
+          command: str | None = None) -> TrainResult:
+    """Train a network as ``config`` says; returns where the checkpoints are. Safe to run under ``torchrun``.
+
+    ``command`` is recorded in the checkpoints' provenance (``attentionseg train`` passes its own command
+    line); by default it is this process's command line.
+    """
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -122,13 +130,14 @@ def train(config: TrainConfig, *, progress: bool = True, cancel: CancelToken | N
     context = init_distributed(device)
     device = device_for_rank(device, context)
     try:
-        return _train(config, device, context, progress=progress, cancel=cancel)
+        return _train(config, device, context, progress=progress, cancel=cancel,
+                      command=command or command_line())
     finally:
         shutdown(context)
 
 
 def _train(config: TrainConfig, device: torch.device, context: DistributedContext, *, progress: bool,
-           cancel: CancelToken | None) -> TrainResult:
+           cancel: CancelToken | None, command: str) -> TrainResult:
     torch.manual_seed(config.seed + context.rank)
     output = Path(config.output)
     if context.is_main:
@@ -180,7 +189,7 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
     def provenance(iteration: int, metrics: dict[str, float] | None) -> dict[str, Any]:
         return {
             "data": str(root.resolve()),
-            "command": command_line(),
+            "command": command,
             "config": config.to_dict(),
             "iterations": iteration,
             "validation_cases": [f.name for f in val_files],
