@@ -253,6 +253,9 @@ def _train_config(args: argparse.Namespace):
         values["labelled_cases"] = args.labelled.split(",")
     if args.regime_options:
         values["regime_options"] = {**values.get("regime_options", {}), **json.loads(args.regime_options)}
+    if args.mirror_axes is not None:
+        text = args.mirror_axes.strip().lower()
+        values["mirror_axes"] = [] if text in ("", "none") else [int(v) for v in text.split(",")]
     if args.click_channels:
         values["click_channels"] = True
     if args.no_amp:
@@ -429,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-every", type=int)
     tr.add_argument("--seed", type=int)
     tr.add_argument("--threads", type=int, help="torch CPU threads")
+    tr.add_argument("--mirror-axes", metavar="AXES",
+                    help="patch axes (array order) flip augmentation may mirror, e.g. 1,2; 'none' for labels "
+                         "that name a side (left/right kidney); default: the two in-plane axes")
     tr.add_argument("--click-channels", action="store_true",
                     help="supervised regime: train a click-conditioned network (DeepGrow-style positive and "
                          "negative click maps as two extra input channels, clicks simulated from the labels)")

@@ -203,6 +203,11 @@ def apply_augmentation(image: np.ndarray, masks: Sequence[np.ndarray | None], pa
     return np.ascontiguousarray(image, dtype=np.float32), out_masks
 
 
+def default_mirror_axes(spatial_dims: int) -> tuple[int, ...]:
+    """The axes random flips mirror unless a config says otherwise: the two in-plane axes (array order)."""
+    return tuple(range(spatial_dims))[-2:]
+
+
 class PatchSampler:
     """Random training patches from preprocessed cases, with foreground oversampling.
 
@@ -215,12 +220,15 @@ class PatchSampler:
         foreground_fraction: probability that a patch is centred on a labelled (or scribbled) voxel; the class
             is drawn uniformly among the case's foreground classes first.
         augment: draw and apply random augmentation.
+        mirror_axes: patch axes (array order) that random flips may mirror; ``None``: the two in-plane axes.
+            Give ``()`` for labels that name a side (left/right kidney): a mirrored patch would teach the
+            network that the left kidney is also the right one.
         seed: base seed; each rank of a distributed run should pass a different one.
     """
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], *, spatial_dims: int,
                  foreground_fraction: float = 0.33, augment: bool = True, seed: int = 0,
-                 target: str = "label") -> None:
+                 target: str = "label", mirror_axes: Sequence[int] | None = None) -> None:
         if not cases:
             raise DatasetError("no training cases to sample patches from")
         self.cases = list(cases)
@@ -228,6 +236,11 @@ class PatchSampler:
         self.spatial_dims = spatial_dims
         self.foreground_fraction = foreground_fraction
         self.augment = augment
+        self.mirror_axes = default_mirror_axes(spatial_dims) if mirror_axes is None else tuple(mirror_axes)
+        bad = [a for a in self.mirror_axes if not 0 <= int(a) < spatial_dims]
+        if bad:
+            raise DatasetError(f"mirror_axes {list(self.mirror_axes)}: axes must lie in 0..{spatial_dims - 1} "
+                               f"(array order of the {spatial_dims}D patch)")
         self.target = target
         self.generator = torch.Generator().manual_seed(seed)
         self._foreground = [self._foreground_voxels(c) for c in self.cases]
@@ -275,7 +288,7 @@ class PatchSampler:
         patch_image, patch_target = self._crop(image, target, center)
         if self.augment:
             params = draw_augmentation(self.generator, self.spatial_dims,
-                                       flip_axes=tuple(range(self.spatial_dims))[-2:],
+                                       flip_axes=self.mirror_axes,
                                        rotate_inplane=False)
             patch_image, (patch_target,) = apply_augmentation(patch_image, [patch_target], params, self.generator)
         return patch_image, patch_target

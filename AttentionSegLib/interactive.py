@@ -28,9 +28,17 @@ import torch.nn.functional as F
 
 from .checkpoint import LoadedModel, model_from_config, save_checkpoint
 from .clicks import draw_click_maps
+from .datasets import default_mirror_axes
 from .image import Volume
 from .inference import CancelToken, Cancelled, Prediction, predict_volume, resolve_device, roi_slices
-from .losses import IGNORE_INDEX, attentive_similarity_loss, masked_crf_loss, partial_cross_entropy
+from .losses import (
+    IGNORE_INDEX,
+    attention_guided_image_perturbation,
+    attentive_similarity_loss,
+    consistency_loss,
+    masked_crf_loss,
+    partial_cross_entropy,
+)
 from .postprocessing import keep_components_at_points
 from .preprocessing import Preprocessor
 
@@ -54,6 +62,11 @@ class RefineSettings:
         click_radius: radius (voxels) of the scribble disk a click leaves.
         click_budget_s: fine-tuning budget a click may spend when the network does not find the structure.
         window_fraction: each step trains on a random window of this fraction of the ROI (with random flips).
+        consistency_weight: weight of attention-guided weak-to-strong consistency on the unscribbled voxels
+            (AIGCMatch, arXiv 2410.12419: the network's confident answer on the window is the target for an
+            attention-placed CutMix of the window with itself, on a strong intensity view); 0 (default) turns
+            it off, which doubles the steps a budget buys.
+        consistency_threshold: confidence a voxel's weak-view answer needs to count.
     """
 
     learning_rate: float | None = None
@@ -67,6 +80,8 @@ class RefineSettings:
     click_radius: int = 2
     click_budget_s: float = 3.0
     window_fraction: float = 0.75
+    consistency_weight: float = 0.0
+    consistency_threshold: float = 0.9
 
 
 @dataclass
@@ -488,6 +503,7 @@ class InteractiveSession:
             learning_rate = 1e-2 if self.model.path is None and "untrained" in str(
                 self.model.provenance.get("source", "")) else 3e-4
         optimiser = torch.optim.Adam(network.parameters(), lr=learning_rate)
+        mirror_axes = self._mirror_axes(x.dim() - 2)
         best_state = None
         smoothed = math.inf
         started = time.perf_counter()
@@ -505,7 +521,7 @@ class InteractiveSession:
                     raise Cancelled("refine cancelled")
                 optimiser.zero_grad(set_to_none=True)
                 window = self._random_window(x.shape[2:], divisor)
-                flips = [d + 2 for d in range(x.dim() - 2)[-2:] if torch.rand(1, generator=self.generator) < 0.5]
+                flips = [a + 2 for a in mirror_axes if torch.rand(1, generator=self.generator) < 0.5]
 
                 def view(t: torch.Tensor) -> torch.Tensor:
                     t = t[(slice(None), slice(None), *window)] if t.dim() == x.dim() else t[(slice(None), *window)]
@@ -527,6 +543,8 @@ class InteractiveSession:
                 if settings.attention_weight > 0 and affinity is not None:
                     loss = loss + settings.attention_weight * attentive_similarity_loss(
                         probs, affinity, attention_module.last_shape)
+                if settings.consistency_weight > 0:
+                    loss = loss + settings.consistency_weight * self._consistency(network, xs, vs * us)
                 value = float(loss_ce.detach())
                 report.losses.append(float(loss.detach()))
                 # Windows differ from step to step: judge the weights by a running mean of the scribble loss.
@@ -548,6 +566,40 @@ class InteractiveSession:
         self._adapt_steps += report.steps
         self._weights_version += 1
         return report
+
+    def _consistency(self, network: torch.nn.Module, x: torch.Tensor, unlabelled: torch.Tensor) -> torch.Tensor:
+        """Attention-guided weak-to-strong consistency (AIGCMatch) of one window batch.
+
+        The weak view is the window itself (no gradient); the strong view gets a random contrast, brightness
+        and noise, then a CutMix box placed by the network's finest attention gate (from another item of the
+        batch, or from the window mirrored when the batch has one item). Only confident voxels of the weak
+        view, outside the scribbles, count.
+        """
+        with torch.no_grad():
+            weak_logits, attention = network(x, return_attention=True)
+        gate = attention[sorted(attention)[0]] if attention else torch.full_like(x[:, :1], 0.5)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        contrast = 1.0 + 0.4 * (torch.rand(shape, generator=self.generator) - 0.5)
+        brightness = 0.4 * (torch.rand(shape, generator=self.generator) - 0.5)
+        strong = x.cpu() * contrast + brightness + 0.05 * torch.randn(x.shape, generator=self.generator)
+        source = None if x.shape[0] > 1 else strong.flip(-1)
+        perturbed = attention_guided_image_perturbation(strong.to(x.device), gate.float(), ratio=0.25,
+                                                        generator=self.generator,
+                                                        source_images=None if source is None else source.to(x.device))
+        source_logits = None if source is None else weak_logits.flip(-1)
+        target = perturbed.mix(weak_logits, source_logits)
+        valid = perturbed.mix(unlabelled, None if source is None else unlabelled.flip(-1))
+        return consistency_loss(network(perturbed.images), target, self.settings.consistency_threshold,
+                                valid_mask=valid)
+
+    def _mirror_axes(self, spatial_dims: int) -> tuple[int, ...]:
+        """The axes fine-tuning may flip: those the model was trained to be mirror-invariant along.
+
+        A model trained with ``mirror_axes: []`` (labels that name a side) is never shown a mirrored image.
+        """
+        trained = self.model.provenance.get("config", {}).get("mirror_axes")
+        axes = default_mirror_axes(spatial_dims) if trained is None else tuple(int(a) for a in trained)
+        return tuple(a for a in axes if 0 <= a < spatial_dims)
 
     def _random_window(self, shape: Sequence[int], divisor: int) -> tuple[slice, ...]:
         """A random crop of about ``window_fraction`` of the ROI per axis (a multiple of ``divisor``).

@@ -115,3 +115,19 @@ def test_validation_split_by_names_fraction_and_count():
     assert split_cases(cases, 0.2, seed=3) == (train, val), "a seed gives the same split"
     train, val = split_cases(cases, 99)
     assert len(train) == 1, "at least one training case is kept"
+
+
+@pytest.mark.parametrize("mirror_axes, may_flip", [(None, True), ((), False), ((0,), False)])
+def test_mirroring_only_along_the_allowed_axes(mirror_axes, may_flip):
+    """A label that names a side (on the left half of the image) stays there unless axis 1 (i) may be mirrored."""
+    label = np.zeros((8, 8), np.uint8)
+    label[:, :4] = 1
+    case = Case("side", np.zeros((8, 8), np.float32), label, None, (1.0, 1.0))
+    sampler = PatchSampler([case], (8, 8), spatial_dims=2, augment=True, seed=0, mirror_axes=mirror_axes)
+    flipped = sum(bool(sampler.sample()[1][:, 4:].any()) for _ in range(40))
+    assert (flipped > 0) == may_flip
+
+
+def test_mirror_axes_outside_the_patch_are_refused():
+    with pytest.raises(DatasetError, match="mirror_axes"):
+        PatchSampler([_case()], (8, 8), spatial_dims=2, mirror_axes=(2,))

@@ -207,3 +207,18 @@ def test_a_click_conditioned_network_gets_the_clicks_as_input_channels():
     assert abs(int(j) - 24) <= 2 and abs(int(i) - 22) <= 2, "the positive map marks the clicked voxel"
     k, j, i = np.unravel_index(int(negative.argmax()), negative.shape)
     assert abs(int(j) - 10) <= 2 and abs(int(i) - 50) <= 2
+
+
+def test_refine_with_attention_guided_consistency_still_learns_from_the_scribbles():
+    session, truth = _session(max_steps=60, consistency_weight=0.5, consistency_threshold=0.6)
+    session.add_scribbles(_scribbles(truth))
+    mask = session.refine(time_budget_s=3600)
+    assert session.last_report.steps == 60
+    assert dice(mask[1] == 1, truth[1] == 1) > 0.6
+
+
+def test_a_model_trained_without_mirroring_is_never_shown_a_mirrored_window():
+    session, _ = _session()
+    assert session._mirror_axes(2) == (0, 1), "an untrained network: the in-plane axes"
+    session.model.provenance["config"] = {"mirror_axes": []}
+    assert session._mirror_axes(2) == ()

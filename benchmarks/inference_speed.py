@@ -6,7 +6,8 @@
 
 Measures, for our sliding window (``AttentionSegLib.inference.sliding_window_predict``) and MONAI's
 ``sliding_window_inference`` with the same network, window, overlap, batch and Gaussian blending, in the same run:
-seconds (median of ``--repeats``), peak resident memory of a fresh process running only that method, and the
+seconds (median of ``--repeats``), peak resident memory of a fresh process that only reads the CT (an int16
+MHA file written beforehand) and runs that method, and the
 achieved GFLOP/s (the network's FLOPs per window, counted by ``torch.utils.flop_counter``, times the windows,
 over the time) against this machine's measured conv3d rate. Ratios are against MONAI.
 """
@@ -17,8 +18,10 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,18 +40,21 @@ NETWORK = {"spatial_dims": 3, "in_channels": 1, "out_channels": 8, "filters": [1
 PREPROCESSING = {"normalization": {"kind": "ct_window", "window": [-160, 240]}, "spacing": None}
 
 
-def _phantom(shape: tuple[int, int, int]):
+def write_phantom(shape: tuple[int, int, int], path: Path) -> Path:
+    """A phantom CT of the requested size (k, j, i) as an uncompressed MHA file (int16 HU, as scanners write)."""
+    from AttentionSegLib.image import write_image
     from AttentionSegLib.phantom import make_abdominal_phantom
 
     image, _, _ = make_abdominal_phantom(shape=shape, spacing=(0.8, 0.8, 1.5), seed=0)
-    return image
+    return write_image(image, path)
 
 
-def _volume(shape: tuple[int, int, int]) -> torch.Tensor:
-    """A phantom CT of the requested size (k, j, i), normalised as the demo model's preprocessing does."""
+def _volume(path: Path) -> torch.Tensor:
+    """The CT normalised as the demo model's preprocessing does, as a ``(1, 1, *spatial)`` tensor."""
+    from AttentionSegLib.image import read_image
     from AttentionSegLib.preprocessing import normalize_intensity
 
-    array = normalize_intensity(_phantom(shape).array.astype(np.float32), PREPROCESSING["normalization"])
+    array = normalize_intensity(read_image(path).array.astype(np.float32), PREPROCESSING["normalization"])
     return torch.from_numpy(array)[None, None]
 
 
@@ -59,7 +65,7 @@ def _network(device: torch.device):
     return build_network("attention_unet", **NETWORK).to(device).eval()
 
 
-def _run_method(method: str, shape, patch, overlap: float, batch: int, device: torch.device) -> float:
+def _run_method(method: str, path: Path, patch, overlap: float, batch: int, device: torch.device) -> float:
     """One whole-volume inference; returns seconds (inputs are prepared before the clock starts).
 
     ``attentionseg_pipeline`` is what ``attentionseg segment --attention-dir`` computes: the CT (int16 HU) in,
@@ -73,7 +79,9 @@ def _run_method(method: str, shape, patch, overlap: float, batch: int, device: t
 
         model = LoadedModel(network=network, network_name="attention_unet", network_config=dict(NETWORK),
                             preprocessing={**PREPROCESSING, "patch_size": list(patch)}, labels={}, provenance={})
-        volume = _phantom(shape)
+        from AttentionSegLib.image import read_image
+
+        volume = read_image(path)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -81,7 +89,7 @@ def _run_method(method: str, shape, patch, overlap: float, batch: int, device: t
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
-    image = _volume(shape)
+    image = _volume(path)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -107,7 +115,7 @@ def _child(args: argparse.Namespace) -> int:
     """Run one method in this (fresh) process and print seconds + peak RSS as JSON."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    seconds = [_run_method(args.child, args.shape, args.patch, args.overlap, args.batch, device)
+    seconds = [_run_method(args.child, Path(args.input), args.patch, args.overlap, args.batch, device)
                for _ in range(args.repeats)]
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -167,6 +175,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a 96x192x192 volume instead (a smoke run)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "inference_speed.json"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--input", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.shape = "96,192,192"
@@ -185,10 +194,13 @@ def main() -> int:
     setting = f"{args.device}:{'x'.join(map(str, args.shape))}:patch{'x'.join(map(str, args.patch))}:" \
               f"overlap{args.overlap}"
     records, raw = [], {}
+    work = Path(tempfile.mkdtemp(prefix="attentionseg-speed-"))
+    ct = write_phantom(args.shape, work / "phantom_ct.mha")
     for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--child", method, "--shape", ",".join(map(str, args.shape)),
+        cmd = [sys.executable, __file__, "--child", method, "--input", str(ct), "--shape", ",".join(map(str, args.shape)),
                "--patch", ",".join(map(str, args.patch)), "--overlap", str(args.overlap), "--batch", str(args.batch),
                "--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device]
+        print(f"{method}: running in a fresh process", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             print(proc.stderr[-2000:], file=sys.stderr)
@@ -205,6 +217,7 @@ def main() -> int:
         if result.get("gpu_peak_gib") is not None:
             records.append({**common, "metric": "gpu_peak_gib", "value": result["gpu_peak_gib"]})
         print(f"{method}: {seconds:.1f} s, peak RSS {result['peak_rss_gib']:.2f} GiB, {gflops:.1f} GFLOP/s")
+    shutil.rmtree(work, ignore_errors=True)
     if "attentionseg" in raw and "monai_sliding_window" in raw:
         ratio = float(np.median(raw["attentionseg"]["seconds"])) / float(np.median(raw["monai_sliding_window"]["seconds"]))
         records.append({"method": "attentionseg", "dataset": "phantom_ct", "setting": setting,

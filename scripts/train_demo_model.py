@@ -42,7 +42,10 @@ def main() -> int:
                "--patch-size", "32,64,64", "--batch-size", "2", "--iterations", str(args.iterations),
                "--learning-rate", "0.003", "--normalization",
                json.dumps({"kind": "ct_window", "window": [-160, 240]}), "--validation", "2",
-               "--validate-every", "250", "--checkpoint-every", "250", "--device", args.device]
+               "--validate-every", "250", "--checkpoint-every", "250", "--device", args.device,
+               # The labels name sides (kidney_left / kidney_right) and the anatomy is not mirror-symmetric
+               # (aorta left of the vena cava, spleen on the left): no mirroring.
+               "--mirror-axes", "none"]
     subprocess.run(command, check=True, cwd=REPO)
     best = run / "model_best.pt"
     model = load_checkpoint(best)

@@ -24,6 +24,8 @@ class TrainConfig:
         validation: names/regexes of validation cases, a fraction (0.2) or a count.
         labelled_cases: for ``semi``: names/regexes of the cases whose labels may be used (the rest are unlabelled).
         regime_options: loss weights and switches of the regime (see each regime's docstring).
+        mirror_axes: patch axes (array order) that flip augmentation may mirror; null: the two in-plane axes;
+            ``[]`` for labels that name a side (left / right kidney). Interactive refinement honours it too.
         click_channels: train a click-conditioned network (``supervised`` regime): two extra input channels
             with simulated positive / negative click maps (DeepGrow-style, ``AttentionSegLib/clicks.py``).
     """
@@ -43,6 +45,7 @@ class TrainConfig:
     aux_weight: float = 0.4
     foreground_fraction: float = 0.5
     augment: bool = True
+    mirror_axes: list[int] | None = None
     normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "zscore"})
     spacing: list[float] | None = None
     validation: Any = 0.2

@@ -105,6 +105,7 @@ class SupervisedRegime(Regime):
         self.cases = [load_case(f, preprocessing) for f in files]
         self.sampler = PatchSampler(self.cases, config.patch_size, spatial_dims=config.spatial_dims,
                                     foreground_fraction=config.foreground_fraction, augment=config.augment,
+                                    mirror_axes=config.mirror_axes,
                                     seed=config.seed * 1000 + rank)
         self.loss_fn = DiceCELoss(batch=True)  # batch Dice, as nnU-Net: steadier for small structures
         self.mistake_loss = MistakeAttentionLoss(main_loss=self.loss_fn)
@@ -170,6 +171,7 @@ class ScribbleRegime(Regime):
         self.cases = [load_case(f, preprocessing, with_label=False, with_scribble=True) for f in files]
         self.sampler = PatchSampler(self.cases, config.patch_size, spatial_dims=config.spatial_dims,
                                     foreground_fraction=config.foreground_fraction, augment=config.augment,
+                                    mirror_axes=config.mirror_axes,
                                     seed=config.seed * 1000 + rank, target="scribble")
 
     def label_values(self) -> list[int]:
@@ -246,6 +248,7 @@ class SemiRegime(Regime):
         self.cases = [load_case(f, preprocessing) for f in labelled]
         self.sampler = PatchSampler(self.cases, config.patch_size, spatial_dims=config.spatial_dims,
                                     foreground_fraction=config.foreground_fraction, augment=config.augment,
+                                    mirror_axes=config.mirror_axes,
                                     seed=config.seed * 1000 + rank)
         self.unlabelled_sampler: PatchSampler | None = None
         if self.method == "attention_perturbation" and unlabelled:
