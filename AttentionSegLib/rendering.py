@@ -68,8 +68,9 @@ def overlay_panels(image2d: np.ndarray, labels2d: np.ndarray, attention2d: Mappi
                    *, window: tuple[float, float] | None = None, alpha: float = 0.45, scale: int = 2) -> np.ndarray:
     """Side by side: the slice with filled/outlined labels, then one panel per attention map over the slice.
 
-    Rows are flipped so that the array's first row (smallest j) is at the bottom, as radiological viewers show
-    axial slices of LPS images when j runs posterior.
+    The slice is shown as stored: for an image with the identity direction (LPS: i runs to the patient's left,
+    j to posterior) the patient's right is on the left and anterior at the top, as radiological viewers show
+    axial slices.
     """
     grey = to_grey(image2d, window)
     base = np.repeat(grey[..., None], 3, axis=-1)
@@ -89,7 +90,6 @@ def overlay_panels(image2d: np.ndarray, labels2d: np.ndarray, attention2d: Mappi
         panels.append(0.5 * base + 0.5 * heat_colour(norm))
     separator = np.ones((grey.shape[0], 2, 3), dtype=np.float32)
     row = np.concatenate([p for panel in panels for p in (panel, separator)][:-1], axis=1)
-    row = row[::-1]
     if scale > 1:
         row = row.repeat(scale, axis=0).repeat(scale, axis=1)
     return (row * 255).round().astype(np.uint8)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Retrain the bundled demo model (``demo_abdomen_ct``) with the project's own ``attentionseg train`` on phantoms.
 
-    python scripts/train_demo_model.py [--iterations 1500] [--cases 10]
+    python scripts/train_demo_model.py [--iterations 2000] [--cases 10] [--work DIR [--resume]]
 
 The checkpoint records the exact ``attentionseg train`` command, the phantom data it saw and its validation
 Dice; the script then lists it in ``AttentionSegLib/bundled_models/manifest.json`` with its sha256.
@@ -32,10 +32,16 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=10, help="phantoms to train on (2 more are validation)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --work up to --iterations (e.g. 2000 done, then 3500)")
     args = parser.parse_args()
+    if args.resume and not args.work:
+        parser.error("--resume needs the --work folder of the run to continue")
 
     work = Path(args.work or tempfile.mkdtemp(prefix="attentionseg-demo-"))
-    data = make_phantom_dataset(work / "phantoms", n_cases=args.cases + 2, seed=0)
+    data = work / "phantoms"
+    if not (args.resume and (data / "dataset.json").is_file()):
+        data = make_phantom_dataset(data, n_cases=args.cases + 2, seed=0)
     run = work / "run"
     command = [sys.executable, "-m", "AttentionSegLib.cli", "train", "--data", str(data), "-o", str(run),
                "--network", "attention_unet", "--network-config", json.dumps({"filters": [8, 16, 32, 64, 128]}),
@@ -45,7 +51,7 @@ def main() -> int:
                "--validate-every", "250", "--checkpoint-every", "250", "--device", args.device,
                # The labels name sides (kidney_left / kidney_right) and the anatomy is not mirror-symmetric
                # (aorta left of the vena cava, spleen on the left): no mirroring.
-               "--mirror-axes", "none"]
+               "--mirror-axes", "none"] + (["--resume"] if args.resume else [])
     subprocess.run(command, check=True, cwd=REPO)
     best = run / "model_best.pt"
     model = load_checkpoint(best)
