@@ -52,7 +52,8 @@ class RefineSettings:
     Attributes:
         learning_rate: Adam step size for fine-tuning; ``None`` picks 1e-2 for an untrained network (it has
             everything to learn) and 3e-4 for a trained one (adapt it, do not overwrite it).
-        crf_weight: weight of the masked CRF term (AttenScribble uses 1.0 on ACDC with sigma_rgb 0.1).
+        crf_weight: weight of the masked CRF term; higher than in training (0.1) because a handful of
+            scribbles must be propagated over the whole ROI within seconds.
         attention_weight: weight of the attentive similarity term (used when the network has self-attention).
         margin: voxels added around the interactions' bounding box (model grid).
         max_roi: largest ROI per axis (model grid, array order); bigger boxes are centred on the interactions.

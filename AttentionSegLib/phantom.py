@@ -240,7 +240,8 @@ def _drop_organ_fragments(canvas: _Canvas, hu: dict[str, float]) -> None:
         if name == "vertebrae":  # one piece per vertebra by design
             continue
         organ = sitk.GetImageFromArray((canvas.labels == label).astype(np.uint8))
-        pieces = sitk.GetArrayViewFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(organ)))
+        # A copy, not a view: a view of the temporary image would dangle once the image is freed.
+        pieces = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(organ)))
         fragments = pieces > 1  # RelabelComponent numbers the largest piece 1
         canvas.labels[fragments] = 0
         canvas.hu[fragments] = hu["visceral_fat"]

@@ -154,8 +154,9 @@ class ScribbleRegime(Regime):
 
     Options (``regime_options``):
         losses: ``"attenscribble"`` (default) or ``"pce"`` (partial cross-entropy alone, the baseline).
-        crf_weight: weight of the masked CRF term (AttenScribble: 1.0 ... ; default 0.5).
-        crf_sigma_xy, crf_sigma_rgb, crf_radius: CRF kernel (defaults: 6 voxels, 0.1, 5; the paper's ACDC setting).
+        crf_weight: weight of the masked CRF term (default 0.1, the weight WSL4MIS gives its gated CRF term
+            next to pCE on ACDC, ``train_weakly_supervised_pCE_GatedCRFLoss_2D.py``).
+        crf_sigma_xy, crf_sigma_rgb, crf_radius: CRF kernel (defaults: 6 voxels, 0.1, 5: WSL4MIS's ACDC kernel).
         attention_weight: weight of the attentive similarity term (default 0.3).
         self_attention_level: encoder level of the pluggable self-attention module (default 3).
     """
@@ -200,7 +201,7 @@ class ScribbleRegime(Regime):
                                   sigma_xy=float(self.options.get("crf_sigma_xy", 6.0)),
                                   sigma_rgb=float(self.options.get("crf_sigma_rgb", 0.1)),
                                   radius=int(self.options.get("crf_radius", 5)))
-            loss = loss + float(self.options.get("crf_weight", 0.5)) * crf
+            loss = loss + float(self.options.get("crf_weight", 0.1)) * crf
             logs["crf"] = float(crf.detach())
             module = getattr(network, "self_attention", None)
             if module is not None and module.last_affinity is not None:
