@@ -421,6 +421,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[Path, Path]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = machine_info(args.device)  # at the start: the commit that ran, not one made while it ran
     data = Path(args.data)
     profile = PROFILES[args.profile]
     training, validation = split_cases(list_acdc_cases(data))
@@ -450,7 +451,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[Path, Path]:
     records = [r for result in results.values() for r in result.records]
     runs = {m: result.run for m, result in results.items()}
     extra = {
-        "machine": machine_info(args.device),
+        "machine": machine,
         "profile": args.profile,
         "profile_settings": {**asdict(profile), "iterations": iterations},
         "methods": {m: asdict(METHODS[m]) for m in args.methods},

@@ -188,6 +188,7 @@ def main() -> int:
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    machine = machine_info(device)  # at the start: the commit that ran, not one made while it ran
     per_window = flops_per_window(args.patch, args.batch, device)
     n_windows = windows(args.shape, args.patch, args.overlap)
     rate = conv3d_rate(device)
@@ -227,7 +228,7 @@ def main() -> int:
              "threads": args.threads, "raw": raw}
     out = Path(args.out)
     json_path, md_path = write_results("inference_speed", records, out, speed_table(records, setting),
-                                       extra={"machine": machine_info(device), **extra})
+                                       extra={"machine": machine, **extra})
     print(md_path.read_text(), end="")
     print(f"wrote {json_path} and {md_path}")
     return 0

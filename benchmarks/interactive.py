@@ -561,6 +561,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run every method on every target of the chosen data sets; write and return the results."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = machine_info(args.device)  # at the start: the commit that ran, not one made while it ran
     limit = args.limit or None
     loaders = {"acdc_val": acdc_targets, "ct_organs": ct_targets}
     records: list[dict[str, Any]] = []
@@ -612,7 +613,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     table = results_table(records, args.rounds, args.clicks, notes)
     command = "python benchmarks/interactive.py " + " ".join(sys.argv[1:]) if argv_is_cli() else "run_benchmark()"
     extra = {
-        "machine": machine_info(args.device),
+        "machine": machine,
         "command": command,
         "settings": {"rounds": args.rounds, "clicks": args.clicks, "time_budget_s": args.time_budget,
                      "limit": args.limit, "datasets": args.datasets, "methods": args.methods,

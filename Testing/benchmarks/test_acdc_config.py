@@ -113,7 +113,7 @@ def test_paper_profile_is_the_papers_schedule():
 def test_quick_profile_is_a_small_cpu_budget():
     quick, paper = acdc.PROFILES["quick"], acdc.PROFILES["paper"]
     assert list(quick.network_config["filters"]) == [8, 16, 32, 64, 128]
-    assert quick.iterations <= 1000
+    assert quick.iterations <= 2000, "sized for an hour on 2 CPU cores"
     pixels_per_step = quick.batch_size * quick.patch_size[0] * quick.patch_size[1]
     assert pixels_per_step * quick.iterations < 0.01 * paper.batch_size * 256 * 256 * paper.iterations
     assert quick.spacing == (2.0, 2.0, 1.0), "in-plane 2x downsampling, slices kept"
