@@ -573,8 +573,8 @@ class InteractiveSession:
 
         The weak view is the window itself (no gradient); the strong view gets a random contrast, brightness
         and noise, then a CutMix box placed by the network's finest attention gate (from another item of the
-        batch, or from the window mirrored when the batch has one item). Only confident voxels of the weak
-        view, outside the scribbles, count.
+        batch, or from the window shifted by half its width when the batch has one item). Only confident voxels
+        of the weak view, outside the scribbles, count.
         """
         with torch.no_grad():
             weak_logits, attention = network(x, return_attention=True)
@@ -583,13 +583,15 @@ class InteractiveSession:
         contrast = 1.0 + 0.4 * (torch.rand(shape, generator=self.generator) - 0.5)
         brightness = 0.4 * (torch.rand(shape, generator=self.generator) - 0.5)
         strong = x.cpu() * contrast + brightness + 0.05 * torch.randn(x.shape, generator=self.generator)
-        source = None if x.shape[0] > 1 else strong.flip(-1)
-        perturbed = attention_guided_image_perturbation(strong.to(x.device), gate.float(), ratio=0.25,
-                                                        generator=self.generator,
-                                                        source_images=None if source is None else source.to(x.device))
-        source_logits = None if source is None else weak_logits.flip(-1)
-        target = perturbed.mix(weak_logits, source_logits)
-        valid = perturbed.mix(unlabelled, None if source is None else unlabelled.flip(-1))
+        def shifted(t: torch.Tensor) -> torch.Tensor:  # half a window along i: other content, same orientation
+            return torch.roll(t, shifts=t.shape[-1] // 2, dims=-1)
+
+        alone = x.shape[0] == 1
+        perturbed = attention_guided_image_perturbation(
+            strong.to(x.device), gate.float(), ratio=0.25, generator=self.generator,
+            source_images=shifted(strong).to(x.device) if alone else None)
+        target = perturbed.mix(weak_logits, shifted(weak_logits) if alone else None)
+        valid = perturbed.mix(unlabelled, shifted(unlabelled) if alone else None)
         return consistency_loss(network(perturbed.images), target, self.settings.consistency_threshold,
                                 valid_mask=valid)
 
