@@ -8,7 +8,7 @@ install:  ## install the engine with its test extras (torch 2.13.0 CPU first)
 	$(PYTHON) -m pip install -e ".[test]"
 
 deps:  ## install only when something is missing (a fresh clone on a fresh machine)
-	@$(PYTHON) -c "import torch, SimpleITK, pytest, tqdm, scipy, PIL, slicer, AttentionSegLib" 2>/dev/null || $(MAKE) install
+	@$(PYTHON) -c "import torch, SimpleITK, pytest, tqdm, scipy, skimage, PIL, slicer, AttentionSegLib" 2>/dev/null || $(MAKE) install
 
 demo: deps  ## phantom CT -> segmentation + attention maps + overview.png in demo_output/
 	$(PYTHON) -m AttentionSegLib.cli demo --output demo_output

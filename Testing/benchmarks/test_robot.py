@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("scipy", reason="the robot needs the bench extra (scipy)")
-pytest.importorskip("skimage", reason="the robot needs the bench extra (scikit-image)")
+pytest.importorskip("scipy", reason="the robot needs scipy (the test extra: pip install -e '.[test]')")
+pytest.importorskip("skimage", reason="the robot needs scikit-image (the test extra: pip install -e '.[test]')")
 
 from scipy import ndimage  # noqa: E402
 
