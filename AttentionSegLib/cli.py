@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -503,12 +504,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model = DEFAULT_MODEL
     from .checkpoint import CheckpointError
     from .image import ImageReadError
+    from .training.loop import TrainingDiverged
 
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("attentionseg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except TrainingDiverged as exc:
+        print(f"attentionseg {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (CLIError, ImageReadError, CheckpointError, ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
         print(f"attentionseg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -34,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run from a checkout (``cd benchmarks; python acdc.py``) without installing
 
+from AttentionSegLib.training.loop import TrainingDiverged  # noqa: E402
 from benchmarks.common import machine_info, markdown_table, write_results  # noqa: E402
 
 BENCHMARK = "acdc"
@@ -440,13 +441,18 @@ def run_benchmark(args: argparse.Namespace) -> tuple[Path, Path]:
         folders = {"dense": dense, "semi": dense,
                    "scribble": prepare_training_folder(data, work / "train_scribble", training, dense_labels=False)}
         results: dict[str, MethodResult] = {}
+        failures: dict[str, str] = {}
         for method in args.methods:
             config = train_config(method, args.profile, data=folders[METHODS[method].labels],
                                   output=work / method, labelled_patients=labelled, iterations=iterations,
                                   device=args.device, seed=args.seed, threads=args.threads, resume=args.resume)
-            results[method] = train_and_evaluate(method, config, data=data, evaluated=evaluated, labels=labels,
-                                                 profile=args.profile, setting=setting, device=args.device,
-                                                 progress=not args.quiet)
+            try:
+                results[method] = train_and_evaluate(method, config, data=data, evaluated=evaluated,
+                                                     labels=labels, profile=args.profile, setting=setting,
+                                                     device=args.device, progress=not args.quiet)
+            except TrainingDiverged as exc:  # one diverged method must not lose the others of a long run
+                failures[method] = str(exc)
+                print(f"[acdc] {method}: FAILED {exc}", flush=True)
 
     records = [r for result in results.values() for r in result.records]
     runs = {m: result.run for m, result in results.items()}
@@ -465,9 +471,12 @@ def run_benchmark(args: argparse.Namespace) -> tuple[Path, Path]:
         "hd95_units": "voxels of the stored grid (the source kept no spacing; files carry 1, 1, 1)",
         "checkpoint_evaluated": "model_last.pt (no model selection on the validation volumes)",
         "runs": runs,
+        "failures": failures,
         "per_case": {m: result.cases for m, result in results.items()},  # write_results turns inf into null
     }
     table = results_table(records, labels, runs)
+    if failures:
+        table += "\n" + "\n".join(f"- {m}: failed: {why}" for m, why in failures.items()) + "\n"
     paths = write_results(BENCHMARK, records, Path(args.out), table, extra=extra)
     print(table, end="")
     return paths

@@ -70,6 +70,9 @@ def symmetric_normalised_affinity(
         raise ValueError(f"attention must have shape (B, N, N), got {tuple(attention.shape)}")
     with float32_region(attention.device.type):
         sym = 0.5 * (attention.float() + attention.float().transpose(1, 2))
+        # Softmax weights underflow to 0 in float32 once attention gets peaked; a floor far below any weight
+        # that matters keeps the balancing scales (and their gradients) bounded by about 1e6 / sqrt(N).
+        sym = sym.clamp_min(1e-12)
         tiny = torch.finfo(sym.dtype).tiny
         scale = torch.ones(sym.shape[:2], dtype=sym.dtype, device=sym.device)
         for step in range(1, iterations + 1):

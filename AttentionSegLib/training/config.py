@@ -24,6 +24,8 @@ class TrainConfig:
         validation: names/regexes of validation cases, a fraction (0.2) or a count.
         labelled_cases: for ``semi``: names/regexes of the cases whose labels may be used (the rest are unlabelled).
         regime_options: loss weights and switches of the regime (see each regime's docstring).
+        grad_clip: clip the gradients' global norm to this (nnU-Net v2 uses 12); null: no clipping. Steps
+            with non-finite gradients are skipped; 50 in a row stop training with an error.
         mirror_axes: patch axes (array order) that flip augmentation may mirror; null: the two in-plane axes;
             ``[]`` for labels that name a side (left / right kidney). Interactive refinement honours it too.
         click_channels: train a click-conditioned network (``supervised`` regime): two extra input channels
@@ -41,6 +43,7 @@ class TrainConfig:
     iterations: int = 1000
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
+    grad_clip: float | None = 12.0
     optimizer: str = "adamw"
     aux_weight: float = 0.4
     foreground_fraction: float = 0.5

@@ -37,6 +37,13 @@ from .distributed import DistributedContext, all_equal, barrier, device_for_rank
 from .regimes import Regime, make_regime
 
 STATE_FILE = "training_state.pt"
+MAX_BAD_STEPS = 50  # consecutive optimiser steps with non-finite gradients before training stops
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or its gradients stayed non-finite: more steps would only spread NaN through the weights."""
+
+
 LAST_MODEL = "model_last.pt"
 BEST_MODEL = "model_best.pt"
 
@@ -213,6 +220,7 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
                       initial=start)
     cancelled = False
     iteration = start
+    skipped_steps = bad_steps = 0
     last_metrics: dict[str, float] | None = None
     try:
         while iteration < config.iterations:
@@ -227,8 +235,24 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
             with autocast_for(device, use_amp):
                 loss, logs = regime.loss(model, network, device, iteration)
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
+            scaler.unscale_(optimizer)
+            # The gradients are the same on every rank (DDP averaged them), so every rank takes the same
+            # decision: a step with non-finite gradients is skipped everywhere (GradScaler does the same on CUDA).
+            norm = torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip or math.inf)
+            finite = bool(torch.isfinite(norm))
+            if finite or use_amp:
+                scaler.step(optimizer)
             scaler.update()
+            if finite:
+                bad_steps = 0
+            else:
+                skipped_steps, bad_steps = skipped_steps + 1, bad_steps + 1
+                if bad_steps >= MAX_BAD_STEPS:
+                    raise TrainingDiverged(
+                        f"training diverged: the gradients were not finite for {bad_steps} steps in a row at "
+                        f"iteration {iteration + 1} (loss {float(loss.detach())}); lower the learning rate or "
+                        f"the loss weights in regime_options, and resume from {state_path} (saved every "
+                        f"{config.checkpoint_every} iterations)")
             regime.after_step(network)
             iteration += 1
             bar.update()
@@ -255,7 +279,7 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
             save_checkpoint(output / BEST_MODEL, network, preprocessing=preprocessing, labels=labels_for_checkpoint,
                             provenance={**provenance(iteration, last_metrics), "replicas_in_sync": in_sync})
         log = {"config": config.to_dict(), "history": history, "best_metric": best_metric, "iterations": iteration,
-               "cancelled": cancelled, "world_size": context.world_size, "replicas_in_sync": in_sync}
+               "cancelled": cancelled, "skipped_steps": skipped_steps, "world_size": context.world_size, "replicas_in_sync": in_sync}
         tmp = output / ".training_log.json.tmp"
         tmp.write_text(json.dumps(log, indent=2) + "\n")
         os.replace(tmp, output / "training_log.json")

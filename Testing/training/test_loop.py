@@ -134,3 +134,32 @@ def test_the_click_regime_feeds_the_clicks_it_simulates(phantoms):
     assert positive.flatten(1).any(1).tolist() == has_foreground.tolist()
     assert bool((targets[positive] > 0).all()), "positive clicks on the structures"
     assert bool((targets[batch[:, 2] > 0] == 0).all()), "negative clicks on the background"
+
+
+def _scribble_data(phantoms: Path, tmp_path: Path) -> Path:
+    from AttentionSegLib.phantom import make_phantom_dataset
+
+    return make_phantom_dataset(tmp_path / "scribbled", n_cases=2, seed=5, shape=(16, 48, 48), scribbles=True)
+
+
+def test_steps_with_non_finite_gradients_are_skipped_and_the_weights_stay_finite(phantoms, tmp_path):
+    data = _scribble_data(phantoms, tmp_path)
+    config = _config(data, tmp_path / "run", regime="scribble", iterations=3, validation=0,
+                     regime_options={"losses": "attenscribble", "crf_weight": float("nan"), "crf_radius": 1})
+    train(config, progress=False)
+    log = json.loads((tmp_path / "run" / "training_log.json").read_text())
+    assert log["skipped_steps"] == 3
+    state = torch.load(tmp_path / "run" / "training_state.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["network"].values() if v.is_floating_point())
+
+
+def test_training_that_keeps_diverging_stops_with_a_clear_error(phantoms, tmp_path):
+    from AttentionSegLib.training.loop import MAX_BAD_STEPS, TrainingDiverged
+
+    data = _scribble_data(phantoms, tmp_path)
+    config = _config(data, tmp_path / "run", regime="scribble", iterations=MAX_BAD_STEPS + 5, validation=0,
+                     checkpoint_every=10,
+                     regime_options={"losses": "attenscribble", "crf_weight": float("nan"), "crf_radius": 1})
+    with pytest.raises(TrainingDiverged, match=f"not finite for {MAX_BAD_STEPS} steps"):
+        train(config, progress=False)
+    assert (tmp_path / "run" / "training_state.pt").is_file(), "the last good state stays for --resume"
