@@ -336,7 +336,7 @@ class InteractiveSession:
         if not positive:
             wrong = int(self.mask[index])
             if wrong and wrong not in self.locked:
-                self.mask = self._without_false_positive(point, wrong)
+                self.mask = self._without_false_positive(point, wrong, progress, cancel)
             self._apply(self.mask)
             return self.mask
 
@@ -355,28 +355,31 @@ class InteractiveSession:
         """Whether the network takes the clicks as input channels (DeepGrow-style), not only the image."""
         return self.model.in_channels > 1
 
-    def _without_false_positive(self, point: tuple[float, ...], label: int) -> np.ndarray:
+    def _without_false_positive(self, point: tuple[float, ...], label: int, progress: RefineProgress | None,
+                                cancel: CancelToken | None) -> np.ndarray:
         """The mask after a negative click on ``label`` at ``point``.
 
-        An automatic network's answer does not depend on clicks: the component at the point goes. A
-        click-conditioned network re-infers around the point with the new negative click; within its window
-        ``label`` becomes the prediction's components at this label's positive clicks, and the component at
-        the point goes in any case.
+        When ``label`` has positive clicks, the click corrects a leak of the structure rather than a separate
+        blob: a click-conditioned network re-infers with the new negative click as input; an automatic one is
+        first fine-tuned briefly (``click_budget_s``) on the clicks, whose disks are scribbles. Within the
+        inferred window ``label`` then becomes the prediction's components at the positive clicks. Without
+        positive clicks, for an automatic network, the component at the point goes.
         """
         mask = self.mask
-        if self.click_conditioned:
+        seeds = [c.point_ijk for c in self.clicks if c.positive and c.label == label]
+        if self.click_conditioned or seeds:
+            if not self.click_conditioned and self.settings.click_budget_s > 0:
+                self._fine_tune(self.settings.click_budget_s, progress, cancel)
             prediction = self._predict(center_ijk=point)
             window = (prediction.roi.array.astype(bool) if prediction.roi is not None
                       else np.ones(mask.shape, bool))
-            seeds = [c.point_ijk for c in self.clicks if c.positive and c.label == label]
             found = prediction.labels.array == label
             kept = keep_components_at_points(found, seeds) if seeds and found.any() else np.zeros(mask.shape, bool)
             mask = np.where(window & (mask == label), 0, mask)
             mask = np.where(window & kept.astype(bool) & (mask == 0), label, mask)
-        if mask[tuple(int(round(c)) for c in point[::-1])] == label:
-            component = keep_components_at_points(mask == label, [point])
-            mask = np.where(component, 0, mask)
-        return mask.astype(np.uint8)
+            return mask.astype(np.uint8)  # the click's disk, a background scribble, is cleared by _apply
+        component = keep_components_at_points(mask == label, [point])
+        return np.where(component, 0, mask).astype(np.uint8)
 
     # ---------------------------------------------------------------------------------------------- inference
 

@@ -40,6 +40,8 @@ def normalize_intensity(array: np.ndarray, config: Mapping[str, Any]) -> np.ndar
     * ``{"kind": "zscore"}``: subtract the mean and divide by the standard deviation. With
       ``"foreground": "nonzero"`` the statistics come from the nonzero voxels only and zero voxels stay 0 (MR
       with a zero background, as nnU-Net's ``use_mask_for_norm``); the default ``"all"`` uses every voxel.
+    * ``{"kind": "minmax"}``: scale the volume's own minimum to 0 and maximum to 1 (how the ACDC volumes of
+      WSL4MIS were stored, so a cardiac model trained on them reads any cine MRI); a constant image gives 0.
     * ``{"kind": "none"}``: the values unchanged.
 
     Args:
@@ -60,6 +62,13 @@ def normalize_intensity(array: np.ndarray, config: Mapping[str, Any]) -> np.ndar
         out_lo, out_hi = _pair(config.get("output_range", (0.0, 1.0)), "normalization.output_range")
         unit = (np.clip(values, lo, hi) - np.float32(lo)) / np.float32(hi - lo)
         return (unit * np.float32(out_hi - out_lo) + np.float32(out_lo)).astype(np.float32)
+    if kind == "minmax":
+        if values.size == 0:
+            return values.copy()
+        lo, hi = float(values.min()), float(values.max())
+        if not hi > lo:
+            return np.zeros_like(values)
+        return ((values - np.float32(lo)) / np.float32(hi - lo)).astype(np.float32)
     if kind == "zscore":
         foreground = config.get("foreground", "all")
         if foreground == "all":
@@ -77,7 +86,7 @@ def normalize_intensity(array: np.ndarray, config: Mapping[str, Any]) -> np.ndar
         if mask is not None:
             normalized[~mask] = 0.0
         return normalized
-    raise ValueError(f"normalization.kind must be 'ct_window', 'zscore' or 'none', got {kind!r}")
+    raise ValueError(f"normalization.kind must be 'ct_window', 'zscore', 'minmax' or 'none', got {kind!r}")
 
 
 def _pair(values: Any, name: str) -> tuple[float, float]:

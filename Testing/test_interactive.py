@@ -222,3 +222,15 @@ def test_a_model_trained_without_mirroring_is_never_shown_a_mirrored_window():
     assert session._mirror_axes(2) == (0, 1), "an untrained network: the in-plane axes"
     session.model.provenance["config"] = {"mirror_axes": []}
     assert session._mirror_axes(2) == ()
+
+
+def test_a_negative_click_on_a_leak_keeps_the_structure_at_the_positive_click():
+    session, truth = _session(max_steps=200, click_budget_s=3600)
+    session.add_scribbles(_scribbles(truth))
+    session.refine(time_budget_s=3600)
+    session.click((22, 24, 1), label=1, positive=True)
+    session.mask[1, 23:26, 34:50] = 1  # a leak out of the disk, connected to it
+    mask = session.click((45, 24, 1), label=1, positive=False)
+    assert mask[1, 24, 45] == 0, "the leak under the click is gone"
+    assert mask[1, 24, 22] == 1, "the structure at the positive click stays"
+    assert dice(mask[1] == 1, truth[1] == 1) > 0.8

@@ -74,8 +74,17 @@ def test_none_returns_a_float32_copy():
 
 
 def test_unknown_normalization_kind_is_named_in_the_error():
-    with pytest.raises(ValueError, match="normalization.kind.*'minmax'"):
-        normalize_intensity(np.zeros(3), {"kind": "minmax"})
+    with pytest.raises(ValueError, match="normalization.kind.*'percentile'"):
+        normalize_intensity(np.zeros(3), {"kind": "percentile"})
+
+
+def test_minmax_scales_each_volume_to_the_unit_range_and_leaves_unit_range_data_alone():
+    raw = np.array([[120.0, 300.0], [480.0, 1200.0]])  # an MR volume in scanner units
+    out = normalize_intensity(raw, {"kind": "minmax"})
+    np.testing.assert_allclose(out, (raw - 120.0) / 1080.0, rtol=1e-6)
+    unit = np.array([0.0, 0.25, 1.0], np.float32)  # what the ACDC volumes already are
+    np.testing.assert_array_equal(normalize_intensity(unit, {"kind": "minmax"}), unit)
+    assert not normalize_intensity(np.full(4, 7.0), {"kind": "minmax"}).any(), "a constant image gives 0"
 
 
 # -- resampling -------------------------------------------------------------------------------------------

@@ -292,9 +292,10 @@ def train_config(method: str, profile: str, *, data: Path, output: Path, labelle
         learning_rate=budget.learning_rate,
         weight_decay=budget.weight_decay,
         optimizer=budget.optimizer,
-        # The source scaled every volume to [0, 1]; the papers train on those values and the CRF's intensity
-        # kernel (sigma 0.1) assumes them, so no further normalisation.
-        normalization={"kind": "none"},
+        # The source scaled every volume to [0, 1] (min-max); the papers train on those values and the CRF's
+        # intensity kernel (sigma 0.1) assumes them. Min-max is the identity on them and makes the checkpoint
+        # read any cine MRI the same way.
+        normalization={"kind": "minmax"},
         spacing=list(budget.spacing) if budget.spacing is not None else None,
         # The training folder holds training patients only; validation happens after training, on the
         # validation patients, with the last checkpoint (no model selection on the evaluation volumes).

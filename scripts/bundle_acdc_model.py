@@ -58,8 +58,14 @@ def main() -> int:
         "training_data": "ACDC patients 041-100 with the scribbles of Valvano et al. (IEEE TMI 2021), as "
                          "redistributed by WSL4MIS; no dense label was used",
     })
+    preprocessing = dict(model.preprocessing)
+    if preprocessing.get("normalization", {}).get("kind") == "none":
+        # Runs before min-max normalisation was the profile's: the ACDC volumes are stored min-max scaled to
+        # [0, 1], so min-max is the identity on everything the model saw, and it lets the named model read
+        # cine MRI in scanner units.
+        preprocessing["normalization"] = {"kind": "minmax"}
     with tempfile.TemporaryDirectory() as folder:
-        annotated = save_checkpoint(Path(folder) / f"{NAME}.pt", model.network, preprocessing=model.preprocessing,
+        annotated = save_checkpoint(Path(folder) / f"{NAME}.pt", model.network, preprocessing=preprocessing,
                                     labels=model.labels, provenance=provenance)
         size = annotated.stat().st_size
         if size > MAX_BYTES:
