@@ -13,13 +13,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, LoadedModel, load_checkpoint
+from .checkpoint import CheckpointError, LoadedModel, load_checkpoint, save_checkpoint
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled_models"
 MANIFEST = "manifest.json"
@@ -116,14 +117,27 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def register_model(checkpoint: str | os.PathLike, name: str, *, folder: Path | None = None,
-                   description: str = "", task: str = "", copy: bool = True) -> ModelEntry:
-    """Validate a checkpoint and list it under ``name`` in ``folder``'s manifest (default: the user folder)."""
+                   description: str = "", task: str = "", copy: bool = True,
+                   provenance: Mapping[str, Any] | None = None,
+                   preprocessing: Mapping[str, Any] | None = None) -> ModelEntry:
+    """Validate a checkpoint and list it under ``name`` in ``folder``'s manifest (default: the user folder).
+
+    ``provenance`` entries are added to the copy's provenance (e.g. the validation numbers of a benchmark) and
+    ``preprocessing`` replaces its preprocessing; the checkpoint given is never changed.
+    """
     checkpoint = Path(checkpoint)
     model = load_checkpoint(checkpoint)  # refuses corrupt files before anything is written
     folder = Path(folder) if folder is not None else user_models_dir()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{name}.pt"
-    if copy and checkpoint.resolve() != target.resolve():
+    if provenance is not None or preprocessing is not None:
+        if not copy:
+            raise ValueError("register_model: provenance or preprocessing changes need copy=True")
+        tmp = save_checkpoint(folder / f".{name}.pt.tmp", model.network,
+                              preprocessing=preprocessing if preprocessing is not None else model.preprocessing,
+                              labels=model.labels, provenance={**model.provenance, **(provenance or {})})
+        os.replace(tmp, target)
+    elif copy and checkpoint.resolve() != target.resolve():
         tmp = folder / f".{name}.pt.tmp"
         shutil.copyfile(checkpoint, tmp)
         os.replace(tmp, target)

@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from AttentionSegLib.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from AttentionSegLib.checkpoint import load_checkpoint  # noqa: E402
 from AttentionSegLib.models import BUNDLED_DIR, register_model  # noqa: E402
 from AttentionSegLib.phantom import make_phantom_dataset  # noqa: E402
 
@@ -60,16 +60,12 @@ def bundle(best: Path, cases: int) -> int:
     """Say in the checkpoint how its (temporary) phantom folder is made again, then list it as ``NAME``."""
     model = load_checkpoint(best)
     dice = model.provenance.get("metrics", {}).get("dice_mean")
-    provenance = {**model.provenance, "data_generator": f"AttentionSegLib.phantom.make_phantom_dataset(folder, "
-                                                        f"n_cases={cases}, seed=0) (= attentionseg phantom folder "
-                                                        f"--cases {cases} --seed 0)",
+    provenance = {"data_generator": f"AttentionSegLib.phantom.make_phantom_dataset(folder, n_cases={cases}, seed=0)"
+                                    f" (= attentionseg phantom folder --cases {cases} --seed 0)",
                   "script": "scripts/train_demo_model.py"}
-    with tempfile.TemporaryDirectory() as folder:
-        annotated = save_checkpoint(Path(folder) / f"{NAME}.pt", model.network, preprocessing=model.preprocessing,
-                                    labels=model.labels, provenance=provenance)
-        entry = register_model(annotated, NAME, folder=BUNDLED_DIR, task="abdomen_ct (phantom)",
-                               description=f"3D Attention U-Net trained on synthetic abdominal CT phantoms "
-                                           f"(validation Dice {dice:.3f}); for the demo and tests, not for patients")
+    entry = register_model(best, NAME, folder=BUNDLED_DIR, task="abdomen_ct (phantom)", provenance=provenance,
+                           description=f"3D Attention U-Net trained on synthetic abdominal CT phantoms "
+                                       f"(validation Dice {dice:.3f}); for the demo and tests, not for patients")
     print(f"bundled {entry.name}: {entry.path} ({entry.path.stat().st_size / 1e6:.1f} MB), validation Dice {dice}")
     return 0
 
