@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_output
 from .networks import build_network
 
 FORMAT = "attentionseg-checkpoint"
@@ -87,16 +87,8 @@ def _unwrap(network: nn.Module) -> nn.Module:
 def atomic_torch_save(payload: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the target folder, then rename: never a half-written checkpoint."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as handle:
+        torch.save(payload, handle)
     return path
 
 

@@ -290,10 +290,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              cases=args.cases.split(",") if args.cases else None, progress=not args.quiet)
     text = json.dumps(report, indent=2)
     if args.output:
-        out = Path(args.output)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, out)
+        from .atomic import write_text_atomically
+
+        write_text_atomically(args.output, text + "\n")
     print(text if args.output is None else f"mean Dice {report['summary']['dice_mean']:.4f}; wrote {args.output}")
     return 0
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .image import ImageReadError, Volume, read_image
-from .preprocessing import normalize_intensity, resample_to_spacing
+from .image import read_image
+from .preprocessing import Preprocessor
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 IGNORE = 255
@@ -113,14 +113,11 @@ def list_cases(root: str | Path, *, require: str = "label") -> list[CaseFiles]:
 
 def load_case(files: CaseFiles, preprocessing: Mapping[str, Any], *, with_label: bool = True,
               with_scribble: bool = False) -> Case:
-    """Read, resample (if the preprocessing names a spacing) and normalise one case."""
+    """Read one case and bring it into the model grid exactly as inference will (:class:`Preprocessor`:
+    normalise, reorient, resample; labels and scribbles follow with nearest-neighbour sampling)."""
     image = read_image(files.image)
-    spacing = preprocessing.get("spacing")
-
-    def grid(volume: Volume, interpolator: str) -> Volume:
-        if spacing is None:
-            return volume
-        return resample_to_spacing(volume, tuple(spacing), interpolator=interpolator)
+    preprocessor = Preprocessor({"normalization": {"kind": "zscore"}, **preprocessing})
+    array, context = preprocessor.forward(image)
 
     def read_mask(path: Path | None, what: str) -> np.ndarray | None:
         if path is None:
@@ -128,16 +125,14 @@ def load_case(files: CaseFiles, preprocessing: Mapping[str, Any], *, with_label:
         mask = read_image(path)
         if mask.shape != image.shape:
             raise DatasetError(f"{path}: {what} shape {mask.shape} differs from its image {image.shape}")
-        return grid(mask, "nearest").array.astype(np.uint8)
+        return preprocessor.resample_channel(mask, context, interpolator="nearest").astype(np.uint8)
 
-    resampled = grid(image, "linear")
-    array = normalize_intensity(resampled.array.astype(np.float32), preprocessing.get("normalization", {"kind": "zscore"}))
     return Case(
         name=files.name,
         image=np.ascontiguousarray(array, dtype=np.float32),
         label=read_mask(files.label, "label") if with_label else None,
         scribble=read_mask(files.scribble, "scribble") if with_scribble else None,
-        spacing=tuple(resampled.spacing),
+        spacing=tuple(context.model.spacing),
     )
 
 
@@ -146,6 +141,10 @@ def split_cases(cases: Sequence[CaseFiles], validation: Sequence[str] | float | 
     """Split into (training, validation): by explicit names/regexes, a fraction, or a count."""
     if isinstance(validation, (list, tuple)):
         patterns = [re.compile(v) for v in validation]
+        unmatched = [p.pattern for p in patterns if not any(p.fullmatch(c.name) or p.search(c.name) for c in cases)]
+        if unmatched:
+            raise DatasetError(f"validation case(s) {unmatched} match no case of the dataset (cases: "
+                               f"{', '.join(c.name for c in cases[:5])}{', ...' if len(cases) > 5 else ''})")
         val = [c for c in cases if any(p.fullmatch(c.name) or p.search(c.name) for p in patterns)]
     else:
         count = int(round(len(cases) * validation)) if isinstance(validation, float) else int(validation)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_output, write_text_atomically
 from .checkpoint import CheckpointError, LoadedModel, load_checkpoint, save_checkpoint
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled_models"
@@ -109,11 +109,7 @@ def load_model(name_or_path: str | os.PathLike, map_location: str | torch.device
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, folder / MANIFEST)
+    write_text_atomically(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def register_model(checkpoint: str | os.PathLike, name: str, *, folder: Path | None = None,
@@ -133,14 +129,12 @@ def register_model(checkpoint: str | os.PathLike, name: str, *, folder: Path | N
     if provenance is not None or preprocessing is not None:
         if not copy:
             raise ValueError("register_model: provenance or preprocessing changes need copy=True")
-        tmp = save_checkpoint(folder / f".{name}.pt.tmp", model.network,
-                              preprocessing=preprocessing if preprocessing is not None else model.preprocessing,
-                              labels=model.labels, provenance={**model.provenance, **(provenance or {})})
-        os.replace(tmp, target)
+        save_checkpoint(target, model.network,  # atomic
+                        preprocessing=preprocessing if preprocessing is not None else model.preprocessing,
+                        labels=model.labels, provenance={**model.provenance, **(provenance or {})})
     elif copy and checkpoint.resolve() != target.resolve():
-        tmp = folder / f".{name}.pt.tmp"
-        shutil.copyfile(checkpoint, tmp)
-        os.replace(tmp, target)
+        with open(checkpoint, "rb") as source, atomic_output(target) as handle:
+            shutil.copyfileobj(source, handle)
     elif not copy:
         target = checkpoint
     manifest = _read_manifest(folder)

@@ -1,14 +1,24 @@
-"""Preprocessing between an image's own grid and a model's: intensity normalisation and resampling.
+"""Preprocessing between an image's own grid and a model's: normalisation, reorientation, resampling.
 
 The model-side configuration is the ``preprocessing`` dict of a checkpoint (``docs/engine-api.md``)::
 
     {"normalization": {"kind": "ct_window", "window": [lo, hi]} | {"kind": "zscore"} | {"kind": "none"},
+     "orientation": "LPS" | null,       # default: "LPS" for 3D models, null for 2D ones
      "spacing": [x, y, z] | null,       # null keeps the image's own spacing
      "patch_size": [d, h, w]}           # used by inference, not here
 
 :class:`Preprocessor` maps an image into the model grid and every model output (probabilities, labels,
 attention maps) back onto exactly the image's size, spacing, origin and direction. Normalisation happens
 before resampling, as in nnU-Net's preprocessing (Isensee et al., Nature Methods 2021).
+
+Orientation: a NIfTI written from RAS (``direction`` diag(-1, -1, 1)) and a DICOM series (identity) store the
+same anatomy mirrored in the array. A network sees arrays, so a model trained on one would take the patient's
+left kidney for the right one in the other (and the liver for the spleen). With ``"orientation": "LPS"`` every
+image is first brought, by exact axis permutations and flips (no interpolation), to the array order whose
+direction is closest to the identity: ``i`` towards the patient's left, ``j`` posterior, ``k`` superior, as
+MONAI's ``Orientation`` and TotalSegmentator's canonical reorientation do before a network sees an image.
+2D models keep the array order by default: their slice axis is the acquisition's (a cardiac short-axis stack),
+which a reorientation could exchange for another.
 """
 
 from __future__ import annotations
@@ -193,6 +203,77 @@ def resample_like(
                   has_channels=volume.has_channels)
 
 
+def canonical_axes(direction: np.ndarray) -> tuple[tuple[int, ...], tuple[bool, ...]] | None:
+    """The permutation and flips that bring an image closest to the identity direction (LPS order).
+
+    Args:
+        direction: a ``(D, D)`` direction matrix (column ``a``: the world direction of index axis ``a``).
+
+    Returns:
+        ``(axes, flips)``: new index axis ``n`` is old index axis ``axes[n]``, reversed when ``flips[n]``;
+        ``None`` when the image is already in that order. Oblique images go to the closest such order (each
+        world axis takes the index axis most parallel to it, largest cosines first).
+    """
+    matrix = np.asarray(direction, dtype=np.float64)
+    ndim = matrix.shape[0]
+    axes: list[int | None] = [None] * ndim
+    taken: set[int] = set()
+    # Largest |cosine| first: world axis w gets the index axis most parallel to it.
+    for flat in np.argsort(-np.abs(matrix), axis=None, kind="stable"):
+        world, index = divmod(int(flat), ndim)
+        if axes[world] is None and index not in taken:
+            axes[world] = index
+            taken.add(index)
+    order = tuple(int(a) for a in axes)  # type: ignore[arg-type]
+    flips = tuple(bool(matrix[w, order[w]] < 0) for w in range(ndim))
+    if order == tuple(range(ndim)) and not any(flips):
+        return None
+    return order, flips
+
+
+def _orient_array(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool], *, channels: bool) -> np.ndarray:
+    """Apply :func:`canonical_axes`' permutation and flips to an array in ``(k, j, i)`` (or ``(C, k, j, i)``) order."""
+    ndim = len(axes)
+    lead = int(channels)
+    # Array axis m holds index axis ndim-1-m: new array axis m takes old array axis ndim-1-axes[ndim-1-m].
+    order = [*range(lead), *(lead + ndim - 1 - axes[ndim - 1 - m] for m in range(ndim))]
+    out = np.transpose(array, order)
+    flip = tuple(lead + ndim - 1 - n for n in range(ndim) if flips[n])
+    return np.ascontiguousarray(np.flip(out, flip) if flip else out)
+
+
+def _unorient_array(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool], *, channels: bool
+                    ) -> np.ndarray:
+    """The inverse of :func:`_orient_array` (the array back in the image's own order)."""
+    ndim = len(axes)
+    lead = int(channels)
+    flip = tuple(lead + ndim - 1 - n for n in range(ndim) if flips[n])
+    array = np.flip(array, flip) if flip else array
+    order = [*range(lead), *(lead + ndim - 1 - axes[ndim - 1 - m] for m in range(ndim))]
+    return np.ascontiguousarray(np.transpose(array, np.argsort(order)))
+
+
+def reorient(volume: Volume, orientation: tuple[tuple[int, ...], tuple[bool, ...]] | None = None) -> Volume:
+    """The volume in the array order closest to the identity direction (LPS): same voxels, same physical
+    positions, only the storage order changes (``orientation``: from :func:`canonical_axes`, computed if
+    ``None``)."""
+    if orientation is None:
+        orientation = canonical_axes(volume.direction_matrix)
+        if orientation is None:
+            return volume
+    axes, flips = orientation
+    old = volume.direction_matrix
+    size = np.asarray(volume.size)
+    first = np.array([size[a] - 1 if f else 0 for a, f in zip(axes, flips)], dtype=np.float64)
+    corner = np.zeros(volume.ndim)
+    corner[list(axes)] = first  # the old index of the new first voxel
+    direction = np.stack([old[:, a] * (-1.0 if f else 1.0) for a, f in zip(axes, flips)], axis=1)
+    return Volume(_orient_array(volume.array, axes, flips, channels=volume.has_channels),
+                  tuple(volume.spacing[a] for a in axes),
+                  tuple(float(c) for c in np.asarray(volume.ijk_to_lps(corner)).reshape(-1)),
+                  tuple(direction.ravel()), has_channels=volume.has_channels)
+
+
 def _geometry_only(volume: Volume) -> Volume:
     """The volume's geometry without holding on to its voxels (a read-only broadcast view of one zero)."""
     return volume.with_array(np.broadcast_to(np.zeros((), dtype=np.uint8), volume.shape))
@@ -205,20 +286,30 @@ class PreprocessingContext:
     Attributes:
         original: the image's grid (geometry only; its array is an empty view).
         model: the grid of the array :meth:`Preprocessor.forward` returned (geometry only).
-        resampled: whether the two grids differ (otherwise ``inverse`` only reattaches the geometry).
+        resampled: whether the model grid has another spacing than the (reoriented) image.
+        orientation: the axis permutation and flips applied first (:func:`canonical_axes`), or ``None``.
+        oriented: the image's grid after that reorientation (``original`` when there was none).
     """
 
     original: Volume
     model: Volume
     resampled: bool
+    orientation: tuple[tuple[int, ...], tuple[bool, ...]] | None = None
+    oriented: Volume | None = None
+
+    @property
+    def same_grid(self) -> bool:
+        """Whether the model grid is the image's own grid (nothing to undo but the normalisation)."""
+        return not self.resampled and self.orientation is None
 
 
 class Preprocessor:
     """Image -> model grid (normalised float32) and model outputs -> image geometry.
 
     Args:
-        config: a checkpoint's ``preprocessing`` dict; ``normalization`` defaults to ``{"kind": "none"}`` and
-            ``spacing`` to ``None`` (keep the image's own spacing).
+        config: a checkpoint's ``preprocessing`` dict; ``normalization`` defaults to ``{"kind": "none"}``,
+            ``spacing`` to ``None`` (keep the image's own spacing) and ``orientation`` to ``"LPS"`` unless
+            ``patch_size`` has two entries (a 2D model).
 
     Example:
         >>> pre = Preprocessor({"normalization": {"kind": "ct_window", "window": [-200, 300]},
@@ -236,10 +327,16 @@ class Preprocessor:
         self.spacing: tuple[float, ...] | None = None if spacing is None else tuple(float(s) for s in spacing)
         if self.spacing is not None and (len(self.spacing) not in (2, 3) or min(self.spacing) <= 0):
             raise ValueError(f"preprocessing.spacing must be 2 or 3 positive values or null, got {spacing!r}")
+        patch = config.get("patch_size")
+        default = None if patch is not None and len(patch) == 2 else "LPS"
+        orientation = config.get("orientation", default)
+        if orientation not in ("LPS", None):
+            raise ValueError(f"preprocessing.orientation must be 'LPS' or null, got {orientation!r}")
+        self.orientation: str | None = orientation
         normalize_intensity(np.zeros(1, np.float32), self.normalization)  # fail now on a bad config
 
     def forward(self, volume: Volume) -> tuple[np.ndarray, PreprocessingContext]:
-        """Normalise, then resample to the model spacing (linear).
+        """Normalise, reorient (``orientation``, exact), then resample to the model spacing (linear).
 
         Returns:
             The float32 array in the model grid (array order, no channel axis added) and the context for
@@ -253,12 +350,15 @@ class Preprocessor:
                 f"{volume.ndim}D image"
             )
         normalized = volume.with_array(normalize_intensity(volume.array, self.normalization))
+        orientation = canonical_axes(volume.direction_matrix) if self.orientation == "LPS" else None
+        oriented = reorient(normalized, orientation) if orientation is not None else normalized
         needs_resampling = self.spacing is not None and not np.allclose(
-            volume.spacing, self.spacing, rtol=_SPACING_RTOL, atol=0.0
+            oriented.spacing, self.spacing, rtol=_SPACING_RTOL, atol=0.0
         )
-        model = resample_to_spacing(normalized, self.spacing, interpolator="linear") if needs_resampling \
-            else normalized
-        context = PreprocessingContext(_geometry_only(volume), _geometry_only(model), needs_resampling)
+        model = resample_to_spacing(oriented, self.spacing, interpolator="linear") if needs_resampling \
+            else oriented
+        context = PreprocessingContext(_geometry_only(volume), _geometry_only(model), needs_resampling,
+                                       orientation, _geometry_only(oriented))
         return model.array.astype(np.float32, copy=False), context
 
     def inverse(
@@ -281,9 +381,16 @@ class Preprocessor:
         """
         values = array.array if isinstance(array, Volume) else np.asarray(array)
         model = context.model.with_array(values)  # raises on a shape mismatch
-        if not context.resampled:
+        if context.same_grid:
             return context.original.with_array(values.copy())
-        return resample_like(model, context.original, interpolator=interpolator, default_value=0.0)
+        oriented = context.oriented if context.oriented is not None else context.original
+        if context.resampled:
+            values = resample_like(model, oriented, interpolator=interpolator, default_value=0.0).array
+        if context.orientation is not None:
+            values = _unorient_array(values, *context.orientation, channels=values.ndim > context.model.ndim)
+        elif not context.resampled:
+            values = values.copy()
+        return context.original.with_array(values)
 
     def resample_channel(
         self,
@@ -298,20 +405,27 @@ class Preprocessor:
         if volume.shape != context.original.shape:
             raise ValueError(f"Preprocessor.resample_channel: map of shape {volume.shape} is not on the "
                              f"image grid {context.original.shape}")
-        if not context.resampled:
+        if context.same_grid:
             return np.asarray(volume.array)
-        return resample_like(volume, context.model, interpolator=interpolator, default_value=0.0).array
+        values = np.asarray(volume.array)
+        if context.orientation is not None:
+            values = _orient_array(values, *context.orientation, channels=volume.has_channels)
+        if not context.resampled:
+            return values
+        oriented = context.oriented if context.oriented is not None else context.original
+        return resample_like(oriented.with_array(values), context.model, interpolator=interpolator,
+                             default_value=0.0).array
 
     def point_to_model_index(self, context: PreprocessingContext, point_ijk: Sequence[float]) -> np.ndarray:
         """An image voxel index ``(i, j, k)`` as a continuous array index ``(k, j, i)`` of the model grid."""
         point = np.asarray(point_ijk, dtype=float)
-        if context.resampled:
+        if not context.same_grid:
             point = np.asarray(context.model.lps_to_ijk(context.original.ijk_to_lps(point)), dtype=float)
         return point[::-1].copy()
 
     def model_index_to_point(self, context: PreprocessingContext, index: Sequence[float]) -> np.ndarray:
         """Inverse of :meth:`point_to_model_index`: model array index ``(k, j, i)`` -> image ``(i, j, k)``."""
         point = np.asarray(index, dtype=float)[::-1]
-        if context.resampled:
+        if not context.same_grid:
             point = np.asarray(context.original.lps_to_ijk(context.model.ijk_to_lps(point)), dtype=float)
         return point

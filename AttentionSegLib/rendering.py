@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_output
 
 # Distinct colours for labels 1.. (RGB), cycling past the end.
 LABEL_COLOURS = np.array(
@@ -34,11 +35,8 @@ def write_png(rgb: np.ndarray, path: str | os.PathLike) -> Path:
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as handle:
+    with atomic_output(path) as handle:
         handle.write(png)
-    os.replace(tmp, path)
     return path
 
 

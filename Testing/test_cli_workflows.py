@@ -72,6 +72,43 @@ def test_every_regime_trains_from_the_command_line(data, tmp_path, regime, extra
         assert model.network_config.get("self_attention_level"), "the pluggable self-attention is attached"
 
 
+@pytest.fixture(scope="module")
+def acdc_subset(acdc_dir, tmp_path_factory) -> Path:
+    """Two ACDC patients (both frames) linked into an MSD-style folder: real images, labels and scribbles."""
+    folder = tmp_path_factory.mktemp("acdc") / "acdc4"
+    for sub in ("imagesTr", "labelsTr", "scribblesTr"):
+        (folder / sub).mkdir(parents=True)
+        for source in sorted((acdc_dir / sub).glob("patient02[12]_*.nii.gz")):
+            (folder / sub / source.name).symlink_to(source.resolve())
+    (folder / "dataset.json").symlink_to((acdc_dir / "dataset.json").resolve())
+    assert len(list((folder / "imagesTr").iterdir())) == 4
+    return folder
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("regime, options", [
+    ("supervised", []),
+    ("scribble", ["--regime-options", '{"losses": "pce"}']),
+    ("scribble", ["--regime-options", '{"losses": "attenscribble", "crf_radius": 2}']),
+    ("semi", ["--labelled", "patient021_.*", "--regime-options", '{"method": "supervised_only"}']),
+    ("semi", ["--labelled", "patient021_.*", "--regime-options", '{"method": "attention_perturbation"}']),
+], ids=["supervised", "scribble-pce", "scribble-attenscribble", "semi-baseline", "semi-aigc"])
+def test_every_regime_trains_from_the_command_line_on_real_acdc(acdc_subset, tmp_path, regime, options):
+    out = tmp_path / "run"
+    code = _run("train", "--data", acdc_subset, "-o", out, "--regime", regime, "--network-config", TINY,
+                "--spatial-dims", "2", "--patch-size", "64,64", "--iterations", "2", "--batch-size", "2",
+                "--validate-every", "2", "--validation", "patient022_frame11", "--device", "cpu", "-q",
+                "--normalization", '{"kind": "minmax"}', *options)
+    assert code == 0
+    model = load_checkpoint(out / "model_last.pt")
+    assert model.provenance["config"]["regime"] == regime
+    assert model.labels == {1: "right_ventricle", 2: "myocardium", 3: "left_ventricle"}
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["iterations"] == 2
+    assert log["history"], "validated on the held-out frame"
+    assert 0.0 <= log["history"][-1]["dice_mean"] <= 1.0
+
+
 def test_evaluate_reports_dice_and_hd95_per_label(data, tmp_path):
     checkpoint = _train(data, tmp_path / "run", "--spatial-dims", "3", "--patch-size", "16,32,32")
     report_path = tmp_path / "report.json"

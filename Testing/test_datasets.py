@@ -115,6 +115,8 @@ def test_validation_split_by_names_fraction_and_count():
     assert split_cases(cases, 0.2, seed=3) == (train, val), "a seed gives the same split"
     train, val = split_cases(cases, 99)
     assert len(train) == 1, "at least one training case is kept"
+    with pytest.raises(DatasetError, match=r"\['case_99'\] match no case"):
+        split_cases(cases, ["case_1", "case_99"])  # a typo would silently train without validation
 
 
 @pytest.mark.parametrize("mirror_axes, may_flip", [(None, True), ((), False), ((0,), False)])

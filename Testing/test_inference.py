@@ -16,7 +16,6 @@ from AttentionSegLib.inference import (
     sliding_window_predict,
     window_starts,
 )
-from AttentionSegLib.networks import build_network
 
 
 class _Threshold(torch.nn.Module):

@@ -62,3 +62,32 @@ def test_the_bundled_models_load_verified_and_say_how_they_were_made(name, label
     assert set(model.labels.values()) == labels and model.spatial_dims == dims
     assert model.provenance["command"] and model.provenance["metrics"]["dice_mean"] > 0.5
     assert available_models()[name].path.stat().st_size < 10 * 1024 * 1024
+
+
+def test_the_demo_model_keeps_left_and_right_on_an_image_stored_mirrored():
+    """A NIfTI written from RAS stores the patient's left kidney where an LPS series stores the right one. The
+    model sees both in its canonical order, so each kidney keeps its name (and the liver is not the spleen)."""
+    import numpy as np
+
+    from AttentionSegLib.image import Volume
+    from AttentionSegLib.inference import predict_volume
+    from AttentionSegLib.metrics import dice
+    from AttentionSegLib.phantom import make_abdominal_phantom
+
+    image, truth, names = make_abdominal_phantom(seed=7)
+    ids = {name: value for value, name in names.items()}
+    # The same patient stored as example_ct is: i towards the right, j anterior (direction diag(-1, -1, 1)).
+    corner = image.ijk_to_lps([image.size[0] - 1, image.size[1] - 1, 0]).reshape(-1)
+    mirrored = Volume(np.ascontiguousarray(image.array[:, ::-1, ::-1]), image.spacing, tuple(corner),
+                      (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    truth_mirrored = truth.array[:, ::-1, ::-1]
+    centre = (np.asarray(image.size) - 1) / 2
+    assert np.allclose(mirrored.ijk_to_lps(centre), image.ijk_to_lps(centre)), "the same physical image"
+
+    model = load_model("demo_abdomen_ct")
+    labels = predict_volume(model, mirrored, device="cpu").labels
+    assert labels.same_geometry(mirrored, atol=0.0)
+    for organ in ("kidney_left", "kidney_right", "liver", "spleen"):
+        score = dice(labels.array, truth_mirrored, label=ids[organ])
+        assert score > 0.8, f"{organ}: Dice {score:.3f} on the mirrored storage"
+

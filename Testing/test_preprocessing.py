@@ -9,7 +9,9 @@ import SimpleITK as sitk
 from AttentionSegLib.image import Volume, read_image
 from AttentionSegLib.preprocessing import (
     Preprocessor,
+    canonical_axes,
     normalize_intensity,
+    reorient,
     resample_like,
     resample_to_spacing,
 )
@@ -234,3 +236,99 @@ def test_image_grid_maps_and_points_move_to_the_model_grid_and_back():
     model_index = pre.point_to_model_index(context, centre_ijk)
     np.testing.assert_allclose(model_index, (np.asarray(model_input.shape) - 1) / 2, atol=1e-9)
     np.testing.assert_allclose(pre.model_index_to_point(context, model_index), centre_ijk, atol=1e-9)
+
+
+# -- orientation ------------------------------------------------------------------------------------------
+RAS_STORED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # a NIfTI written from RAS, like example_ct
+SAGITTAL = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)    # i posterior, j inferior, k right: permuted
+
+
+def stored_as(volume: Volume, direction: tuple[float, ...]) -> Volume:
+    """The same physical image stored in another array order (direction a signed permutation)."""
+    matrix = np.asarray(direction).reshape(3, 3)
+    # New index axis a runs along world axis w(a) with sign s(a): it is old (identity) axis w(a), maybe reversed.
+    world = [int(np.argmax(np.abs(matrix[:, a]))) for a in range(3)]
+    sign = [float(matrix[world[a], a]) for a in range(3)]
+    array = volume.array  # (k, j, i) of the identity storage: array axis 2 - w holds world axis w
+    array = np.transpose(array, [2 - world[2 - m] for m in range(3)])
+    array = np.flip(array, [2 - a for a in range(3) if sign[a] < 0])
+    size = np.asarray(volume.size)
+    corner = np.array([size[world[a]] - 1 if sign[a] < 0 else 0 for a in range(3)], dtype=float)
+    old_corner = np.zeros(3)
+    old_corner[world] = corner
+    origin = volume.ijk_to_lps(old_corner).reshape(-1)
+    spacing = tuple(volume.spacing[w] for w in world)
+    return Volume(np.ascontiguousarray(array), spacing, tuple(origin), direction)
+
+
+def test_canonical_axes_of_identity_mirrored_and_permuted_storages():
+    assert canonical_axes(np.eye(3)) is None
+    assert canonical_axes(np.eye(2)) is None
+    assert canonical_axes(np.asarray(RAS_STORED).reshape(3, 3)) == ((0, 1, 2), (True, True, False))
+    axes, flips = canonical_axes(np.asarray(SAGITTAL).reshape(3, 3))
+    assert axes == (2, 0, 1) and flips == (True, False, True)
+    assert canonical_axes(np.asarray(OBLIQUE).reshape(3, 3)) is None, "23 degrees off: still closest to identity"
+
+
+@pytest.mark.parametrize("direction", [RAS_STORED, SAGITTAL], ids=["ras-stored", "sagittal"])
+def test_reorient_keeps_every_voxel_at_its_physical_position(direction):
+    rng = np.random.default_rng(0)
+    canonical = Volume(rng.integers(0, 1000, (5, 6, 7)).astype(np.int16), (0.7, 0.9, 2.5), (10.0, -4.0, 3.0))
+    stored = stored_as(canonical, direction)
+    assert stored.shape != canonical.shape or direction == RAS_STORED
+    back = reorient(stored)
+    assert back.same_geometry(canonical, atol=1e-9)
+    np.testing.assert_array_equal(back.array, canonical.array)
+
+
+def test_mirrored_storages_give_the_network_the_same_array_and_the_outputs_their_own_grid():
+    rng = np.random.default_rng(1)
+    canonical = Volume(rng.normal(0, 1, (6, 8, 10)).astype(np.float32), (1.0, 1.5, 3.0), (5.0, 6.0, 7.0))
+    pre = Preprocessor({"normalization": {"kind": "none"}, "spacing": [2.0, 2.0, 2.0],
+                        "patch_size": [8, 8, 8]})
+    reference, reference_context = pre.forward(canonical)
+    for direction in (RAS_STORED, SAGITTAL):
+        stored = stored_as(canonical, direction)
+        model_input, context = pre.forward(stored)
+        np.testing.assert_allclose(model_input, reference, atol=1e-5)
+        assert context.model.same_geometry(reference_context.model, atol=1e-6)
+        # A label map of the model grid goes back onto the stored grid, in the stored order.
+        labels = (model_input > 0).astype(np.uint8)
+        back = pre.inverse(labels, context, interpolator="nearest")
+        assert back.same_geometry(stored, atol=0.0)
+        expected = pre.inverse(labels, reference_context, interpolator="nearest")
+        np.testing.assert_array_equal(reorient(back).array, expected.array)
+        # Points, image maps and channel maps take the same way.
+        centre = (np.asarray(stored.size) - 1) / 2
+        np.testing.assert_allclose(pre.model_index_to_point(context, pre.point_to_model_index(context, centre)),
+                                   centre, atol=1e-9)
+        np.testing.assert_array_equal(
+            pre.resample_channel(stored.with_array((stored.array > 0).astype(np.uint8)), context, "nearest"),
+            pre.resample_channel(canonical.with_array((canonical.array > 0).astype(np.uint8)),
+                                 reference_context, "nearest"))
+        two = pre.inverse(np.stack([1.0 - labels, labels]).astype(np.float32), context)
+        assert two.has_channels and two.same_geometry(stored, atol=0.0)
+
+
+def test_without_resampling_a_mirrored_storage_is_flipped_exactly_and_back():
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    stored = Volume(array, (0.8, 0.8, 3.0), (1.0, 2.0, 3.0), RAS_STORED)
+    pre = Preprocessor({"normalization": {"kind": "none"}, "spacing": None})
+    model_input, context = pre.forward(stored)
+    assert not context.resampled and context.orientation == ((0, 1, 2), (True, True, False))
+    np.testing.assert_array_equal(model_input, array[:, ::-1, ::-1])
+    back = pre.inverse(model_input, context)
+    assert back.same_geometry(stored, atol=0.0)
+    np.testing.assert_array_equal(back.array, array)
+
+
+def test_2d_models_keep_the_array_order_unless_their_checkpoint_says_otherwise():
+    stored = Volume(np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5), direction=SAGITTAL)
+    keep, _ = Preprocessor({"patch_size": [64, 64]}).forward(stored)
+    np.testing.assert_array_equal(keep, stored.array)
+    turned, _ = Preprocessor({"patch_size": [64, 64], "orientation": "LPS"}).forward(stored)
+    assert turned.shape != stored.shape
+    kept3d, _ = Preprocessor({"patch_size": [8, 8, 8], "orientation": None}).forward(stored)
+    np.testing.assert_array_equal(kept3d, stored.array)
+    with pytest.raises(ValueError, match="preprocessing.orientation"):
+        Preprocessor({"orientation": "RAS"})

@@ -15,13 +15,14 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from AttentionSegLib.atomic import write_text_atomically
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_FIELDS = ("method", "dataset", "metric", "value")
@@ -101,15 +102,7 @@ def _check_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, text)
 
 
 def write_results(name: str, records: Iterable[Mapping[str, Any]], out_json: str | os.PathLike, table_md: str,

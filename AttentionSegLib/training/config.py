@@ -104,4 +104,5 @@ class TrainConfig:
     def preprocessing(self) -> dict[str, Any]:
         """The preprocessing recorded in the checkpoint so that inference prepares images the same way."""
         return {"normalization": dict(self.normalization), "spacing": self.spacing,
+                "orientation": "LPS" if self.spatial_dims == 3 else None,  # see preprocessing's docstring
                 "patch_size": list(self.patch_size)}

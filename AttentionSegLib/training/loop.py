@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import shlex
 import subprocess
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..atomic import write_text_atomically
 from ..checkpoint import atomic_torch_save, save_checkpoint, state_digest
 from ..datasets import Case, list_cases, load_case, read_labels, split_cases
 from ..inference import CancelToken, autocast_for, resolve_device, sliding_window_predict
@@ -280,9 +280,7 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
                             provenance={**provenance(iteration, last_metrics), "replicas_in_sync": in_sync})
         log = {"config": config.to_dict(), "history": history, "best_metric": best_metric, "iterations": iteration,
                "cancelled": cancelled, "skipped_steps": skipped_steps, "world_size": context.world_size, "replicas_in_sync": in_sync}
-        tmp = output / ".training_log.json.tmp"
-        tmp.write_text(json.dumps(log, indent=2) + "\n")
-        os.replace(tmp, output / "training_log.json")
+        write_text_atomically(output / "training_log.json", json.dumps(log, indent=2) + "\n")
     barrier(context)
     return TrainResult(output=output, best_model=output / BEST_MODEL, last_model=output / LAST_MODEL,
                        iterations=iteration, best_metric=best_metric, history=history, cancelled=cancelled,

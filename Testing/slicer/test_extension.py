@@ -254,6 +254,19 @@ def test_s4ext_has_every_field_and_agrees_with_the_cmake_list() -> None:
     assert entries["depends"].split() == cmake_set(ROOT_CMAKE, "EXTENSION_DEPENDS")
     assert entries["homepage"] == cmake_set(ROOT_CMAKE, "EXTENSION_HOMEPAGE")[0]
     assert entries["iconurl"].endswith("AttentionSeg/Resources/Icons/AttentionSeg.png")
+    assert entries["screenshoturls"].split() == cmake_set(ROOT_CMAKE, "EXTENSION_SCREENSHOTURLS")
+
+
+def test_icon_and_screenshot_urls_name_files_of_this_repository() -> None:
+    """The Extensions Index fetches these from the main branch: a path that is not committed is a broken image."""
+    urls = [*cmake_set(ROOT_CMAKE, "EXTENSION_ICONURL"), *cmake_set(ROOT_CMAKE, "EXTENSION_SCREENSHOTURLS")]
+    assert len(urls) >= 2
+    for url in urls:
+        marker = "/main/"
+        assert marker in url, url
+        path = REPO_ROOT / url.split(marker, 1)[1]
+        assert path.is_file(), f"{url}: {path.relative_to(REPO_ROOT)} is not in the repository"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path}: not a PNG"
 
 
 def test_catalog_entry_follows_the_extensions_index_schema() -> None:
