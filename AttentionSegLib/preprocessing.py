@@ -388,8 +388,6 @@ class Preprocessor:
             values = resample_like(model, oriented, interpolator=interpolator, default_value=0.0).array
         if context.orientation is not None:
             values = _unorient_array(values, *context.orientation, channels=values.ndim > context.model.ndim)
-        elif not context.resampled:
-            values = values.copy()
         return context.original.with_array(values)
 
     def resample_channel(
