@@ -467,9 +467,6 @@ def make_phantom_dataset(
         "test": [],
         "seed": int(seed),
     }
-    _write_json_atomically(description, folder / "dataset.json")
+    write_text_atomically(folder / "dataset.json", json.dumps(description, indent=2) + "\n")
     return folder
 
-
-def _write_json_atomically(data: dict[str, Any], path: Path) -> None:
-    write_text_atomically(path, json.dumps(data, indent=2) + "\n")

@@ -231,25 +231,27 @@ def canonical_axes(direction: np.ndarray) -> tuple[tuple[int, ...], tuple[bool, 
     return order, flips
 
 
-def _orient_array(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool], *, channels: bool) -> np.ndarray:
-    """Apply :func:`canonical_axes`' permutation and flips to an array in ``(k, j, i)`` (or ``(C, k, j, i)``) order."""
-    ndim = len(axes)
-    lead = int(channels)
+def _array_plan(axes: Sequence[int], flips: Sequence[bool], channels: bool) -> tuple[list[int], tuple[int, ...]]:
+    """:func:`canonical_axes`' index-axis permutation and flips as array-axis operations (``(k, j, i)`` order,
+    after an optional channel axis): the transpose order, then the new array axes to reverse."""
+    ndim, lead = len(axes), int(channels)
     # Array axis m holds index axis ndim-1-m: new array axis m takes old array axis ndim-1-axes[ndim-1-m].
     order = [*range(lead), *(lead + ndim - 1 - axes[ndim - 1 - m] for m in range(ndim))]
+    return order, tuple(lead + ndim - 1 - n for n in range(ndim) if flips[n])
+
+
+def _orient_array(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool], *, channels: bool) -> np.ndarray:
+    """Apply :func:`canonical_axes`' permutation and flips to an array in ``(k, j, i)`` (or ``(C, k, j, i)``) order."""
+    order, flip = _array_plan(axes, flips, channels)
     out = np.transpose(array, order)
-    flip = tuple(lead + ndim - 1 - n for n in range(ndim) if flips[n])
     return np.ascontiguousarray(np.flip(out, flip) if flip else out)
 
 
 def _unorient_array(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool], *, channels: bool
                     ) -> np.ndarray:
     """The inverse of :func:`_orient_array` (the array back in the image's own order)."""
-    ndim = len(axes)
-    lead = int(channels)
-    flip = tuple(lead + ndim - 1 - n for n in range(ndim) if flips[n])
+    order, flip = _array_plan(axes, flips, channels)
     array = np.flip(array, flip) if flip else array
-    order = [*range(lead), *(lead + ndim - 1 - axes[ndim - 1 - m] for m in range(ndim))]
     return np.ascontiguousarray(np.transpose(array, np.argsort(order)))
 
 
@@ -294,8 +296,8 @@ class PreprocessingContext:
     original: Volume
     model: Volume
     resampled: bool
-    orientation: tuple[tuple[int, ...], tuple[bool, ...]] | None = None
-    oriented: Volume | None = None
+    orientation: tuple[tuple[int, ...], tuple[bool, ...]] | None
+    oriented: Volume
 
     @property
     def same_grid(self) -> bool:
@@ -383,9 +385,8 @@ class Preprocessor:
         model = context.model.with_array(values)  # raises on a shape mismatch
         if context.same_grid:
             return context.original.with_array(values.copy())
-        oriented = context.oriented if context.oriented is not None else context.original
         if context.resampled:
-            values = resample_like(model, oriented, interpolator=interpolator, default_value=0.0).array
+            values = resample_like(model, context.oriented, interpolator=interpolator, default_value=0.0).array
         if context.orientation is not None:
             values = _unorient_array(values, *context.orientation, channels=values.ndim > context.model.ndim)
         return context.original.with_array(values)
@@ -410,8 +411,7 @@ class Preprocessor:
             values = _orient_array(values, *context.orientation, channels=volume.has_channels)
         if not context.resampled:
             return values
-        oriented = context.oriented if context.oriented is not None else context.original
-        return resample_like(oriented.with_array(values), context.model, interpolator=interpolator,
+        return resample_like(context.oriented.with_array(values), context.model, interpolator=interpolator,
                              default_value=0.0).array
 
     def point_to_model_index(self, context: PreprocessingContext, point_ijk: Sequence[float]) -> np.ndarray:

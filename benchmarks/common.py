@@ -101,10 +101,6 @@ def _check_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]
     return checked
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    write_text_atomically(path, text)
-
-
 def write_results(name: str, records: Iterable[Mapping[str, Any]], out_json: str | os.PathLike, table_md: str,
                   extra: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
     """Write a benchmark's results: ``out_json`` and, beside it, ``table_md`` as ``<out_json stem>.md``.
@@ -133,8 +129,8 @@ def write_results(name: str, records: Iterable[Mapping[str, Any]], out_json: str
                 "records": rows, **extra}
     out_json = Path(out_json)
     out_md = out_json.with_suffix(".md")
-    _atomic_write(out_json, json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n")
-    _atomic_write(out_md, table_md if table_md.endswith("\n") else table_md + "\n")
+    write_text_atomically(out_json, json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n")
+    write_text_atomically(out_md, table_md if table_md.endswith("\n") else table_md + "\n")
     return out_json, out_md
 
 
