@@ -167,7 +167,7 @@ class InteractiveSession:
 
     def _check_label(self, label: int, what: str) -> None:
         if not 0 < int(label) < self.num_classes:
-            raise ValueError(f"{what}: label {label} is not one of this model's labels 1..{self.num_classes - 1}")
+            raise ValueError(f"{what}: label {label} is not one of this network's labels 1..{self.num_classes - 1}")
 
     # ------------------------------------------------------------------------------------------------ inputs
 
@@ -186,7 +186,7 @@ class InteractiveSession:
         values = np.unique(scribble_map[drawn])
         bad = [int(v) for v in values if v >= self.num_classes]
         if bad:
-            raise ValueError(f"scribble labels {bad} are not labels of this model (0..{self.num_classes - 1})")
+            raise ValueError(f"scribble labels {bad} are not labels of this network (0..{self.num_classes - 1})")
         self._push_undo("scribbles")
         base = self._click_scribbles() if replace else self.scribbles
         self.scribbles = np.where(drawn, scribble_map, base).astype(np.uint8)
