@@ -12,6 +12,7 @@ import pytest
 from AttentionSegLib.checkpoint import load_checkpoint, save_checkpoint
 from AttentionSegLib.cli import main
 from AttentionSegLib.image import read_image, write_image
+from AttentionSegLib.metrics import dice
 from AttentionSegLib.models import available_models
 from AttentionSegLib.networks import build_network
 
@@ -145,7 +146,7 @@ def round0(data, tmp_path):
 def test_refine_rounds_chain_from_the_shell(round0, tmp_path):
     image, scribbles, truth = round0
     seg1, adapted = tmp_path / "seg1.nii.gz", tmp_path / "adapted.pt"
-    assert _run("refine", image, "--scribbles", scribbles, "-o", seg1, "--time-budget", "2",
+    assert _run("refine", image, "--scribbles", scribbles, "-o", seg1, "--time-budget", "2", "--strategy", "finetune",
                 "--save-model", adapted, "--device", "cpu", "-q") == 0
     first = read_image(seg1)
     assert first.same_geometry(read_image(image))
@@ -157,6 +158,25 @@ def test_refine_rounds_chain_from_the_shell(round0, tmp_path):
     assert _run("refine", image, "--scribbles", scribbles, "--init", seg1, "--model", adapted, "-o", seg2,
                 "--time-budget", "1", "--device", "cpu", "-q") == 0
     assert read_image(seg2).same_geometry(first)
+
+
+def test_refine_on_a_cpu_uses_the_online_head_and_says_so(round0, tmp_path, capsys):
+    image, scribbles, truth = round0
+    out = tmp_path / "seg.nii.gz"
+    assert _run("refine", image, "--scribbles", scribbles, "-o", out, "--device", "cpu") == 0
+    assert "refined with online_head" in capsys.readouterr().out
+    result = read_image(out)
+    assert result.same_geometry(read_image(image))
+    strokes = read_image(scribbles).array
+    assert np.array_equal(result.array[strokes != 255], strokes[strokes != 255]), "scribbles are honoured"
+    assert dice(result.array == 1, truth == 1) > 0.5
+
+
+def test_refine_strategies_offered_by_the_cli_are_the_sessions():
+    from AttentionSegLib.cli import REFINE_STRATEGIES
+    from AttentionSegLib.interactive.settings import STRATEGIES
+
+    assert tuple(REFINE_STRATEGIES) == tuple(STRATEGIES)
 
 
 def _refuses(capsys, *args, output: Path, naming: str, says: str) -> None:

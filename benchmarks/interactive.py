@@ -18,8 +18,11 @@ Protocol (``docs/benchmarks.md`` of the shared docs, §1 scribbles and §2 click
   ``example_ct_sm`` with ``example_seg``), organs liver, spleen, left and right kidney, pancreas (ids from
   ``labels.json``); simulated round 0. Each target is cropped to the organ's bounding box + ``CT_MARGIN`` voxels.
   The reference labels are TotalSegmentator outputs, not manual annotations.
+* Views (``--views``): ``crop`` (the default; the crops above) and ``whole`` (the whole volume in view: a method
+  that only wins on a tight crop has not won).
 * Methods: ``attentionseg_untrained`` (:class:`AttentionSegLib.InteractiveSession` from an untrained network
-  config: 2D Attention U-Net for the ACDC slices, 3D for CT), ``attentionseg_pretrained`` (the best model we have
+  config: 2D Attention U-Net for the ACDC slices, 3D for CT; refined with ``--strategy``, by default ``auto``: the
+  online head on a CPU, whole-network fine-tuning on a GPU), ``attentionseg_pretrained`` (the best model we have
   for the structure: ``--acdc-model`` for ACDC, the bundled ``demo_abdomen_ct`` for CT when it lists the organ;
   skipped with a note otherwise), ``grow_from_seeds`` (ITK's FastGrowCut from the ``itk-growcut`` wheel, the filter
   of Slicer 5's effect; distance penalty 0, background seeds = 1, structure = 2) and ``random_walker``
@@ -60,6 +63,8 @@ import torch  # noqa: E402
 
 from AttentionSegLib import InteractiveSession, LoadedModel, Volume, available_models, load_model  # noqa: E402
 from AttentionSegLib import read_image  # noqa: E402
+from AttentionSegLib.interactive import RefineSettings  # noqa: E402
+from AttentionSegLib.interactive.settings import STRATEGIES  # noqa: E402
 from AttentionSegLib.metrics import dice  # noqa: E402
 from benchmarks.common import machine_info, markdown_table, write_results  # noqa: E402
 from benchmarks.robot import (  # noqa: E402
@@ -73,6 +78,8 @@ from benchmarks.robot import (  # noqa: E402
 
 BENCHMARK = "interactive"
 DATASETS = ("acdc_val", "ct_organs")
+VIEWS = ("crop", "whole")
+VIEW_TITLES = {"crop": "cropped to the structure", "whole": "whole volume"}
 METHODS = ("attentionseg_untrained", "attentionseg_pretrained", "grow_from_seeds", "random_walker")
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "interactive.json"
@@ -144,8 +151,11 @@ def _need(path: Path) -> Path:
     return path
 
 
-def acdc_targets(data: Path, limit: int | None) -> Iterator[Target]:
-    """ACDC validation volumes (patients 021-040, both frames), one target per structure, real round-0 scribbles."""
+def acdc_targets(data: Path, limit: int | None, view: str = "crop") -> Iterator[Target]:
+    """ACDC validation volumes (patients 021-040, both frames), one target per structure, real round-0 scribbles.
+
+    ``view="crop"``: cropped in-plane to the heart + ``ACDC_MARGIN``; ``"whole"``: the whole volume.
+    """
     root = _need(data / "acdc-scribble")
     names = sorted(p.name.split(".")[0] for p in (root / "imagesTr").glob("patient*_frame*.nii.gz")
                    if int(p.name[7:10]) in ACDC_VALIDATION)
@@ -153,9 +163,10 @@ def acdc_targets(data: Path, limit: int | None) -> Iterator[Target]:
         image = read_image(root / "imagesTr" / f"{name}.nii.gz")
         labels = read_image(root / "labelsTr" / f"{name}.nii.gz").array
         scribbles = read_image(root / "scribblesTr" / f"{name}.nii.gz").array
-        box = bounding_box(labels > 0, (0, ACDC_MARGIN, ACDC_MARGIN))
-        box = (slice(0, labels.shape[0]), *box[1:])  # every slice: the volume is short along k
-        image, labels, scribbles = crop(image, box), labels[box], scribbles[box]
+        if view == "crop":
+            box = bounding_box(labels > 0, (0, ACDC_MARGIN, ACDC_MARGIN))
+            box = (slice(0, labels.shape[0]), *box[1:])  # every slice: the volume is short along k
+            image, labels, scribbles = crop(image, box), labels[box], scribbles[box]
         for value, structure in ACDC_STRUCTURES.items():
             truth = labels == value
             if not truth.any():
@@ -168,8 +179,9 @@ def acdc_targets(data: Path, limit: int | None) -> Iterator[Target]:
             yield Target("acdc_val", name, structure, image, truth, binary)
 
 
-def ct_targets(data: Path, limit: int | None) -> Iterator[Target]:
-    """Organs of the TotalSegmentator example CTs, each cropped to the organ + ``CT_MARGIN`` voxels."""
+def ct_targets(data: Path, limit: int | None, view: str = "crop") -> Iterator[Target]:
+    """Organs of the TotalSegmentator example CTs, each cropped to the organ + ``CT_MARGIN`` voxels
+    (``view="crop"``) or in the whole scan (``"whole"``)."""
     root = _need(data / "totalsegmentator-examples")
     names = json.loads(_need(root / "labels.json").read_text())["total"]
     ids = {name: int(value) for value, name in names.items()}
@@ -185,8 +197,11 @@ def ct_targets(data: Path, limit: int | None) -> Iterator[Target]:
             whole = labels == ids[organ]
             if not whole.any():
                 continue
-            box = bounding_box(whole, (CT_MARGIN,) * 3)
-            yield Target("ct_organs", ct_name, organ, crop(image, box), whole[box])
+            if view == "crop":
+                box = bounding_box(whole, (CT_MARGIN,) * 3)
+                yield Target("ct_organs", ct_name, organ, crop(image, box), whole[box])
+            else:
+                yield Target("ct_organs", ct_name, organ, image, whole)
 
 
 # --------------------------------------------------------------------------------------------------- methods
@@ -222,12 +237,14 @@ class SessionSegmenter:
         model: anything the session takes (network config dict or :class:`LoadedModel`).
         label: the network's output label of the structure (1 for the binary untrained networks).
         device: torch device name.
-        time_budget_s: fine-tuning budget of every refine.
+        time_budget_s: budget of every refine.
+        strategy: the session's refine strategy (``auto``: the online head on a CPU, fine-tuning on a GPU).
     """
 
     def __init__(self, image: Volume, model: Any, *, label: int, device: str, time_budget_s: float,
-                 seed: int = 0) -> None:
-        self.session = InteractiveSession(image, model, device=device, seed=seed)
+                 seed: int = 0, strategy: str = "auto") -> None:
+        self.session = InteractiveSession(image, model, device=device, seed=seed,
+                                          settings=RefineSettings(strategy=strategy))
         self.label = label
         self.time_budget_s = time_budget_s
 
@@ -329,9 +346,10 @@ def plan_methods(dataset: str, methods: Sequence[str], args: argparse.Namespace)
         if method == "attentionseg_untrained":
             config = UNTRAINED_ACDC if dataset == "acdc_val" else UNTRAINED_CT
             setting = (f"{config['spatial_dims']}D {config['name']} filters={config['filters']} untrained, "
-                       f"refine budget {budget:g} s, device {args.device}")
+                       f"refine {args.strategy} budget {budget:g} s, device {args.device}")
             plans[method] = MethodPlan(method, setting, lambda t, c=config: SessionSegmenter(
-                t.image, dict(c), label=1, device=args.device, time_budget_s=budget, seed=args.seed))
+                t.image, dict(c), label=1, device=args.device, time_budget_s=budget, seed=args.seed,
+                strategy=args.strategy))
         elif method == "attentionseg_pretrained":
             plans[method] = _pretrained_plan(dataset, args)
         elif method == "grow_from_seeds":
@@ -362,15 +380,15 @@ def _pretrained_plan(dataset: str, args: argparse.Namespace) -> MethodPlan:
                                                 "`attentionseg models`)")
         fallback = {}
     model = load_model(source)
-    setting = (f"{model.network_name} {model.spatial_dims}D from {source}, refine budget {args.time_budget:g} s, "
-               f"device {args.device}")
+    setting = (f"{model.network_name} {model.spatial_dims}D from {source}, refine {args.strategy} budget "
+               f"{args.time_budget:g} s, device {args.device}")
 
     def build(target: Target) -> SessionSegmenter | None:
         label = _model_label(model, target.structure, fallback.get(target.structure))
         if label is None:
             return None
         return SessionSegmenter(target.image, model, label=label, device=args.device,
-                                time_budget_s=args.time_budget, seed=args.seed)
+                                time_budget_s=args.time_budget, seed=args.seed, strategy=args.strategy)
 
     return MethodPlan(method, setting, build)
 
@@ -453,9 +471,9 @@ def _median(values: Sequence[float]) -> float:
 
 
 def summarise(method: str, dataset: str, setting: str, runs: Mapping[str, Run], clicks: Mapping[str, Run],
-              structures: Mapping[str, str]) -> list[dict[str, Any]]:
-    """Records of one method on one data set, over all targets and per structure (``label``)."""
-    base = {"method": method, "dataset": dataset, "setting": setting}
+              structures: Mapping[str, str], view: str = "crop") -> list[dict[str, Any]]:
+    """Records of one method on one data set and view, over all targets and per structure (``label``)."""
+    base = {"method": method, "dataset": dataset, "view": view, "setting": setting}
     records: list[dict[str, Any]] = []
     groups: dict[str | None, list[str]] = {None: list(runs)}
     for name in runs:
@@ -488,19 +506,21 @@ def summarise(method: str, dataset: str, setting: str, runs: Mapping[str, Run], 
 
 def results_table(records: Sequence[Mapping[str, Any]], rounds: int, clicks: int,
                   notes: Sequence[str] = ()) -> str:
-    """Markdown: per data set, one row per method (means over all targets)."""
+    """Markdown: per data set and view, one row per method (means over all targets)."""
 
-    def value(method: str, dataset: str, metric: str, round_index: int | None = None) -> float | None:
+    def value(method: str, group: tuple[str, str], metric: str, round_index: int | None = None) -> float | None:
         for r in records:
-            if (r["method"], r["dataset"], r["metric"]) == (method, dataset, metric) and "label" not in r \
-                    and r.get("round") == round_index:
+            if (r["method"], (r["dataset"], r.get("view", "crop")), r["metric"]) == (method, group, metric) \
+                    and "label" not in r and r.get("round") == round_index:
                 return r["value"]
         return None
 
     parts = []
-    for dataset in dict.fromkeys(r["dataset"] for r in records):
-        methods = list(dict.fromkeys(r["method"] for r in records if r["dataset"] == dataset))
-        n = next(r["n"] for r in records if r["dataset"] == dataset and r["metric"] == "dice")
+    for group in dict.fromkeys((r["dataset"], r.get("view", "crop")) for r in records):
+        dataset = group
+        title = f"{group[0]}, {VIEW_TITLES[group[1]]}"
+        methods = list(dict.fromkeys(r["method"] for r in records if (r["dataset"], r.get("view", "crop")) == group))
+        n = next(r["n"] for r in records if (r["dataset"], r.get("view", "crop")) == group and r["metric"] == "dice")
         header = ["method", *[f"Dice r{r}" for r in range(rounds + 1)], "NoC@85", "NoC@90", "s/round",
                   f"voxels r0/r{rounds}"]
         rows = []
@@ -510,7 +530,7 @@ def results_table(records: Sequence[Mapping[str, Any]], rounds: int, clicks: int
             rows.append([m, *[value(m, dataset, "dice", r) for r in range(rounds + 1)],
                          value(m, dataset, "noc85"), value(m, dataset, "noc90"),
                          value(m, dataset, "seconds_per_round"), voxels])
-        parts.append(f"**{dataset}** — scribbles, mean over {n} targets (NoC = first round reaching the Dice; "
+        parts.append(f"**{title}** — scribbles, mean over {n} targets (NoC = first round reaching the Dice; "
                      f"{rounds + 1} = never)\n\n" + markdown_table(header, rows))
         shown = [c for c in (1, 3, 5) if c <= clicks]
         header = ["method", *[f"Dice @{c} clicks" for c in shown], "NoC@85", "s/click"]
@@ -518,7 +538,7 @@ def results_table(records: Sequence[Mapping[str, Any]], rounds: int, clicks: int
                  value(m, dataset, "seconds_per_click")] for m in methods
                 if value(m, dataset, "click_noc85") is not None]
         if rows:
-            parts.append(f"**{dataset}** — clicks ({clicks + 1} = never reached)\n\n" + markdown_table(header, rows))
+            parts.append(f"**{title}** — clicks ({clicks + 1} = never reached)\n\n" + markdown_table(header, rows))
     if notes:
         parts.append("Notes:\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     return "\n".join(parts)
@@ -532,9 +552,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--views", nargs="+", default=["crop"], choices=VIEWS,
+                        help="crop: each target cropped around its structure (the default); whole: the whole "
+                             "volume in view (slower for the seeded peers on CT)")
     parser.add_argument("--rounds", type=int, default=5, help="correction rounds after round 0 (default 5)")
     parser.add_argument("--clicks", type=int, default=5, help="clicks per target (default 5; 0: no click runs)")
     parser.add_argument("--time-budget", type=float, default=10.0, help="refine budget per round in s (default 10)")
+    parser.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                        help="our sessions' refine strategy (default auto: the online head on a CPU, whole-network "
+                             "fine-tuning on a GPU)")
     parser.add_argument("--limit", type=int, default=2,
                         help="cases per data set (ACDC volumes, CT scans); default 2; 0 = all")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto (default cpu)")
@@ -569,13 +595,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     per_target: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     started_all = time.perf_counter()
-    for dataset in args.datasets:
-        targets = list(loaders[dataset](args.data, limit))
-        _log(f"{dataset}: {len(targets)} targets")
+    for view, dataset in [(v, d) for v in args.views for d in args.datasets]:
+        targets = list(loaders[dataset](args.data, limit, view))
+        _log(f"{dataset} ({view}): {len(targets)} targets")
         structures = {t.name: t.structure for t in targets}
         for method, plan in plan_methods(dataset, args.methods, args).items():
             if plan.build is None:
-                notes.append(f"{method} on {dataset} skipped: {plan.skip_reason}")
+                note = f"{method} on {dataset} skipped: {plan.skip_reason}"
+                if note not in notes:
+                    notes.append(note)
                 _log(notes[-1])
                 continue
             runs: dict[str, Run] = {}
@@ -591,15 +619,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     if args.clicks:
                         click_runs[target.name] = click_run(plan.build(target), target, args.clicks)
                 except Exception as exc:  # one failing target must not lose the rest of a long run
-                    errors.append({"method": method, "target": target.name, "error": repr(exc),
+                    errors.append({"method": method, "view": view, "target": target.name, "error": repr(exc),
                                    "traceback": traceback.format_exc()})
-                    _log(f"{method} {target.name}: FAILED {exc!r}")
+                    _log(f"{method} {target.name} ({view}): FAILED {exc!r}")
                     continue
                 dice_text = " ".join(f"{d:.2f}" for d in runs[target.name].dice)
                 clicks_text = " ".join(f"{d:.2f}" for d in click_runs.get(target.name, Run()).dice)
-                _log(f"{method} {target.name}: dice {dice_text} | clicks {clicks_text} "
+                _log(f"{method} {target.name} ({view}): dice {dice_text} | clicks {clicks_text} "
                      f"({time.perf_counter() - started:.0f} s)")
-                per_target.append({"method": method, "dataset": dataset, "target": target.name,
+                per_target.append({"method": method, "dataset": dataset, "view": view, "target": target.name,
                                    "structure": target.structure, "shape": list(target.truth.shape),
                                    "voxels": int(target.truth.sum()), "dice": runs[target.name].dice,
                                    "seconds": runs[target.name].seconds,
@@ -607,7 +635,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                    "click_dice": click_runs.get(target.name, Run()).dice,
                                    "click_seconds": click_runs.get(target.name, Run()).seconds})
             if runs:
-                records.extend(summarise(method, dataset, plan.setting, runs, click_runs, structures))
+                records.extend(summarise(method, dataset, plan.setting, runs, click_runs, structures, view))
     if errors:
         notes.append(f"{len(errors)} method/target runs failed (see 'errors' in the JSON)")
     table = results_table(records, args.rounds, args.clicks, notes)
@@ -616,7 +644,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine,
         "command": command,
         "settings": {"rounds": args.rounds, "clicks": args.clicks, "time_budget_s": args.time_budget,
-                     "limit": args.limit, "datasets": args.datasets, "methods": args.methods,
+                     "strategy": args.strategy,
+                     "limit": args.limit, "datasets": args.datasets, "methods": args.methods, "views": args.views,
                      "acdc_validation_patients": [ACDC_VALIDATION.start, ACDC_VALIDATION.stop - 1],
                      "acdc_margin": ACDC_MARGIN, "ct_margin": CT_MARGIN, "click_radius": CLICK_RADIUS,
                      "untrained_acdc": UNTRAINED_ACDC, "untrained_ct": UNTRAINED_CT},

@@ -42,7 +42,7 @@ class RefineSettings:
         consistency_threshold: confidence a voxel's weak-view answer needs to count.
     """
 
-    strategy: str = "finetune"
+    strategy: str = "auto"
     head_seconds: float = 1.0
     learning_rate: float | None = None
     crf_weight: float = 0.5

@@ -25,6 +25,7 @@ from ..image import Volume
 from ..inference import CancelToken, Prediction, back_to_image, predict_volume
 from ..losses import IGNORE_INDEX
 from ..postprocessing import keep_components_at_points
+from .adapt.features import FeatureCache
 from .adapt.finetune import fine_tune_network, pad_to_divisor
 from .family import Proposal, SessionView
 from .history import Click
@@ -197,15 +198,35 @@ class UNetFamily:
 
     def click(self, view: SessionView, click: Click, progress: RefineProgress | None,
               cancel: CancelToken | None) -> Proposal:
-        """Keep the component at the point (fine-tuning briefly when the network does not find it there)."""
+        """Keep the component at the point, or learn from the marks when the network does not find it there.
+
+        With the online head (an automatic network, ``strategy`` resolving to ``online_head``): a trained
+        network's component at the point is kept when it has one; otherwise, once the marks hold the label and
+        something else (background scribbles, the view's frame, other clicks), the head answers from them in
+        about a second. Without that contrast yet, the click's disk stays as the label (nothing to learn
+        against). With fine-tuning: the network is fine-tuned briefly (``click_budget_s``) when it does not find
+        the structure at the point.
+        """
         point, label = click.point_ijk, click.label
         index = tuple(int(round(c)) for c in point[::-1])
+        head = self._uses_head()
         if not click.positive:
             wrong = int(view.mask[index])
             mask = view.mask
             if wrong and wrong not in view.locked:
+                if head and self._has_contrast(view, wrong):
+                    return self._online_head(view, self.settings.head_seconds, progress, cancel)[0]
                 mask = self._without_false_positive(view, point, wrong, progress, cancel)
             return Proposal(mask)
+        if head:
+            if not self.untrained:
+                found = self.predict(view, center_ijk=point).labels.array == label
+                if found[index]:
+                    component = keep_components_at_points(found, [point])
+                    return Proposal(np.where(component, label, view.mask).astype(np.uint8))
+            if self._has_contrast(view, label):
+                return self._online_head(view, self.settings.head_seconds, progress, cancel)[0]
+            return Proposal(view.mask)  # the click's disk (a scribble) is all there is to go on yet
         prediction = self.predict(view, center_ijk=point)
         found = prediction.labels.array == label
         if not found[index] and self.settings.click_budget_s > 0:
@@ -214,6 +235,20 @@ class UNetFamily:
             found = prediction.labels.array == label
         component = keep_components_at_points(found, [point]) if found.any() else np.zeros(found.shape, bool)
         return Proposal(np.where(component, label, view.mask).astype(np.uint8))
+
+    @property
+    def untrained(self) -> bool:
+        """Whether the network was built from a config and never trained (its answers mean nothing yet)."""
+        return self.model.path is None and "untrained" in str(self.model.provenance.get("source", ""))
+
+    def _uses_head(self) -> bool:
+        return self.strategy() == "online_head" and not self.click_conditioned
+
+    @staticmethod
+    def _has_contrast(view: SessionView, label: int) -> bool:
+        """Whether the marks hold ``label`` and at least one other class: something for the head to learn."""
+        marked = np.unique(view.scribbles[view.scribbles != IGNORE_INDEX])
+        return label in marked and len(marked) >= 2
 
     def _without_false_positive(self, view: SessionView, point: tuple[float, ...], label: int,
                                 progress: RefineProgress | None, cancel: CancelToken | None) -> np.ndarray:
@@ -303,8 +338,7 @@ class UNetFamily:
     def _learning_rate(self) -> float:
         if self.settings.learning_rate is not None:
             return self.settings.learning_rate
-        untrained = self.model.path is None and "untrained" in str(self.model.provenance.get("source", ""))
-        return 1e-2 if untrained else 3e-4
+        return 1e-2 if self.untrained else 3e-4
 
     def _fine_tune(self, view: SessionView, budget_s: float, progress: RefineProgress | None,
                    cancel: CancelToken | None) -> RefineReport:
@@ -345,28 +379,43 @@ class UNetFamily:
 
     def _online_head(self, view: SessionView, time_budget_s: float, progress: RefineProgress | None,
                      cancel: CancelToken | None) -> tuple[Proposal, RefineReport]:
-        from .adapt.online_head import FeatureCache, OnlineHeadSettings, fit_online_head
+        """Learn from the marks with the online head (:mod:`.adapt.online_head`) over the model grid.
 
+        Only the labels the user marked are rewritten: a voxel becomes a marked label where the head says so,
+        a voxel of a marked label that the head gives to another class becomes background, and every other
+        label stays as it was (refining the left ventricle does not erase the myocardium). The frozen
+        network's features are computed once per ROI and cached until its weights change.
+        """
+        from .adapt.online_head import OnlineHeadSettings, fit_online_head
+
+        head_settings = OnlineHeadSettings()
         box = self._head_box(view)
         target = self.grid.labels(training_targets(view.scribbles, view.mask, view.locked), IGNORE_INDEX)[box]
-        features = self._features(view, box)
-        cache = self._feature_cache.setdefault(("image", tuple((s.start, s.stop) for s in box)), FeatureCache())
         spacing = self._grid_spacing()
+        # The head decides a band of rw_band_mm around the walker's edge; thinner than a voxel in-plane, there is
+        # no band and the network's features would go unused: skip computing them.
+        banded = head_settings.rw_band_mm >= min(spacing[-2:])
+        features = self._features(view, box) if banded else None
+        cache = self._feature_cache.setdefault(("image", tuple((s.start, s.stop) for s in box)), FeatureCache())
         budget = max(min(self.settings.head_seconds, time_budget_s), 0.05)
         result = fit_online_head(self.grid.image[box].astype(np.float32), target.astype(np.uint8),
                                  num_classes=self.num_classes, spacing=spacing, network_features=features,
-                                 settings=OnlineHeadSettings(), time_budget_s=budget, cancel=cancel,
+                                 settings=head_settings, time_budget_s=budget, cancel=cancel,
                                  progress=progress, cache=cache, device=self.device)
+        report = RefineReport(strategy="online_head", steps=result.steps, seconds=result.seconds, roi=box,
+                              stopped_by=result.stopped_by)
+        if result.stopped_by == "no_contrast":  # one class marked: nothing to learn against, the mask stays
+            return Proposal(view.mask.copy()), report
         labels, uncertainty, _ = back_to_image(result.probabilities, box, self.grid.shape, self.grid.preprocessor,
                                                self.grid.context, keep_probabilities=False)
         inside = np.zeros(self.grid.shape, dtype=np.float32)
         inside[box] = 1.0
         region = self.grid.preprocessor.inverse(inside, self.grid.context, interpolator="nearest").array > 0.5
-        labels = np.where(region, labels, 0).astype(np.uint8)
+        marked = [k for k in range(1, self.num_classes) if (target == k).any()]
+        labels = np.where(np.isin(labels, marked), labels, np.where(np.isin(view.mask, marked), 0, view.mask))
+        labels = np.where(region, labels, view.mask).astype(np.uint8)
         self.last_prediction = Prediction(labels=view.volume.with_array(labels),
                                           uncertainty=view.volume.with_array(uncertainty))
-        report = RefineReport(strategy="online_head", steps=result.steps, seconds=result.seconds, roi=box,
-                              stopped_by=result.stopped_by)
         return Proposal(labels, region), report
 
     def _grid_spacing(self) -> list[float]:
