@@ -301,7 +301,11 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif job.state is JobState.CANCELLED:
                 self.ui.statusLabel.text = _("{name} cancelled; nothing was changed.").format(name=job.name)
             else:
-                self.ui.statusLabel.text = _("{name} done.").format(name=job.name)
+                strategy = controller.refine_strategy
+                if job.name == "Refine" and strategy:  # the user sees how the engine learnt from the scribbles
+                    self.ui.statusLabel.text = _("Refine done ({strategy}).").format(strategy=strategy)
+                else:
+                    self.ui.statusLabel.text = _("{name} done.").format(name=job.name)
                 if callback is not None:
                     callback(job)
         current = controller.current_job
@@ -335,6 +339,9 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.outputSegmentation = controller.segmentation_node
         self._parameterNode.scribbleSegmentation = controller.scribble_node
         self.ui.targetSegmentSelector.setCurrentNode(controller.segmentation_node)
+        if controller.refine_strategy:
+            self.ui.refineButton.toolTip = _("Learn from the scribbles ({strategy} on this device).").format(
+                strategy=controller.refine_strategy)
         labels = mrml.labelled_segments(controller.segmentation_node)
         if labels:
             self.ui.targetSegmentSelector.setCurrentSegmentID(labels[min(labels)])

@@ -229,11 +229,17 @@ def detach(value: Any) -> Any:
 
 
 def describe_session(session: Any) -> dict[str, Any]:
-    """What the session's model segments: ``{"num_classes": int, "labels": {label: name}}`` (plain data)."""
+    """What the session's model segments and how it refines (plain data).
+
+    ``{"num_classes": int, "labels": {label: name}, "facts": {...}}``, the facts being the engine's own
+    ``InteractiveSession.describe()`` (family, network, device, refine strategy) when it has one.
+    """
     model = getattr(session, "model", None)
     labels = getattr(model, "labels", None) or {}
+    describe = getattr(session, "describe", None)
+    facts = detach(dict(describe())) if callable(describe) else {}
     return {"num_classes": int(getattr(session, "num_classes", 0)),
-            "labels": {int(label): str(name) for label, name in dict(labels).items()}}
+            "labels": {int(label): str(name) for label, name in dict(labels).items()}, "facts": facts}
 
 
 class LocalBackend:
@@ -256,6 +262,11 @@ class LocalBackend:
     @property
     def has_session(self) -> bool:
         return self._session is not None
+
+    @property
+    def session(self) -> Any:
+        """The engine session itself (for scripts and tests: read it only while no job runs)."""
+        return self._session
 
     def open_session(self, volume: Any, model: Any, **options: Any) -> Job:
         def create(job: Job) -> dict[str, Any]:

@@ -210,6 +210,8 @@ class UNetFamily:
         point, label = click.point_ijk, click.label
         index = tuple(int(round(c)) for c in point[::-1])
         head = self._uses_head()
+        if head:  # the views (attention, uncertainty) look around the latest interaction, as after a prediction
+            self.last_roi_center, self.last_roi_size = tuple(point), self.roi_size()
         if not click.positive:
             wrong = int(view.mask[index])
             mask = view.mask
@@ -416,6 +418,9 @@ class UNetFamily:
         labels = np.where(region, labels, view.mask).astype(np.uint8)
         self.last_prediction = Prediction(labels=view.volume.with_array(labels),
                                           uncertainty=view.volume.with_array(uncertainty))
+        marks = self._box(view)  # the views look around the marks, not at the whole grid the head saw
+        self.last_roi_center = self.grid.point_ijk([(m.start + m.stop - 1) / 2 for m in marks])
+        self.last_roi_size = [m.stop - m.start for m in marks]
         return Proposal(labels, region), report
 
     def _grid_spacing(self) -> list[float]:

@@ -115,7 +115,22 @@ def test_opening_a_session_tells_what_it_segments() -> None:
     backend = LocalBackend(session_factory=Labelled)
     try:
         job = finished(backend.open_session(0, None))
-        assert job.result() == {"num_classes": 3, "labels": {1: "liver", 2: "pancreas"}}
+        assert job.result() == {"num_classes": 3, "labels": {1: "liver", 2: "pancreas"}, "facts": {}}
+    finally:
+        backend.shutdown()
+
+
+def test_opening_a_session_passes_on_the_engines_own_description() -> None:
+    class Described(Counter):
+        num_classes = 2
+
+        def describe(self) -> dict:
+            return {"family": "unet", "strategy": "online_head"}
+
+    backend = LocalBackend(session_factory=Described)
+    try:
+        job = finished(backend.open_session(0, None))
+        assert job.result()["facts"] == {"family": "unet", "strategy": "online_head"}
     finally:
         backend.shutdown()
 
