@@ -50,6 +50,8 @@ class SegmentationController:
         scribble_node: scribble segments (label 0 = background) painted with the Segment Editor.
         overlay_nodes: ``{map name: scalar volume node}`` of the attention / uncertainty overlays shown.
         model_labels: ``{label: name}`` the session's model segments (each offered as a segment at start).
+        session_facts: the engine session's own description at start (family, network, device and
+            ``strategy``, how Refine learns: ``online_head`` or ``finetune``).
     """
 
     def __init__(self, scene: Any, backend: SessionBackend | None = None) -> None:
@@ -64,6 +66,7 @@ class SegmentationController:
         self._pending: deque[tuple[Job, ApplyResult | None]] = deque()
         self._started = False
         self.model_labels: dict[int, str] = {}
+        self.session_facts: dict[str, Any] = {}
 
     # -- session ---------------------------------------------------------------------------------------------
     @property
@@ -108,6 +111,7 @@ class SegmentationController:
             self.segmentation_node, self.scribble_node = segmentation_node, scribble_node
             self._mask = np.zeros(volume.shape, dtype=np.uint8)
             self.model_labels = self._offer_model_labels(description)
+            self.session_facts = dict(description.get("facts") or {})
             self._started = True
 
         job = self.backend.open_session(volume, model, device=device, **session_options)
@@ -170,7 +174,10 @@ class SegmentationController:
     def refine(self, time_budget_s: float) -> Job:
         """Fine-tune the session's network on the painted scribbles for at most ``time_budget_s`` seconds.
 
-        The whole scribble map is sent each time, so erased scribbles are gone for the engine too.
+        The whole scribble map is sent each time and replaces the engine's scribbles (``replace=True``; the
+        clicks' own marks stay), so erased scribbles are gone for the engine too. The scribbles travel inside
+        the ``refine`` call, so they are one engine step with it: a refine that fails or is cancelled leaves
+        the engine's scribbles, clicks and undo depth as they were, and one Undo takes the whole refine back.
 
         Raises:
             ValueError: nothing is scribbled, or the budget is not positive (nothing is submitted).
@@ -181,9 +188,14 @@ class SegmentationController:
         scribbles = self.scribble_map()
         if np.all(scribbles == mrml.UNSCRIBBLED):
             raise ValueError("no scribbles yet: paint foreground and background scribbles before refining")
-        calls = [SessionCall("add_scribbles", (scribbles,)),
-                 SessionCall("refine", (), {"time_budget_s": float(time_budget_s)}, reports_progress=True)]
-        return self._submit("Refine", calls, self._write_mask)
+        call = SessionCall("refine", (), {"time_budget_s": float(time_budget_s), "scribbles": scribbles,
+                                          "replace": True}, reports_progress=True)
+        return self._submit("Refine", [call], self._write_mask)
+
+    @property
+    def refine_strategy(self) -> str:
+        """How Refine learns in this session, in words ("online head", "finetune"; "" before a session)."""
+        return str(self.session_facts.get("strategy", "")).replace("_", " ")
 
     def segment(self) -> Job:
         """Automatic whole-volume segmentation with the session's model."""

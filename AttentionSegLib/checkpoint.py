@@ -134,7 +134,8 @@ def _read_payload(path: Path, map_location: str | torch.device) -> dict[str, Any
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated / foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        reason = (str(exc).strip().splitlines() or [""])[0]  # torch's unpickling errors run over many lines
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {reason})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an AttentionSeg checkpoint (missing format tag '{FORMAT}')")
     version = payload.get("format_version")
@@ -146,16 +147,53 @@ def _read_payload(path: Path, map_location: str | torch.device) -> dict[str, Any
     return payload
 
 
+def _check_weights(path: Path, state: Mapping[str, Any]) -> None:
+    """Every entry a tensor, every floating weight finite: NaN weights would silently empty every answer."""
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: state_dict entry '{key}' is not a tensor")
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: weight '{key}' holds {bad} non-finite value(s) (NaN/inf); the "
+                                  "checkpoint is unusable (a diverged or corrupted training)")
+
+
+def _check_size(path: Path, spec: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """Build the network on the ``meta`` device (no memory) and compare its size with the weights stored.
+
+    A checkpoint must hold every weight of its network, so a config that asks for more values than the file
+    carries is refused here, before anything is allocated.
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = build_network(spec["name"], **spec["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its network config cannot be built: {exc}") from exc
+    except (RuntimeError, NotImplementedError):
+        return  # a network that cannot be built on meta is checked by the strict load below
+    expected = sum(t.numel() for t in skeleton.state_dict().values())
+    stored = sum(int(t.numel()) for t in state.values())
+    if expected != stored:
+        raise CheckpointError(f"{path}: weights do not fit network '{spec['name']}': its config needs "
+                              f"{expected:,} weight values but the file holds {stored:,}; refusing to build "
+                              "it")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedModel:
     """Load and validate a checkpoint; the network is returned in eval mode on ``map_location``."""
     path = Path(path)
     payload = _read_payload(path, map_location)
     spec = payload["network"]
+    state = payload["state_dict"]
+    if not (isinstance(spec, Mapping) and isinstance(spec.get("config"), Mapping)
+            and isinstance(state, Mapping)):
+        raise CheckpointError(f"{path}: its 'network' or 'state_dict' entry is not a mapping")
+    _check_weights(path, state)
+    _check_size(path, spec, state)  # before the real build: a tiny file cannot ask for a huge network
     try:
         network = build_network(spec["name"], **spec["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: its network config cannot be built: {exc}") from exc
-    state = payload["state_dict"]
     expected = payload.get("sha256_state")
     if expected is not None and state_digest(state) != expected:
         raise CheckpointError(f"{path}: weights do not match their recorded sha256 (file corrupt or edited)")

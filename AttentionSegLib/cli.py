@@ -8,8 +8,10 @@
     attentionseg models [list|info|import] the named models
     attentionseg phantom OUT_DIR           write synthetic abdominal CT phantoms (an MSD-style folder)
 
-Every command exits 0 on success, 2 on bad input (the message names the file and the problem) and 130 when
-interrupted; outputs are written to a temporary file and renamed, so a failed run leaves nothing half-written.
+Every command exits 0 on success, 2 on bad input or an OS error (one line naming the file and the problem),
+130 when interrupted and 143 when terminated. Every path is checked before any work (no output may replace an
+input or another output; extensions and writable folders); the outputs are staged beside their targets and
+moved into place together at the end, so a failed, interrupted or terminated run leaves nothing written.
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+REFINE_STRATEGIES = ("auto", "online_head", "finetune")
+"""``RefineSettings.strategy`` values (kept here so that building the parser does not import torch)."""
+
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class CLIError(ValueError):
@@ -54,12 +60,80 @@ def _ijk(text: str) -> tuple[float, float, float]:
     return parse_point(text, "--point-ijk")
 
 
-def _check_output(output: Path, inputs: Sequence[Path]) -> None:
-    for source in inputs:
-        if source.exists() and output.exists() and output.resolve() == source.resolve():
-            raise CLIError(f"{output}: refusing to overwrite the input; choose another output path")
-    if output.parent and not output.parent.exists():
-        output.parent.mkdir(parents=True, exist_ok=True)
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file or folder (also through links, ``..`` or a second hard link)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.normcase(os.path.abspath(a.resolve())) == os.path.normcase(os.path.abspath(b.resolve()))
+
+
+def _writable_folder(path: Path, what: str) -> None:
+    """The folder that will hold ``path`` exists (or can be made) and may be written into."""
+    folder = path.parent
+    while not folder.exists():
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CLIError(f"{path}: cannot write the {what} there: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"{path}: cannot write the {what}: the folder {folder} is not writable")
+
+
+def check_paths(inputs: Sequence[tuple[str, Path]], outputs: Sequence[tuple[str, Path]], *,
+                folders: Sequence[tuple[str, Path, str]] = (), image_outputs: Sequence[str] = ()) -> None:
+    """The one check of a command's paths, before any work: every output against every input and against each
+    other, image extensions, and whether each output can be written.
+
+    Args:
+        inputs: ``(option, path)`` of everything the command reads (image, scribbles, model file ...).
+        outputs: ``(option, path)`` of every file it writes.
+        folders: ``(option, folder, prefix)`` of output folders whose files are named ``prefix*``: no input
+            and no other output may lie there under such a name.
+        image_outputs: the options among ``outputs`` that are images (their extension is checked).
+
+    Raises:
+        CLIError: naming the path and the conflict; nothing has been written.
+    """
+    from .image import IMAGE_EXTENSIONS, _extension
+
+    for option, path in outputs:
+        if option in image_outputs and _extension(path) not in IMAGE_EXTENSIONS:
+            raise CLIError(f"{path}: {option} must end in one of {', '.join(IMAGE_EXTENSIONS)} "
+                           f"(got '{_extension(path) or path.name}')")
+        if path.is_dir():
+            raise CLIError(f"{path}: {option} is an existing folder; give a file name")
+        for source_option, source in inputs:
+            if _same_path(path, source):
+                raise CLIError(f"{path}: refusing to overwrite the input ({source_option}) with {option}; "
+                               "choose another output path")
+        _writable_folder(path, option)
+    for n, (option, path) in enumerate(outputs):
+        for other_option, other in outputs[n + 1 :]:
+            if _same_path(path, other):
+                raise CLIError(f"{path}: given both as {option} and as {other_option}; each output needs its "
+                               "own path")
+    for option, folder, prefix in folders:
+        if folder.exists() and not folder.is_dir():
+            raise CLIError(f"{folder}: {option} must be a folder, but it is a file")
+        for other_option, other in [*inputs, *outputs]:
+            if _same_path(folder, other):
+                raise CLIError(f"{folder}: {option} is also {other_option}; choose another folder")
+            if other.parent.exists() and _same_path(other.parent, folder) and other.name.startswith(prefix):
+                raise CLIError(f"{other}: {option} would write '{prefix}*' files into {folder}, which could "
+                               f"replace {other_option}; choose another folder")
+        _writable_folder(folder / "x", option)
+
+
+def _model_inputs(model: Any) -> list[tuple[str, Path]]:
+    """The model as an input path when it names a file (a checkpoint must never be overwritten either)."""
+    if model is None or isinstance(model, dict):
+        return []
+    path = Path(str(model))
+    return [("--model", path)] if path.is_file() else []
 
 
 def _progress_printer(label: str, enabled: bool):
@@ -103,16 +177,108 @@ def points_to_ijk(volume, points_ras: Sequence[Sequence[float]], points_ijk: Seq
     return out
 
 
+def _box_ras(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--box-ras '{text}' is not six comma-separated numbers") from None
+    if len(values) != 6:
+        raise argparse.ArgumentTypeError(f"--box-ras '{text}' needs six numbers R1,A1,S1,R2,A2,S2 (two opposite "
+                                         "corners of a box on one slice)")
+    return values
+
+
+def _wants_medsam(args: argparse.Namespace) -> bool:
+    """Whether ``segment`` runs the prompted LiteMedSAM prior (``--model medsam_lite`` or a ``--box-ras``)."""
+    from .interactive.medsam import is_medsam_model
+
+    return bool(args.box_ras) or is_medsam_model(args.model)
+
+
+def _segment_medsam(args: argparse.Namespace) -> int:
+    """``segment --model medsam_lite``: LiteMedSAM (Ma et al., Nat. Commun. 2024) from clicks and boxes.
+
+    Every prompt adds to the structure of ``--label``: a box (``--box-ras``, two opposite corners; the box lies on
+    the first corner's slice) or a click (``--point-ras``/``--point-ijk``) is segmented on its slice, then
+    propagated through the slices. Missing weights are reported before anything is written.
+    """
+    import numpy as np
+
+    from .atomic import staged_outputs
+    from .image import _extension, read_image, write_image
+    from .interactive import InteractiveSession
+    from .interactive.medsam import is_medsam_model
+
+    if not is_medsam_model(args.model):
+        raise CLIError(f"--box-ras needs a box-prompted model: add --model medsam_lite (not '{args.model}')")
+    if args.roi:
+        raise CLIError("--roi is for the sliding-window models; medsam_lite only looks at the prompted slices")
+    if not 0 < args.label < 255:
+        raise CLIError(f"--label {args.label}: must be 1..254")
+    from .networks.medsam_lite.weights import medsam_weights_path, verify_weights
+
+    verify_weights(medsam_weights_path())  # missing or wrong weights: one message saying how to install, no output
+    image_path = Path(args.image)
+    output = Path(args.output)
+    outputs = [("-o", output)] + ([("--uncertainty", Path(args.uncertainty))] if args.uncertainty else [])
+    check_paths([("IMAGE", image_path), *_model_inputs(args.model)], outputs,
+                folders=[("--attention-dir", Path(args.attention_dir), "attention_")] if args.attention_dir else [],
+                image_outputs=["-o", "--uncertainty"])
+    volume = read_image(image_path)
+    points = points_to_ijk(volume, args.point_ras or [], args.point_ijk or [], str(image_path))
+    boxes = [points_to_ijk(volume, [box[:3], box[3:]], [], f"{image_path}: --box-ras") for box in args.box_ras or []]
+    if not points and not boxes:
+        raise CLIError("--model medsam_lite segments what it is shown: give a click (--point-ras R,A,S or "
+                       "--point-ijk I,J,K) or a box (--box-ras R1,A1,S1,R2,A2,S2)")
+    started = time.perf_counter()
+    session = InteractiveSession(volume, args.model, device=args.device)
+
+    def report(fraction: float, message: str) -> None:
+        if not args.quiet:
+            print(f"  {message}", file=sys.stderr, flush=True)
+
+    for corner_a, corner_b in boxes:
+        session.box(corner_a, corner_b, label=args.label, progress=report)
+    for point in points:
+        session.click(point, label=args.label, progress=report)
+    labels = session.mask
+    written = [output]
+    with staged_outputs() as stage:  # every output or none
+        write_image(volume.with_array(labels.astype(np.uint8)), stage(output))
+        if args.attention_dir is not None:
+            folder = Path(args.attention_dir)
+            for name, amap in session.attention_maps().items():
+                written.append(folder / f"attention_{name}{_extension(output)}")
+                write_image(volume.with_array(amap.astype(np.float32)), stage(written[-1]))
+        if args.uncertainty:
+            written.append(Path(args.uncertainty))
+            write_image(volume.with_array(session.uncertainty().astype(np.float32)), stage(written[-1]))
+    if not args.quiet:
+        timing = session.family.timings() if hasattr(session.family, "timings") else {}
+        print(f"segmented {image_path} with medsam_lite in {time.perf_counter() - started:.1f} s "
+              f"({json.dumps({k: round(v, 3) for k, v in timing.items()})}); label {args.label}: "
+              f"{int((labels == args.label).sum())} voxels")
+        for path in written:
+            print(f"wrote {path}")
+    return 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .image import read_image, write_image
+    from .atomic import staged_outputs
+    from .image import _extension, read_image, write_image
     from .inference import predict_volume, restrict_to_points
     from .models import load_model
 
+    if _wants_medsam(args):
+        return _segment_medsam(args)
     image_path = Path(args.image)
     output = Path(args.output)
-    _check_output(output, [image_path])
+    outputs = [("-o", output)] + ([("--uncertainty", Path(args.uncertainty))] if args.uncertainty else [])
+    folders = [("--attention-dir", Path(args.attention_dir), "attention_")] if args.attention_dir else []
+    check_paths([("IMAGE", image_path), *_model_inputs(args.model)], outputs, folders=folders,
+                image_outputs=["-o", "--uncertainty"])
     volume = read_image(image_path)
     model = load_model(args.model)
     if volume.ndim == 2 and model.spatial_dims == 3:
@@ -141,15 +307,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     labels = prediction.labels.array
     if points:
         labels = restrict_to_points(labels, points)
-    written = [write_image(volume.with_array(labels.astype(np.uint8)), output)]
-    if want_attention:
-        folder = Path(args.attention_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(output.suffixes) or ".nii.gz"
-        for name, amap in prediction.attention.items():
-            written.append(write_image(amap, folder / f"attention_{name}{suffix}"))
-    if args.uncertainty:
-        written.append(write_image(prediction.uncertainty, Path(args.uncertainty)))
+    written = [output]
+    with staged_outputs() as stage:  # every output or none
+        write_image(volume.with_array(labels.astype(np.uint8)), stage(output))
+        if want_attention:
+            folder = Path(args.attention_dir)
+            for name, amap in prediction.attention.items():
+                written.append(folder / f"attention_{name}{_extension(output)}")
+                write_image(amap, stage(written[-1]))
+        if args.uncertainty:
+            written.append(Path(args.uncertainty))
+            write_image(prediction.uncertainty, stage(written[-1]))
     elapsed = time.perf_counter() - started
     counts = {model.labels.get(int(v), str(int(v))): int((labels == v).sum()) for v in np.unique(labels) if v}
     if not args.quiet:
@@ -166,14 +334,22 @@ def cmd_refine(args: argparse.Namespace) -> int:
     """One interactive round from the shell: scribbles (+ an initial segmentation) -> refined segmentation."""
     import numpy as np
 
+    from .atomic import staged_outputs
     from .image import read_image, write_image
-    from .interactive import InteractiveSession
+    from .interactive import InteractiveSession, RefineSettings
+    from .interactive.session import check_time_budget
 
+    try:
+        budget = check_time_budget(args.time_budget)
+    except ValueError as exc:
+        raise CLIError(f"--time-budget: {exc}") from None
     image_path, scribble_path, output = Path(args.image), Path(args.scribbles), Path(args.output)
-    inputs = [image_path, scribble_path] + ([Path(args.init)] if args.init else [])
-    _check_output(output, inputs)
-    if args.save_model:
-        _check_output(Path(args.save_model), inputs)
+    inputs = [("IMAGE", image_path), ("--scribbles", scribble_path)] + (
+        [("--init", Path(args.init))] if args.init else []) + _model_inputs(args.model)
+    outputs = [("-o", output)] + ([("--save-model", Path(args.save_model))] if args.save_model else [])
+    if args.save_model and Path(args.save_model).suffix.lower() not in (".pt", ".pth"):
+        raise CLIError(f"{args.save_model}: --save-model must end in .pt or .pth (a checkpoint)")
+    check_paths(inputs, outputs, image_outputs=["-o"])
     volume = read_image(image_path)
     scribbles = read_image(scribble_path)
     if scribbles.shape != volume.shape or not scribbles.same_geometry(volume):
@@ -188,7 +364,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
                       "out_channels": int(values[values != 255].max(initial=1)) + 1}
     else:
         model = args.model
-    session = InteractiveSession(volume, model, device=args.device)
+    session = InteractiveSession(volume, model, device=args.device, settings=RefineSettings(strategy=args.strategy))
     try:
         session.add_scribbles(values.astype(np.uint8))
     except ValueError as exc:
@@ -209,14 +385,18 @@ def cmd_refine(args: argparse.Namespace) -> int:
         bar.update(int(round(fraction * 100)) - bar.n)
         bar.set_postfix(status=message)
 
-    mask = session.refine(time_budget_s=args.time_budget, progress=report)
+    mask = session.refine(time_budget_s=budget, progress=report)
     bar.close()
-    written = [write_image(volume.with_array(mask), output)]
-    if args.save_model:
-        written.append(session.save_model(args.save_model))
+    written = [output] + ([Path(args.save_model)] if args.save_model else [])
+    with staged_outputs() as stage:  # both outputs or neither
+        write_image(volume.with_array(mask), stage(output))
+        if args.save_model:
+            session.save_model(stage(args.save_model))
     if not args.quiet:
         r = session.last_report
-        print(f"refined in {r.seconds:.1f} s ({r.steps} steps, scribble loss {r.best_loss:.3f})")
+        loss = f", scribble loss {r.best_loss:.3f}" if r.best_loss < float("inf") else ""
+        print(f"refined with {r.strategy} in {r.seconds:.1f} s ({r.steps} steps{loss})"
+              + (f"; {r.stopped_by.replace('_', ' ')}" if r.stopped_by == "no_contrast" else ""))
         for path in written:
             print(f"wrote {path}")
     return 0
@@ -284,8 +464,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_folder
+    from .evaluation import evaluate_folder, evaluation_inputs
 
+    if args.output:
+        inputs = [(option, path) for option, path in evaluation_inputs(args.data, args.predictions)]
+        check_paths([*inputs, *_model_inputs(args.model)], [("-o", Path(args.output))])
     report = evaluate_folder(args.data, model=args.model, predictions=args.predictions, device=args.device,
                              cases=args.cases.split(",") if args.cases else None, progress=not args.quiet)
     text = json.dumps(report, indent=2)
@@ -388,22 +571,36 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--attention-dir", default=None, help="also write the attention maps into this folder")
     seg.add_argument("--uncertainty", default=None, help="also write the voxel-wise uncertainty (entropy) here")
     seg.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default: %(default)s)")
+    seg.add_argument("--box-ras", type=_box_ras, action="append", metavar="R1,A1,S1,R2,A2,S2",
+                     help="with --model medsam_lite: a box on one slice (two opposite corners in RAS mm; the slice "
+                          "of the first); the structure in it is propagated through the slices; repeatable")
+    seg.add_argument("--label", type=int, default=1,
+                     help="with --model medsam_lite: the label value of the prompted structure (default: 1)")
     _device_arg(seg)
     _quiet_arg(seg)
     seg.set_defaults(func=cmd_segment)
 
-    rf = sub.add_parser("refine", help="one interactive round: fine-tune on scribbles, write the refined labels",
-                        description="Fine-tune the model on SCRIBBLES (uint8 in the image grid: 255 none, 0 "
-                                    "background, k = label k) for --time-budget seconds, re-infer around them and "
-                                    "write the segmentation. Chain rounds with --init and --save-model/--model.")
+    rf = sub.add_parser("refine", help="one interactive round: learn from scribbles, write the refined labels",
+                        description="Learn from SCRIBBLES (uint8 in the image grid: 255 none, 0 background, k = "
+                                    "label k) within --time-budget seconds and write the segmentation. "
+                                    "--strategy online_head (the default on a CPU) trains a small head on the "
+                                    "frozen network's and the image's features and regularises it with a random "
+                                    "walker (about a second; only the labels you scribbled change); finetune (the "
+                                    "default on a GPU) fine-tunes the whole network and re-infers around the "
+                                    "scribbles. Chain rounds with --init and --save-model/--model.")
     rf.add_argument("image", help="image file or DICOM series folder")
     rf.add_argument("--scribbles", required=True, help="scribble map on the image grid")
     rf.add_argument("-o", "--output", required=True, help="refined label image to write")
     rf.add_argument("--init", help="the current segmentation to refine (labels on the image grid)")
     rf.add_argument("--model", default=None,
                     help="model name or checkpoint (default: an untrained attention_unet learnt from the scribbles)")
-    rf.add_argument("--time-budget", type=float, default=10.0, help="seconds of fine-tuning (default: %(default)s)")
-    rf.add_argument("--save-model", help="also save the adapted network here (use it as --model next round)")
+    rf.add_argument("--time-budget", type=float, default=10.0,
+                    help="seconds the refine may take, 0..3600 (default: %(default)s)")
+    rf.add_argument("--strategy", choices=REFINE_STRATEGIES, default="auto",
+                    help="how to learn from the scribbles: auto (online_head on a CPU, finetune on a GPU), "
+                         "online_head or finetune (default: %(default)s)")
+    rf.add_argument("--save-model", help="also save the adapted network here (use it as --model next round; only "
+                                         "finetune changes the network)")
     _device_arg(rf)
     _quiet_arg(rf)
     rf.set_defaults(func=cmd_refine)
@@ -489,33 +686,77 @@ def _version() -> str:
         return "dev"
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally`` runs (staged outputs are removed)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _os_error_text(exc: OSError) -> str:
+    """One line naming the path: ``PATH: Permission denied``."""
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    reason = exc.strerror or str(exc)
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.command_line = shlex.join(["attentionseg", *argv])  # recorded in what the command writes
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return EXIT_BAD_INPUT
-    if getattr(args, "model", "unset") is None and args.command in {"segment"}:
-        from .models import DEFAULT_MODEL
+    """Run one command; its exit status: 0 ok, 1 failed, 2 bad input, 130 interrupted, 143 terminated.
 
-        args.model = DEFAULT_MODEL
-    from .checkpoint import CheckpointError
-    from .image import ImageReadError
-    from .training.loop import TrainingDiverged
+    Every expected failure ends in one line on stderr naming the file and the problem, never a traceback, and
+    the handlers are in place before anything heavy is imported, so an interrupt during start-up is clean too.
+    """
+    import signal
 
+    command = "attentionseg"
+    previous = None
     try:
-        return int(args.func(args) or 0)
+        if threading_is_main():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        parser = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(argv)
+        args.command_line = shlex.join(["attentionseg", *argv])  # recorded in what the command writes
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return EXIT_BAD_INPUT
+        command = f"attentionseg {args.command}"
+        if getattr(args, "model", "unset") is None and args.command in {"segment"}:
+            from .models import DEFAULT_MODEL
+
+            args.model = DEFAULT_MODEL
+        from .checkpoint import CheckpointError
+        from .image import ImageReadError
+        from .training.loop import TrainingDiverged
+
+        try:
+            return int(args.func(args) or 0)
+        except TrainingDiverged as exc:
+            print(f"{command}: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        except (CLIError, ImageReadError, CheckpointError, ValueError, json.JSONDecodeError) as exc:
+            print(f"{command}: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("attentionseg: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except TrainingDiverged as exc:
-        print(f"attentionseg {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except (CLIError, ImageReadError, CheckpointError, ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
-        print(f"attentionseg {args.command}: error: {exc}", file=sys.stderr)
+    except Terminated:
+        print(f"{command}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    except OSError as exc:  # a read-only folder, an unreadable file, a full disk ...
+        print(f"{command}: error: {_os_error_text(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def threading_is_main() -> bool:
+    """Signal handlers can only be installed from the main thread (``main`` may run in a test's thread)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import _index_folder, list_cases, read_labels
-from .image import read_image
+from .image import Volume, read_image
 from .inference import predict_volume
 from .metrics import dice, hausdorff95
 from .progress import ProgressBar
@@ -20,6 +20,30 @@ from .progress import ProgressBar
 def _mean(values: Sequence[float]) -> float:
     finite = [v for v in values if not math.isnan(v) and not math.isinf(v)]
     return float(np.mean(finite)) if finite else float("nan")
+
+
+#: Tolerances of :func:`same_grid`: direction cosines, and mm as a fraction of the smallest voxel side.
+DIRECTION_TOLERANCE = 1e-3
+POSITION_TOLERANCE = 1e-2
+
+
+def same_grid(a: Volume, b: Volume) -> bool:
+    """Same shape, spacing, origin and direction, within what header rounding (float32 NIfTI) explains."""
+    atol = POSITION_TOLERANCE * min(min(a.spacing), min(b.spacing))
+    return (a.shape == b.shape and np.allclose(a.spacing, b.spacing, rtol=0.0, atol=atol)
+            and np.allclose(a.origin, b.origin, rtol=0.0, atol=atol)
+            and np.allclose(a.direction, b.direction, rtol=0.0, atol=DIRECTION_TOLERANCE))
+
+
+def evaluation_inputs(data: str | Path, predictions: str | Path | None = None) -> list[tuple[str, Path]]:
+    """Every file ``evaluate`` reads (as ``(what, path)``), so that no output may replace one of them."""
+    root = Path(data)
+    found: list[tuple[str, Path]] = [("DATA", root / "dataset.json")]
+    for sub in ("imagesTr", "labelsTr", "scribblesTr", "imagesTs", "labelsTs"):
+        found.extend(("DATA", p) for p in _index_folder(root / sub).values())
+    if predictions is not None:
+        found.extend(("--predictions", p) for p in _index_folder(Path(predictions)).values())
+    return [(what, path) for what, path in found if path.exists()]
 
 
 def evaluate_folder(data: str | Path, *, model: str | None = None, predictions: str | Path | None = None,
@@ -31,7 +55,12 @@ def evaluate_folder(data: str | Path, *, model: str | None = None, predictions: 
     root = Path(data)
     files = list_cases(root, require="label")
     if cases:
-        patterns = [re.compile(c) for c in cases]
+        patterns = []
+        for case in cases:
+            try:
+                patterns.append(re.compile(case))
+            except re.error as exc:
+                raise ValueError(f"--cases: '{case}' is not a valid regular expression ({exc})") from None
         files = [f for f in files if any(p.fullmatch(f.name) or p.search(f.name) for p in patterns)]
         if not files:
             raise ValueError(f"{root}: no case matches {list(cases)}")
@@ -57,6 +86,12 @@ def evaluate_folder(data: str | Path, *, model: str | None = None, predictions: 
             if pred.shape != truth.shape:
                 raise ValueError(f"{predicted[files_of_case.name]}: shape {pred.shape} differs from the label "
                                  f"{truth.shape}")
+            if not same_grid(pred, truth):
+                raise ValueError(
+                    f"{predicted[files_of_case.name]}: its geometry differs from the label "
+                    f"{files_of_case.label} (spacing {pred.spacing} vs {truth.spacing}, origin {pred.origin} "
+                    f"vs {truth.origin}, direction {pred.direction} vs {truth.direction}); voxel-wise scores "
+                    "would compare different places")
         labels = sorted(set(names) - {0}) or sorted(int(v) for v in np.unique(truth.array) if v)
         record: dict[str, Any] = {"case": files_of_case.name}
         for label in labels:

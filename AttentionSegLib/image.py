@@ -283,17 +283,21 @@ def _itk_reason(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def read_image(path: PathLike, dtype: Any = None) -> Volume:
+def read_image(path: PathLike, dtype: Any = None, *, allow_nonfinite: bool = False) -> Volume:
     """Read an image file or a DICOM series folder.
 
     Args:
         path: a ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha`` or ``.mhd`` file, or a folder holding a
             DICOM series. A folder with several series yields the one with the most files (with a warning).
         dtype: convert the voxels to this numpy dtype; ``None`` keeps the stored type.
+        allow_nonfinite: accept NaN / inf voxels (by default they are an error: the engine cannot interpret
+            them, and one NaN would empty a whole segmentation).
 
     Raises:
-        ImageReadError: the path is missing, has an unsupported extension, holds no DICOM series, or cannot
-            be decoded; the message names the path and the problem.
+        ImageReadError: the path is missing, has an unsupported extension, holds no DICOM series, cannot
+            be decoded, is truncated (a NIfTI file shorter than its header says), is a DICOM series with a
+            missing slice or uneven slice spacing, or holds non-finite voxels; the message names the path and
+            the problem.
     """
     path = Path(path)
     if not path.exists():
@@ -306,6 +310,8 @@ def read_image(path: PathLike, dtype: Any = None) -> Volume:
                 f"cannot read image '{path}': unsupported extension '{_extension(path) or path.name}' "
                 f"(supported: {', '.join(IMAGE_EXTENSIONS)} or a DICOM series folder)"
             )
+        if _extension(path) in (".nii", ".nii.gz"):
+            _check_nifti(path, finite=not allow_nonfinite)  # ITK reads truncation and NaN as zeros
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:
@@ -316,9 +322,157 @@ def read_image(path: PathLike, dtype: Any = None) -> Volume:
             "only 2D and 3D are supported"
         )
     volume = from_sitk(image)
+    if not allow_nonfinite:
+        check_finite(volume.array, f"cannot read image '{path}'", error=ImageReadError)
     if dtype is not None:
         volume.array = volume.array.astype(dtype, copy=False)
     return volume
+
+
+def check_finite(array: np.ndarray, context: str, error: type[Exception] = ValueError) -> None:
+    """Refuse NaN / inf voxels: one of them would silently spread through normalisation and the network."""
+    array = np.asarray(array)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating)):
+        return
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = array[~finite]
+        raise error(f"{context}: {bad.size} voxel(s) are not finite ({int(np.isnan(bad).sum())} NaN, "
+                    f"{int(np.isinf(bad).sum())} inf); replace them (e.g. by the background value) first")
+
+
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of FLOAT32 / FLOAT64
+
+
+def _nifti_layout(header: bytes, path: Path) -> tuple[int, int, np.dtype | None]:
+    """Where a NIfTI-1/2 file's voxels start, how many bytes they take, and their dtype when floating."""
+    import struct
+
+    for order in ("<", ">"):
+        if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:
+            dims = struct.unpack(f"{order}8h", header[40:56])
+            datatype, bitpix = struct.unpack(f"{order}2h", header[70:74])
+            offset, header_size = int(struct.unpack(f"{order}f", header[108:112])[0]), 348
+            break
+        if len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:
+            dims = struct.unpack(f"{order}8q", header[16:80])
+            datatype, bitpix = struct.unpack(f"{order}2h", header[12:16])
+            offset, header_size = int(struct.unpack(f"{order}q", header[168:176])[0]), 540
+            break
+    else:
+        raise ImageReadError(f"cannot read image '{path}': not a NIfTI file (bad or truncated header)")
+    ndim = int(dims[0])
+    if not 1 <= ndim <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : ndim + 1]):
+        raise ImageReadError(f"cannot read image '{path}': corrupt NIfTI header (dim {list(dims)}, "
+                             f"bitpix {bitpix})")
+    voxels = int(np.prod([int(d) for d in dims[1 : ndim + 1]], dtype=object))
+    kind = _NIFTI_FLOAT_TYPES.get(int(datatype))
+    return max(offset, header_size), voxels * int(bitpix) // 8, np.dtype(order + kind) if kind else None
+
+
+def _check_nifti(path: Path, *, finite: bool) -> None:
+    """A NIfTI file must hold all the voxels its header promises (a ``.nii.gz`` must decompress cleanly), and,
+    with ``finite``, no NaN / inf voxel: ITK's NIfTI reader turns NaN into 0 without a word."""
+    import gzip
+    import zlib
+
+    bad = 0
+    try:
+        with (gzip.open(path, "rb") if _extension(path) == ".nii.gz" else open(path, "rb")) as handle:
+            header = handle.read(540)
+            offset, nbytes, dtype = _nifti_layout(header, path)
+            check = finite and dtype is not None
+            position, chunk, leftover = 0, header, b""
+            while chunk:
+                lo, hi = max(position, offset), min(position + len(chunk), offset + nbytes)
+                if check and hi > lo:
+                    data = leftover + chunk[lo - position : hi - position]
+                    usable = len(data) - len(data) % dtype.itemsize
+                    bad += int((~np.isfinite(np.frombuffer(data[:usable], dtype))).sum())
+                    leftover = data[usable:]
+                position += len(chunk)
+                chunk = handle.read(1 << 22)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise ImageReadError(f"cannot read image '{path}': the compressed file is truncated or corrupt "
+                             f"({error})") from error
+    except OSError as error:
+        raise ImageReadError(f"cannot read image '{path}': {error.strerror or error}") from error
+    if position < offset + nbytes:
+        raise ImageReadError(f"cannot read image '{path}': truncated NIfTI file ({position} bytes where the "
+                             f"header promises {offset + nbytes})")
+    if bad:
+        raise ImageReadError(f"cannot read image '{path}': {bad} voxel(s) are not finite (NaN/inf); replace "
+                             "them (e.g. by the background value) before use")
+
+
+def _dicom_numbers(reader: sitk.ImageFileReader, tag: str) -> list[float] | None:
+    if not reader.HasMetaDataKey(tag):
+        return None
+    try:
+        return [float(v) for v in reader.GetMetaData(tag).strip().split("\\") if v.strip()]
+    except ValueError:
+        return None
+
+
+def _check_dicom_slices(folder: Path, series: str, files: Sequence[str]) -> None:
+    """One volume, evenly sampled: every slice readable, one orientation, one in-plane size, equal steps.
+
+    ITK would stack a series with a missing slice (or two interleaved stacks) onto a uniform grid and report
+    wrong geometry without a word; here such a series is an error that names it.
+    """
+    name = f"DICOM series {series or '<no UID>'} in '{folder}'"
+    if len(files) < 2:
+        return
+    positions, orientations, sizes = [], [], set()
+    for file in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(file))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as error:
+            raise ImageReadError(f"cannot read {name}: slice '{file}' is unreadable "
+                                 f"({_itk_reason(error)})") from error
+        position, orientation = _dicom_numbers(reader, "0020|0032"), _dicom_numbers(reader, "0020|0037")
+        if position is None or orientation is None or len(position) != 3 or len(orientation) != 6:
+            return  # no patient geometry to check (e.g. secondary capture); ITK's defaults apply
+        positions.append(position)
+        orientations.append(orientation)
+        sizes.add(tuple(reader.GetSize()[:2]))
+    if len(sizes) > 1:
+        raise ImageReadError(f"cannot read {name}: its slices have different sizes {sorted(sizes)}")
+    orientation = np.asarray(orientations[0])
+    if not np.allclose(orientations, orientation, atol=1e-3):
+        raise ImageReadError(f"cannot read {name}: its slices have different orientations (not one volume)")
+    normal = np.cross(orientation[:3], orientation[3:])
+    depths = np.sort(np.asarray(positions) @ normal)
+    steps = np.diff(depths)
+    step = float(np.median(steps))
+    if step <= 1e-4 or np.any(steps <= 1e-4):
+        raise ImageReadError(f"cannot read {name}: two or more slices lie at the same position (duplicates "
+                             "or several stacks in one series)")
+    tolerance = max(1e-3, 0.01 * step)
+    uneven = np.flatnonzero(np.abs(steps - step) > tolerance)
+    if uneven.size:
+        first = int(uneven[0])
+        raise ImageReadError(
+            f"cannot read {name}: uneven slice spacing ({steps[first]:.4g} mm between the slices at "
+            f"{depths[first]:.4g} and {depths[first + 1]:.4g} mm where the series steps by {step:.4g} mm): a "
+            f"slice is missing or corrupt, or the series is not one evenly sampled volume")
+
+
+def _readable_dicom(path: Path) -> bool:
+    """Whether ITK can parse ``path``'s header (a non-image DICOM such as a report can; a cut slice not)."""
+    with open(path, "rb") as handle:
+        magic = handle.read(132)[128:]
+    if magic != b"DICM" and path.suffix.lower() not in (".dcm", ".dicom", ".ima"):
+        return True  # not a DICOM file at all (notes, thumbnails): not a slice of this series
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -336,6 +490,18 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
             f"({len(files_per_series[chosen])} files), ignoring {others}",
             stacklevel=3,
         )
+    # A slice GDCM cannot parse is left out of every series: at the ends of a stack that would silently make
+    # a shorter volume, so files that look like the series' own but belong to none are an error.
+    listed = {Path(f).resolve() for files in files_per_series.values() for f in files}
+    suffix = Path(files_per_series[chosen][0]).suffix.lower()
+    strays = sorted(p.name for p in folder.iterdir()
+                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() == suffix
+                    and p.name.upper() != "DICOMDIR" and p.resolve() not in listed and not _readable_dicom(p))
+    if strays:
+        raise ImageReadError(f"cannot read DICOM series {chosen or '<no UID>'} in '{folder}': {len(strays)} "
+                             f"file(s) there are not readable DICOM slices (e.g. '{strays[0]}'): a slice is "
+                             "corrupt; remove or replace it")
+    _check_dicom_slices(folder, chosen, files_per_series[chosen])
     reader.SetFileNames(files_per_series[chosen])
     try:
         return reader.Execute()

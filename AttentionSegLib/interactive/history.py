@@ -42,6 +42,7 @@ class History:
         self.max_depth = int(max_depth)
         self._undo: list[Snapshot] = []
         self._redo: list[Snapshot] = []
+        self._pushed: tuple[list[Snapshot], list[Snapshot]] = ([], [])  # what the last push dropped
 
     @property
     def can_undo(self) -> bool:
@@ -51,15 +52,31 @@ class History:
     def can_redo(self) -> bool:
         return bool(self._redo)
 
+    @property
+    def depth(self) -> tuple[int, int]:
+        """``(undo steps, redo steps)`` recorded now."""
+        return len(self._undo), len(self._redo)
+
     def push(self, snapshot: Snapshot) -> None:
         """Record the state before a new step."""
         self._undo.append(snapshot)
+        trimmed = self._undo[: -self.max_depth]
         del self._undo[: -self.max_depth]
-        self._redo.clear()
+        self._pushed = (trimmed, self._redo)
+        self._redo = []
 
     def drop_last(self) -> Snapshot:
-        """Take back the last :meth:`push` (a step that failed or was cancelled); returns its snapshot."""
-        return self._undo.pop()
+        """Take back the last :meth:`push` (a step that failed or was cancelled); returns its snapshot.
+
+        The undo steps the push trimmed and the redo steps it cleared come back: a failed step changes
+        nothing.
+        """
+        snapshot = self._undo.pop()
+        trimmed, redo = self._pushed
+        self._undo[:0] = trimmed
+        self._redo = redo
+        self._pushed = ([], [])
+        return snapshot
 
     def undo(self, current: Snapshot) -> Snapshot | None:
         """The state to go back to (``current`` goes on the redo stack), or ``None`` with nothing to undo."""

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..image import Volume
+from ..image import Volume, check_finite
 from ..inference import CancelToken, resolve_device
 from ..losses import IGNORE_INDEX
 from .family import ModelFamily, Proposal, check_point
@@ -28,7 +28,23 @@ from .history import Click, History, Snapshot
 from .roi import click_disk
 from .settings import RefineProgress, RefineReport, RefineSettings
 
-__all__ = ["Click", "InteractiveSession", "RefineReport", "RefineSettings", "open_family"]
+__all__ = ["MAX_TIME_BUDGET_S", "Click", "InteractiveSession", "RefineReport", "RefineSettings",
+           "check_time_budget", "open_family"]
+
+#: The longest refinement a caller may ask for (an hour); ``inf`` or a typo of a few zeros is refused.
+MAX_TIME_BUDGET_S = 3600.0
+
+
+def check_time_budget(seconds: Any) -> float:
+    """``seconds`` as a float if it is a usable refine budget: 0 (the minimum steps only) .. an hour."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        raise ValueError(f"time budget {seconds!r} is not a number of seconds") from None
+    if not (0.0 <= value <= MAX_TIME_BUDGET_S):  # also False for NaN
+        raise ValueError(f"time budget {seconds!r} s must be a number of seconds from 0 to "
+                         f"{MAX_TIME_BUDGET_S:g}")
+    return value
 
 
 def open_family(model: Any, volume: Volume, *, device: torch.device, settings: RefineSettings,
@@ -69,6 +85,7 @@ class InteractiveSession:
 
     def __init__(self, volume: Volume, model: Any, *, device: str | torch.device = "auto",
                  settings: RefineSettings | None = None, max_history: int = 20, seed: int = 0) -> None:
+        check_finite(volume.array, "InteractiveSession: the image")  # NaN would empty every answer silently
         self.volume = volume
         torch.manual_seed(seed)  # an untrained network's initial weights are part of the session's randomness
         self.device = resolve_device(device)
@@ -176,10 +193,31 @@ class InteractiveSession:
 
         With ``replace=True`` the map becomes the session's whole set of scribbles (e.g. when the user erased
         some in Slicer's scribble segmentation); the scribbles left by clicks are kept.
+
+        Raises:
+            ValueError: the map is not an integer map (float and bool maps are refused, not converted), holds
+                negative values or labels the network does not have, is on another grid, or is empty.
+        """
+        scribble_map, drawn = self._check_scribbles(scribble_map)
+        self._push_undo("scribbles")
+        self._merge_scribbles(scribble_map, drawn, replace)
+
+    def _check_scribbles(self, scribble_map: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The map as uint8 and its drawn voxels; a map the session cannot interpret is refused, not cast.
+
+        Only integer maps are taken: a float map (which value is "none"?), a bool mask (False would become
+        background everywhere) or negative values are errors, as are labels the network does not have.
         """
         scribble_map = np.asarray(scribble_map)
+        if scribble_map.dtype == np.bool_ or not np.issubdtype(scribble_map.dtype, np.integer):
+            raise ValueError(f"the scribble map has dtype {scribble_map.dtype}; it must be an integer "
+                             f"(uint8) label map: {IGNORE_INDEX} = not scribbled, 0 = background, k = label "
+                             "k (a bool mask would make every unmarked voxel a background scribble)")
         if scribble_map.shape != self.volume.shape:
             raise ValueError(f"scribble map of shape {scribble_map.shape} is not on the image grid {self.volume.shape}")
+        if scribble_map.size and int(scribble_map.min()) < 0:
+            raise ValueError(f"the scribble map holds negative values (min {int(scribble_map.min())}); use "
+                             f"{IGNORE_INDEX} = not scribbled, 0 = background, k = label k")
         drawn = scribble_map != IGNORE_INDEX
         if not drawn.any():
             raise ValueError("the scribble map has no scribbles (every voxel is 255)")
@@ -187,7 +225,9 @@ class InteractiveSession:
         bad = [int(v) for v in values if v >= self.num_classes]
         if bad:
             raise ValueError(f"scribble labels {bad} are not labels of this network (0..{self.num_classes - 1})")
-        self._push_undo("scribbles")
+        return scribble_map.astype(np.uint8), drawn
+
+    def _merge_scribbles(self, scribble_map: np.ndarray, drawn: np.ndarray, replace: bool) -> None:
         base = self._click_scribbles() if replace else self.scribbles
         self.scribbles = np.where(drawn, scribble_map, base).astype(np.uint8)
 
@@ -229,6 +269,31 @@ class InteractiveSession:
         self._apply(proposal)
         return self.mask
 
+    def box(self, corner_a_ijk: Sequence[float], corner_b_ijk: Sequence[float], label: int = 1,
+            progress: RefineProgress | None = None, cancel: CancelToken | None = None) -> np.ndarray:
+        """A box on one slice (two opposite corners ``(i, j, k)``, the slice of the first) gives ``label`` in 3D.
+
+        Only box-prompted families answer it (LiteMedSAM: the box segments its slice, then the structure is
+        propagated through the slices); the others raise ``ValueError``. A failed or cancelled box leaves
+        nothing behind.
+        """
+        if not hasattr(self.family, "box"):
+            raise ValueError(f"the '{self.family.name}' model takes clicks and scribbles, not boxes; a box needs "
+                             "a box-prompted model such as 'medsam_lite'")
+        corner_a = check_point(self.volume, corner_a_ijk)
+        corner_b = check_point(self.volume, corner_b_ijk)
+        self._check_label(label, "box")
+        if label in self.locked:
+            raise ValueError(f"label {label} is locked; unlock it before adding to it")
+        self._push_undo("box")
+        try:
+            proposal = self.family.box(self, corner_a, corner_b, int(label), progress, cancel)
+        except BaseException:
+            self._rollback()
+            raise
+        self._apply(proposal)
+        return self.mask
+
     # ---------------------------------------------------------------------------------------------- inference
 
     def segment(self, progress: Callable[[int, int], None] | None = None,
@@ -244,25 +309,33 @@ class InteractiveSession:
         return self.mask
 
     def refine(self, time_budget_s: float = 10.0, progress: RefineProgress | None = None,
-               cancel: CancelToken | None = None) -> np.ndarray:
+               cancel: CancelToken | None = None, *, scribbles: np.ndarray | None = None,
+               replace: bool = False) -> np.ndarray:
         """Learn from the scribbles and clicks within ``time_budget_s``, then answer again around them.
 
         Args:
-            time_budget_s: wall-clock budget for the adaptation (the online head uses at most
-                ``settings.head_seconds`` of it; whole-network fine-tuning makes at least
-                ``settings.min_steps`` steps).
+            time_budget_s: wall-clock budget for the adaptation, ``0 <= budget <= MAX_TIME_BUDGET_S`` (the
+                online head uses at most ``settings.head_seconds`` of it; whole-network fine-tuning makes at
+                least ``settings.min_steps`` steps).
             progress: ``callback(fraction_done, message)``.
             cancel: object with ``is_set()``; a cancelled refine restores the state from before the call and
                 raises :class:`~AttentionSegLib.inference.Cancelled`.
+            scribbles: a scribble map to take in first, as :meth:`add_scribbles` (``replace`` as there) but as
+                part of this one step: one undo takes both back, and a failed or cancelled refine leaves the
+                scribbles as they were before the call.
 
         Returns:
             The new label mask (k, j, i).
         """
-        if not (self.scribbles != IGNORE_INDEX).any():
+        budget = check_time_budget(time_budget_s)
+        checked = self._check_scribbles(scribbles) if scribbles is not None else None
+        if checked is None and not (self.scribbles != IGNORE_INDEX).any():
             raise ValueError("nothing to refine on: add scribbles or clicks first")
         self._push_undo("refine")
         try:
-            proposal, report = self.family.refine(self, time_budget_s, progress, cancel)
+            if checked is not None:
+                self._merge_scribbles(*checked, replace)
+            proposal, report = self.family.refine(self, budget, progress, cancel)
         except BaseException:
             self._rollback()
             raise

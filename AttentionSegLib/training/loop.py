@@ -112,6 +112,23 @@ def validate(network: nn.Module, cases: Sequence[Case], config: TrainConfig, dev
     return result
 
 
+def load_training_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The resume state saved by :func:`train`, loaded without unpickling code (``weights_only=True``).
+
+    The state holds only tensors and plain containers, so a file that needs anything else (a crafted pickle
+    that would run code) is refused, like a truncated or foreign file, with a ``ValueError`` naming it.
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # UnpicklingError for foreign objects; many types for truncated files
+        reason = (str(exc).strip().splitlines() or [""])[0]  # torch's unpickling errors run over many lines
+        raise ValueError(f"{path}: not a loadable training state ({type(exc).__name__}: {reason}); refusing "
+                         "to resume from it") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a training state saved by 'attentionseg train'")
+    return state
+
+
 def _network_config(config: TrainConfig, out_channels: int) -> dict[str, Any]:
     net_config = dict(config.network_config)
     net_config.setdefault("spatial_dims", config.spatial_dims)
@@ -179,12 +196,17 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
     start, best_metric, history = 0, None, []
     state_path = output / STATE_FILE
     if config.resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        network.load_state_dict(state["network"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        regime.load_state_dict(state.get("regime", {}))
-        start, best_metric, history = state["iteration"], state["best_metric"], state["history"]
+        state = load_training_state(state_path, device)
+        try:
+            network.load_state_dict(state["network"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            regime.load_state_dict(state.get("regime", {}))
+            start, best_metric = int(state["iteration"]), state["best_metric"]
+            history = list(state["history"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{state_path}: cannot resume from this training state "
+                             f"({type(exc).__name__}: {exc}); delete it to start afresh") from exc
 
     model: nn.Module = network
     if context.enabled:

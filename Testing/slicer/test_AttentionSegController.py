@@ -8,6 +8,8 @@ check the workflow's mechanics and geometry, not segmentation quality.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import AttentionSegMRML as mrml  # noqa: E402
 from AttentionSegBackend import JobState  # noqa: E402
 from AttentionSegController import SegmentationController  # noqa: E402
 from AttentionSegLib import load_checkpoint, read_image  # noqa: E402
+from AttentionSegLib.inference import Cancelled  # noqa: E402
 from AttentionSegLib.interactive import RefineSettings  # noqa: E402
 
 pytestmark = [pytest.mark.slicer, pytest.mark.shared_data, pytest.mark.slow]
@@ -198,6 +201,20 @@ def test_refine_on_scribbles_changes_the_segment_and_keeps_the_scribbles(
         np.testing.assert_array_equal(mrml.read_segment(controller.scribble_node, sid, ct_node), mask)
 
 
+def test_the_controller_knows_how_refine_learns_and_the_engine_reports_it_after_a_refine(
+        controller: SegmentationController, pancreas: np.ndarray) -> None:
+    assert controller.session_facts["strategy"] in ("online_head", "finetune")
+    assert controller.refine_strategy == controller.session_facts["strategy"].replace("_", " ")
+    voxel = pancreas_voxel(pancreas)
+    segment_id = target(controller)
+    controller.wait(click_at(controller, voxel, segment_id), WAIT_S)
+    paint_scribbles(controller, segment_id, pancreas, voxel)
+    job = controller.wait(controller.refine(time_budget_s=1.0), WAIT_S)
+    assert job.state is JobState.SUCCEEDED, job.error_message
+    last = controller.backend.session.describe()["last_refine"]
+    assert last["strategy"] == controller.session_facts["strategy"]
+
+
 def test_refine_without_scribbles_is_refused_before_any_work(controller: SegmentationController) -> None:
     with pytest.raises(ValueError, match="no scribbles yet"):
         controller.refine(time_budget_s=1.0)
@@ -311,3 +328,128 @@ def test_the_adapted_model_is_saved_as_a_checkpoint(controller: SegmentationCont
 
     assert job.state is JobState.SUCCEEDED, job.error_message
     assert load_checkpoint(job.result()).network_name == "attention_unet"
+
+
+# -- the engine's own state after cancel, failure and erase --------------------------------------------------
+
+
+def engine_state(controller: SegmentationController) -> dict[str, Any]:
+    """What the engine session holds: its mask, scribbles, clicks and (undo, redo) depth."""
+    session = controller.backend.session
+    return {"mask": session.mask.copy(), "scribbles": session.scribbles.copy(),
+            "clicks": list(session.clicks), "depth": session.history.depth}
+
+
+def assert_engine_unchanged(before: dict[str, Any], after: dict[str, Any]) -> None:
+    np.testing.assert_array_equal(after["mask"], before["mask"], err_msg="the engine's mask changed")
+    np.testing.assert_array_equal(after["scribbles"], before["scribbles"],
+                                  err_msg="the engine's scribbles changed")
+    assert after["clicks"] == before["clicks"], "the engine kept a click"
+    assert after["depth"] == before["depth"], "the engine's undo/redo depth changed"
+
+
+class BlockUntilCancelled:
+    """Stands in for a family's ``click`` / ``refine``: says it runs, waits for the cancel token, raises."""
+
+    def __init__(self) -> None:
+        self.running = threading.Event()
+
+    def __call__(self, *args: Any) -> Any:
+        cancel = args[-1]
+        self.running.set()
+        deadline = time.monotonic() + WAIT_S
+        while not cancel.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise Cancelled("cancelled by the test")
+
+
+def fail(*args: Any) -> Any:
+    raise RuntimeError("the network ran out of memory")
+
+
+def test_a_click_cancelled_while_it_runs_leaves_the_engine_as_it_was(
+        controller: SegmentationController, pancreas: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    voxel = pancreas_voxel(pancreas)
+    controller.wait(click_at(controller, voxel, target(controller)), WAIT_S)
+    nodes, before = snapshot(controller), engine_state(controller)
+    blocker = BlockUntilCancelled()
+    monkeypatch.setattr(controller.backend.session.family, "click", blocker)
+
+    job = click_at(controller, (voxel[0] + 3, voxel[1], voxel[2] + 1), target(controller), positive=False)
+    assert blocker.running.wait(WAIT_S), "the click started"
+    controller.cancel()
+    controller.wait(job, WAIT_S)
+
+    assert job.state is JobState.CANCELLED
+    assert_engine_unchanged(before, engine_state(controller))
+    assert_unchanged(nodes, snapshot(controller))
+
+
+def test_a_refine_cancelled_while_it_runs_leaves_the_engine_scribbles_as_they_were(
+        controller: SegmentationController, pancreas: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    voxel = pancreas_voxel(pancreas)
+    controller.wait(click_at(controller, voxel, target(controller)), WAIT_S)
+    paint_scribbles(controller, target(controller), pancreas, voxel)  # new strokes the engine has not seen
+    nodes, before = snapshot(controller), engine_state(controller)
+    blocker = BlockUntilCancelled()
+    monkeypatch.setattr(controller.backend.session.family, "refine", blocker)
+
+    job = controller.refine(time_budget_s=600.0)
+    assert blocker.running.wait(WAIT_S), "the refine started (the scribbles were taken in)"
+    controller.cancel()
+    controller.wait(job, WAIT_S)
+
+    assert job.state is JobState.CANCELLED
+    assert_engine_unchanged(before, engine_state(controller))
+    assert_unchanged(nodes, snapshot(controller))
+
+
+def test_a_failed_refine_leaves_the_engine_as_it_was_and_undo_takes_back_the_click(
+        controller: SegmentationController, pancreas: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    voxel = pancreas_voxel(pancreas)
+    controller.wait(click_at(controller, voxel, target(controller)), WAIT_S)
+    paint_scribbles(controller, target(controller), pancreas, voxel)
+    nodes, before = snapshot(controller), engine_state(controller)
+    monkeypatch.setattr(controller.backend.session.family, "refine", fail)
+
+    job = controller.wait(controller.refine(time_budget_s=1.0), WAIT_S)
+
+    assert job.state is JobState.FAILED and "out of memory" in job.error_message
+    assert_engine_unchanged(before, engine_state(controller))
+    assert_unchanged(nodes, snapshot(controller))
+    undo = controller.wait(controller.undo(), WAIT_S)
+    assert undo.state is JobState.SUCCEEDED, undo.error_message
+    after_undo = engine_state(controller)
+    assert after_undo["clicks"] == [] and not after_undo["mask"].any(), "the next Undo takes back the click"
+
+
+def test_erased_scribbles_stop_counting_and_one_undo_takes_back_a_whole_refine(
+        controller: SegmentationController, ct_node: Any, pancreas: np.ndarray) -> None:
+    voxel = pancreas_voxel(pancreas)
+    segment_id = target(controller)
+    controller.wait(click_at(controller, voxel, segment_id), WAIT_S)
+    click_marks = engine_state(controller)["scribbles"]
+    painted = paint_scribbles(controller, segment_id, pancreas, voxel)
+    first = controller.wait(controller.refine(time_budget_s=1.0), WAIT_S)
+    assert first.state is JobState.SUCCEEDED, first.error_message
+    drawn = engine_state(controller)["scribbles"]
+    assert (drawn[painted == 1] == 1).all() and (drawn[painted == 0] == 0).all()
+
+    # the user erases the foreground strokes in the Segment Editor and refines again
+    mrml.write_segment(controller.scribble_node, controller.scribble_segment(segment_id),
+                       np.zeros(pancreas.shape, bool), ct_node)
+    before_second = engine_state(controller)
+    second = controller.wait(controller.refine(time_budget_s=1.0), WAIT_S)
+    assert second.state is JobState.SUCCEEDED, second.error_message
+
+    scribbles = engine_state(controller)["scribbles"]
+    erased = (painted == 1) & (click_marks == mrml.UNSCRIBBLED)
+    assert erased.any()
+    assert (scribbles[erased] == mrml.UNSCRIBBLED).all(), "an erased stroke no longer teaches the network"
+    assert (scribbles[painted == 0] == 0).all(), "the strokes still painted count"
+    kept = (click_marks != mrml.UNSCRIBBLED) & (painted == mrml.UNSCRIBBLED)
+    np.testing.assert_array_equal(scribbles[kept], click_marks[kept], err_msg="the clicks' own marks stay")
+
+    undo = controller.wait(controller.undo(), WAIT_S)
+    assert undo.state is JobState.SUCCEEDED, undo.error_message
+    assert_engine_unchanged(before_second, engine_state(controller) | {"depth": before_second["depth"]})
