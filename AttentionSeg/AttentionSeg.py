@@ -302,7 +302,8 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("{name} cancelled; nothing was changed.").format(name=job.name)
             else:
                 strategy = controller.refine_strategy
-                if job.name == "Refine" and strategy:  # the user sees how the engine learnt from the scribbles
+                # the user sees how the engine learnt from the scribbles
+                if job.name == "Refine" and strategy:
                     self.ui.statusLabel.text = _("Refine done ({strategy}).").format(strategy=strategy)
                 else:
                     self.ui.statusLabel.text = _("{name} done.").format(name=job.name)

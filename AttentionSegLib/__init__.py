@@ -1,12 +1,13 @@
-"""AttentionSegLib: the headless engine of AttentionSeg (attention-based interactive medical image segmentation).
+"""AttentionSegLib: headless engine of AttentionSeg (attention-based interactive medical image segmentation).
 
 Public API (everything else is internal)::
 
     from AttentionSegLib import read_image, write_image, load_model, predict_volume, InteractiveSession
 
-Conventions: arrays are ``(k, j, i)`` as SimpleITK and Slicer return them; points are voxel indices ``(i, j, k)``
-(``*_ijk``) or millimetres (``*_ras`` for Slicer's RAS, LPS elsewhere); scribble maps are uint8 with 255 = not
-scribbled, 0 = background, ``k`` = label ``k``. The engine imports torch, numpy and SimpleITK only.
+Conventions: arrays are ``(k, j, i)`` as SimpleITK and Slicer return them; points are voxel indices
+``(i, j, k)`` (``*_ijk``) or millimetres (``*_ras`` for Slicer's RAS, LPS elsewhere); scribble maps are uint8
+with 255 = not scribbled, 0 = background, ``k`` = label ``k``. The engine imports
+torch, numpy and SimpleITK only.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ _EXPORTS = {
     "available_models": "models",
     "ModelNotFoundError": "models",
     "predict_volume": "inference",
-    "sliding_window_predict": "inference",
-    "resolve_device": "inference",
+    "sliding_window_predict": "sliding_window",
+    "resolve_device": "devices",
     "Prediction": "inference",
-    "Cancelled": "inference",
+    "Cancelled": "progress",
     "InteractiveSession": "interactive",
     "RefineSettings": "interactive",
     "evaluate_labels": "metrics",

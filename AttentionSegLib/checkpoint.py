@@ -1,14 +1,15 @@
 """Checkpoints: weights + network config + preprocessing + label names + provenance, in one validated file.
 
-A checkpoint is a ``torch.save`` of a plain dict (no pickled classes, so it loads with ``weights_only=True``)::
+A checkpoint is a ``torch.save`` of a plain dict (no pickled classes, so it loads
+with ``weights_only=True``)::
 
     {"format": "attentionseg-checkpoint", "format_version": 1,
      "network": {"name": ..., "config": {...}}, "state_dict": {...},
      "preprocessing": {...}, "labels": {"1": "pancreas", ...}, "provenance": {...},
      "sha256_state": "<digest of the weights>"}
 
-Loading checks the format, rebuilds the network from its config, verifies the weights' digest and that they fit
-the network exactly; anything else is refused with a :class:`CheckpointError` that names the file.
+Loading checks the format, rebuilds the network from its config, verifies the weights' digest and that they
+fit the network exactly; anything else is refused with a :class:`CheckpointError` that names the file.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class LoadedModel:
 
 
 def state_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over parameter names, shapes, dtypes and bytes: identifies the weights independent of the file."""
+    """SHA-256 over parameter names, shapes, dtypes and bytes: identifies the
+    weights independent of the file."""
     digest = hashlib.sha256()
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous()
@@ -85,7 +87,8 @@ def _unwrap(network: nn.Module) -> nn.Module:
 
 
 def atomic_torch_save(payload: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the target folder, then rename: never a half-written checkpoint."""
+    """``torch.save`` to a temporary file in the target folder, then rename: never
+    a half-written checkpoint."""
     path = Path(path)
     with atomic_output(path) as handle:
         torch.save(payload, handle)
@@ -104,7 +107,8 @@ def save_checkpoint(
 
     Args:
         path: destination file (conventionally ``*.pt``).
-        network: a network from :func:`AttentionSegLib.networks.build_network` (wrappers such as DDP are unwrapped).
+        network: a network from :func:`AttentionSegLib.networks.build_network`
+            (wrappers such as DDP are unwrapped).
         preprocessing: how images must be prepared for this network (see ``docs/engine-api.md``).
         labels: label value -> structure name (background 0 may be omitted).
         provenance: data, command, metrics, versions: anything that tells how the weights were made.
@@ -113,7 +117,8 @@ def save_checkpoint(
     name = getattr(net, "name", None)
     config = getattr(net, "config", None)
     if not name or not isinstance(config, Mapping):
-        raise CheckpointError(f"{path}: the network has no registry name/config; build it with build_network()")
+        raise CheckpointError(f"{path}: the network has no registry name/config; build it with "
+                              "build_network()")
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -140,7 +145,8 @@ def _read_payload(path: Path, map_location: str | torch.device) -> dict[str, Any
         raise CheckpointError(f"{path}: not an AttentionSeg checkpoint (missing format tag '{FORMAT}')")
     version = payload.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {version!r} is newer than this engine supports")
+        raise CheckpointError(f"{path}: checkpoint format version {version!r} is newer than this engine "
+                              "supports")
     for key in ("network", "state_dict", "preprocessing", "labels"):
         if key not in payload:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}'")

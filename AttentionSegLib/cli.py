@@ -2,7 +2,7 @@
 
     attentionseg demo                      phantom CT -> segmentation + attention maps + PNG (bundled model)
     attentionseg segment IMAGE -o OUT      segment a file or DICOM folder (optionally only at clicked points)
-    attentionseg refine IMAGE --scribbles S -o OUT   fine-tune on scribbles and re-segment (one interactive round)
+    attentionseg refine IMAGE --scribbles S -o OUT   learn from scribbles, re-segment (one interactive round)
     attentionseg train --data DIR ...      train a network (supervised | scribble | semi), torchrun for DDP
     attentionseg evaluate ...              Dice / HD95 of a model or of predictions against labels
     attentionseg models [list|info|import] the named models
@@ -39,7 +39,7 @@ class CLIError(ValueError):
     """A problem with the command's arguments or inputs."""
 
 
-# ------------------------------------------------------------------------------------------------ parsing helpers
+# -------------------------------------------------------------------------------------------- parsing helpers
 
 
 def parse_point(text: str, what: str) -> tuple[float, float, float]:
@@ -137,27 +137,12 @@ def _model_inputs(model: Any) -> list[tuple[str, Path]]:
 
 
 def _progress_printer(label: str, enabled: bool):
-    if not enabled:
-        return None
-    from .progress import ProgressBar
+    from .progress import progress_printer
 
-    state: dict[str, Any] = {}
-
-    def report(done: int, total: int) -> None:
-        bar = state.get("bar")
-        if bar is None or bar.total != total:
-            if bar is not None:
-                bar.close()
-            bar = state["bar"] = ProgressBar(total, label)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-            state.pop("bar", None)
-
-    return report
+    return progress_printer(label, enabled)
 
 
-# ------------------------------------------------------------------------------------------------------ segment
+# ---------------------------------------------------------------------------------------------------- segment
 
 
 def points_to_ijk(volume, points_ras: Sequence[Sequence[float]], points_ijk: Sequence[Sequence[float]],
@@ -172,8 +157,8 @@ def points_to_ijk(volume, points_ras: Sequence[Sequence[float]], points_ijk: Seq
     size = volume.shape[::-1]  # (i, j, k) extents
     for point in out:
         if len(point) != len(size) or not all(-0.5 <= c < s - 0.5 for c, s in zip(point, size)):
-            raise CLIError(f"{source}: point (i, j, k) = {tuple(round(c, 2) for c in point)} lies outside the "
-                           f"image of size (i, j, k) = {tuple(size)}")
+            raise CLIError(f"{source}: point (i, j, k) = {tuple(round(c, 2) for c in point)} lies outside "
+                           f"the image of size (i, j, k) = {tuple(size)}")
     return out
 
 
@@ -183,8 +168,8 @@ def _box_ras(text: str) -> tuple[float, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--box-ras '{text}' is not six comma-separated numbers") from None
     if len(values) != 6:
-        raise argparse.ArgumentTypeError(f"--box-ras '{text}' needs six numbers R1,A1,S1,R2,A2,S2 (two opposite "
-                                         "corners of a box on one slice)")
+        raise argparse.ArgumentTypeError(f"--box-ras '{text}' needs six numbers R1,A1,S1,R2,A2,S2 (two "
+                                         "opposite corners of a box on one slice)")
     return values
 
 
@@ -198,9 +183,9 @@ def _wants_medsam(args: argparse.Namespace) -> bool:
 def _segment_medsam(args: argparse.Namespace) -> int:
     """``segment --model medsam_lite``: LiteMedSAM (Ma et al., Nat. Commun. 2024) from clicks and boxes.
 
-    Every prompt adds to the structure of ``--label``: a box (``--box-ras``, two opposite corners; the box lies on
-    the first corner's slice) or a click (``--point-ras``/``--point-ijk``) is segmented on its slice, then
-    propagated through the slices. Missing weights are reported before anything is written.
+    Every prompt adds to the structure of ``--label``: a box (``--box-ras``, two opposite corners; the box
+    lies on the first corner's slice) or a click (``--point-ras``/``--point-ijk``) is segmented on its slice,
+    then propagated through the slices. Missing weights are reported before anything is written.
     """
     import numpy as np
 
@@ -212,21 +197,25 @@ def _segment_medsam(args: argparse.Namespace) -> int:
     if not is_medsam_model(args.model):
         raise CLIError(f"--box-ras needs a box-prompted model: add --model medsam_lite (not '{args.model}')")
     if args.roi:
-        raise CLIError("--roi is for the sliding-window models; medsam_lite only looks at the prompted slices")
+        raise CLIError("--roi is for the sliding-window models; "
+                       "medsam_lite only looks at the prompted slices")
     if not 0 < args.label < 255:
         raise CLIError(f"--label {args.label}: must be 1..254")
     from .networks.medsam_lite.weights import medsam_weights_path, verify_weights
 
-    verify_weights(medsam_weights_path())  # missing or wrong weights: one message saying how to install, no output
+    # missing or wrong weights: one message saying how to install, no output
+    verify_weights(medsam_weights_path())
     image_path = Path(args.image)
     output = Path(args.output)
     outputs = [("-o", output)] + ([("--uncertainty", Path(args.uncertainty))] if args.uncertainty else [])
     check_paths([("IMAGE", image_path), *_model_inputs(args.model)], outputs,
-                folders=[("--attention-dir", Path(args.attention_dir), "attention_")] if args.attention_dir else [],
+                folders=[("--attention-dir", Path(args.attention_dir),
+                          "attention_")] if args.attention_dir else [],
                 image_outputs=["-o", "--uncertainty"])
     volume = read_image(image_path)
     points = points_to_ijk(volume, args.point_ras or [], args.point_ijk or [], str(image_path))
-    boxes = [points_to_ijk(volume, [box[:3], box[3:]], [], f"{image_path}: --box-ras") for box in args.box_ras or []]
+    boxes = [points_to_ijk(volume, [box[:3], box[3:]], [],
+                           f"{image_path}: --box-ras") for box in args.box_ras or []]
     if not points and not boxes:
         raise CLIError("--model medsam_lite segments what it is shown: give a click (--point-ras R,A,S or "
                        "--point-ijk I,J,K) or a box (--box-ras R1,A1,S1,R2,A2,S2)")
@@ -327,7 +316,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------------------- refine
+# ----------------------------------------------------------------------------------------------------- refine
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
@@ -364,7 +353,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
                       "out_channels": int(values[values != 255].max(initial=1)) + 1}
     else:
         model = args.model
-    session = InteractiveSession(volume, model, device=args.device, settings=RefineSettings(strategy=args.strategy))
+    session = InteractiveSession(volume, model, device=args.device,
+                                 settings=RefineSettings(strategy=args.strategy))
     try:
         session.add_scribbles(values.astype(np.uint8))
     except ValueError as exc:
@@ -372,10 +362,12 @@ def cmd_refine(args: argparse.Namespace) -> int:
     if args.init:
         init = read_image(args.init)
         if init.shape != volume.shape or not init.same_geometry(volume):
-            raise CLIError(f"{args.init}: the initial segmentation is on another grid than the image {image_path}")
+            raise CLIError(f"{args.init}: the initial segmentation is on another grid than the image "
+                           f"{image_path}")
         bad = sorted(int(v) for v in np.unique(init.array) if not 0 <= v < session.num_classes)
         if bad:
-            raise CLIError(f"{args.init}: labels {bad} are not labels of the model (0..{session.num_classes - 1})")
+            raise CLIError(f"{args.init}: labels {bad} are not labels of the model "
+                           f"(0..{session.num_classes - 1})")
         session.mask = init.array.astype(np.uint8)
     from .progress import ProgressBar
 
@@ -402,7 +394,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     return 0
 
 
-# -------------------------------------------------------------------------------------------------------- train
+# ------------------------------------------------------------------------------------------------------ train
 
 
 def _train_config(args: argparse.Namespace):
@@ -429,7 +421,8 @@ def _train_config(args: argparse.Namespace):
         values["spacing"] = [float(v) for v in args.spacing.split(",")]
     if args.validation is not None:
         text = args.validation
-        values["validation"] = float(text) if "." in text else (int(text) if text.isdigit() else text.split(","))
+        values["validation"] = (float(text) if "." in text
+                                else (int(text) if text.isdigit() else text.split(",")))
     if args.labelled:
         values["labelled_cases"] = args.labelled.split(",")
     if args.regime_options:
@@ -460,7 +453,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------- evaluate
+# --------------------------------------------------------------------------------------------------- evaluate
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -476,11 +469,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .atomic import write_text_atomically
 
         write_text_atomically(args.output, text + "\n")
-    print(text if args.output is None else f"mean Dice {report['summary']['dice_mean']:.4f}; wrote {args.output}")
+    print(text if args.output is None else f"mean Dice {report['summary']['dice_mean']:.4f}; wrote "
+                                           f"{args.output}")
     return 0
 
 
-# ------------------------------------------------------------------------------------------------------- models
+# ----------------------------------------------------------------------------------------------------- models
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -507,7 +501,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------------- phantom/demo
+# ----------------------------------------------------------------------------------------------- phantom/demo
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
@@ -521,7 +515,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    summary = run_demo(args.output, model=args.model, device=args.device, seed=args.seed, progress=not args.quiet)
+    summary = run_demo(args.output, model=args.model, device=args.device, seed=args.seed,
+                       progress=not args.quiet)
     print(f"phantom CT segmented with '{summary['model']}' in {summary['seconds']:.1f} s")
     for name, value in summary["dice"].items():
         print(f"  Dice {name:14s} {value:.3f}")
@@ -530,7 +525,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# -------------------------------------------------------------------------------------------------------- parser
+# ----------------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -543,77 +538,88 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="segment a synthetic CT phantom with the bundled model (no data needed)",
-                          description="Make an abdominal CT phantom, segment it with the bundled demo model and "
-                                      "write the image, the segmentation, the attention maps and a PNG of a slice "
-                                      "with both overlaid.")
+    demo = sub.add_parser("demo",
+                          help="segment a synthetic CT phantom with the bundled model (no data needed)",
+                          description="Make an abdominal CT phantom, segment it with the bundled demo model "
+                                      "and write the image, the segmentation, the attention maps and a PNG "
+                                      "of a slice with both overlaid.")
     demo.add_argument("-o", "--output", default="demo_output", help="output folder (default: %(default)s)")
-    demo.add_argument("--model", default=None, help="model name or checkpoint (default: the bundled demo model)")
+    demo.add_argument("--model", default=None,
+                      help="model name or checkpoint (default: the bundled demo model)")
     demo.add_argument("--seed", type=int, default=1234, help="phantom seed (default: %(default)s)")
     _device_arg(demo)
     _quiet_arg(demo)
     demo.set_defaults(func=cmd_demo)
 
     seg = sub.add_parser("segment", help="segment an image file or DICOM folder",
-                         description="Segment IMAGE (NIfTI, NRRD, MHA or a DICOM series folder) and write a label "
-                                     "image with exactly the input's geometry. With points, only the connected "
-                                     "components at the points are kept.")
+                         description="Segment IMAGE (NIfTI, NRRD, MHA or a DICOM series folder) and write a "
+                                     "label image with exactly the input's geometry. With points, only the "
+                                     "connected components at the points are kept.")
     seg.add_argument("image", help="image file or DICOM series folder")
     seg.add_argument("-o", "--output", required=True, help="label image to write (.nii.gz, .nrrd, .mha)")
-    seg.add_argument("--model", default=None, help="model name (see 'attentionseg models') or checkpoint path")
+    seg.add_argument("--model", default=None,
+                     help="model name (see 'attentionseg models') or checkpoint path")
     seg.add_argument("--point-ras", type=_ras, action="append", metavar="R,A,S",
-                     help="a point in RAS mm (as Slicer shows it); repeatable; write --point-ras=-12,30,5 when "
-                          "the first number is negative")
+                     help="a point in RAS mm (as Slicer shows it); repeatable; write --point-ras=-12,30,5 "
+                          "when the first number is negative")
     seg.add_argument("--point-ijk", type=_ijk, action="append", metavar="I,J,K",
                      help="a point as voxel indices (i, j, k); repeatable")
     seg.add_argument("--roi", action="store_true",
                      help="with points: infer only a window around each point (faster on large images)")
     seg.add_argument("--attention-dir", default=None, help="also write the attention maps into this folder")
-    seg.add_argument("--uncertainty", default=None, help="also write the voxel-wise uncertainty (entropy) here")
-    seg.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default: %(default)s)")
+    seg.add_argument("--uncertainty", default=None,
+                     help="also write the voxel-wise uncertainty (entropy) here")
+    seg.add_argument("--overlap", type=float, default=0.5,
+                     help="sliding-window overlap (default: %(default)s)")
     seg.add_argument("--box-ras", type=_box_ras, action="append", metavar="R1,A1,S1,R2,A2,S2",
-                     help="with --model medsam_lite: a box on one slice (two opposite corners in RAS mm; the slice "
-                          "of the first); the structure in it is propagated through the slices; repeatable")
+                     help="with --model medsam_lite: a box on one slice (two opposite corners in RAS mm; the "
+                          "slice of the first); the structure in it is propagated through the slices; "
+                          "repeatable")
     seg.add_argument("--label", type=int, default=1,
                      help="with --model medsam_lite: the label value of the prompted structure (default: 1)")
     _device_arg(seg)
     _quiet_arg(seg)
     seg.set_defaults(func=cmd_segment)
 
-    rf = sub.add_parser("refine", help="one interactive round: learn from scribbles, write the refined labels",
-                        description="Learn from SCRIBBLES (uint8 in the image grid: 255 none, 0 background, k = "
-                                    "label k) within --time-budget seconds and write the segmentation. "
-                                    "--strategy online_head (the default on a CPU) trains a small head on the "
-                                    "frozen network's and the image's features and regularises it with a random "
-                                    "walker (about a second; only the labels you scribbled change); finetune (the "
-                                    "default on a GPU) fine-tunes the whole network and re-infers around the "
-                                    "scribbles. Chain rounds with --init and --save-model/--model.")
+    rf = sub.add_parser("refine",
+                        help="one interactive round: learn from scribbles, write the refined labels",
+                        description="Learn from SCRIBBLES (uint8 in the image grid: 255 none, 0 background, "
+                                    "k = label k) within --time-budget seconds and write the segmentation. "
+                                    "--strategy online_head (the default on a CPU) trains a small head on "
+                                    "the frozen network's and the image's features and regularises it with a "
+                                    "random walker (about a second; only the labels you scribbled change); "
+                                    "finetune (the default on a GPU) fine-tunes the whole network and "
+                                    "re-infers around the scribbles. Chain rounds with --init and "
+                                    "--save-model/--model.")
     rf.add_argument("image", help="image file or DICOM series folder")
     rf.add_argument("--scribbles", required=True, help="scribble map on the image grid")
     rf.add_argument("-o", "--output", required=True, help="refined label image to write")
     rf.add_argument("--init", help="the current segmentation to refine (labels on the image grid)")
     rf.add_argument("--model", default=None,
-                    help="model name or checkpoint (default: an untrained attention_unet learnt from the scribbles)")
+                    help="model name or checkpoint (default: an untrained attention_unet learnt from the "
+                         "scribbles)")
     rf.add_argument("--time-budget", type=float, default=10.0,
                     help="seconds the refine may take, 0..3600 (default: %(default)s)")
     rf.add_argument("--strategy", choices=REFINE_STRATEGIES, default="auto",
                     help="how to learn from the scribbles: auto (online_head on a CPU, finetune on a GPU), "
                          "online_head or finetune (default: %(default)s)")
-    rf.add_argument("--save-model", help="also save the adapted network here (use it as --model next round; only "
+    rf.add_argument("--save-model",
+                    help="also save the adapted network here (use it as --model next round; only "
                                          "finetune changes the network)")
     _device_arg(rf)
     _quiet_arg(rf)
     rf.set_defaults(func=cmd_refine)
 
     tr = sub.add_parser("train", help="train a network on a dataset folder (torchrun for multi-GPU)",
-                        description="Train on an MSD-style folder (imagesTr/, labelsTr/, scribblesTr/, dataset.json)."
-                                    " Flags override --config. For several GPUs or processes: torchrun "
-                                    "--nproc_per_node=N -m AttentionSegLib.cli train ...")
+                        description="Train on an MSD-style folder (imagesTr/, labelsTr/, scribblesTr/, "
+                                    "dataset.json). Flags override --config. For several GPUs or processes: "
+                                    "torchrun --nproc_per_node=N -m AttentionSegLib.cli train ...")
     tr.add_argument("--config", help="training config JSON (see TrainConfig)")
     tr.add_argument("--data", help="dataset folder")
     tr.add_argument("-o", "--output", help="output folder for checkpoints and the log")
     tr.add_argument("--regime", choices=["supervised", "scribble", "semi"])
-    tr.add_argument("--network", help="network name (attention_unet, joint_attention_unet, mistake_attention_unet)")
+    tr.add_argument("--network",
+                    help="network name (attention_unet, joint_attention_unet, mistake_attention_unet)")
     tr.add_argument("--network-config", help='JSON, e.g. \'{"filters": [8, 16, 32, 64, 128]}\'')
     tr.add_argument("--spatial-dims", type=int, choices=[2, 3])
     tr.add_argument("--patch-size", help="e.g. 32,64,64 (array order k,j,i)")
@@ -622,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--learning-rate", type=float)
     tr.add_argument("--normalization", help='JSON, e.g. \'{"kind": "ct_window", "window": [-160, 240]}\'')
     tr.add_argument("--spacing", help="resample to this spacing x,y,z mm")
-    tr.add_argument("--validation", help="validation cases: fraction (0.2), count (4) or comma-separated names")
+    tr.add_argument("--validation",
+                    help="validation cases: fraction (0.2), count (4) or comma-separated names")
     tr.add_argument("--labelled", help="semi regime: comma-separated names/regexes of the labelled cases")
     tr.add_argument("--regime-options", help="JSON of regime loss weights/switches")
     tr.add_argument("--validate-every", type=int)
@@ -663,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--cases", type=int, default=4)
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--scribbles", action="store_true",
-                    help="also write scribblesTr/ (simulated strokes inside each structure and in the background)")
+                    help="also write scribblesTr/ (simulated strokes inside each structure and in the "
+                         "background)")
     ph.set_defaults(func=cmd_phantom)
     return parser
 

@@ -1,13 +1,13 @@
 """Click maps: positive and negative clicks as two extra input channels of a click-conditioned network.
 
-DeepGrow (Sakinis et al., arXiv 1903.08205) and DeepEdit (Diaz-Pinto et al., MONAI Label, arXiv 2203.12362) give a
-network the user's clicks as extra image channels, one for the positive and one for the negative clicks. Here a
-click is a disk of ``radius`` voxels in the slice plane (one slice thick in 3D), as the interactive session draws
-it, so the maps a network is trained with look like the ones it gets from a user.
+DeepGrow (Sakinis et al., arXiv 1903.08205) and DeepEdit (Diaz-Pinto et al., MONAI Label, arXiv 2203.12362)
+give a network the user's clicks as extra image channels, one for the positive and one for the negative
+clicks. Here a click is a disk of ``radius`` voxels in the slice plane (one slice thick in 3D), as the
+interactive session draws it, so the maps a network is trained with look like the ones it gets from a user.
 
 ``simulate_click_maps`` draws training clicks from a label patch: with probability ``p_no_clicks`` none (the
-network stays usable as an automatic model, as DeepEdit trains it), else 1..``max_positive`` clicks on foreground
-voxels and 0..``max_negative`` on background voxels near the foreground.
+network stays usable as an automatic model, as DeepEdit trains it), else 1..``max_positive`` clicks on
+foreground voxels and 0..``max_negative`` on background voxels near the foreground.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 CLICK_CHANNELS = 2  # positive, negative
 
 
-def draw_click_maps(shape: Sequence[int], positive: Iterable[Sequence[int]], negative: Iterable[Sequence[int]],
-                    radius: int = 2) -> np.ndarray:
+def draw_click_maps(shape: Sequence[int], positive: Iterable[Sequence[int]],
+                    negative: Iterable[Sequence[int]], radius: int = 2) -> np.ndarray:
     """``(2, *shape)`` float32 maps with a disk of ``radius`` per click (points in array order ``(k, j, i)``).
 
     The disk lies in the last two axes; in 3D it is one slice thick (the slice the user clicked on).

@@ -1,9 +1,9 @@
 """MSD-style dataset folders, patch sampling and augmentation for training.
 
 A folder holds ``imagesTr/``, ``labelsTr/`` and optionally ``scribblesTr/`` and ``imagesTs/``, with a
-``dataset.json`` naming the labels (Medical Segmentation Decathlon style ``{"labels": {"0": "background", ...}}``
-or nnU-Net v2 style ``{"labels": {"background": 0, ...}}``). Cases are matched by file name (an nnU-Net channel
-suffix ``_0000`` on images is accepted).
+``dataset.json`` naming the labels (Medical Segmentation Decathlon style
+``{"labels": {"0": "background", ...}}`` or nnU-Net v2 style ``{"labels": {"background": 0, ...}}``). Cases
+are matched by file name (an nnU-Net channel suffix ``_0000`` on images is accepted).
 
 Random parameters are drawn from a ``torch.Generator`` apart from their application (as TorchIO does), so a
 sample is reproducible from its seed.
@@ -96,18 +96,21 @@ def list_cases(root: str | Path, *, require: str = "label") -> list[CaseFiles]:
     root = Path(root)
     images = _index_folder(root / "imagesTr")
     if not images:
-        raise DatasetError(f"{root}: no images found in {root / 'imagesTr'} (expected *.nii.gz, *.nrrd, *.mha)")
+        raise DatasetError(f"{root}: no images found in {root / 'imagesTr'} (expected *.nii.gz, *.nrrd, "
+                           "*.mha)")
     labels = _index_folder(root / "labelsTr")
     scribbles = _index_folder(root / "scribblesTr")
     cases = [CaseFiles(n, p, labels.get(n), scribbles.get(n)) for n, p in images.items()]
     if require == "label":
         missing = [c.name for c in cases if c.label is None]
         if missing:
-            raise DatasetError(f"{root}: no label in labelsTr/ for {len(missing)} case(s), e.g. {missing[:3]}")
+            raise DatasetError(f"{root}: no label in labelsTr/ for {len(missing)} case(s), "
+                               f"e.g. {missing[:3]}")
     elif require == "scribble":
         missing = [c.name for c in cases if c.scribble is None]
         if missing:
-            raise DatasetError(f"{root}: no scribbles in scribblesTr/ for {len(missing)} case(s), e.g. {missing[:3]}")
+            raise DatasetError(f"{root}: no scribbles in scribblesTr/ for {len(missing)} case(s), e.g. "
+                               f"{missing[:3]}")
     return cases
 
 
@@ -141,7 +144,8 @@ def split_cases(cases: Sequence[CaseFiles], validation: Sequence[str] | float | 
     """Split into (training, validation): by explicit names/regexes, a fraction, or a count."""
     if isinstance(validation, (list, tuple)):
         patterns = [re.compile(v) for v in validation]
-        unmatched = [p.pattern for p in patterns if not any(p.fullmatch(c.name) or p.search(c.name) for c in cases)]
+        unmatched = [p.pattern for p in patterns
+                     if not any(p.fullmatch(c.name) or p.search(c.name) for c in cases)]
         if unmatched:
             raise DatasetError(f"validation case(s) {unmatched} match no case of the dataset (cases: "
                                f"{', '.join(c.name for c in cases[:5])}{', ...' if len(cases) > 5 else ''})")
@@ -210,7 +214,8 @@ def default_mirror_axes(spatial_dims: int) -> tuple[int, ...]:
 class PatchSampler:
     """Random training patches from preprocessed cases, with foreground oversampling.
 
-    ``spatial_dims=2`` on 3D cases samples one ``k`` slice per patch (slice-wise 2D training, as the ACDC papers do).
+    ``spatial_dims=2`` on 3D cases samples one ``k`` slice per patch (slice-wise 2D
+    training, as the ACDC papers do).
 
     Args:
         cases: preprocessed cases.
@@ -238,8 +243,8 @@ class PatchSampler:
         self.mirror_axes = default_mirror_axes(spatial_dims) if mirror_axes is None else tuple(mirror_axes)
         bad = [a for a in self.mirror_axes if not 0 <= int(a) < spatial_dims]
         if bad:
-            raise DatasetError(f"mirror_axes {list(self.mirror_axes)}: axes must lie in 0..{spatial_dims - 1} "
-                               f"(array order of the {spatial_dims}D patch)")
+            raise DatasetError(f"mirror_axes {list(self.mirror_axes)}: axes must lie in "
+                               f"0..{spatial_dims - 1} (array order of the {spatial_dims}D patch)")
         self.target = target
         self.generator = torch.Generator().manual_seed(seed)
         self._foreground = [self._foreground_voxels(c) for c in self.cases]
@@ -248,7 +253,8 @@ class PatchSampler:
         return case.scribble if self.target == "scribble" else case.label
 
     def _foreground_voxels(self, case: Case, per_class: int = 10000) -> list[np.ndarray]:
-        """The voxels of each foreground class (a subsample of at most ``per_class`` each) to centre patches on."""
+        """The voxels of each foreground class (a subsample of at most ``per_class``
+        each) to centre patches on."""
         mask = self._mask_of(case)
         if mask is None:
             return []
@@ -266,7 +272,8 @@ class PatchSampler:
         return int(torch.randint(0, max(high, 1), (1,), generator=self.generator).item())
 
     def sample(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """One ``(1, *patch)`` image patch and its ``(*patch)`` target (label or scribble), padded as needed."""
+        """One ``(1, *patch)`` image patch and its ``(*patch)`` target (label or
+        scribble), padded as needed."""
         index = self._randint(len(self.cases))
         case = self.cases[index]
         image, target = case.image, self._mask_of(case)
@@ -289,7 +296,8 @@ class PatchSampler:
             params = draw_augmentation(self.generator, self.spatial_dims,
                                        flip_axes=self.mirror_axes,
                                        rotate_inplane=False)
-            patch_image, (patch_target,) = apply_augmentation(patch_image, [patch_target], params, self.generator)
+            patch_image, (patch_target,) = apply_augmentation(patch_image, [patch_target], params,
+                                                              self.generator)
         return patch_image, patch_target
 
     def _crop(self, image: np.ndarray, target: np.ndarray | None, center: Sequence[int]

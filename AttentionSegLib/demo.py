@@ -17,27 +17,28 @@ from .inference import predict_volume
 from .metrics import dice
 from .models import DEFAULT_MODEL, load_model
 from .phantom import make_abdominal_phantom
+from .progress import progress_printer
 from .rendering import overlay_panels, write_png
 
 
 def run_demo(output: str | Path, *, model: str | None = None, device: str = "auto", seed: int = 1234,
              progress: bool = True) -> dict[str, Any]:
-    """Write ``phantom_ct``, ``phantom_labels`` (the truth), ``segmentation``, ``attention_*`` and ``overview.png``.
+    """Write ``phantom_ct``, ``phantom_labels`` (the truth), ``segmentation``,
+    ``attention_*`` and ``overview.png``.
 
     Returns a summary with the Dice of each predicted label against the phantom's truth and the written files.
     """
-    from .cli import _progress_printer
-
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model or DEFAULT_MODEL)
     image, truth, names = make_abdominal_phantom(seed=seed)
     started = time.perf_counter()
     prediction = predict_volume(loaded, image, device=device, return_attention=True,
-                                progress=_progress_printer("demo", progress))
+                                progress=progress_printer("demo", progress))
     seconds = time.perf_counter() - started
 
-    files = [write_image(image, output / "phantom_ct.nii.gz"), write_image(truth, output / "phantom_labels.nii.gz"),
+    files = [write_image(image, output / "phantom_ct.nii.gz"),
+             write_image(truth, output / "phantom_labels.nii.gz"),
              write_image(prediction.labels, output / "segmentation.nii.gz")]
     for name, amap in prediction.attention.items():
         files.append(write_image(amap, output / f"attention_{name}.nii.gz"))
@@ -52,8 +53,8 @@ def run_demo(output: str | Path, *, model: str | None = None, device: str = "aut
 
     labels = prediction.labels.array
     k = int(np.argmax((labels > 0).reshape(labels.shape[0], -1).sum(axis=1)))
-    panels = overlay_panels(image.array[k], labels[k], {n: a.array[k] for n, a in prediction.attention.items()},
-                            window=(-160.0, 240.0))
+    panels = overlay_panels(image.array[k], labels[k],
+                            {n: a.array[k] for n, a in prediction.attention.items()}, window=(-160.0, 240.0))
     files.append(write_png(panels, output / "overview.png"))
     return {"model": model or DEFAULT_MODEL, "seconds": seconds, "dice": scores, "slice_k": k,
             "files": [str(f) for f in files]}

@@ -84,8 +84,8 @@ def evaluate_folder(data: str | Path, *, model: str | None = None, predictions: 
                 raise ValueError(f"{predictions}: no prediction for case '{files_of_case.name}'")
             pred = read_image(predicted[files_of_case.name])
             if pred.shape != truth.shape:
-                raise ValueError(f"{predicted[files_of_case.name]}: shape {pred.shape} differs from the label "
-                                 f"{truth.shape}")
+                raise ValueError(f"{predicted[files_of_case.name]}: shape {pred.shape} differs from the "
+                                 f"label {truth.shape}")
             if not same_grid(pred, truth):
                 raise ValueError(
                     f"{predicted[files_of_case.name]}: its geometry differs from the label "

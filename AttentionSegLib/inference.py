@@ -1,209 +1,34 @@
-"""Inference: sliding windows with Gaussian blending, ROI inference around a point, maps back in image geometry.
+"""Inference: sliding windows with Gaussian blending, ROI inference around a point, maps back to the image.
 
-The window placement and Gaussian importance weighting follow common practice in medical segmentation (nnU-Net,
-Isensee et al., Nature Methods 2021: windows overlap by a fraction of the patch, each patch's prediction is
-weighted by a Gaussian centred on the patch with sigma = patch/8 so that border voxels, which see less context,
-count less). Accumulators live on the CPU in float32 so that a 512x512x300 CT fits in a few GiB whatever the device.
+The window placement and Gaussian importance weighting follow common practice in medical segmentation
+(nnU-Net, Isensee et al., Nature Methods 2021: windows overlap by a fraction of the patch, each patch's
+prediction is weighted by a Gaussian centred on the patch with sigma = patch/8 so that border voxels, which
+see less context, count less). Accumulators live on the CPU in float32 so that a 512x512x300 CT fits in
+a few GiB whatever the device.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+# ``X as X``: names that now live in devices.py, progress.py and sliding_window.py, re-exported so that
+# ``AttentionSegLib.inference`` keeps its public names.
 from .checkpoint import LoadedModel
+from .devices import autocast_for as autocast_for
+from .devices import resolve_device
 from .image import Volume, check_finite
 from .preprocessing import Preprocessor
-
-ProgressCallback = Callable[[int, int], None]
-
-
-class CancelToken(Protocol):
-    def is_set(self) -> bool: ...
-
-
-class Cancelled(RuntimeError):
-    """Raised when a long computation is cancelled through its cancel token."""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; an explicit device that is absent is a clear error."""
-    if isinstance(device, torch.device):
-        return device
-    name = str(device).lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' requested but CUDA is not available on this machine")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("device 'mps' requested but Apple MPS is not available on this machine")
-    if name.split(":")[0] not in {"cpu", "cuda", "mps"}:
-        raise ValueError(f"unknown device '{device}' (choose auto, cpu, cuda or mps)")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, enabled: bool = True):
-    """Automatic mixed precision on CUDA (float16); full precision elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return nullcontext()
-
-
-def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
-    """Separable Gaussian weight map centred on the patch (max 1, never 0 so every voxel gets weight)."""
-    weight: torch.Tensor | None = None
-    for size in patch_size:
-        coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2.0
-        sigma = max(size * sigma_scale, 1e-3)
-        axis = torch.exp(-0.5 * (coords / sigma) ** 2)
-        weight = axis if weight is None else weight[..., None] * axis
-    assert weight is not None
-    weight = weight / weight.max()
-    return weight.clamp_min(1e-3)
-
-
-def window_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Evenly spaced window starts covering ``[0, size)`` with at least ``overlap`` overlap between neighbours."""
-    if size <= patch:
-        return [0]
-    step = max(1, int(patch * (1.0 - overlap)))
-    count = math.ceil((size - patch) / step) + 1
-    if count == 1:
-        return [0]
-    actual = (size - patch) / (count - 1)
-    return [int(round(actual * i)) for i in range(count)]
-
-
-def _pad_to(image: torch.Tensor, minimum: Sequence[int], divisor: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Pad spatial dims (symmetric, edge values) to at least ``minimum`` and to a multiple of ``divisor``."""
-    spatial = image.shape[2:]
-    pads: list[tuple[int, int]] = []
-    for size, least in zip(spatial, minimum):
-        target = max(size, least)
-        target = int(math.ceil(target / divisor) * divisor)
-        extra = target - size
-        pads.append((extra // 2, extra - extra // 2))
-    if any(p for pair in pads for p in pair):
-        flat = [p for pair in reversed(pads) for p in pair]
-        mode = "replicate" if image.dim() in (4, 5) else "constant"
-        image = F.pad(image, flat, mode=mode)
-    return image, pads
-
-
-def _crop(tensor: torch.Tensor, pads: list[tuple[int, int]]) -> torch.Tensor:
-    slices = [slice(None), slice(None)] + [slice(lo, tensor.shape[2 + d] - hi) for d, (lo, hi) in enumerate(pads)]
-    return tensor[tuple(slices)]
-
-
-@torch.inference_mode()
-def sliding_window_predict(
-    network: nn.Module,
-    image: torch.Tensor,
-    patch_size: Sequence[int],
-    *,
-    overlap: float = 0.5,
-    batch_size: int = 2,
-    gaussian: bool = True,
-    return_attention: bool = False,
-    device: torch.device | str | None = None,
-    amp: bool = True,
-    progress: ProgressCallback | None = None,
-    cancel: CancelToken | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Softmax probabilities of ``network`` over a whole image by overlapping windows.
-
-    Args:
-        network: a segmentation network (``forward(x, return_attention=...)``).
-        image: ``(1, C, *spatial)`` float tensor on any device.
-        patch_size: window size per spatial dim (made divisible by the network's ``required_divisor``).
-        overlap: fraction of a window shared with its neighbour (0 <= overlap < 1).
-        batch_size: windows per forward pass.
-        gaussian: Gaussian importance blending (else uniform averaging).
-        return_attention: also blend the networks' attention maps, upsampled to the window.
-        device: where the network runs (default: the network's device).
-        amp: float16 autocast on CUDA.
-        progress: ``callback(done_windows, total_windows)``.
-        cancel: object with ``is_set()``; when set, :class:`Cancelled` is raised between batches.
-
-    Returns:
-        ``(1, out_channels, *spatial)`` float32 CPU probabilities, and with ``return_attention`` a dict
-        ``{name: (1, 1, *spatial)}`` of blended attention maps.
-    """
-    if image.dim() < 3 or image.shape[0] != 1:
-        raise ValueError(f"expected an image tensor (1, C, *spatial), got shape {tuple(image.shape)}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    spatial_dims = image.dim() - 2
-    if len(patch_size) != spatial_dims:
-        raise ValueError(f"patch_size {tuple(patch_size)} does not match a {spatial_dims}D image")
-    divisor = int(getattr(network, "required_divisor", 1))
-    patch = [int(math.ceil(p / divisor) * divisor) for p in patch_size]
-    run_device = torch.device(device) if device is not None else next(network.parameters()).device
-
-    padded, pads = _pad_to(image.float().cpu(), patch, divisor)
-    spatial = padded.shape[2:]
-    patch = [min(p, s) for p, s in zip(patch, spatial)]
-    starts = list(itertools.product(*(window_starts(s, p, overlap) for s, p in zip(spatial, patch))))
-    weight = gaussian_importance(patch) if gaussian else torch.ones(patch)
-
-    out_channels = int(getattr(network, "out_channels", 0)) or None
-    probs: torch.Tensor | None = None
-    if out_channels:
-        probs = torch.zeros((out_channels, *spatial), dtype=torch.float32)
-    norm = torch.zeros(tuple(spatial), dtype=torch.float32)
-    maps: dict[str, torch.Tensor] = {}
-
-    was_training = network.training
-    network.eval()
-    try:
-        for first in range(0, len(starts), batch_size):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("inference cancelled")
-            chunk = starts[first : first + batch_size]
-            regions = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in chunk]
-            batch = torch.cat([padded[(slice(None), slice(None), *r)] for r in regions]).to(run_device)
-            with autocast_for(run_device, amp):
-                output = network(batch, return_attention=return_attention)
-            logits, attention = output if return_attention else (output, {})
-            batch_probs = torch.softmax(logits.float(), dim=1).cpu()
-            if probs is None:
-                probs = torch.zeros((batch_probs.shape[1], *spatial), dtype=torch.float32)
-            upsampled = {
-                name: F.interpolate(a.float(), size=tuple(patch), mode="bilinear" if spatial_dims == 2 else "trilinear",
-                                    align_corners=False).cpu()
-                for name, a in attention.items()
-            }
-            for index, region in enumerate(regions):
-                probs[(slice(None), *region)] += batch_probs[index] * weight
-                norm[region] += weight
-                for name, amap in upsampled.items():
-                    if name not in maps:
-                        maps[name] = torch.zeros(tuple(spatial), dtype=torch.float32)
-                    maps[name][region] += amap[index, 0] * weight
-            if progress is not None:
-                progress(min(first + batch_size, len(starts)), len(starts))
-    finally:
-        network.train(was_training)
-
-    assert probs is not None
-    probs = _crop((probs / norm)[None], pads)
-    if not return_attention:
-        return probs
-    blended = {name: _crop((m / norm)[None, None], pads) for name, m in maps.items()}
-    return probs, blended
+from .progress import Cancelled as Cancelled
+from .progress import CancelToken, ProgressCallback
+from .sliding_window import gaussian_importance as gaussian_importance
+from .sliding_window import sliding_window_predict
+from .sliding_window import window_starts as window_starts
 
 
 @dataclass
@@ -218,7 +43,8 @@ class Prediction:
 
 
 def normalised_entropy(probs: np.ndarray) -> np.ndarray:
-    """Voxel-wise entropy of class probabilities ``(C, *spatial)`` divided by log(C): 0 = sure, 1 = undecided."""
+    """Voxel-wise entropy of class probabilities ``(C, *spatial)`` divided by
+    log(C): 0 = sure, 1 = undecided."""
     channels = probs.shape[0]
     p = np.clip(probs, 1e-8, 1.0)
     entropy = -(p * np.log(p)).sum(axis=0)
@@ -257,18 +83,19 @@ def predict_volume(
         model: a loaded checkpoint (network + preprocessing).
         volume: the image (2D or 3D). A 3D volume with a 2D model is segmented slice by slice along ``k``.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``mps``.
-        roi_center_ijk: when given, only a box around this voxel ``(i, j, k)`` is inferred (click-ROI inference);
-            the rest is background.
+        roi_center_ijk: when given, only a box around this voxel ``(i, j, k)`` is inferred (click-ROI
+            inference); the rest is background.
         roi_size: the box in the model grid, array order; default: the model's patch size.
         return_attention: also return the attention maps (each a float32 Volume in the input geometry).
         return_probabilities: also return the class probabilities (a ``(C, *spatial)`` array in a Volume).
-        extra_channels: ``(E, *spatial)`` float array in the input grid appended to the normalised image as extra
-            input channels (click maps of click-conditioned networks).
+        extra_channels: ``(E, *spatial)`` float array in the input grid appended to the normalised image as
+            extra input channels (click maps of click-conditioned networks).
         progress, cancel: see :func:`sliding_window_predict`.
     """
     spatial_dims = model.spatial_dims
     if volume.ndim == 2 and spatial_dims == 3:
-        raise ValueError(f"a 2D image (shape {volume.shape}) cannot be segmented by a 3D model ({model.network_name})")
+        raise ValueError(f"a 2D image (shape {volume.shape}) cannot be segmented by a 3D model "
+                         f"({model.network_name})")
     check_finite(volume.array, "predict_volume: the image")  # one NaN would empty the whole segmentation
     run_device = resolve_device(device)
     network = model.network.to(run_device)
@@ -280,7 +107,8 @@ def predict_volume(
         extra_volumes = [preprocessor.resample_channel(volume.with_array(c), context, interpolator="linear")
                          for c in extra]
         channels.extend(e[None] for e in extra_volumes)
-    image = (np.concatenate(channels, axis=0) if len(channels) > 1 else channels[0]).astype(np.float32, copy=False)
+    image = (np.concatenate(channels, axis=0) if len(channels) > 1
+             else channels[0]).astype(np.float32, copy=False)
     if image.shape[0] != model.in_channels:
         raise ValueError(
             f"model '{model.network_name}' expects {model.in_channels} input channel(s), the image gives "
@@ -292,7 +120,8 @@ def predict_volume(
     region: tuple[slice, ...] = tuple(slice(0, s) for s in full_shape)
     if roi_center_ijk is not None:
         center_model = preprocessor.point_to_model_index(context, roi_center_ijk)
-        size = list(roi_size) if roi_size is not None else ([1] if volume.ndim == 3 and spatial_dims == 2 else []) + patch
+        size = (list(roi_size) if roi_size is not None
+                else ([1] if volume.ndim == 3 and spatial_dims == 2 else []) + patch)
         size = size[-len(full_shape):] if len(size) >= len(full_shape) else [full_shape[0]] + list(size)
         region = roi_slices(full_shape, center_model, size)
     crop = image[(slice(None), *region)]
@@ -322,8 +151,8 @@ def predict_volume(
         probs_t = probs_t[0]
         maps_t = {name: m[0, 0] for name, m in maps_full.items()}
 
-    labels, uncertainty, probabilities = back_to_image(probs_t.numpy(), region, full_shape, preprocessor, context,
-                                                        keep_probabilities=return_probabilities)
+    labels, uncertainty, probabilities = back_to_image(probs_t.numpy(), region, full_shape, preprocessor,
+                                                       context, keep_probabilities=return_probabilities)
     prediction = Prediction(labels=volume.with_array(labels), uncertainty=volume.with_array(uncertainty))
     if probabilities is not None:
         prediction.probabilities = volume.with_array(probabilities)
@@ -359,10 +188,11 @@ def back_to_image(probs: np.ndarray, region: tuple[slice, ...], full_shape: Sequ
         if whole:
             channel_model = probs[c]
         else:
-            channel_model = np.full(full_shape, 1.0 if c == 0 else 0.0, dtype=np.float32)  # outside: background
+            # outside: background
+            channel_model = np.full(full_shape, 1.0 if c == 0 else 0.0, dtype=np.float32)
             channel_model[region] = probs[c]
-        channel = preprocessor.inverse(channel_model, context, interpolator="linear").array.astype(np.float32,
-                                                                                                   copy=False)
+        channel = preprocessor.inverse(channel_model, context,
+                                       interpolator="linear").array.astype(np.float32, copy=False)
         if best is None:
             best, labels = channel.copy(), np.zeros(channel.shape, dtype=np.uint8)
             entropy = np.zeros(channel.shape, dtype=np.float32)

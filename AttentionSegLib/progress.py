@@ -1,10 +1,24 @@
-"""Progress reporting for long work: a tqdm bar when tqdm is installed, plain periodic lines otherwise."""
+"""Progress and cancellation for long work: the callback and cancel-token types, :class:`Cancelled`, and a
+progress bar (tqdm when installed, plain periodic lines otherwise)."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any, TextIO
+from collections.abc import Callable
+from typing import Any, Protocol, TextIO
+
+#: ``progress(done, total)``: called after each unit of work (windows, slices) of a long computation.
+ProgressCallback = Callable[[int, int], None]
+
+
+class CancelToken(Protocol):
+    def is_set(self) -> bool: ...
+
+
+class Cancelled(RuntimeError):
+    """Raised when a long computation is cancelled through its cancel token."""
+
 
 
 class ProgressBar:
@@ -76,3 +90,23 @@ class ProgressBar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def progress_printer(label: str, enabled: bool) -> ProgressCallback | None:
+    """A :data:`ProgressCallback` that draws a :class:`ProgressBar` per run of work (None when disabled)."""
+    if not enabled:
+        return None
+    state: dict[str, Any] = {}
+
+    def report(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None or bar.total != total:
+            if bar is not None:
+                bar.close()
+            bar = state["bar"] = ProgressBar(total, label)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            state.pop("bar", None)
+
+    return report

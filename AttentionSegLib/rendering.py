@@ -30,7 +30,8 @@ def write_png(rgb: np.ndarray, path: str | os.PathLike) -> Path:
     raw = b"".join(b"\x00" + rgb[row].tobytes() for row in range(height))
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
@@ -62,8 +63,10 @@ def label_outline(labels: np.ndarray) -> np.ndarray:
     return edge & (labels > 0)
 
 
-def overlay_panels(image2d: np.ndarray, labels2d: np.ndarray, attention2d: Mapping[str, np.ndarray] | None = None,
-                   *, window: tuple[float, float] | None = None, alpha: float = 0.45, scale: int = 2) -> np.ndarray:
+def overlay_panels(image2d: np.ndarray, labels2d: np.ndarray,
+                   attention2d: Mapping[str, np.ndarray] | None = None,
+                   *, window: tuple[float, float] | None = None, alpha: float = 0.45,
+                   scale: int = 2) -> np.ndarray:
     """Side by side: the slice with filled/outlined labels, then one panel per attention map over the slice.
 
     The slice is shown as stored: for an image with the identity direction (LPS: i runs to the patient's left,

@@ -17,7 +17,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"real data not available: {path} is absent (expected ../shared/data beside the repository)")
+        pytest.skip(f"real data not available: {path} is absent (expected ../shared/data beside the "
+                    "repository)")
     return path
 
 

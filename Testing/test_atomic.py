@@ -1,4 +1,4 @@
-"""AttentionSegLib.atomic: outputs appear whole or not at all, with the permissions of an ordinary new file."""
+"""AttentionSegLib.atomic: outputs appear whole or not at all, with the permissions of any new file."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from AttentionSegLib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from AttentionSegLib.networks import build_network

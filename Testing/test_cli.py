@@ -20,9 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    net = build_network("attention_unet", spatial_dims=3, in_channels=1, out_channels=2, filters=[4, 8, 16, 32, 64])
+    net = build_network("attention_unet", spatial_dims=3, in_channels=1, out_channels=2,
+                        filters=[4, 8, 16, 32, 64])
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    return save_checkpoint(path, net, preprocessing={"normalization": {"kind": "ct_window", "window": [-200, 300]},
+    return save_checkpoint(path, net,
+                           preprocessing={"normalization": {"kind": "ct_window", "window": [-200, 300]},
                                                      "spacing": None, "patch_size": [16, 32, 32]},
                            labels={1: "organ"})
 
@@ -60,7 +62,8 @@ def test_points_keep_only_the_components_at_the_points(image, checkpoint, tmp_pa
     if not labels.any():
         pytest.skip("the untrained network predicted no foreground for this seed")
     k, j, i = np.argwhere(labels > 0)[0]
-    assert _run("segment", image, "-o", clicked, "--model", checkpoint, "--point-ijk", f"{i},{j},{k}", "-q") == 0
+    assert _run("segment", image, "-o", clicked, "--model", checkpoint, "--point-ijk", f"{i},{j},{k}",
+                "-q") == 0
     kept = read_image(clicked).array
     assert kept[k, j, i] > 0
     assert (kept > 0).sum() <= (labels > 0).sum()
@@ -123,7 +126,8 @@ def test_ras_points_are_converted_through_the_image_geometry(image, checkpoint, 
     volume = read_image(image)
     ras = volume.ijk_to_ras(np.array([3.0, 4.0, 5.0]))
     out = tmp_path / "seg.nii.gz"
-    # "--point-ras=..." because RAS coordinates are often negative (argparse would take "-12,..." for an option).
+    # "--point-ras=..." because RAS coordinates are often negative (argparse would
+    # take "-12,..." for an option).
     assert _run("segment", image, "-o", out, "--model", checkpoint,
                 "--point-ras=" + ",".join(f"{v:.4f}" for v in ras), "-q") == 0
 
@@ -131,12 +135,13 @@ def test_ras_points_are_converted_through_the_image_geometry(image, checkpoint, 
 def test_console_command_runs_as_a_real_process(image, checkpoint, tmp_path):
     out = tmp_path / "seg.mha"
     proc = subprocess.run([sys.executable, "-m", "AttentionSegLib", "segment", str(image), "-o", str(out),
-                           "--model", str(checkpoint), "-q"], capture_output=True, text=True, cwd=REPO, timeout=300)
+                           "--model", str(checkpoint), "-q"], capture_output=True, text=True, cwd=REPO,
+                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert read_image(out).same_geometry(read_image(image))
-    bad = subprocess.run([sys.executable, "-m", "AttentionSegLib", "segment", str(tmp_path / "nope.nii"), "-o",
-                          str(tmp_path / "x.nii.gz"), "--model", str(checkpoint)], capture_output=True, text=True,
-                         cwd=REPO, timeout=300)
+    bad = subprocess.run([sys.executable, "-m", "AttentionSegLib", "segment", str(tmp_path / "nope.nii"),
+                          "-o", str(tmp_path / "x.nii.gz"), "--model", str(checkpoint)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode == 2 and "nope.nii" in bad.stderr
 
 

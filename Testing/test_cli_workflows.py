@@ -44,15 +44,16 @@ def test_phantom_writes_images_labels_and_scribbles(data):
 
 def _train(data: Path, out: Path, *extra: str) -> Path:
     code = _run("train", "--data", data, "-o", out, "--network-config", TINY, "--iterations", "2",
-                "--batch-size", "1", "--validate-every", "2", "--validation", "case_003", "--device", "cpu", "-q",
-                "--normalization", '{"kind": "ct_window", "window": [-200, 300]}', *extra)
+                "--batch-size", "1", "--validate-every", "2", "--validation", "case_003", "--device", "cpu",
+                "-q", "--normalization", '{"kind": "ct_window", "window": [-200, 300]}', *extra)
     assert code == 0
     return out / "model_last.pt"
 
 
 @pytest.mark.parametrize("regime, extra", [
     ("supervised", ["--spatial-dims", "3", "--patch-size", "16,32,32"]),
-    ("scribble", ["--spatial-dims", "3", "--patch-size", "16,32,32", "--regime-options", '{"losses": "pce"}']),
+    ("scribble",
+     ["--spatial-dims", "3", "--patch-size", "16,32,32", "--regime-options", '{"losses": "pce"}']),
     ("scribble", ["--spatial-dims", "2", "--patch-size", "32,32",
                   "--regime-options", '{"losses": "attenscribble", "crf_radius": 2}']),
     ("semi", ["--spatial-dims", "2", "--patch-size", "32,32", "--labelled", "case_000",
@@ -113,7 +114,8 @@ def test_every_regime_trains_from_the_command_line_on_real_acdc(acdc_subset, tmp
 def test_evaluate_reports_dice_and_hd95_per_label(data, tmp_path):
     checkpoint = _train(data, tmp_path / "run", "--spatial-dims", "3", "--patch-size", "16,32,32")
     report_path = tmp_path / "report.json"
-    assert _run("evaluate", data, "--model", checkpoint, "--cases", "case_00[23]", "-o", report_path, "-q") == 0
+    assert _run("evaluate", data, "--model", checkpoint, "--cases", "case_00[23]", "-o", report_path,
+                "-q") == 0
     report = json.loads(report_path.read_text())
     assert [c["case"] for c in report["cases"]] == ["case_002", "case_003"]
     assert {"dice_pancreas", "hd95_pancreas", "dice_mean", "hd95_mean"} <= set(report["summary"])
@@ -129,7 +131,7 @@ def test_evaluate_refuses_a_model_and_predictions_together(data, capsys):
     assert "exactly one" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------------------------------ refine
+# ----------------------------------------------------------------------------------------------------- refine
 
 
 @pytest.fixture()
@@ -146,8 +148,8 @@ def round0(data, tmp_path):
 def test_refine_rounds_chain_from_the_shell(round0, tmp_path):
     image, scribbles, truth = round0
     seg1, adapted = tmp_path / "seg1.nii.gz", tmp_path / "adapted.pt"
-    assert _run("refine", image, "--scribbles", scribbles, "-o", seg1, "--time-budget", "2", "--strategy", "finetune",
-                "--save-model", adapted, "--device", "cpu", "-q") == 0
+    assert _run("refine", image, "--scribbles", scribbles, "-o", seg1, "--time-budget", "2", "--strategy",
+                "finetune", "--save-model", adapted, "--device", "cpu", "-q") == 0
     first = read_image(seg1)
     assert first.same_geometry(read_image(image))
     strokes = read_image(scribbles).array
@@ -195,12 +197,13 @@ def test_refine_bad_inputs_fail_cleanly(round0, tmp_path, capsys):
 
     other_grid = write_image(Volume(volume.array[:, :-1], volume.spacing, volume.origin, volume.direction),
                              tmp_path / "other_grid.nii.gz")
-    _refuses(capsys, "refine", image, "--scribbles", other_grid, "-o", out, output=out, naming="other_grid.nii.gz",
-             says="another grid")
+    _refuses(capsys, "refine", image, "--scribbles", other_grid, "-o", out, output=out,
+             naming="other_grid.nii.gz", says="another grid")
     empty = write_image(volume.with_array(np.full(volume.shape, 255, np.uint8)), tmp_path / "empty.nii.gz")
     _refuses(capsys, "refine", image, "--scribbles", empty, "-o", out, output=out, naming="empty.nii.gz",
              says="no scribbles")
-    net = build_network("attention_unet", spatial_dims=3, in_channels=1, out_channels=2, filters=[4, 8, 16, 32, 64])
+    net = build_network("attention_unet", spatial_dims=3, in_channels=1, out_channels=2,
+                        filters=[4, 8, 16, 32, 64])
     binary = save_checkpoint(tmp_path / "binary.pt", net, labels={1: "liver"}, preprocessing={
         "normalization": {"kind": "zscore"}, "spacing": None, "patch_size": [16, 32, 32]})
     many = volume.array.copy()
@@ -208,16 +211,17 @@ def test_refine_bad_inputs_fail_cleanly(round0, tmp_path, capsys):
     unknown = write_image(volume.with_array(many), tmp_path / "unknown_label.nii.gz")
     _refuses(capsys, "refine", image, "--scribbles", unknown, "--model", binary, "-o", out, output=out,
              naming="unknown_label.nii.gz", says="5")
-    _refuses(capsys, "refine", image, "--scribbles", scribbles, "-o", scribbles, output=tmp_path / "none.nii.gz",
-             naming="round0.nii.gz", says="overwrite")
+    _refuses(capsys, "refine", image, "--scribbles", scribbles, "-o", scribbles,
+             output=tmp_path / "none.nii.gz", naming="round0.nii.gz", says="overwrite")
 
 
-# ------------------------------------------------------------------------------------------------------ models
+# ----------------------------------------------------------------------------------------------------- models
 
 
 def test_models_import_list_and_info(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ATTENTIONSEG_HOME", str(tmp_path / "home"))
-    net = build_network("attention_unet", spatial_dims=3, in_channels=1, out_channels=2, filters=[4, 8, 16, 32, 64])
+    net = build_network("attention_unet", spatial_dims=3, in_channels=1, out_channels=2,
+                        filters=[4, 8, 16, 32, 64])
     checkpoint = save_checkpoint(tmp_path / "mine.pt", net, labels={1: "tumour"}, preprocessing={
         "normalization": {"kind": "zscore"}, "spacing": None, "patch_size": [16, 32, 32]})
     assert _run("models", "import", "my_model", checkpoint, "--description", "a test model") == 0
@@ -234,7 +238,7 @@ def test_models_import_list_and_info(tmp_path, monkeypatch, capsys):
     assert "broken" not in available_models()
 
 
-# -------------------------------------------------------------------------------------------------------- demo
+# ------------------------------------------------------------------------------------------------------- demo
 
 
 def test_demo_segments_the_phantom_with_the_bundled_model(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Click maps: the disks a click-conditioned network sees, drawn the same way for training and for the session."""
+"""Click maps: the disks a click-conditioned network sees, drawn alike for training and for the session."""
 
 from __future__ import annotations
 
@@ -40,5 +40,6 @@ def test_simulated_positive_clicks_lie_on_the_foreground_and_negative_ones_on_ba
 
 
 def test_a_patch_without_foreground_gets_no_clicks():
-    maps = simulate_click_maps(np.zeros((8, 8, 8), np.uint8), torch.Generator().manual_seed(0), p_no_clicks=0.0)
+    maps = simulate_click_maps(np.zeros((8, 8, 8), np.uint8), torch.Generator().manual_seed(0),
+                               p_no_clicks=0.0)
     assert maps.shape == (2, 8, 8, 8) and maps.sum() == 0

@@ -21,7 +21,8 @@ from AttentionSegLib.image import Volume, write_image
 
 
 def _case(shape=(4, 40, 40)) -> Case:
-    """A big structure (label 1, a quarter of each slice) and a tiny one (label 2, 2x2 voxels on one slice)."""
+    """A big structure (label 1, a quarter of each slice) and a tiny one (label
+    2, 2x2 voxels on one slice)."""
     label = np.zeros(shape, np.uint8)
     k, j, i = shape
     label[:, : j // 2, : i // 2] = 1
@@ -74,7 +75,8 @@ def _folder(root: Path, labels: dict, names=("a", "b", "c"), with_labels=True) -
                         (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
         write_image(volume, root / "imagesTr" / f"{name}_0000.nii.gz")
         if with_labels:
-            write_image(volume.with_array(np.zeros((2, 4, 4), np.uint8)), root / "labelsTr" / f"{name}.nii.gz")
+            write_image(volume.with_array(np.zeros((2, 4, 4), np.uint8)),
+                        root / "labelsTr" / f"{name}.nii.gz")
     (root / "dataset.json").write_text(json.dumps({"labels": labels}))
     return root
 
@@ -121,7 +123,8 @@ def test_validation_split_by_names_fraction_and_count():
 
 @pytest.mark.parametrize("mirror_axes, may_flip", [(None, True), ((), False), ((0,), False)])
 def test_mirroring_only_along_the_allowed_axes(mirror_axes, may_flip):
-    """A label that names a side (on the left half of the image) stays there unless axis 1 (i) may be mirrored."""
+    """A label that names a side (on the left half of the image) stays there unless
+    axis 1 (i) may be mirrored."""
     label = np.zeros((8, 8), np.uint8)
     label[:, :4] = 1
     case = Case("side", np.zeros((8, 8), np.float32), label, None, (1.0, 1.0))

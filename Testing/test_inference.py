@@ -85,15 +85,16 @@ def test_resolve_device():
 def _volume(shape=(12, 40, 36)):
     rng = np.random.default_rng(0)
     direction = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-    return Volume(rng.normal(size=shape).astype(np.float32), spacing=(0.8, 0.9, 2.5), origin=(10.0, -5.0, 3.0),
-                  direction=direction)
+    return Volume(rng.normal(size=shape).astype(np.float32), spacing=(0.8, 0.9, 2.5),
+                  origin=(10.0, -5.0, 3.0), direction=direction)
 
 
 def _model(dims=3, **kw):
     config = {"spatial_dims": dims, "in_channels": 1, "out_channels": 2, "filters": [4, 8, 16, 32, 64], **kw}
     patch = [16, 32, 32] if dims == 3 else [32, 32]
     return model_from_config("attention_unet", config,
-                             preprocessing={"normalization": {"kind": "zscore"}, "spacing": None, "patch_size": patch})
+                             preprocessing={"normalization": {"kind": "zscore"}, "spacing": None,
+                                            "patch_size": patch})
 
 
 def test_prediction_has_the_input_geometry_and_attention_maps():
@@ -116,7 +117,8 @@ def test_two_d_model_on_a_volume_runs_slice_by_slice():
 
 
 def test_three_d_model_refuses_a_two_d_image():
-    image = Volume(np.zeros((32, 32), np.float32), spacing=(1.0, 1.0), origin=(0.0, 0.0), direction=(1.0, 0, 0, 1.0))
+    image = Volume(np.zeros((32, 32), np.float32), spacing=(1.0, 1.0), origin=(0.0, 0.0),
+                   direction=(1.0, 0, 0, 1.0))
     with pytest.raises(ValueError, match="2D image"):
         predict_volume(_model(3), image, device="cpu")
 
@@ -133,7 +135,8 @@ def test_roi_inference_only_touches_the_box_around_the_point():
 @pytest.mark.parametrize("spacing", [None, [1.6, 1.8, 5.0]], ids=["own_grid", "resampled"])
 @pytest.mark.parametrize("roi", [False, True], ids=["whole", "roi"])
 def test_labels_and_uncertainty_agree_with_the_probabilities(spacing, roi):
-    """The class-by-class fold of the model's output back to the image grid equals the plain argmax/entropy."""
+    """The class-by-class fold of the model's output back to the image grid
+    equals the plain argmax/entropy."""
     from AttentionSegLib.inference import normalised_entropy
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The interactive session: clicks, scribbles, refine by fine-tuning, undo/redo of masks and weights, locks."""
+"""Interactive session: clicks, scribbles, refine by fine-tuning, undo/redo of masks and weights, locks."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from AttentionSegLib.interactive.unet import mirror_axes
 from AttentionSegLib.metrics import dice
 
 NET_2D = {"name": "attention_unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 3,
-          "filters": [8, 16, 32, 64, 128], "preprocessing": {"normalization": {"kind": "zscore"}, "spacing": None,
+          "filters": [8, 16, 32, 64, 128],
+          "preprocessing": {"normalization": {"kind": "zscore"}, "spacing": None,
                                                              "patch_size": [64, 64]}}
 
 
@@ -29,7 +30,8 @@ def _disk_image(shape=(3, 64, 64), radius=12, seed=0):
     square = (yy >= 40) & (yy < 56) & (xx >= 40) & (xx < 56)
     truth2d = np.where(disk, 1, np.where(square, 2, 0)).astype(np.uint8)
     image2d = np.where(disk, 1.0, np.where(square, 0.5, 0.0))
-    image = np.stack([image2d + rng.normal(0, 0.1, image2d.shape) for _ in range(shape[0])]).astype(np.float32)
+    image = np.stack([image2d + rng.normal(0, 0.1,
+                                           image2d.shape) for _ in range(shape[0])]).astype(np.float32)
     truth = np.stack([truth2d] * shape[0])
     volume = Volume(image, spacing=(1.0, 1.0, 5.0), origin=(0.0, 0.0, 0.0),
                     direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
@@ -194,7 +196,8 @@ def test_a_click_conditioned_network_gets_the_clicks_as_input_channels():
     config = {**NET_2D, "in_channels": 3}  # image + positive + negative click maps (DeepGrow-style)
     session = InteractiveSession(volume, config, device="cpu", settings=RefineSettings(click_budget_s=0))
     seen = []
-    session.model.network.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach().clone()))
+    session.model.network.register_forward_hook(lambda _m, inputs,
+                                                _o: seen.append(inputs[0].detach().clone()))
     session.click((22, 24, 1), label=1, positive=True)
     session.mask[1, 8:14, 46:54] = 1  # a false positive for the negative click to correct
     seen.clear()

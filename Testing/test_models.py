@@ -21,9 +21,10 @@ PREPROCESSING = {"normalization": {"kind": "zscore"}, "spacing": None, "patch_si
 
 @pytest.fixture()
 def checkpoint(tmp_path):
-    net = build_network("attention_unet", spatial_dims=3, in_channels=1, out_channels=2, filters=[4, 8, 16, 32, 64])
-    return save_checkpoint(tmp_path / "run" / "model.pt", net, preprocessing=PREPROCESSING, labels={1: "organ"},
-                           provenance={"command": "attentionseg train ..."})
+    net = build_network("attention_unet", spatial_dims=3, in_channels=1, out_channels=2,
+                        filters=[4, 8, 16, 32, 64])
+    return save_checkpoint(tmp_path / "run" / "model.pt", net, preprocessing=PREPROCESSING,
+                           labels={1: "organ"}, provenance={"command": "attentionseg train ..."})
 
 
 def test_registering_adds_provenance_to_the_copy_and_leaves_the_original_alone(checkpoint, tmp_path):
@@ -53,7 +54,8 @@ def test_a_named_model_whose_file_changed_is_refused(checkpoint, tmp_path, monke
 
 
 @pytest.mark.parametrize("name, labels, dims", [
-    ("demo_abdomen_ct", {"liver", "spleen", "kidney_left", "kidney_right", "aorta", "vertebrae", "pancreas"}, 3),
+    ("demo_abdomen_ct", {"liver", "spleen", "kidney_left", "kidney_right", "aorta", "vertebrae", "pancreas"},
+     3),
     ("acdc_cardiac_scribble", {"right_ventricle", "myocardium", "left_ventricle"}, 2),
 ])
 def test_the_bundled_models_load_verified_and_say_how_they_were_made(name, labels, dims):
@@ -66,7 +68,8 @@ def test_the_bundled_models_load_verified_and_say_how_they_were_made(name, label
 
 def test_the_demo_model_keeps_left_and_right_on_an_image_stored_mirrored():
     """A NIfTI written from RAS stores the patient's left kidney where an LPS series stores the right one. The
-    model sees both in its canonical order, so each kidney keeps its name (and the liver is not the spleen)."""
+    model sees both in its canonical order, so each kidney keeps its name (and
+    the liver is not the spleen)."""
     import numpy as np
 
     from AttentionSegLib.image import Volume

@@ -246,7 +246,8 @@ SAGITTAL = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)    # i posterior, j i
 def stored_as(volume: Volume, direction: tuple[float, ...]) -> Volume:
     """The same physical image stored in another array order (direction a signed permutation)."""
     matrix = np.asarray(direction).reshape(3, 3)
-    # New index axis a runs along world axis w(a) with sign s(a): it is old (identity) axis w(a), maybe reversed.
+    # New index axis a runs along world axis w(a) with sign s(a): it is old
+    # (identity) axis w(a), maybe reversed.
     world = [int(np.argmax(np.abs(matrix[:, a]))) for a in range(3)]
     sign = [float(matrix[world[a], a]) for a in range(3)]
     array = volume.array  # (k, j, i) of the identity storage: array axis 2 - w holds world axis w
@@ -267,7 +268,8 @@ def test_canonical_axes_of_identity_mirrored_and_permuted_storages():
     assert canonical_axes(np.asarray(RAS_STORED).reshape(3, 3)) == ((0, 1, 2), (True, True, False))
     axes, flips = canonical_axes(np.asarray(SAGITTAL).reshape(3, 3))
     assert axes == (2, 0, 1) and flips == (True, False, True)
-    assert canonical_axes(np.asarray(OBLIQUE).reshape(3, 3)) is None, "23 degrees off: still closest to identity"
+    assert canonical_axes(np.asarray(OBLIQUE).reshape(3,
+                                                      3)) is None, "23 degrees off: still closest to identity"
 
 
 @pytest.mark.parametrize("direction", [RAS_STORED, SAGITTAL], ids=["ras-stored", "sagittal"])
@@ -300,7 +302,8 @@ def test_mirrored_storages_give_the_network_the_same_array_and_the_outputs_their
         np.testing.assert_array_equal(reorient(back).array, expected.array)
         # Points, image maps and channel maps take the same way.
         centre = (np.asarray(stored.size) - 1) / 2
-        np.testing.assert_allclose(pre.model_index_to_point(context, pre.point_to_model_index(context, centre)),
+        np.testing.assert_allclose(pre.model_index_to_point(context,
+                                                            pre.point_to_model_index(context, centre)),
                                    centre, atol=1e-9)
         np.testing.assert_array_equal(
             pre.resample_channel(stored.with_array((stored.array > 0).astype(np.uint8)), context, "nearest"),

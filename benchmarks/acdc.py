@@ -1,4 +1,4 @@
-"""Benchmark 3, learning from less (ACDC): full, scribble and semi supervision, with the same budget in one run.
+"""Benchmark 3, learning from less (ACDC): full, scribble and semi supervision, same budget, in one run.
 
 Trains five methods through the engine's public training API (:func:`AttentionSegLib.training.train`), each in
 its own folder under a work directory, and evaluates each on the validation patients with
@@ -32,7 +32,8 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # run from a checkout (``cd benchmarks; python acdc.py``) without installing
+    # run from a checkout (``cd benchmarks; python acdc.py``) without installing
+    sys.path.insert(0, str(REPO_ROOT))
 
 from AttentionSegLib.training.loop import TrainingDiverged  # noqa: E402
 from benchmarks.common import machine_info, markdown_table, write_results  # noqa: E402
@@ -129,8 +130,8 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    # Sized from measured step times on 2 CPU cores (500 iterations took 1.8, 1.7, 2.7, 2.0 and 5.3 minutes for
-    # the five methods in the order of METHODS, evaluation 10-55 s each; see benchmarks/README.md): 1800
+    # Sized from measured step times on 2 CPU cores (500 iterations took 1.8, 1.7, 2.7, 2.0 and 5.3 minutes
+    # for the five methods in the order of METHODS, evaluation 10-55 s each; see benchmarks/README.md): 1800
     # iterations are about 49 minutes of training and 2 of evaluation, inside the 60 minutes.
     "quick": Profile(
         description="trends on 2 CPU cores in <= 60 minutes: small 2D attention U-Net on slices resampled to "
@@ -164,17 +165,19 @@ PROFILES: dict[str, Profile] = {
         regime_options={"semi": {"threshold": 0.95}},
         evaluation_limit=None,
         references=(
-            "WSL4MIS (HiLab-git/WSL4MIS, code/train_wss.sh): every ACDC scribble and fully supervised baseline "
-            "with --max_iterations 60000 --batch_size 12, 256 x 256 patches; SGD momentum 0.9, weight decay "
-            "1e-4, lr * (1 - it / max) ** 0.9",
-            "Luo et al., Scribble-supervised medical image segmentation via dual-branch network and dynamically "
-            "mixed pseudo labels supervision (DMPLS), MICCAI 2022, arXiv 2203.02106: same protocol, lr 0.01",
-            "Tian et al., AttenScribble, arXiv 2312.06614: ACDC on the WSL4MIS protocol (256 x 256, batch 12, "
-            "60k iterations, SGD lr 0.01 poly)",
+            "WSL4MIS (HiLab-git/WSL4MIS, code/train_wss.sh): every ACDC scribble and fully supervised "
+            "baseline with --max_iterations 60000 --batch_size 12, 256 x 256 patches; SGD momentum 0.9, "
+            "weight decay 1e-4, lr * (1 - it / max) ** 0.9",
+            "Luo et al., Scribble-supervised medical image segmentation via dual-branch network and "
+            "dynamically mixed pseudo labels supervision (DMPLS), MICCAI 2022, arXiv 2203.02106: same "
+            "protocol, lr 0.01",
+            "Tian et al., AttenScribble, arXiv 2312.06614: ACDC on the WSL4MIS protocol (256 x 256, batch "
+            "12, 60k iterations, SGD lr 0.01 poly)",
             "UniMatch (LiheYoung/UniMatch, more-scenarios/medical/configs/acdc.yaml) and AIGCMatch "
             "(arXiv 2410.12419) on ACDC with 7 labelled cases: crop 256, batch 12 labelled + 12 unlabelled, "
             "SGD lr 0.01 momentum 0.9 weight decay 1e-4, poly 0.9, confidence threshold 0.95, 300 epochs "
-            "(~29k iterations); here the scribble budget of 60k is used for every method (same budget in one run)",
+            "(~29k iterations); here the scribble budget of 60k is used for every method (same budget in one "
+            "run)",
         ),
     ),
 }
@@ -208,9 +211,10 @@ def split_cases(cases: Sequence[str]) -> tuple[list[str], list[str]]:
     training = [c for c in cases if patient_of(c) in TRAINING_PATIENTS]
     validation = [c for c in cases if patient_of(c) in VALIDATION_PATIENTS]
     if not training or not validation:
-        raise ValueError(f"ACDC split needs patients {VALIDATION_PATIENTS.start:03d}-{VALIDATION_PATIENTS.stop - 1:03d}"
-                         f" (validation) and {TRAINING_PATIENTS.start:03d}-{TRAINING_PATIENTS.stop - 1:03d} "
-                         f"(training); found {len(validation)} and {len(training)} volumes")
+        raise ValueError(f"ACDC split needs patients "
+                         f"{VALIDATION_PATIENTS.start:03d}-{VALIDATION_PATIENTS.stop - 1:03d} (validation) "
+                         f"and {TRAINING_PATIENTS.start:03d}-{TRAINING_PATIENTS.stop - 1:03d} (training); "
+                         f"found {len(validation)} and {len(training)} volumes")
     return training, validation
 
 
@@ -238,7 +242,8 @@ def prepare_training_folder(data: Path, folder: Path, cases: Sequence[str], *, d
     """An MSD-style folder of the training cases only, as links to ``data`` (nothing is copied).
 
     Only training patients are in it, so the engine can neither train on nor select by validation volumes.
-    ``dense_labels=False`` leaves ``labelsTr/`` out (scribble methods cannot see dense labels, even by mistake).
+    ``dense_labels=False`` leaves ``labelsTr/`` out (scribble methods cannot see
+    dense labels, even by mistake).
     """
     subfolders = ["imagesTr", "scribblesTr"] + (["labelsTr"] if dense_labels else [])
     for sub in subfolders:
@@ -246,7 +251,8 @@ def prepare_training_folder(data: Path, folder: Path, cases: Sequence[str], *, d
         for case in cases:
             source = data / sub / f"{case}.nii.gz"
             if not source.is_file():
-                raise FileNotFoundError(f"{source}: missing (every ACDC case needs imagesTr, labelsTr, scribblesTr)")
+                raise FileNotFoundError(f"{source}: missing (every ACDC case needs imagesTr, labelsTr, "
+                                        "scribblesTr)")
             target = folder / sub / source.name
             if not target.exists():
                 _link_or_copy(source, target)
@@ -267,8 +273,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def train_config(method: str, profile: str, *, data: Path, output: Path, labelled_patients: Sequence[int],
-                 iterations: int | None = None, device: str = "auto", seed: int = 0, threads: int | None = None,
-                 resume: bool = False) -> Any:
+                 iterations: int | None = None, device: str = "auto", seed: int = 0,
+                 threads: int | None = None, resume: bool = False) -> Any:
     """The engine's :class:`~AttentionSegLib.training.TrainConfig` for one method under one profile."""
     from AttentionSegLib.training import TrainConfig
 
@@ -327,7 +333,8 @@ def _finite_mean(values: Sequence[float]) -> float | None:
 
 def method_records(method: str, report: Mapping[str, Any], labels: Mapping[int, str], *, profile: str,
                    setting: str) -> list[dict[str, Any]]:
-    """Benchmark records (``dice``/``hd95`` per label, ``dice_mean``, ``hd95_mean``) from an evaluation report.
+    """Benchmark records (``dice``/``hd95`` per label, ``dice_mean``,
+    ``hd95_mean``) from an evaluation report.
 
     ``report`` is what :func:`AttentionSegLib.evaluation.evaluate_folder` returns (``cases`` with
     ``dice_<label>`` and ``hd95_<label>`` per volume). HD95 is undefined (infinite) where a class is missing
@@ -392,17 +399,20 @@ class MethodResult:
 def train_and_evaluate(method: str, config: Any, *, data: Path, evaluated: Sequence[str],
                        labels: Mapping[int, str], profile: str, setting: str, device: str,
                        progress: bool) -> MethodResult:
-    """Train one method through the engine's public API, then evaluate its last checkpoint on ``evaluated``."""
+    """Train one method through the engine's public API, then evaluate its last
+    checkpoint on ``evaluated``."""
     from AttentionSegLib.evaluation import evaluate_folder
     from AttentionSegLib.training import train
 
-    print(f"[acdc] {method}: training {config.iterations} iterations ({config.regime}, {config.regime_options})",
+    print(f"[acdc] {method}: training {config.iterations} iterations ({config.regime}, "
+          f"{config.regime_options})",
           flush=True)
     started = time.perf_counter()
     result = train(config, progress=progress)
     train_seconds = time.perf_counter() - started
     if result.cancelled or result.iterations < config.iterations:
-        raise TrainingIncomplete(f"{method}: training stopped at iteration {result.iterations} of {config.iterations}")
+        raise TrainingIncomplete(f"{method}: training stopped at iteration {result.iterations} of "
+                                 f"{config.iterations}")
     print(f"[acdc] {method}: evaluating {len(evaluated)} validation volumes", flush=True)
     started = time.perf_counter()
     report = evaluate_folder(data, model=str(result.last_model), device=device, cases=list(evaluated),
@@ -410,7 +420,8 @@ def train_and_evaluate(method: str, config: Any, *, data: Path, evaluated: Seque
     eval_seconds = time.perf_counter() - started
     records = method_records(method, report, labels, profile=profile, setting=setting)
     dice_mean = next(r["value"] for r in records if r["metric"] == "dice_mean")
-    print(f"[acdc] {method}: dice_mean={dice_mean} (train {train_seconds / 60:.1f} min, eval {eval_seconds:.0f} s)",
+    print(f"[acdc] {method}: dice_mean={dice_mean} (train {train_seconds / 60:.1f} min, eval "
+          f"{eval_seconds:.0f} s)",
           flush=True)
     run = {"train_seconds": train_seconds, "eval_seconds": eval_seconds, "iterations": result.iterations,
            "checkpoint": str(result.last_model), "config": config.to_dict()}
@@ -434,19 +445,22 @@ def run_benchmark(args: argparse.Namespace) -> tuple[Path, Path]:
     iterations = args.iterations if args.iterations is not None else profile.iterations
     setting = (f"2D attention_unet filters={list(profile.network_config['filters'])} "
                f"patch={profile.patch_size[0]}x{profile.patch_size[1]} spacing={profile.spacing} "
-               f"batch={profile.batch_size} iterations={iterations} {profile.optimizer} lr={profile.learning_rate}")
+               f"batch={profile.batch_size} iterations={iterations} {profile.optimizer} "
+               f"lr={profile.learning_rate}")
 
     with tempfile.TemporaryDirectory(prefix="attentionseg-acdc-") as temporary:
         work = Path(args.work) if args.work else Path(temporary)
         dense = prepare_training_folder(data, work / "train_dense", training, dense_labels=True)
         folders = {"dense": dense, "semi": dense,
-                   "scribble": prepare_training_folder(data, work / "train_scribble", training, dense_labels=False)}
+                   "scribble": prepare_training_folder(data, work / "train_scribble", training,
+                                                       dense_labels=False)}
         results: dict[str, MethodResult] = {}
         failures: dict[str, str] = {}
         for method in args.methods:
             config = train_config(method, args.profile, data=folders[METHODS[method].labels],
                                   output=work / method, labelled_patients=labelled, iterations=iterations,
-                                  device=args.device, seed=args.seed, threads=args.threads, resume=args.resume)
+                                  device=args.device, seed=args.seed, threads=args.threads,
+                                  resume=args.resume)
             try:
                 results[method] = train_and_evaluate(method, config, data=data, evaluated=evaluated,
                                                      labels=labels, profile=args.profile, setting=setting,
@@ -490,17 +504,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="quick: <= 60 min on 2 CPU cores; paper: the papers' schedule for a GPU")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                         metavar="METHOD", help=f"subset of: {', '.join(METHODS)} (default: all)")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="results JSON (the markdown table goes beside it)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help="results JSON (the markdown table goes beside it)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N validation volumes")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N validation volumes")
     parser.add_argument("--iterations", type=int, default=None,
                         help="override the profile's iterations (smoke tests); recorded in the results")
     parser.add_argument("--work", default=None,
-                        help="folder for training folders and checkpoints (default: a temporary one, removed)")
+                        help="folder for training folders and checkpoints "
+                             "(default: a temporary one, removed)")
     parser.add_argument("--resume", action="store_true", help="continue runs found in --work")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="the acdc-scribble data folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:

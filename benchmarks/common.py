@@ -1,10 +1,10 @@
 """What every benchmark shares: the machine it ran on, a results writer, and a timing helper.
 
 Results follow ``docs/benchmarks.md`` (shared docs), "Conventions": one JSON file
-``{"benchmark", "commit", "machine", "records", ...}`` whose records are flat objects with at least ``method``,
-``dataset``, ``metric`` and ``value``, plus a short markdown table beside it (same name, ``.md``). Both are
-written atomically (a temporary file in the same folder, then ``os.replace``), so an interrupted run never leaves
-a half-written result behind.
+``{"benchmark", "commit", "machine", "records", ...}`` whose records are flat objects with at least
+``method``, ``dataset``, ``metric`` and ``value``, plus a short markdown table beside it (same name, ``.md``).
+Both are written atomically (a temporary file in the same folder, then ``os.replace``), so an interrupted run
+never leaves a half-written result behind.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
 
 
 def _json_safe(value: Any) -> Any:
-    """Non-finite floats become ``null`` (JSON has no NaN or infinity); numpy scalars become Python numbers."""
+    """Non-finite floats become ``null`` (JSON has no NaN or infinity); numpy
+    scalars become Python numbers."""
     if isinstance(value, Mapping):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

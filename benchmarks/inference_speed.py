@@ -5,9 +5,9 @@
     python benchmarks/inference_speed.py --shape 128,256,256 --repeats 3 --device cpu
 
 Measures, for our sliding window (``AttentionSegLib.inference.sliding_window_predict``) and MONAI's
-``sliding_window_inference`` with the same network, window, overlap, batch and Gaussian blending, in the same run:
-seconds (median of ``--repeats``), peak resident memory of a fresh process that only reads the CT (an int16
-MHA file written beforehand) and runs that method, and the
+``sliding_window_inference`` with the same network, window, overlap, batch and Gaussian blending, in the same
+run: seconds (median of ``--repeats``), peak resident memory of a fresh process that only reads the CT (an
+int16 MHA file written beforehand) and runs that method, and the
 achieved GFLOP/s (the network's FLOPs per window, counted by ``torch.utils.flop_counter``, times the windows,
 over the time) against this machine's measured conv3d rate. Ratios are against MONAI.
 """
@@ -31,17 +31,17 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from common import machine_info, markdown_table, write_results  # noqa: E402
 
-# The paper's 3D Attention U-Net (Oktay et al. 2018: filters 16-256, 6.4 M parameters) with the demo model's eight
-# outputs (background + seven abdominal labels), so that the accumulators are as large as a user's are.
+# The paper's 3D Attention U-Net (Oktay et al. 2018: filters 16-256, 6.4 M parameters) with the demo model's
+# eight outputs (background + seven abdominal labels), so that the accumulators are as large as a user's are.
 NETWORK = {"spatial_dims": 3, "in_channels": 1, "out_channels": 8, "filters": [16, 32, 64, 128, 256]}
 PREPROCESSING = {"normalization": {"kind": "ct_window", "window": [-160, 240]}, "spacing": None}
 
 
 def write_phantom(shape: tuple[int, int, int], path: Path) -> Path:
-    """A phantom CT of the requested size (k, j, i) as an uncompressed MHA file (int16 HU, as scanners write)."""
+    """A phantom CT of the requested size (k, j, i) as an uncompressed MHA file
+    (int16 HU, as scanners write)."""
     from AttentionSegLib.image import write_image
     from AttentionSegLib.phantom import make_abdominal_phantom
 
@@ -78,7 +78,8 @@ def _run_method(method: str, path: Path, patch, overlap: float, batch: int, devi
         from AttentionSegLib.inference import predict_volume
 
         model = LoadedModel(network=network, network_name="attention_unet", network_config=dict(NETWORK),
-                            preprocessing={**PREPROCESSING, "patch_size": list(patch)}, labels={}, provenance={})
+                            preprocessing={**PREPROCESSING, "patch_size": list(patch)}, labels={},
+                            provenance={})
         from AttentionSegLib.image import read_image
 
         volume = read_image(path)
@@ -162,7 +163,8 @@ def windows(shape, patch, overlap: float) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="300,512,512", help="volume (k, j, i), default %(default)s")
     parser.add_argument("--patch", default="64,128,128", help="window (k, j, i), default %(default)s")
     parser.add_argument("--overlap", type=float, default=0.25)
@@ -171,7 +173,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (auto picks cuda when present)")
     parser.add_argument("--methods", default="attentionseg,monai_sliding_window,attentionseg_pipeline")
-    parser.add_argument("--limit", type=int, default=None, help="accepted for symmetry; this benchmark has one case")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="accepted for symmetry; this benchmark has one case")
     parser.add_argument("--quick", action="store_true", help="a 96x192x192 volume instead (a smoke run)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "inference_speed.json"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -198,8 +201,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="attentionseg-speed-"))
     ct = write_phantom(args.shape, work / "phantom_ct.mha")
     for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--child", method, "--input", str(ct), "--shape", ",".join(map(str, args.shape)),
-               "--patch", ",".join(map(str, args.patch)), "--overlap", str(args.overlap), "--batch", str(args.batch),
+        cmd = [sys.executable, __file__, "--child", method, "--input", str(ct), "--shape",
+               ",".join(map(str, args.shape)),
+               "--patch", ",".join(map(str, args.patch)), "--overlap", str(args.overlap), "--batch",
+               str(args.batch),
                "--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device]
         print(f"{method}: running in a fresh process", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -220,7 +225,8 @@ def main() -> int:
         print(f"{method}: {seconds:.1f} s, peak RSS {result['peak_rss_gib']:.2f} GiB, {gflops:.1f} GFLOP/s")
     shutil.rmtree(work, ignore_errors=True)
     if "attentionseg" in raw and "monai_sliding_window" in raw:
-        ratio = float(np.median(raw["attentionseg"]["seconds"])) / float(np.median(raw["monai_sliding_window"]["seconds"]))
+        ratio = (float(np.median(raw["attentionseg"]["seconds"]))
+                 / float(np.median(raw["monai_sliding_window"]["seconds"])))
         records.append({"method": "attentionseg", "dataset": "phantom_ct", "setting": setting,
                         "metric": "seconds_ratio_vs_monai", "value": ratio})
     extra = {"windows": n_windows, "gflop_per_window": per_window / 1e9, "conv3d_gflops_per_s": rate,
@@ -241,7 +247,8 @@ def speed_table(records: list[dict], setting: str) -> str:
     rows = []
     for method in dict.fromkeys(r["method"] for r in records):
         seconds = values.get((method, "seconds"))
-        rows.append([method, seconds, values.get((method, "peak_rss_gib")), values.get((method, "gpu_peak_gib")),
+        rows.append([method, seconds, values.get((method, "peak_rss_gib")),
+                     values.get((method, "gpu_peak_gib")),
                      values.get((method, "gflops_per_s")), values.get((method, "fraction_of_conv3d_rate")),
                      None if monai is None or seconds is None else seconds / monai])
     header = ["method", "seconds", "peak RSS GiB", "GPU peak GiB", "GFLOP/s", "of conv3d rate",

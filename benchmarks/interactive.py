@@ -1,6 +1,7 @@
 """Benchmarks 1 and 2, interactive segmentation with a simulated user, against Slicer's Grow from seeds.
 
-One run, four methods, one robot (``benchmarks/robot.py``) with the same rules and the same time budget for all::
+One run, four methods, one robot (``benchmarks/robot.py``) with the same rules and
+the same time budget for all::
 
     cd benchmarks
     python interactive.py                                  # default run: --limit 2, ~20 min on 2 CPU cores
@@ -9,35 +10,40 @@ One run, four methods, one robot (``benchmarks/robot.py``) with the same rules a
 
 Protocol (``docs/benchmarks.md`` of the shared docs, §1 scribbles and §2 clicks):
 
-* ``acdc_val``: ACDC cine MRI volumes of patients 021-040 (our validation split, ``../shared/data/acdc-scribble``),
-  one binary target per structure (1 right ventricle, 2 myocardium, 3 left ventricle). Round 0 = the real expert
-  scribbles of Valvano et al. (IEEE TMI 2021): the structure's scribble is foreground, every other class's is
-  background. Each volume is cropped in-plane to the heart (all three structures) + ``ACDC_MARGIN`` voxels, on
-  every slice: the view a user works in, and the region every method sees.
+* ``acdc_val``: ACDC cine MRI volumes of patients 021-040 (our validation split,
+``../shared/data/acdc-scribble``),
+  one binary target per structure (1 right ventricle, 2 myocardium, 3 left ventricle). Round 0 = the real
+  expert scribbles of Valvano et al. (IEEE TMI 2021): the structure's scribble is foreground, every other
+  class's is background. Each volume is cropped in-plane to the heart (all three structures) + ``ACDC_MARGIN``
+  voxels, on every slice: the view a user works in, and the region every method sees.
 * ``ct_organs``: the two TotalSegmentator example CTs (``example_ct`` with ``example_seg_fast_force_split``,
   ``example_ct_sm`` with ``example_seg``), organs liver, spleen, left and right kidney, pancreas (ids from
-  ``labels.json``); simulated round 0. Each target is cropped to the organ's bounding box + ``CT_MARGIN`` voxels.
-  The reference labels are TotalSegmentator outputs, not manual annotations.
-* Views (``--views``): ``crop`` (the default; the crops above) and ``whole`` (the whole volume in view: a method
+  ``labels.json``); simulated round 0. Each target is cropped to the organ's bounding box + ``CT_MARGIN``
+  voxels. The reference labels are TotalSegmentator outputs, not manual annotations.
+* Views (``--views``): ``crop`` (the default; the crops above) and ``whole`` (the
+whole volume in view: a method
   that only wins on a tight crop has not won).
 * Methods: ``attentionseg_untrained`` (:class:`AttentionSegLib.InteractiveSession` from an untrained network
-  config: 2D Attention U-Net for the ACDC slices, 3D for CT; refined with ``--strategy``, by default ``auto``: the
-  online head on a CPU, whole-network fine-tuning on a GPU), ``attentionseg_pretrained`` (the best model we have
-  for the structure: ``--acdc-model`` for ACDC, the bundled ``demo_abdomen_ct`` for CT when it lists the organ;
-  skipped with a note otherwise), ``grow_from_seeds`` (ITK's FastGrowCut from the ``itk-growcut`` wheel, the filter
-  of Slicer 5's effect; distance penalty 0, background seeds = 1, structure = 2) and ``random_walker``
-  (scikit-image, beta 130, ``cg_j``). Seed methods rerun on all seeds so far every round, like Slicer's effect.
+  config: 2D Attention U-Net for the ACDC slices, 3D for CT; refined with
+      ``--strategy``, by default ``auto``: the
+  online head on a CPU, whole-network fine-tuning on a GPU), ``attentionseg_pretrained`` (the best model we
+  have for the structure: ``--acdc-model`` for ACDC, the bundled ``demo_abdomen_ct`` for CT when it lists the
+  organ; skipped with a note otherwise), ``grow_from_seeds`` (ITK's FastGrowCut from the ``itk-growcut``
+  wheel, the filter of Slicer 5's effect; distance penalty 0, background seeds = 1, structure = 2) and
+  ``random_walker`` (scikit-image, beta 130, ``cg_j``). Seed methods rerun on all seeds so far
+  every round, like Slicer's effect.
 * Scribble rounds 0..``--rounds``: Dice per round, NoC@85 / NoC@90 (first round whose Dice reaches the
-  threshold; ``rounds + 1`` when never reached), median seconds per round (the method's own time, robot excluded),
-  scribbled voxels per round (cumulative).
-* Clicks 1..``--clicks`` (every method; a click is a disk of radius ``CLICK_RADIUS`` in-plane, as in the session):
+  threshold; ``rounds + 1`` when never reached), median seconds per round (the method's own time, robot
+  excluded), scribbled voxels per round (cumulative).
+* Clicks 1..``--clicks`` (every method; a click is a disk of radius ``CLICK_RADIUS``
+in-plane, as in the session):
   Dice after 1, 3, 5 clicks, NoC@85, median seconds per click. Grow from seeds and the random walker need
   background seeds before a click can mean anything, so in the click protocol every method is given the crop's
   in-plane border (minus the structure) as background: the user framed the structure in the view.
 
 Defaults (2 CPU cores): ``--limit 2`` (two cases per data set: 2 ACDC volumes x 3 structures and the 2 CTs x 5
-organs), ``--rounds 5``, ``--clicks 5``, ``--time-budget 10``: about 20 minutes with the untrained network alone;
-add the pretrained setting's time when its models are there.
+organs), ``--rounds 5``, ``--clicks 5``, ``--time-budget 10``: about 20 minutes with the untrained network
+alone; add the pretrained setting's time when its models are there.
 """
 
 from __future__ import annotations
@@ -61,8 +67,14 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from AttentionSegLib import InteractiveSession, LoadedModel, Volume, available_models, load_model  # noqa: E402
-from AttentionSegLib import read_image  # noqa: E402
+from AttentionSegLib import (  # noqa: E402
+    InteractiveSession,
+    LoadedModel,
+    Volume,
+    available_models,
+    load_model,
+    read_image,  # noqa: E402
+)
 from AttentionSegLib.interactive import RefineSettings  # noqa: E402
 from AttentionSegLib.interactive.settings import STRATEGIES  # noqa: E402
 from AttentionSegLib.metrics import dice  # noqa: E402
@@ -80,7 +92,8 @@ BENCHMARK = "interactive"
 DATASETS = ("acdc_val", "ct_organs")
 VIEWS = ("crop", "whole")
 VIEW_TITLES = {"crop": "cropped to the structure", "whole": "whole volume"}
-METHODS = ("attentionseg_untrained", "attentionseg_pretrained", "grow_from_seeds", "random_walker")
+METHODS = ("attentionseg_untrained", "attentionseg_pretrained", "attentionseg_medsam", "grow_from_seeds",
+           "random_walker")
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "interactive.json"
 
@@ -98,7 +111,8 @@ THRESHOLDS = (0.85, 0.90)
 # Untrained networks: small Attention U-Nets that take enough fine-tuning steps within the budget on 2 cores.
 UNTRAINED_ACDC = {"name": "attention_unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2,
                   "filters": [8, 16, 32, 64, 128],
-                  "preprocessing": {"normalization": {"kind": "zscore"}, "spacing": None, "patch_size": [128, 128]}}
+                  "preprocessing": {"normalization": {"kind": "zscore"}, "spacing": None,
+                                    "patch_size": [128, 128]}}
 UNTRAINED_CT = {"name": "attention_unet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
                 "filters": [8, 16, 32, 64],
                 "preprocessing": {"normalization": {"kind": "ct_window", "window": [-160.0, 240.0]},
@@ -110,7 +124,8 @@ UNTRAINED_CT = {"name": "attention_unet", "spatial_dims": 3, "in_channels": 1, "
 
 @dataclass(frozen=True)
 class Target:
-    """One structure of one case: the (cropped) image, its binary truth and, when the data has them, real scribbles.
+    """One structure of one case: the (cropped) image, its binary truth and, when the
+    data has them, real scribbles.
 
     ``scribbles`` use the robot's binary convention (255 none, 0 background, 1 structure).
     """
@@ -136,23 +151,26 @@ def crop(volume: Volume, box: Sequence[slice]) -> Volume:
 
 
 def bounding_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
-    """The bounding box of ``mask`` grown by ``margin`` voxels per axis (array order), clipped to the array."""
+    """The bounding box of ``mask`` grown by ``margin`` voxels per axis (array
+    order), clipped to the array."""
     coords = np.argwhere(mask)
     if len(coords) == 0:
         raise ValueError("bounding_box: the mask is empty")
     lo, hi = coords.min(axis=0), coords.max(axis=0) + 1
-    return tuple(slice(max(int(a) - m, 0), min(int(b) + m, n)) for a, b, m, n in zip(lo, hi, margin, mask.shape))
+    return tuple(slice(max(int(a) - m, 0), min(int(b) + m, n))
+                 for a, b, m, n in zip(lo, hi, margin, mask.shape))
 
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"interactive benchmark: {path} is missing (expected ../shared/data beside the "
-                                "repository, or give --data)")
+        raise FileNotFoundError(f"interactive benchmark: {path} is missing (expected ../shared/data beside "
+                                "the repository, or give --data)")
     return path
 
 
 def acdc_targets(data: Path, limit: int | None, view: str = "crop") -> Iterator[Target]:
-    """ACDC validation volumes (patients 021-040, both frames), one target per structure, real round-0 scribbles.
+    """ACDC validation volumes (patients 021-040, both frames), one target per
+    structure, real round-0 scribbles.
 
     ``view="crop"``: cropped in-plane to the heart + ``ACDC_MARGIN``; ``"whole"``: the whole volume.
     """
@@ -192,7 +210,8 @@ def ct_targets(data: Path, limit: int | None, view: str = "crop") -> Iterator[Ta
         image = read_image(_need(root / f"{ct_name}.nii.gz"))
         labels = read_image(_need(root / f"{seg_name}.nii.gz")).array
         if labels.shape != image.shape:
-            raise ValueError(f"{seg_name}.nii.gz: shape {labels.shape} differs from {ct_name}'s {image.shape}")
+            raise ValueError(f"{seg_name}.nii.gz: shape {labels.shape} differs from "
+                             f"{ct_name}'s {image.shape}")
         for organ in CT_ORGANS:
             whole = labels == ids[organ]
             if not whole.any():
@@ -221,7 +240,8 @@ class Segmenter(Protocol):
 
 
 def click_disk(shape: Sequence[int], click: RobotClick, radius: int = CLICK_RADIUS) -> np.ndarray:
-    """The voxels a click marks: an in-plane disk of ``radius`` on the click's slice (as the session draws it)."""
+    """The voxels a click marks: an in-plane disk of ``radius`` on the click's slice
+    (as the session draws it)."""
     mask = np.zeros(shape, dtype=bool)
     i, j, k = click.point_ijk
     jj, ii = np.ogrid[: shape[1], : shape[2]]
@@ -230,7 +250,8 @@ def click_disk(shape: Sequence[int], click: RobotClick, radius: int = CLICK_RADI
 
 
 class SessionSegmenter:
-    """Ours: an :class:`~AttentionSegLib.InteractiveSession`, refined for ``time_budget_s`` after every scribble.
+    """Ours: an :class:`~AttentionSegLib.InteractiveSession`, refined for
+    ``time_budget_s`` after every scribble.
 
     Args:
         image: the target's image.
@@ -265,7 +286,8 @@ class SessionSegmenter:
 class SeedSegmenter:
     """A seeded peer (Grow from seeds, random walker) rerun on all seeds so far after every interaction.
 
-    Seeds: 0 none, 1 background, 2 structure (Slicer's Grow from seeds order for two segments). With seeds of one
+    Seeds: 0 none, 1 background, 2 structure (Slicer's Grow from seeds order for
+        two segments). With seeds of one
     kind only there is nothing to grow against, so the mask is the structure's seeds themselves (what Slicer
     shows before its effect can run).
     """
@@ -314,7 +336,8 @@ def random_walker(image: Volume, seeds: np.ndarray) -> np.ndarray:
     from skimage.segmentation import random_walker as walk
 
     spacing = tuple(float(s) for s in image.spacing)[::-1]
-    labels = walk(image.array.astype(np.float64), seeds.astype(np.int32), beta=130, mode="cg_j", spacing=spacing)
+    labels = walk(image.array.astype(np.float64), seeds.astype(np.int32), beta=130, mode="cg_j",
+                  spacing=spacing)
     return labels == 2
 
 
@@ -352,6 +375,12 @@ def plan_methods(dataset: str, methods: Sequence[str], args: argparse.Namespace)
                 strategy=args.strategy))
         elif method == "attentionseg_pretrained":
             plans[method] = _pretrained_plan(dataset, args)
+        # the LiteMedSAM prior: click -> box, propagation, decoder fine-tune
+        elif method == "attentionseg_medsam":
+            setting = (f"medsam_lite (LiteMedSAM, Ma et al. 2024) click/box + axial propagation, refine = "
+                       f"decoder fine-tune on the scribbles, budget {budget:g} s, device {args.device}")
+            plans[method] = MethodPlan(method, setting, lambda t: SessionSegmenter(
+                t.image, "medsam_lite", label=1, device=args.device, time_budget_s=budget, seed=args.seed))
         elif method == "grow_from_seeds":
             plans[method] = MethodPlan(method, "itk.FastGrowCut (itk-growcut), distance penalty 0",
                                        lambda t: SeedSegmenter(t.image, grow_from_seeds))
@@ -367,7 +396,8 @@ def _pretrained_plan(dataset: str, args: argparse.Namespace) -> MethodPlan:
     method = "attentionseg_pretrained"
     if dataset == "acdc_val":
         if not args.acdc_model:
-            return MethodPlan(method, "", None, "no ACDC model given (--acdc-model PATH, e.g. a checkpoint of "
+            return MethodPlan(method, "", None,
+                              "no ACDC model given (--acdc-model PATH, e.g. a checkpoint of "
                                                 "benchmarks/acdc.py)")
         source = args.acdc_model
         if not Path(source).is_file() and source not in available_models():
@@ -398,7 +428,8 @@ def _pretrained_plan(dataset: str, args: argparse.Namespace) -> MethodPlan:
 
 @dataclass
 class Run:
-    """One method's interaction with one target: per-round (or per-click) Dice, seconds and scribbled voxels."""
+    """One method's interaction with one target: per-round (or per-click) Dice,
+    seconds and scribbled voxels."""
 
     dice: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -435,7 +466,8 @@ def scribble_run(segmenter: Any, target: Target, rounds: int) -> Run:
 
 
 def frame_background(target: Target) -> np.ndarray:
-    """The crop's in-plane border on every slice, minus the structure: background the click protocol gives all."""
+    """The crop's in-plane border on every slice, minus the structure: background
+    the click protocol gives all."""
     frame = np.zeros(target.truth.shape, dtype=bool)
     frame[:, [0, -1], :] = True
     frame[:, :, [0, -1]] = True
@@ -443,7 +475,8 @@ def frame_background(target: Target) -> np.ndarray:
 
 
 def click_run(segmenter: Any, target: Target, clicks: int) -> Run:
-    """§2: clicks at the deepest voxel of the largest error component, positive on a miss, negative on a leak."""
+    """§2: clicks at the deepest voxel of the largest error component, positive on
+    a miss, negative on a leak."""
     run = Run()
     segmenter.add_background(frame_background(target))
     mask = np.zeros(target.truth.shape, dtype=bool)
@@ -508,7 +541,8 @@ def results_table(records: Sequence[Mapping[str, Any]], rounds: int, clicks: int
                   notes: Sequence[str] = ()) -> str:
     """Markdown: per data set and view, one row per method (means over all targets)."""
 
-    def value(method: str, group: tuple[str, str], metric: str, round_index: int | None = None) -> float | None:
+    def value(method: str, group: tuple[str, str], metric: str,
+              round_index: int | None = None) -> float | None:
         for r in records:
             if (r["method"], (r["dataset"], r.get("view", "crop")), r["metric"]) == (method, group, metric) \
                     and "label" not in r and r.get("round") == round_index:
@@ -519,8 +553,10 @@ def results_table(records: Sequence[Mapping[str, Any]], rounds: int, clicks: int
     for group in dict.fromkeys((r["dataset"], r.get("view", "crop")) for r in records):
         dataset = group
         title = f"{group[0]}, {VIEW_TITLES[group[1]]}"
-        methods = list(dict.fromkeys(r["method"] for r in records if (r["dataset"], r.get("view", "crop")) == group))
-        n = next(r["n"] for r in records if (r["dataset"], r.get("view", "crop")) == group and r["metric"] == "dice")
+        methods = list(dict.fromkeys(r["method"] for r in records if (r["dataset"],
+                                                                      r.get("view", "crop")) == group))
+        n = next(r["n"] for r in records if (r["dataset"],
+                                             r.get("view", "crop")) == group and r["metric"] == "dice")
         header = ["method", *[f"Dice r{r}" for r in range(rounds + 1)], "NoC@85", "NoC@90", "s/round",
                   f"voxels r0/r{rounds}"]
         rows = []
@@ -538,7 +574,8 @@ def results_table(records: Sequence[Mapping[str, Any]], rounds: int, clicks: int
                  value(m, dataset, "seconds_per_click")] for m in methods
                 if value(m, dataset, "click_noc85") is not None]
         if rows:
-            parts.append(f"**{title}** — clicks ({clicks + 1} = never reached)\n\n" + markdown_table(header, rows))
+            parts.append(f"**{title}** — clicks ({clicks + 1} = never reached)\n\n" + markdown_table(header,
+                                                                                                     rows))
     if notes:
         parts.append("Notes:\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     return "\n".join(parts)
@@ -556,15 +593,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="crop: each target cropped around its structure (the default); whole: the whole "
                              "volume in view (slower for the seeded peers on CT)")
     parser.add_argument("--rounds", type=int, default=5, help="correction rounds after round 0 (default 5)")
-    parser.add_argument("--clicks", type=int, default=5, help="clicks per target (default 5; 0: no click runs)")
-    parser.add_argument("--time-budget", type=float, default=10.0, help="refine budget per round in s (default 10)")
+    parser.add_argument("--clicks", type=int, default=5,
+                        help="clicks per target (default 5; 0: no click runs)")
+    parser.add_argument("--time-budget", type=float, default=10.0,
+                        help="refine budget per round in s (default 10)")
     parser.add_argument("--strategy", default="auto", choices=STRATEGIES,
-                        help="our sessions' refine strategy (default auto: the online head on a CPU, whole-network "
-                             "fine-tuning on a GPU)")
+                        help="our sessions' refine strategy (default auto: the online head on a CPU, "
+                             "whole-network fine-tuning on a GPU)")
     parser.add_argument("--limit", type=int, default=2,
                         help="cases per data set (ACDC volumes, CT scans); default 2; 0 = all")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto (default cpu)")
-    parser.add_argument("--acdc-model", default=None, help="checkpoint (or model name) for attentionseg_pretrained "
+    parser.add_argument("--acdc-model", default=None,
+                        help="checkpoint (or model name) for attentionseg_pretrained "
                                                            "on ACDC, e.g. one trained by benchmarks/acdc.py")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (the .md goes beside it)")
@@ -612,7 +652,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     segmenter = plan.build(target)
                     if segmenter is None:
-                        notes.append(f"{method} on {target.name}: the model has no label '{target.structure}'")
+                        notes.append(f"{method} on {target.name}: "
+                                     f"the model has no label '{target.structure}'")
                         continue
                     started = time.perf_counter()
                     runs[target.name] = scribble_run(segmenter, target, args.rounds)
@@ -639,13 +680,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if errors:
         notes.append(f"{len(errors)} method/target runs failed (see 'errors' in the JSON)")
     table = results_table(records, args.rounds, args.clicks, notes)
-    command = "python benchmarks/interactive.py " + " ".join(sys.argv[1:]) if argv_is_cli() else "run_benchmark()"
+    command = ("python benchmarks/interactive.py " + " ".join(sys.argv[1:]) if argv_is_cli()
+               else "run_benchmark()")
     extra = {
         "machine": machine,
         "command": command,
         "settings": {"rounds": args.rounds, "clicks": args.clicks, "time_budget_s": args.time_budget,
                      "strategy": args.strategy,
-                     "limit": args.limit, "datasets": args.datasets, "methods": args.methods, "views": args.views,
+                     "limit": args.limit, "datasets": args.datasets, "methods": args.methods,
+                     "views": args.views,
                      "acdc_validation_patients": [ACDC_VALIDATION.start, ACDC_VALIDATION.stop - 1],
                      "acdc_margin": ACDC_MARGIN, "ct_margin": CT_MARGIN, "click_radius": CLICK_RADIUS,
                      "untrained_acdc": UNTRAINED_ACDC, "untrained_ct": UNTRAINED_CT},

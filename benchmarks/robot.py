@@ -6,16 +6,18 @@ Rules of ``docs/benchmarks.md`` (shared docs) §1 and §2, applied to a binary t
   foreground scribble is the skeleton of the eroded cross-section, the background scribble a ring 3-5 voxels
   outside it. (Data sets with real scribbles, such as ACDC, use those instead.)
 * **Each further round** (:func:`correction_scribble`): the largest 3D connected component of the error (false
-  negatives and false positives taken separately, the larger wins); on its slice of largest area, the skeleton of
-  the component's cross-section (at most ``max_voxels``, about 60) becomes a foreground scribble for a false
-  negative, a background scribble for a false positive.
-* **Clicks** (:func:`next_click`): at the voxel of the largest error component farthest from its border (maximum
+  negatives and false positives taken separately, the larger wins); on its slice of largest area, the skeleton
+  of the component's cross-section (at most ``max_voxels``, about 60) becomes a foreground scribble for a
+  false negative, a background scribble for a false positive.
+* **Clicks** (:func:`next_click`): at the voxel of the largest error component
+farthest from its border (maximum
   of the Euclidean distance transform), positive for a false negative, negative for a false positive.
 
-Slices are taken along array axis 0 (``k``, the acquisition's slice axis for the CT and MR data used here). Masks
-are boolean arrays ``(k, j, i)``, or ``(j, i)`` for a single slice; points are ``(i, j, k)`` voxel indices.
-Scribble maps follow the engine's convention: uint8, 255 = not scribbled, 0 = background, ``label`` = the
-structure. The robot uses the ground truth only through these rules: every method answers to the same robot.
+Slices are taken along array axis 0 (``k``, the acquisition's slice axis for the CT and MR data used here).
+Masks are boolean arrays ``(k, j, i)``, or ``(j, i)`` for a single slice; points are ``(i, j, k)`` voxel
+indices. Scribble maps follow the engine's convention: uint8, 255 = not scribbled, 0 = background, ``label`` =
+the structure. The robot uses the ground truth only through these rules: every
+method answers to the same robot.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class ErrorComponent:
 
     Attributes:
         mask: the component's voxels (same shape as the target).
-        false_negative: ``True`` when the component is missed structure, ``False`` when it is a false positive.
+        false_negative: ``True`` when the component is missed structure,
+            ``False`` when it is a false positive.
         size: number of voxels.
     """
 
@@ -130,7 +133,8 @@ def initial_scribbles(target: np.ndarray, *, label: int = 1, erosion_radius: int
 
 
 def largest_error_component(prediction: np.ndarray, target: np.ndarray) -> ErrorComponent | None:
-    """The largest 3D connected component (face connectivity) of the false negatives or of the false positives.
+    """The largest 3D connected component (face connectivity) of the false
+    negatives or of the false positives.
 
     The two kinds are labelled separately and the larger component wins (a false negative on a tie, since
     missing structure is what a user notices first). ``None`` when the prediction is perfect.
@@ -165,8 +169,8 @@ def _most_central_deepest(mask: np.ndarray, depth: np.ndarray, tolerance: float)
 def bounded_skeleton(section: np.ndarray, max_voxels: int = MAX_CORRECTION_VOXELS) -> np.ndarray:
     """The skeleton of a 2D region as one stroke of at most ``max_voxels`` voxels.
 
-    The stroke starts at the skeleton voxel deepest inside the region (largest distance to its border; the most
-    central one on a plateau) and grows
+    The stroke starts at the skeleton voxel deepest inside the region (largest distance to its border; the
+    most central one on a plateau) and grows
     along the skeleton (8-connected, breadth first) until ``max_voxels`` are taken: a user draws one stroke
     through the middle of the error, not every branch of its medial axis.
     """
@@ -228,8 +232,8 @@ def next_click(prediction: np.ndarray, target: np.ndarray,
 
     Args:
         prediction, target: boolean masks of one shape.
-        spacing_ijk: voxel spacing in ITK order ``(i, j, k)`` so that "farthest from the border" is measured in
-            millimetres; voxels when ``None``.
+        spacing_ijk: voxel spacing in ITK order ``(i, j, k)`` so that "farthest from the border" is measured
+            in millimetres; voxels when ``None``.
     """
     component = largest_error_component(prediction, target)
     if component is None:

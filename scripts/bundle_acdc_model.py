@@ -5,10 +5,11 @@
     python benchmarks/acdc.py --profile quick --work runs/acdc_quick       # trains and evaluates every method
     python scripts/bundle_acdc_model.py --work runs/acdc_quick             # picks, annotates and bundles
 
-The scribble method (``scribble_pce`` or ``scribble_attenscribble``) with the higher mean validation Dice in the
-results file wins. Its checkpoint gets the validation numbers of that run (per-class Dice and HD95 on the 40
-volumes of patients 021-040, evaluated in 3D) and the benchmark's command in its provenance, then it is listed in
-``AttentionSegLib/bundled_models/manifest.json`` with its sha256 (it is refused when larger than 10 MB).
+The scribble method (``scribble_pce`` or ``scribble_attenscribble``) with the higher mean validation Dice in
+the results file wins. Its checkpoint gets the validation numbers of that run (per-class Dice and HD95 on the
+40 volumes of patients 021-040, evaluated in 3D) and the benchmark's command in its provenance, then it is
+listed in ``AttentionSegLib/bundled_models/manifest.json`` with its sha256 (it is
+refused when larger than 10 MB).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ MAX_BYTES = 10 * 1024 * 1024
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="the --work folder of the benchmarks/acdc.py run")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "acdc.json"))
     args = parser.parse_args()
@@ -52,7 +54,8 @@ def main() -> int:
         "benchmark": {"results": "benchmarks/results/acdc.json", "commit": results.get("commit"),
                       "profile": results.get("profile"), "method": best, "compared": scores},
         "metrics": {**means, **per_label,
-                    "evaluated_on": "ACDC patients 021-040 (both frames, 40 volumes), 3D Dice and HD95 (voxels)"},
+                    "evaluated_on": "ACDC patients 021-040 (both frames, 40 volumes), 3D Dice and HD95 "
+                                    "(voxels)"},
         "training_data": "ACDC patients 041-100 with the scribbles of Valvano et al. (IEEE TMI 2021), as "
                          "redistributed by WSL4MIS; no dense label was used",
     }
@@ -68,10 +71,11 @@ def main() -> int:
         return 2
     entry = register_model(checkpoint, NAME, folder=BUNDLED_DIR, task="cardiac cine MRI (ACDC)",
                            provenance=provenance, preprocessing=preprocessing,
-                           description=f"2D attention U-Net, scribble-supervised ({best}) on ACDC; validation "
-                                       f"Dice {scores[best]:.3f} (RV, Myo, LV mean)")
+                           description=f"2D attention U-Net, scribble-supervised ({best}) on ACDC; "
+                                       f"validation Dice {scores[best]:.3f} (RV, Myo, LV mean)")
     size = entry.path.stat().st_size
-    print(f"bundled {entry.name}: {entry.path} ({size / 1e6:.1f} MB), {best}, validation Dice {scores[best]:.3f}")
+    print(f"bundled {entry.name}: {entry.path} ({size / 1e6:.1f} MB), {best}, validation Dice "
+          f"{scores[best]:.3f}")
     return 0
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Retrain the bundled demo model (``demo_abdomen_ct``) with the project's own ``attentionseg train`` on phantoms.
+"""Retrain the bundled demo model (``demo_abdomen_ct``) with the project's own
+``attentionseg train`` on phantoms.
 
     python scripts/train_demo_model.py [--iterations 2000] [--cases 10] [--work DIR [--resume]]
 
@@ -27,7 +28,8 @@ NAME = "demo_abdomen_ct"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--cases", type=int, default=10, help="phantoms to train on (2 more are validation)")
     parser.add_argument("--device", default="auto")
@@ -44,7 +46,8 @@ def main() -> int:
         data = make_phantom_dataset(data, n_cases=args.cases + 2, seed=0)
     run = work / "run"
     command = [sys.executable, "-m", "AttentionSegLib.cli", "train", "--data", str(data), "-o", str(run),
-               "--network", "attention_unet", "--network-config", json.dumps({"filters": [8, 16, 32, 64, 128]}),
+               "--network", "attention_unet", "--network-config",
+               json.dumps({"filters": [8, 16, 32, 64, 128]}),
                "--patch-size", "32,64,64", "--batch-size", "2", "--iterations", str(args.iterations),
                "--learning-rate", "0.003", "--normalization",
                json.dumps({"kind": "ct_window", "window": [-160, 240]}), "--validation", "2",
@@ -60,13 +63,15 @@ def bundle(best: Path, cases: int) -> int:
     """Say in the checkpoint how its (temporary) phantom folder is made again, then list it as ``NAME``."""
     model = load_checkpoint(best)
     dice = model.provenance.get("metrics", {}).get("dice_mean")
-    provenance = {"data_generator": f"AttentionSegLib.phantom.make_phantom_dataset(folder, n_cases={cases}, seed=0)"
-                                    f" (= attentionseg phantom folder --cases {cases} --seed 0)",
+    provenance = {"data_generator": f"AttentionSegLib.phantom.make_phantom_dataset(folder, n_cases={cases}, "
+                                    f"seed=0) (= attentionseg phantom folder --cases {cases} --seed 0)",
                   "script": "scripts/train_demo_model.py"}
     entry = register_model(best, NAME, folder=BUNDLED_DIR, task="abdomen_ct (phantom)", provenance=provenance,
                            description=f"3D Attention U-Net trained on synthetic abdominal CT phantoms "
-                                       f"(validation Dice {dice:.3f}); for the demo and tests, not for patients")
-    print(f"bundled {entry.name}: {entry.path} ({entry.path.stat().st_size / 1e6:.1f} MB), validation Dice {dice}")
+                                       f"(validation Dice {dice:.3f}); for the demo and tests, not for "
+                                       "patients")
+    print(f"bundled {entry.name}: {entry.path} ({entry.path.stat().st_size / 1e6:.1f} MB), validation Dice "
+          f"{dice}")
     return 0
 
 

@@ -6,7 +6,8 @@ Layout (one job per module)::
     history.py     undo/redo snapshots (mask, scribbles, clicks, the adapted weights)
     roi.py         the interaction box, the model grid, the training targets
     family.py      the protocol a model family implements (predict a region, give features, adapt)
-    adapt/         one module per way to learn from the scribbles (online head, whole-network fine-tuning, ...)
+    adapt/         one module per way to learn from the scribbles (online head,
+    whole-network fine-tuning, ...)
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The protocol a model family implements so that the session can drive it without ``if`` chains.
 
-A family is one kind of model behind the session (the engine's U-Nets; LiteMedSAM, a box-prompted 2D prior). It
-answers the session's questions (what is at this click, what do the scribbles say, the whole image, where does
-the network look) with a :class:`Proposal` in the image grid; the session applies it (locks, scribbles, the
-undo history) and never needs to know how the family got there.
+A family is one kind of model behind the session (the engine's U-Nets; LiteMedSAM, a box-prompted 2D prior).
+It answers the session's questions (what is at this click, what do the scribbles say, the whole image, where
+does the network look) with a :class:`Proposal` in the image grid; the session applies it (locks, scribbles,
+the undo history) and never needs to know how the family got there.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..image import Volume
-from ..inference import CancelToken
+from ..progress import CancelToken
 from .history import Click
 from .settings import RefineProgress, RefineReport, RefineSettings
 
@@ -62,7 +62,8 @@ class ModelFamily(Protocol):
     # otherwise that the model takes no boxes):
     #
     #     def box(self, view, corner_a_ijk, corner_b_ijk, label, progress, cancel) -> Proposal:
-    #         """The structure in the box (two opposite corners (i, j, k) on the first corner's slice), in 3D."""
+    #         """The structure in the box (two opposite corners (i, j, k) on the first corner's slice),
+    #         in 3D."""
 
     def refine(self, view: SessionView, time_budget_s: float, progress: RefineProgress | None,
                cancel: CancelToken | None) -> tuple[Proposal, RefineReport]:

@@ -1,4 +1,4 @@
-"""Undo/redo of an interactive session: each step keeps the mask, the scribbles, the clicks and the adapted state.
+"""Undo/redo of an interactive session: each step keeps the mask, scribbles, clicks and the adapted state.
 
 The adapted state is whatever the model family needs to go back (network weights, a fine-tuned decoder, an
 online head); it is shared between snapshots as long as it did not change, so a click costs a mask copy, not a

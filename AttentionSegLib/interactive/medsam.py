@@ -3,14 +3,21 @@
 LiteMedSAM (Ma et al., *Segment anything in medical images*, Nat. Commun. 2024) segments one slice from a box.
 Here a click or a box on one slice becomes the structure in 3D:
 
-* **Click → box.** The model was trained with boxes, so a click grows a box: a small box around the point is
-  decoded, the next box is the mask's bounding box plus a margin, until the box stops changing
-  (``click_prompt="grow_box"``, the default); ``click_prompt="point"`` decodes the click as a point prompt.
+* **Click → box.** The model was trained with boxes, so a click stands for a box: boxes of several sizes
+  centred on the click are decoded in one batch; of those whose mask holds the click and does not fill its
+  box, the one with the highest predicted IoU is kept, then re-centred on its mask (``click_prompt=
+  "grow_box"``, the default). ``click_prompt="point"`` decodes the click as a point prompt instead: measured
+  on ``example_ct`` (one click at the deepest voxel of each organ), point prompts gave Dice 0.00 on liver,
+  spleen, kidneys and pancreas (LiteMedSAM hardly answers points), the box from the click 0.84 / 0.96 /
+  0.94-0.95 / 0.46.
 * **Propagation.** From the anchor slice, slice by slice along the axial axis (array axis 0 of the image
-  reoriented to LPS: inferior-superior): the next slice's box is the previous mask's bounding box plus a margin;
-  propagation stops when the mask vanishes, or jumps (its area grows or shrinks by more than
-  ``jump_ratio``, or it barely overlaps the previous one). Foreground scribbles on slices the structure did not
-  reach start a propagation of their own.
+  reoriented to LPS): the next slice's candidate boxes are the previous mask's bounding box plus 5/10/20 %,
+  decoded in one batch, the best by predicted IoU kept (a tight box loses the organ's rim, and the structure
+  would shrink slice after slice). Propagation stops when the mask vanishes, jumps (area ratio, overlap), or
+  stops looking like the structure: fewer of its pixels have the anchor mask's intensity (a box always holds
+  *something*; without this test the liver "continued" from the liver into the bowel down to the pelvis).
+  A background scribble across a part that does not continue the previous slice removes it; foreground
+  scribbles on slices the structure did not reach start a propagation of their own.
 * **Refine = the decoder learns this image.** Scribbles on any slice fine-tune the mask decoder and the prompt
   encoder on the cached image embeddings (partial cross-entropy on the scribbled pixels + the masked CRF of
   AttenScribble, arXiv 2312.06614, on the rest), then every structure is propagated again. Undo restores the
@@ -18,14 +25,16 @@ Here a click or a box on one slice becomes the structure in 3D:
 * **Attention.** The mask token's attention over the image embedding in the decoder's last token-to-image
   attention, per slice, mapped back onto the image grid.
 
-Image embeddings are computed once per slice, lazily, and kept in an LRU cache bounded by
+Image embeddings are computed once per slice, lazily, and kept in a least-recently-used cache shared by the
+process's sessions and keyed by the slice's content (:data:`SHARED_CACHE`), bounded by
 ``MedSAMSettings.cache_mib`` (a slice's embedding is 256x64x64 float16 on the CPU = 2 MiB, so the default
-512 MiB holds 256 slices).
+512 MiB holds 256 slices). Refinement and re-propagation then cost decoder passes only.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import time
 from collections import OrderedDict
@@ -37,10 +46,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ..atomic import atomic_output
 from ..image import Volume
-from ..inference import CancelToken, Cancelled
+from ..inference import Cancelled, CancelToken
 from ..losses import IGNORE_INDEX, masked_crf_loss
 from ..networks.medsam_lite import MedSAMLite, SliceTransform, normalise_slice
 from ..networks.medsam_lite.weights import SHA256, WEIGHTS_INFO, load_medsam_lite
@@ -60,34 +70,64 @@ class MedSAMSettings:
     """How LiteMedSAM is prompted and adapted (config as data: every field is JSON-able).
 
     Attributes:
-        window: intensity window ``[lower, upper]`` for every slice; ``None`` = ``auto``: the abdomen CT window
+        window: intensity window ``[lower, upper]`` for every slice; ``None`` = ``auto``: the abdomen CT
+        window
             for a CT (an image with air below -500 HU), per-slice min-max (0.5-99.5 percentiles) otherwise.
         click_prompt: ``grow_box`` (a click grows a box) or ``point`` (a point prompt).
-        start_box_mm: half-size of the first box a click grows from.
+        click_box_mm: half-sizes (mm) of the boxes a click tries around itself (decoded in one batch).
         box_margin: pixels of the 256 frame added around a mask to make the next box (MedSAM trained with
             boxes perturbed by up to 5 pixels).
-        grow_iterations: at most this many box growths per click.
+        box_margin_fraction: ... or this fraction of the box's side, when larger (a tight box makes the next
+            mask a little smaller, and propagation would shrink the structure slice after slice).
+        anchor_margins: the given box grown by each of these fractions is decoded (one batch) and the answer
+            with the highest predicted IoU is kept (MedSAM saw slightly loose boxes in training: on the
+            example
+            CT a 5-10 % margin beats the tight box).
+        margins: the same for the boxes propagated from the previous slice's mask.
+        grow_iterations: at most this many re-centrings of the chosen box on its mask.
         jump_ratio: propagation stops where the area changes by more than this factor between slices.
+        grow_ratio: of the candidate boxes of a slice, those whose mask grows by more than this factor over
+        the
+            previous slice's are taken only when no other fits (a loose box must not let the structure swell).
         min_overlap: ... or where the new mask shares less than this fraction of the smaller one's area.
         min_pixels: ... or where the mask has fewer pixels.
+        min_consistent: ... or where fewer than this fraction (relative to the anchor slice's) of the mask's
+            pixels have the structure's intensity (within 3 robust standard deviations of the anchor mask's
+            median): the box then holds something else (fat, gas, a neighbouring organ) and the model, which
+            always finds *something* in a box, has left the structure.
         cache_mib: bound of the embedding cache (CPU memory).
+        min_field_of_view_mm: a slice narrower than this (a crop) is zero-padded to it before the resize to
+            256, so that a small crop is not blown up: on a crop around a kidney, a click gave Dice 0.49 when
+            the crop filled the 256 frame.
         learning_rate: Adam step size for the decoder's fine-tuning.
         refine_seconds: cap of a refine's fine-tuning time (within the refine's own budget).
         max_refine_steps: at most this many fine-tuning steps per refine.
+        slices_per_step: scribbled slices decoded per fine-tuning step (those with foreground strokes first,
+        the
+            rest drawn at random): a step costs one decoder pass with gradients per slice.
     """
 
     window: list[float] | None = None
     click_prompt: str = "grow_box"
-    start_box_mm: float = 10.0
+    click_box_mm: list[float] = field(
+        default_factory=lambda: [5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 80.0, 110.0]
+    )
     box_margin: float = 5.0
-    grow_iterations: int = 6
+    box_margin_fraction: float = 0.1
+    anchor_margins: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1])
+    margins: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
+    grow_iterations: int = 2
     jump_ratio: float = 2.5
     min_overlap: float = 0.3
     min_pixels: int = 4
+    min_consistent: float = 0.6
+    grow_ratio: float = 1.5
     cache_mib: int = 512
+    min_field_of_view_mm: float = 300.0
     learning_rate: float = 1e-4
     refine_seconds: float = 3.0
     max_refine_steps: int = 60
+    slices_per_step: int = 4
 
 
 @dataclass
@@ -95,12 +135,13 @@ class Track:
     """One structure's prompts: where it was anchored (slice, box in slice pixels) and its point prompts."""
 
     anchor: int
-    box: tuple[float, float, float, float]
+    box: tuple[float, float, float, float] | None
     points: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)
 
 
 def is_medsam_model(model: Any) -> bool:
-    """Whether ``model`` asks for the LiteMedSAM family: its name, or a file saved by :meth:`MedSAMFamily.save`."""
+    """Whether ``model`` asks for the LiteMedSAM family: its name, or a file saved by
+    :meth:`MedSAMFamily.save`."""
     if isinstance(model, str) and model == MEDSAM_MODEL_NAME:
         return True
     if isinstance(model, (str, os.PathLike)) and str(model).endswith(".pt") and Path(model).is_file():
@@ -129,30 +170,50 @@ def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 class EmbeddingCache:
-    """Image embeddings of the slices, computed on first use and kept (float16, CPU) up to ``max_bytes``."""
+    """Image embeddings keyed by the encoder's input (a digest of the 256x256 slice), computed on first use
+    and
+    kept (float16, CPU) in least-recently-used order up to ``max_bytes``.
+
+    One cache is shared by every session of the process (:data:`SHARED_CACHE`): a session opened again on the
+    same image, or a click and a scribble session on the same crop, find their slices already encoded.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self.encoded = 0
-        self.encode_seconds = 0.0
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._nbytes = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._items.values())
+        return self._nbytes
 
-    def get(self, k: int, compute: Any) -> torch.Tensor:
-        if k in self._items:
-            self._items.move_to_end(k)
-            return self._items[k]
-        started = time.perf_counter()
-        value = compute(k).detach().to("cpu", torch.float16)
-        self.encode_seconds += time.perf_counter() - started
-        self.encoded += 1
-        self._items[k] = value
-        while len(self._items) > 1 and self.nbytes > self.max_bytes:
-            self._items.popitem(last=False)
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def lookup(self, key: str) -> torch.Tensor | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
         return value
+
+    def store(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().to("cpu", torch.float16).contiguous()
+        if key not in self._items:
+            self._nbytes += value.numel() * value.element_size()
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > 1 and self._nbytes > self.max_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self._nbytes -= dropped.numel() * dropped.element_size()
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._nbytes = 0
+
+
+#: The process's embedding cache: 512 MiB = 256 slices of 256x64x64 float16 (2 MiB each).
+SHARED_CACHE = EmbeddingCache(512 << 20)
 
 
 class MedSAMFamily:
@@ -160,8 +221,16 @@ class MedSAMFamily:
 
     name = MEDSAM_MODEL_NAME
 
-    def __init__(self, model: Any, volume: Volume, *, device: torch.device, settings: RefineSettings,
-                 generator: torch.Generator, medsam: MedSAMSettings | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        volume: Volume,
+        *,
+        device: torch.device,
+        settings: RefineSettings,
+        generator: torch.Generator,
+        medsam: MedSAMSettings | None = None,
+    ) -> None:
         self.settings = settings
         self.options = medsam or MedSAMSettings()
         self.device = device
@@ -175,16 +244,30 @@ class MedSAMFamily:
             p.requires_grad_(False)
         self.num_classes = LABELS
         self.labels: dict[int, str] = {}
-        self.grid = ModelGrid(volume, {"normalization": {"kind": "none"}, "spacing": None,
-                                            "orientation": "LPS" if volume.ndim == 3 else None})
+        self.grid = ModelGrid(
+            volume,
+            {
+                "normalization": {"kind": "none"},
+                "spacing": None,
+                "orientation": "LPS" if volume.ndim == 3 else None,
+            },
+        )
         image = self.grid.image if self.grid.image.ndim == 3 else self.grid.image[None]
         self.slices = image.astype(np.float32, copy=False)
         self.window = self._window(self.slices)
-        self.transform = SliceTransform(tuple(self.slices.shape[1:]))
-        self.cache = EmbeddingCache(self.options.cache_mib << 20)
+        spacing = self.grid.context.model.spacing  # (x, y[, z]) mm of the reoriented grid
+        min_side = self.options.min_field_of_view_mm / max(min(float(spacing[0]), float(spacing[1])), 1e-6)
+        self.transform = SliceTransform(tuple(self.slices.shape[1:]), min_side=min_side)
+        self.cache = SHARED_CACHE
+        self.cache.max_bytes = max(self.cache.max_bytes, self.options.cache_mib << 20)
+        self.network.image_encoder.to(memory_format=torch.channels_last)  # ~1.3x faster convolutions on CPU
+        self.encoded = 0
+        self.encode_seconds = 0.0
         self.tracks: dict[int, Track] = {}
         self.structures: dict[int, np.ndarray] = {}  # label -> bool (slices, H, W)
-        self.probabilities: dict[int, np.ndarray] = {}  # label -> float32 (slices, H, W) foreground probability
+        self.probabilities: dict[
+            int, np.ndarray
+        ] = {}  # label -> float32 (slices, H, W) foreground probability
         self.attention: dict[int, dict[int, np.ndarray]] = {}  # label -> slice -> (H, W) map in [0, 1]
         self.adapt_steps = 0
         self.last_strategy = ""
@@ -192,6 +275,11 @@ class MedSAMFamily:
         self.decoded = 0
         self._version = 0
         self._state_cache: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def model(self) -> MedSAMLite:
+        """The (adapted) network: image encoder as released, decoder and prompt encoder fine-tuned here."""
+        return self.network
 
     # ------------------------------------------------------------------------------------------- geometry
 
@@ -217,22 +305,37 @@ class MedSAMFamily:
 
     def _to_image(self, volume_grid: np.ndarray, *, labels: bool) -> np.ndarray:
         array = volume_grid if self.grid.image.ndim == 3 else volume_grid[0]
-        out = self.grid.preprocessor.inverse(array.astype(np.float32), self.grid.context,
-                                             interpolator="nearest" if labels else "linear").array
+        out = self.grid.preprocessor.inverse(
+            array.astype(np.float32), self.grid.context, interpolator="nearest" if labels else "linear"
+        ).array
         return out
 
     # ------------------------------------------------------------------------------------------- the model
 
     def _encode(self, k: int) -> torch.Tensor:
-        def compute(index: int) -> torch.Tensor:
-            x = self.transform.to_model(self._normalised(index))[None].to(self.device)
-            with torch.no_grad():
-                return self.network.encode(x)[0]
+        """Slice ``k``'s image embedding (256, 64, 64) float16, from the shared cache or encoded now."""
+        x = self.transform.to_model(self._normalised(k))
+        key = hashlib.sha1(x.numpy().tobytes()).hexdigest()
+        cached = self.cache.lookup(key)
+        if cached is not None:
+            return cached
+        started = time.perf_counter()
+        with torch.no_grad():
+            image = x[None].to(self.device).contiguous(memory_format=torch.channels_last)
+            value = self.cache.store(key, self.network.encode(image)[0])
+        self.encode_seconds += time.perf_counter() - started
+        self.encoded += 1
+        return value
 
-        return self.cache.get(k, compute)
-
-    def _decode(self, k: int, box: Sequence[float] | None, points: Sequence[tuple[float, float, int]] = (),
-                *, attention: bool = False, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _decode(
+        self,
+        k: int,
+        box: Sequence[float] | None,
+        points: Sequence[tuple[float, float, int]] = (),
+        *,
+        attention: bool = False,
+        grad: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``(H, W)`` of slice ``k`` for a box and point prompts (slice pixels), and the attention."""
         embedding = self._encode(k).to(self.device, torch.float32)[None]
         boxes = torch.from_numpy(self.transform.box_to_model(box))[None] if box is not None else None
@@ -242,58 +345,246 @@ class MedSAMFamily:
             prompt_points = (torch.from_numpy(coords)[None], torch.tensor([[int(p[2]) for p in points]]))
         started = time.perf_counter()
         with torch.set_grad_enabled(grad):
-            out = self.network.decode(embedding, boxes=boxes, points=prompt_points, return_attention=attention)
+            out = self.network.decode(
+                embedding, boxes=boxes, points=prompt_points, return_attention=attention
+            )
             logits = self.transform.logits_to_slice(out.logits[0, 0].float())
         self.decode_seconds += time.perf_counter() - started
         self.decoded += 1
         amap = None
         if out.attention is not None:
-            up = F.interpolate(out.attention[:1].float()[None], size=(256, 256), mode="bilinear",
-                               align_corners=False)[0, 0]
+            up = F.interpolate(
+                out.attention[:1].float()[None], size=(256, 256), mode="bilinear", align_corners=False
+            )[0, 0]
             amap = self.transform.logits_to_slice(up).detach()
             amap = amap / amap.max().clamp_min(1e-12)
         return logits, amap
 
-    def _mask(self, k: int, box: Sequence[float] | None, points: Sequence[tuple[float, float, int]] = ()
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _best(
+        self,
+        k: int,
+        boxes: Sequence[Sequence[float]] | None,
+        points: Sequence[tuple[float, float, int]] = (),
+        area_range: tuple[float, float] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Of several candidate boxes on slice ``k`` (one decoder batch), the answer with the highest
+        predicted
+        IoU (among those whose area lies in ``area_range``, when any does): mask, foreground probability and
+        the mask token's attention (slice grid)."""
+        if not boxes:
+            return self._mask(k, None, points)
+        embedding = self._encode(k).to(self.device, torch.float32)[None].expand(len(boxes), -1, -1, -1)
+        prompt = torch.from_numpy(self.transform.box_to_model(np.asarray(boxes, dtype=np.float32)))
+        prompt_points = None
+        if points:
+            coords = self.transform.point_to_model(np.array([[p[0], p[1]] for p in points], np.float32))
+            prompt_points = (
+                torch.from_numpy(coords)[None].expand(len(boxes), -1, -1),
+                torch.tensor([[int(p[2]) for p in points]]).expand(len(boxes), -1),
+            )
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = self.network.decode(embedding, boxes=prompt, points=prompt_points, return_attention=True)
+            all_logits = self.transform.logits_to_slice(out.logits[:, 0].float())
+            score = out.iou[:, 0].float().clone()
+            if area_range is not None:
+                areas = (all_logits > 0).flatten(1).sum(1)
+                fits = (areas >= area_range[0]) & (areas <= area_range[1])
+                if bool(fits.any()):
+                    score[~fits] = -1.0
+            best = int(torch.argmax(score))
+            logits = all_logits[best]
+            assert out.attention is not None
+            up = F.interpolate(
+                out.attention[best : best + 1].float()[None],
+                size=(256, 256),
+                mode="bilinear",
+                align_corners=False,
+            )[0, 0]
+            amap = self.transform.logits_to_slice(up)
+            amap = amap / amap.max().clamp_min(1e-12)
+        self.decode_seconds += time.perf_counter() - started
+        self.decoded += len(boxes)
+        prob = torch.sigmoid(logits).cpu().numpy()
+        return prob > 0.5, prob, amap.cpu().numpy()
+
+    def _mask(
+        self, k: int, box: Sequence[float] | None, points: Sequence[tuple[float, float, int]] = ()
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         logits, amap = self._decode(k, box, points, attention=True)
         prob = torch.sigmoid(logits).cpu().numpy()
         return prob > 0.5, prob, (amap.cpu().numpy() if amap is not None else None)
 
-    def _margin(self) -> float:
-        return self.options.box_margin / self.transform.scale
-
-    def _grown(self, box: Sequence[float]) -> tuple[float, float, float, float]:
-        m = self._margin()
+    def _grown(
+        self, box: Sequence[float], fraction: float | None = None, fixed: float | None = None
+    ) -> tuple[float, float, float, float]:
+        """``box`` plus the margin: ``fixed`` pixels of the 256 frame (``box_margin``) or ``fraction`` of each
+        side (``box_margin_fraction``), whichever is larger."""
+        fixed = (self.options.box_margin if fixed is None else fixed) / self.transform.scale
+        fraction = self.options.box_margin_fraction if fraction is None else fraction
+        mx = max(fixed, fraction * (box[2] - box[0] + 1))
+        my = max(fixed, fraction * (box[3] - box[1] + 1))
         h, w = self.slices.shape[1:]
-        return (max(box[0] - m, 0.0), max(box[1] - m, 0.0), min(box[2] + m, w - 1.0), min(box[3] + m, h - 1.0))
+        return (
+            max(box[0] - mx, 0.0),
+            max(box[1] - my, 0.0),
+            min(box[2] + mx, w - 1.0),
+            min(box[3] + my, h - 1.0),
+        )
+
+    def _intensity_model(self, k: int, mask: np.ndarray) -> tuple[float, float, float]:
+        """The structure's intensity on its anchor slice: median, robust spread (1.4826 MAD, at least 2.5 % of
+        the intensity window) and the fraction of the mask within 3 spreads of the median."""
+        values = self.slices[k][mask]
+        median = float(np.median(values))
+        spread = max(1.4826 * float(np.median(np.abs(values - median))), 0.025 * self._value_range)
+        return median, spread, float((np.abs(values - median) <= 3 * spread).mean())
+
+    @property
+    def _value_range(self) -> float:
+        if self.window is not None:
+            return float(self.window[1] - self.window[0])
+        if not hasattr(self, "_range_cache"):
+            lo, hi = np.percentile(self.slices, [0.5, 99.5])
+            self._range_cache = float(max(hi - lo, 1e-6))
+        return self._range_cache
+
+    def _consistent(self, k: int, mask: np.ndarray, model: tuple[float, float, float]) -> bool:
+        median, spread, reference = model
+        fraction = float((np.abs(self.slices[k][mask] - median) <= 3 * spread).mean())
+        return fraction >= self.options.min_consistent * reference
 
     # ------------------------------------------------------------------------------------------- prompts
 
     def box_from_click(self, k: int, x: float, y: float) -> tuple[float, float, float, float]:
-        """Grow a box around the point until the mask it gives stops changing (the model knows boxes)."""
-        spacing = self.grid.context.model.spacing  # (x, y[, z]) mm of the reoriented grid
-        half = [self.options.start_box_mm / float(spacing[0]), self.options.start_box_mm / float(spacing[1])]
+        """The box a click stands for (LiteMedSAM was trained with boxes; a point alone gives next to
+        nothing).
+
+        Boxes of several sizes centred on the click (``click_box_mm``) are decoded in one batch. A box is
+        plausible when its mask holds the click and touches at most two of the box's sides inside the image (a
+        mask that fills its box says the box is too small); of those, the one with the highest predicted IoU
+        wins. Its mask's bounding box plus the margin is then decoded again (re-centred on the structure)
+        while
+        that keeps the click and does not lower the predicted IoU much.
+        """
         h, w = self.slices.shape[1:]
-        box = (max(x - half[0], 0.0), max(y - half[1], 0.0), min(x + half[0], w - 1.0), min(y + half[1], h - 1.0))
-        for _ in range(self.options.grow_iterations):
-            mask, _, _ = self._mask(k, box)
-            xi, yi = int(round(x)), int(round(y))
-            found = bounding_box(mask)
-            if found is None or not mask[min(yi, h - 1), min(xi, w - 1)]:
-                grown = self._grown(box)
-                box = (2 * grown[0] - box[0], 2 * grown[1] - box[1], 2 * grown[2] - box[2], 2 * grown[3] - box[3])
-                box = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], w - 1.0), min(box[3], h - 1.0))
+        spacing = self.grid.context.model.spacing  # (x, y[, z]) mm of the reoriented grid
+        sx, sy = float(spacing[0]), float(spacing[1])
+        boxes = [
+            (max(x - r / sx, 0.0), max(y - r / sy, 0.0), min(x + r / sx, w - 1.0), min(y + r / sy, h - 1.0))
+            for r in self.options.click_box_mm
+        ]
+        masks, scores = self._decode_batch(k, boxes)
+        best, best_score = None, -1.0
+        for box, mask, score in zip(boxes, masks, scores):
+            component = self._component_at(mask, x, y)
+            if component is None or self._touches(component, box) > 2:
                 continue
+            if score > best_score:
+                best, best_score = box, score
+        if best is None:  # nothing plausible: the largest box that holds the click, else the largest box
+            holding = [b for b, m in zip(boxes, masks) if self._component_at(m, x, y) is not None]
+            return holding[-1] if holding else boxes[-1]
+        box = best
+        for _ in range(self.options.grow_iterations):
+            (mask,), (score,) = self._decode_batch(k, [box])
+            component = self._component_at(mask, x, y)
+            if component is None:
+                break
+            found = bounding_box(component)
+            assert found is not None
             new = self._grown(found)
-            new = (min(new[0], x), min(new[1], y), max(new[2], x), max(new[3], y))
-            if _box_iou(new, box) > 0.9:
-                return new
+            (new_mask,), (new_score,) = self._decode_batch(k, [new])
+            if (
+                self._component_at(new_mask, x, y) is None
+                or new_score < score - 0.05
+                or _box_iou(new, box) > 0.9
+            ):
+                break
             box = new
         return box
 
+    def box_from_scribbles(self, k: int, fg: np.ndarray, bg: np.ndarray) -> tuple[float, float, float, float]:
+        """The box that the scribbles of slice ``k`` stand for: of boxes around the foreground strokes (their
+        bounding box grown by 10 %..150 %, the click boxes at their centre, and the box just inside the
+        background strokes when these surround them), the one whose mask agrees best with the strokes
+        (foreground inside, background outside; the predicted IoU breaks ties)."""
+        box = bounding_box(fg)
+        assert box is not None
+        h, w = fg.shape
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        spacing = self.grid.context.model.spacing
+        candidates = [self._grown(box, f, 0.0) for f in (0.1, 0.3, 0.6, 1.0, 1.5)]
+        candidates += [
+            (
+                max(cx - r / float(spacing[0]), 0.0),
+                max(cy - r / float(spacing[1]), 0.0),
+                min(cx + r / float(spacing[0]), w - 1.0),
+                min(cy + r / float(spacing[1]), h - 1.0),
+            )
+            for r in self.options.click_box_mm
+        ]
+        outer = bounding_box(bg)
+        if (
+            outer is not None
+            and outer[0] < box[0]
+            and outer[1] < box[1]
+            and outer[2] > box[2]
+            and outer[3] > box[3]
+        ):
+            hole = ndimage.binary_fill_holes(bg) & ~bg
+            found = bounding_box(hole) if hole.any() else None
+            if found is not None:
+                candidates.append(found)
+        masks, scores = self._decode_batch(k, candidates)
+        best, best_score = candidates[0], -np.inf
+        for candidate, mask, score in zip(candidates, masks, scores):
+            agree = float(mask[fg].mean()) + (float((~mask[bg]).mean()) if bg.any() else 1.0)
+            if agree + 0.1 * score > best_score:
+                best, best_score = candidate, agree + 0.1 * score
+        return best
+
+    def _decode_batch(self, k: int, boxes: Sequence[Sequence[float]]) -> tuple[list[np.ndarray], list[float]]:
+        """Masks (slice grid) and predicted IoUs of several boxes on slice ``k``, in one decoder call."""
+        embedding = self._encode(k).to(self.device, torch.float32)[None].expand(len(boxes), -1, -1, -1)
+        prompt = torch.from_numpy(self.transform.box_to_model(np.asarray(boxes, dtype=np.float32)))
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = self.network.decode(embedding, boxes=prompt)
+            logits = self.transform.logits_to_slice(out.logits[:, 0].float())
+        self.decode_seconds += time.perf_counter() - started
+        self.decoded += len(boxes)
+        return list((logits > 0).cpu().numpy()), [float(v) for v in out.iou[:, 0]]
+
+    @staticmethod
+    def _component_at(mask: np.ndarray, x: float, y: float) -> np.ndarray | None:
+        """The connected part of ``mask`` under the pixel nearest ``(x, y)``, ``None`` when it is not in the
+        mask."""
+        yi = min(max(int(round(y)), 0), mask.shape[0] - 1)
+        xi = min(max(int(round(x)), 0), mask.shape[1] - 1)
+        if not mask[yi, xi]:
+            return None
+        labelled, _ = ndimage.label(mask)
+        return labelled == labelled[yi, xi]
+
+    def _touches(self, mask: np.ndarray, box: Sequence[float]) -> int:
+        """On how many sides inside the image the mask reaches the box's edge (within a pixel)."""
+        found = bounding_box(mask)
+        if found is None:
+            return 0
+        h, w = mask.shape
+        return sum(
+            (
+                found[0] <= box[0] + 1 and box[0] > 0,
+                found[1] <= box[1] + 1 and box[1] > 0,
+                found[2] >= box[2] - 1 and box[2] < w - 1,
+                found[3] >= box[3] - 1 and box[3] < h - 1,
+            )
+        )
+
     def _propagate(self, label: int, view: SessionView | None = None) -> None:
-        """The structure of ``label`` in 3D from its track (and from foreground scribbles it does not reach)."""
+        """The structure of ``label`` in 3D from its track (and from foreground scribbles it does not
+        reach)."""
         track = self.tracks[label]
         n = self.slices.shape[0]
         structure = np.zeros(self.slices.shape, dtype=bool)
@@ -301,18 +592,21 @@ class MedSAMFamily:
         maps: dict[int, np.ndarray] = {}
         seeds: list[tuple[int, tuple[float, float, float, float] | None]] = [(track.anchor, track.box)]
         scribbled = self._scribbled_slices(label, view)
+        fg_marks, bg_marks = self._marks(label, view)
         done: set[int] = set()
+        intensity: tuple[float, float, float] | None = None
         while seeds:
             k0, box0 = seeds.pop(0)
             if k0 in done:
                 continue
-            points = track.points.get(k0, [])
-            if self.options.click_prompt == "point" and box0 is None:
-                first, prob, amap = self._mask(k0, None, points)
-            else:
-                first, prob, amap = self._mask(k0, box0, points)
+            candidates = (
+                None if box0 is None else [self._grown(box0, f, 0.0) for f in self.options.anchor_margins]
+            )
+            first, prob, amap = self._best(k0, candidates, track.points.get(k0, []))
             if first.sum() < self.options.min_pixels:
                 continue
+            if intensity is None:
+                intensity = self._intensity_model(k0, first)
             structure[k0], probability[k0], done = first, prob, done | {k0}
             if amap is not None:
                 maps[k0] = amap
@@ -321,13 +615,22 @@ class MedSAMFamily:
                 while 0 <= k < n and k not in done:
                     box = bounding_box(previous)
                     assert box is not None
-                    mask, prob, amap = self._mask(k, self._grown(box), track.points.get(k, []))
+                    before = float(previous.sum())
+                    mask, prob, amap = self._best(
+                        k,
+                        [self._grown(box, f) for f in self.options.margins],
+                        track.points.get(k, []),
+                        (before / self.options.jump_ratio, before * self.options.grow_ratio),
+                    )
+                    mask = self._honour(mask, fg_marks, bg_marks, k, previous)
                     area, before = int(mask.sum()), int(previous.sum())
                     if area < self.options.min_pixels:
                         break
                     if area > self.options.jump_ratio * before or area * self.options.jump_ratio < before:
                         break
                     if (mask & previous).sum() < self.options.min_overlap * min(area, before):
+                        break
+                    if not self._consistent(k, mask, intensity):
                         break
                     structure[k], probability[k], previous = mask, prob, mask
                     if amap is not None:
@@ -344,7 +647,40 @@ class MedSAMFamily:
         self.probabilities[label] = probability
         self.attention[label] = maps
 
-    def _scribbled_slices(self, label: int, view: SessionView | None) -> dict[int, tuple[float, float, float, float]]:
+    def _marks(self, label: int, view: SessionView | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The scribbles on the reoriented grid: ``label``'s (foreground) and all others' (background for
+        it)."""
+        if view is None or not (view.scribbles != IGNORE_INDEX).any():
+            return None, None
+        grid = self._grid_labels(view.scribbles)
+        return grid == label, (grid != label) & (grid != IGNORE_INDEX)
+
+    def _honour(
+        self,
+        mask: np.ndarray,
+        fg: np.ndarray | None,
+        bg: np.ndarray | None,
+        k: int,
+        previous: np.ndarray | None,
+    ) -> np.ndarray:
+        """The mask of slice ``k`` without its connected parts that touch a background scribble, hold no
+        foreground scribble there and do not continue the previous slice's mask (less than half of the part
+        lies on it): a background stroke across something the propagation wrongly followed ends the
+        propagation on that slice, while a stroke on a leak of the structure itself is left to the
+        fine-tuning (the session keeps the stroke's voxels background anyway)."""
+        if bg is None or fg is None or previous is None or not (mask & bg[k]).any():
+            return mask
+        labelled, _ = ndimage.label(mask)
+        hit = set(np.unique(labelled[bg[k] & mask]).tolist()) - set(
+            np.unique(labelled[fg[k] & mask]).tolist()
+        )
+        hit.discard(0)
+        cut = [i for i in sorted(hit) if (previous & (labelled == i)).sum() < 0.5 * (labelled == i).sum()]
+        return mask & ~np.isin(labelled, cut) if cut else mask
+
+    def _scribbled_slices(
+        self, label: int, view: SessionView | None
+    ) -> dict[int, tuple[float, float, float, float]]:
         """Slices with foreground scribbles of ``label`` (reoriented grid) and the scribbles' boxes."""
         if view is None:
             return {}
@@ -371,19 +707,23 @@ class MedSAMFamily:
 
     # ------------------------------------------------------------------------------------------- the family
 
-    def click(self, view: SessionView, click: Click, progress: RefineProgress | None,
-              cancel: CancelToken | None) -> Proposal:
+    def click(
+        self, view: SessionView, click: Click, progress: RefineProgress | None, cancel: CancelToken | None
+    ) -> Proposal:
         """A positive click outside its structure anchors it there; any other click becomes a point prompt."""
         k, x, y = self._to_grid(click.point_ijk)
         label = click.label
         track = self.tracks.get(label)
-        inside = track is not None and label in self.structures and \
-            bool(self.structures[label][k, int(round(y)), int(round(x))])
+        inside = (
+            track is not None
+            and label in self.structures
+            and bool(self.structures[label][k, int(round(y)), int(round(x))])
+        )
         if click.positive and (track is None or not inside and label not in self._labels_at(k)):
             if progress is not None:
                 progress(0.1, "LiteMedSAM: finding the box at the click")
             box = self.box_from_click(k, x, y) if self.options.click_prompt == "grow_box" else None
-            self.tracks[label] = Track(k, box or (x, y, x, y), {k: [(x, y, 1)]} if box is None else {})
+            self.tracks[label] = Track(k, box, {k: [(x, y, 1)]} if box is None else {})
         else:
             if track is None:
                 return Proposal(view.mask)  # a negative click on a label LiteMedSAM has not segmented
@@ -398,8 +738,15 @@ class MedSAMFamily:
     def _labels_at(self, k: int) -> set[int]:
         return {label for label, s in self.structures.items() if s[k].any()}
 
-    def box(self, view: SessionView, corner_a_ijk: Sequence[float], corner_b_ijk: Sequence[float], label: int,
-            progress: RefineProgress | None = None, cancel: CancelToken | None = None) -> Proposal:
+    def box(
+        self,
+        view: SessionView,
+        corner_a_ijk: Sequence[float],
+        corner_b_ijk: Sequence[float],
+        label: int,
+        progress: RefineProgress | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Proposal:
         """A box on one slice (two opposite corners, voxel ``(i, j, k)``; the first corner's slice) → 3D."""
         k, xa, ya = self._to_grid(corner_a_ijk)
         _, xb, yb = self._to_grid(corner_b_ijk)
@@ -412,8 +759,13 @@ class MedSAMFamily:
     def segment(self, view: SessionView, progress: Any, cancel: CancelToken | None) -> Proposal:
         raise ValueError("LiteMedSAM segments what it is shown: click on a structure or draw a box first")
 
-    def refine(self, view: SessionView, time_budget_s: float, progress: RefineProgress | None,
-               cancel: CancelToken | None) -> tuple[Proposal, RefineReport]:
+    def refine(
+        self,
+        view: SessionView,
+        time_budget_s: float,
+        progress: RefineProgress | None,
+        cancel: CancelToken | None,
+    ) -> tuple[Proposal, RefineReport]:
         """Fine-tune the decoder on the scribbles (pCE + masked CRF), then propagate every structure again."""
         grid_scribbles = self._grid_labels(view.scribbles)
         labels = sorted(int(v) for v in np.unique(grid_scribbles) if 0 < v < IGNORE_INDEX)
@@ -425,15 +777,12 @@ class MedSAMFamily:
                 k = int(np.argmax(counts))
                 if counts[k] == 0:
                     continue
-                box = bounding_box(fg[k])
-                assert box is not None
-                cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-                grown = self.box_from_click(k, cx, cy)
-                union = (min(grown[0], box[0]), min(grown[1], box[1]), max(grown[2], box[2]), max(grown[3], box[3]))
-                self.tracks[label] = Track(k, self._grown(union))
+                bg = (grid_scribbles[k] != label) & (grid_scribbles[k] != IGNORE_INDEX)
+                self.tracks[label] = Track(k, self.box_from_scribbles(k, fg[k], bg))
                 self._propagate(label, view)
-        report = self._fine_tune(view, grid_scribbles, [lb for lb in labels if lb in self.tracks],
-                                 time_budget_s, progress, cancel)
+        report = self._fine_tune(
+            view, grid_scribbles, [lb for lb in labels if lb in self.tracks], time_budget_s, progress, cancel
+        )
         for label in self.tracks:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("refine cancelled")
@@ -441,13 +790,17 @@ class MedSAMFamily:
         self.last_strategy = "decoder_finetune"
         return self._proposal(view, sorted(self.tracks)), report
 
-    def _samples(self, grid_scribbles: np.ndarray, labels: Sequence[int]
-                 ) -> list[tuple[int, int, tuple[float, float, float, float], np.ndarray]]:
-        """(label, slice, box, binary target with 255 = none) for every slice where scribbles teach something."""
+    def _samples(
+        self, grid_scribbles: np.ndarray, labels: Sequence[int]
+    ) -> list[tuple[int, int, tuple[float, float, float, float], np.ndarray]]:
+        """(label, slice, box, binary target with 255 = none) for every slice where scribbles teach
+        something."""
         samples = []
         for label in labels:
             structure = self.structures.get(label)
-            for k in np.nonzero((grid_scribbles != IGNORE_INDEX).reshape(grid_scribbles.shape[0], -1).any(1))[0]:
+            for k in np.nonzero((grid_scribbles != IGNORE_INDEX).reshape(grid_scribbles.shape[0], -1).any(1))[
+                0
+            ]:
                 marks = grid_scribbles[k]
                 fg = marks == label
                 box = bounding_box(structure[k]) if structure is not None else None
@@ -455,8 +808,16 @@ class MedSAMFamily:
                 if box is None and fg_box is None:
                     continue
                 if fg_box is not None:
-                    box = fg_box if box is None else (min(box[0], fg_box[0]), min(box[1], fg_box[1]),
-                                                      max(box[2], fg_box[2]), max(box[3], fg_box[3]))
+                    box = (
+                        fg_box
+                        if box is None
+                        else (
+                            min(box[0], fg_box[0]),
+                            min(box[1], fg_box[1]),
+                            max(box[2], fg_box[2]),
+                            max(box[3], fg_box[3]),
+                        )
+                    )
                 target = np.full(marks.shape, IGNORE_INDEX, dtype=np.int64)
                 target[(marks != IGNORE_INDEX) & ~fg] = 0
                 target[fg] = 1
@@ -464,9 +825,15 @@ class MedSAMFamily:
                     samples.append((label, int(k), self._grown(box), target))
         return samples
 
-    def _fine_tune(self, view: SessionView, grid_scribbles: np.ndarray, labels: Sequence[int],
-                   time_budget_s: float, progress: RefineProgress | None, cancel: CancelToken | None
-                   ) -> RefineReport:
+    def _fine_tune(
+        self,
+        view: SessionView,
+        grid_scribbles: np.ndarray,
+        labels: Sequence[int],
+        time_budget_s: float,
+        progress: RefineProgress | None,
+        cancel: CancelToken | None,
+    ) -> RefineReport:
         report = RefineReport(strategy="decoder_finetune")
         samples = self._samples(grid_scribbles, labels)
         if not samples:
@@ -474,7 +841,9 @@ class MedSAMFamily:
         budget = max(min(self.options.refine_seconds, time_budget_s), 0.0)
         params = [p for m in (self.network.mask_decoder, self.network.prompt_encoder) for p in m.parameters()]
         optimiser = torch.optim.Adam(params, lr=self.options.learning_rate)
-        images = {k: torch.from_numpy(self._normalised(k))[None, None].to(self.device) for _, k, _, _ in samples}
+        images = {
+            k: torch.from_numpy(self._normalised(k))[None, None].to(self.device) for _, k, _, _ in samples
+        }
         best_state, started = None, time.perf_counter()
         self.network.mask_decoder.train()
         try:
@@ -486,20 +855,32 @@ class MedSAMFamily:
                     raise Cancelled("refine cancelled")
                 optimiser.zero_grad(set_to_none=True)
                 total = torch.zeros((), device=self.device)
-                for _, k, box, target in samples:
+                batch = samples
+                if (
+                    len(samples) > self.options.slices_per_step
+                ):  # the foreground slices, then others at random
+                    order = torch.randperm(len(samples), generator=self.generator).tolist()
+                    order.sort(key=lambda i: not (samples[i][3] == 1).any())
+                    batch = [samples[i] for i in order[: self.options.slices_per_step]]
+                for _, k, box, target in batch:
                     logits, _ = self._decode(k, box, grad=True)
                     t = torch.from_numpy(target).to(self.device)
                     two = torch.stack([-logits, logits])[None]  # (1, 2, H, W)
                     labelled = t != IGNORE_INDEX
                     fg, bg = labelled & (t == 1), labelled & (t == 0)
                     ce = F.cross_entropy(two, t[None], ignore_index=IGNORE_INDEX, reduction="none")[0]
-                    loss = sum(ce[m].mean() for m in (fg, bg) if m.any()) / max(int(fg.any()) + int(bg.any()), 1)
+                    loss = sum(ce[m].mean() for m in (fg, bg) if m.any()) / max(
+                        int(fg.any()) + int(bg.any()), 1
+                    )
                     if self.settings.crf_weight > 0:
                         probs = torch.softmax(two, dim=1)
                         loss = loss + self.settings.crf_weight * masked_crf_loss(
-                            probs, images[k], receive_mask=(~labelled).float()[None, None],
-                            radius=self.settings.crf_radius)
-                    total = total + loss / len(samples)
+                            probs,
+                            images[k],
+                            receive_mask=(~labelled).float()[None, None],
+                            radius=self.settings.crf_radius,
+                        )
+                    total = total + loss / len(batch)
                 value = float(total.detach())
                 report.losses.append(value)
                 if value < report.best_loss:
@@ -509,8 +890,10 @@ class MedSAMFamily:
                 optimiser.step()
                 report.steps += 1
                 if progress is not None:
-                    progress(min((time.perf_counter() - started) / max(budget, 1e-6), 0.95),
-                             f"LiteMedSAM decoder step {report.steps}, scribble loss {value:.3f}")
+                    progress(
+                        min((time.perf_counter() - started) / max(budget, 1e-6), 0.95),
+                        f"LiteMedSAM decoder step {report.steps}, scribble loss {value:.3f}",
+                    )
             else:
                 report.stopped_by = "max_steps"
         finally:
@@ -549,7 +932,8 @@ class MedSAMFamily:
     # ------------------------------------------------------------------------------------------- views
 
     def attention_maps(self, view: SessionView) -> dict[str, np.ndarray]:
-        """Per structure, the mask token's attention over the image (decoder's last token-to-image attention)."""
+        """Per structure, the mask token's attention over the image (decoder's last token-to-image
+        attention)."""
         maps = {}
         for label, slices in sorted(self.attention.items()):
             grid = np.zeros(self.slices.shape, dtype=np.float32)
@@ -568,18 +952,32 @@ class MedSAMFamily:
 
     def timings(self) -> dict[str, float]:
         """Mean CPU/GPU seconds per slice of the encoder and per decoding, so far."""
-        return {"encode_s_per_slice": self.cache.encode_seconds / max(self.cache.encoded, 1),
-                "decode_s": self.decode_seconds / max(self.decoded, 1), "encoded_slices": self.cache.encoded,
-                "cache_mib": self.cache.nbytes / 2 ** 20}
+        return {
+            "encode_s_per_slice": self.encode_seconds / max(self.encoded, 1),
+            "decode_s": self.decode_seconds / max(self.decoded, 1),
+            "encoded_slices": self.encoded,
+            "decoded_prompts": self.decoded,
+            "cache_mib": self.cache.nbytes / 2**20,
+        }
 
     # ------------------------------------------------------------------------------------------- persistence
 
     def save(self, path: str | os.PathLike, view: SessionView) -> Path:
         """The adapted decoder and prompt encoder (the image encoder is the released one, by checksum)."""
-        payload = {"format": ADAPTED_FORMAT, "base_sha256": SHA256, "state_dict": self._trainable_state(clone=True),
-                   "provenance": {**{k: v for k, v in WEIGHTS_INFO.items()}, "adapted_from": self.source,
-                                  "adaptation": {"refine_steps": self.adapt_steps, "clicks": len(view.clicks),
-                                                 "scribbled_voxels": int((view.scribbles != IGNORE_INDEX).sum())}}}
+        payload = {
+            "format": ADAPTED_FORMAT,
+            "base_sha256": SHA256,
+            "state_dict": self._trainable_state(clone=True),
+            "provenance": {
+                **{k: v for k, v in WEIGHTS_INFO.items()},
+                "adapted_from": self.source,
+                "adaptation": {
+                    "refine_steps": self.adapt_steps,
+                    "clicks": len(view.clicks),
+                    "scribbled_voxels": int((view.scribbles != IGNORE_INDEX).sum()),
+                },
+            },
+        }
         target = Path(path)
         with atomic_output(target, "wb") as handle:
             handle.write(ADAPTED_FORMAT.encode())  # a marker at the start: found without unpickling
@@ -593,13 +991,22 @@ class MedSAMFamily:
                 raise ValueError(f"{path}: not an adapted LiteMedSAM file")
             payload = torch.load(handle, map_location="cpu", weights_only=True)
         if payload.get("base_sha256") != SHA256:
-            raise ValueError(f"{path}: adapted from other LiteMedSAM weights (sha256 {payload.get('base_sha256')})")
+            raise ValueError(
+                f"{path}: adapted from other LiteMedSAM weights (sha256 {payload.get('base_sha256')})"
+            )
         missing = self.network.load_state_dict(payload["state_dict"], strict=False)
         if missing.unexpected_keys or any(not k.startswith("image_encoder.") for k in missing.missing_keys):
             raise ValueError(f"{path}: its state does not fit LiteMedSAM's decoder")
         self.source = str(path)
 
     def describe(self) -> dict[str, Any]:
-        return {"family": self.name, "network": "LiteMedSAM (TinyViT + SAM decoder)", "device": str(self.device),
-                "strategy": "decoder_finetune", "last_strategy": self.last_strategy, "classes": "any 1..254",
-                "structures": sorted(self.tracks), **{k: round(v, 4) for k, v in self.timings().items()}}
+        return {
+            "family": self.name,
+            "network": "LiteMedSAM (TinyViT + SAM decoder)",
+            "device": str(self.device),
+            "strategy": "decoder_finetune",
+            "last_strategy": self.last_strategy,
+            "classes": "any 1..254",
+            "structures": sorted(self.tracks),
+            **{k: round(v, 4) for k, v in self.timings().items()},
+        }

@@ -16,7 +16,8 @@ from ..losses import IGNORE_INDEX
 from ..preprocessing import Preprocessor
 
 
-def click_disk(shape: Sequence[int], point_ijk: Sequence[float], radius: int) -> tuple[tuple[slice, ...], np.ndarray]:
+def click_disk(shape: Sequence[int], point_ijk: Sequence[float],
+               radius: int) -> tuple[tuple[slice, ...], np.ndarray]:
     """Voxels within ``radius`` of the point, in-plane (on the point's slice for 3D): ``(region, inside)``."""
     center = [int(round(c)) for c in point_ijk[::-1]]  # array order
     region = tuple(slice(max(c - radius, 0), min(c + radius + 1, s)) for c, s in zip(center, shape))
@@ -74,9 +75,10 @@ class ModelGrid:
         return tuple(self.image.shape)
 
     def labels(self, array: np.ndarray, fill: int) -> np.ndarray:
-        """An integer map of the image grid on the model grid (nearest neighbour; ``fill`` outside the image)."""
-        grid = self.preprocessor.resample_channel(self.volume.with_array(array.astype(np.float32)), self.context,
-                                                  interpolator="nearest")
+        """An integer map of the image grid on the model grid (nearest neighbour;
+        ``fill`` outside the image)."""
+        grid = self.preprocessor.resample_channel(self.volume.with_array(array.astype(np.float32)),
+                                                  self.context, interpolator="nearest")
         out = np.rint(grid).astype(np.int64)
         if out.shape != self.image.shape:
             raise RuntimeError("resampled map does not fit the model grid")
@@ -84,11 +86,12 @@ class ModelGrid:
 
     def channel(self, array: np.ndarray) -> np.ndarray:
         """A float map of the image grid on the model grid (linear interpolation)."""
-        return self.preprocessor.resample_channel(self.volume.with_array(array.astype(np.float32)), self.context,
-                                                  interpolator="linear")
+        return self.preprocessor.resample_channel(self.volume.with_array(array.astype(np.float32)),
+                                                  self.context, interpolator="linear")
 
     def marks(self, scribbles: np.ndarray) -> np.ndarray:
-        """Where the scribbles are, on the model grid (the image grid's voxels when resampling loses them all)."""
+        """Where the scribbles are, on the model grid (the image grid's voxels when
+        resampling loses them all)."""
         drawn = scribbles != IGNORE_INDEX
         grid = self.labels(drawn.astype(np.uint8), 0) > 0
         return grid if grid.any() else drawn

@@ -1,10 +1,10 @@
 """The interactive session: click, scribble, refine (the model learns from this very image), undo/redo, locks.
 
-The session holds the user's state (mask, scribbles, clicks, locked labels, the undo history) and the rules for
-writing into the mask (locked labels are never overwritten, scribbled voxels keep their label). The model behind
-it is a *family* (:mod:`.family`): the engine's U-Nets (:mod:`.unet`) or the LiteMedSAM prior (:mod:`.medsam`),
-each answering clicks, refinements and views its own way. Every step is undoable, and a step that fails or is
-cancelled leaves the session exactly as it was.
+The session holds the user's state (mask, scribbles, clicks, locked labels, the undo history) and the rules
+for writing into the mask (locked labels are never overwritten, scribbled voxels keep their label). The model
+behind it is a *family* (:mod:`.family`): the engine's U-Nets (:mod:`.unet`) or the LiteMedSAM prior
+(:mod:`.medsam`), each answering clicks, refinements and views its own way. Every step is undoable, and a step
+that fails or is cancelled leaves the session exactly as it was.
 
 Conventions: arrays ``(k, j, i)``, points ``(i, j, k)``; scribble maps uint8 with 255 = none, 0 = background,
 ``k`` = label ``k`` (label ``k`` is the model's output channel ``k``).
@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..image import Volume, check_finite
-from ..inference import CancelToken, resolve_device
 from ..losses import IGNORE_INDEX
+from ..progress import CancelToken
 from .family import ModelFamily, Proposal, check_point
 from .history import Click, History, Snapshot
 from .roi import click_disk
@@ -114,7 +115,8 @@ class InteractiveSession:
     def describe(self) -> dict[str, Any]:
         """What the user should know: the family, model, device, refine strategy, marks and undo depth."""
         facts = dict(self.family.describe())
-        facts.update({"clicks": len(self.clicks), "scribbled_voxels": int((self.scribbles != IGNORE_INDEX).sum()),
+        facts.update({"clicks": len(self.clicks),
+                      "scribbled_voxels": int((self.scribbles != IGNORE_INDEX).sum()),
                       "locked": sorted(self.locked), "can_undo": self.can_undo, "can_redo": self.can_redo})
         if self.last_report is not None:
             facts["last_refine"] = {"strategy": self.last_report.strategy, "steps": self.last_report.steps,
@@ -136,7 +138,8 @@ class InteractiveSession:
         self.family.restore(snap.model_state)
 
     def _rollback(self) -> None:
-        """Undo the step just pushed (it failed or was cancelled): nothing of it stays, not even in history."""
+        """Undo the step just pushed (it failed or was cancelled): nothing of it
+        stays, not even in history."""
         self._restore(self.history.drop_last())
 
     @property
@@ -184,12 +187,14 @@ class InteractiveSession:
 
     def _check_label(self, label: int, what: str) -> None:
         if not 0 < int(label) < self.num_classes:
-            raise ValueError(f"{what}: label {label} is not one of this network's labels 1..{self.num_classes - 1}")
+            raise ValueError(f"{what}: label {label} is not one of this network's labels "
+                             f"1..{self.num_classes - 1}")
 
     # ------------------------------------------------------------------------------------------------ inputs
 
     def add_scribbles(self, scribble_map: np.ndarray, *, replace: bool = False) -> None:
-        """Merge a scribble map (uint8 in the image grid: 255 none, 0 background, k = label k) into the session.
+        """Merge a scribble map (uint8 in the image grid: 255 none, 0 background,
+        k = label k) into the session.
 
         With ``replace=True`` the map becomes the session's whole set of scribbles (e.g. when the user erased
         some in Slicer's scribble segmentation); the scribbles left by clicks are kept.
@@ -214,7 +219,8 @@ class InteractiveSession:
                              f"(uint8) label map: {IGNORE_INDEX} = not scribbled, 0 = background, k = label "
                              "k (a bool mask would make every unmarked voxel a background scribble)")
         if scribble_map.shape != self.volume.shape:
-            raise ValueError(f"scribble map of shape {scribble_map.shape} is not on the image grid {self.volume.shape}")
+            raise ValueError(f"scribble map of shape {scribble_map.shape} is not on the image grid "
+                             f"{self.volume.shape}")
         if scribble_map.size and int(scribble_map.min()) < 0:
             raise ValueError(f"the scribble map holds negative values (min {int(scribble_map.min())}); use "
                              f"{IGNORE_INDEX} = not scribbled, 0 = background, k = label k")
@@ -224,7 +230,8 @@ class InteractiveSession:
         values = np.unique(scribble_map[drawn])
         bad = [int(v) for v in values if v >= self.num_classes]
         if bad:
-            raise ValueError(f"scribble labels {bad} are not labels of this network (0..{self.num_classes - 1})")
+            raise ValueError(f"scribble labels {bad} are not labels of this network "
+                             f"(0..{self.num_classes - 1})")
         return scribble_map.astype(np.uint8), drawn
 
     def _merge_scribbles(self, scribble_map: np.ndarray, drawn: np.ndarray, replace: bool) -> None:
@@ -271,15 +278,16 @@ class InteractiveSession:
 
     def box(self, corner_a_ijk: Sequence[float], corner_b_ijk: Sequence[float], label: int = 1,
             progress: RefineProgress | None = None, cancel: CancelToken | None = None) -> np.ndarray:
-        """A box on one slice (two opposite corners ``(i, j, k)``, the slice of the first) gives ``label`` in 3D.
+        """A box on one slice (two opposite corners ``(i, j, k)``, the slice of the
+        first) gives ``label`` in 3D.
 
         Only box-prompted families answer it (LiteMedSAM: the box segments its slice, then the structure is
         propagated through the slices); the others raise ``ValueError``. A failed or cancelled box leaves
         nothing behind.
         """
         if not hasattr(self.family, "box"):
-            raise ValueError(f"the '{self.family.name}' model takes clicks and scribbles, not boxes; a box needs "
-                             "a box-prompted model such as 'medsam_lite'")
+            raise ValueError(f"the '{self.family.name}' model takes clicks and scribbles, not boxes; a box "
+                             "needs a box-prompted model such as 'medsam_lite'")
         corner_a = check_point(self.volume, corner_a_ijk)
         corner_b = check_point(self.volume, corner_b_ijk)
         self._check_label(label, "box")

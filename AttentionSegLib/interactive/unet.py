@@ -22,9 +22,10 @@ from ..checkpoint import LoadedModel, model_from_config, save_checkpoint
 from ..clicks import draw_click_maps
 from ..datasets import default_mirror_axes
 from ..image import Volume
-from ..inference import CancelToken, Prediction, back_to_image, predict_volume
+from ..inference import Prediction, back_to_image, predict_volume
 from ..losses import IGNORE_INDEX
 from ..postprocessing import keep_components_at_points
+from ..progress import CancelToken
 from .adapt.features import FeatureCache
 from .adapt.finetune import fine_tune_network, pad_to_divisor
 from .family import Proposal, SessionView
@@ -33,7 +34,7 @@ from .roi import ModelGrid, interaction_box, training_targets
 from .settings import RefineProgress, RefineReport, RefineSettings
 
 HEAD_MAX_VOXELS = 1 << 22
-"""The online head works on the whole model grid up to this many voxels (features are cheap), else on the ROI."""
+"""Up to this many voxels the online head sees the whole model grid (its features are cheap), else the ROI."""
 
 
 def resolve_unet_model(model: Any, volume: Volume) -> LoadedModel:
@@ -187,7 +188,8 @@ class UNetFamily:
                 roi_size: Sequence[int] | None = None, attention: bool = False) -> Prediction:
         size = list(roi_size or self.roi_size())
         prediction = predict_volume(self.model, view.volume, device=self.device, roi_center_ijk=center_ijk,
-                                    roi_size=size if center_ijk is not None else None, return_attention=attention,
+                                    roi_size=size if center_ijk is not None else None,
+                                    return_attention=attention,
                                     return_probabilities=False, extra_channels=self.click_channels(view))
         self.last_prediction = prediction
         self.last_roi_center = tuple(center_ijk) if center_ijk is not None else None
@@ -204,13 +206,14 @@ class UNetFamily:
         network's component at the point is kept when it has one; otherwise, once the marks hold the label and
         something else (background scribbles, the view's frame, other clicks), the head answers from them in
         about a second. Without that contrast yet, the click's disk stays as the label (nothing to learn
-        against). With fine-tuning: the network is fine-tuned briefly (``click_budget_s``) when it does not find
-        the structure at the point.
+        against). With fine-tuning: the network is fine-tuned briefly (``click_budget_s``) when it does not
+        find the structure at the point.
         """
         point, label = click.point_ijk, click.label
         index = tuple(int(round(c)) for c in point[::-1])
         head = self._uses_head()
-        if head:  # the views (attention, uncertainty) look around the latest interaction, as after a prediction
+        # the views (attention, uncertainty) look around the latest interaction, as after a prediction
+        if head:
             self.last_roi_center, self.last_roi_size = tuple(point), self.roi_size()
         if not click.positive:
             wrong = int(view.mask[index])
@@ -271,7 +274,8 @@ class UNetFamily:
             window = (prediction.roi.array.astype(bool) if prediction.roi is not None
                       else np.ones(mask.shape, bool))
             found = prediction.labels.array == label
-            kept = keep_components_at_points(found, seeds) if seeds and found.any() else np.zeros(mask.shape, bool)
+            kept = (keep_components_at_points(found, seeds) if seeds and found.any()
+                    else np.zeros(mask.shape, bool))
             mask = np.where(window & (mask == label), 0, mask)
             mask = np.where(window & kept.astype(bool) & (mask == 0), label, mask)
             return mask.astype(np.uint8)  # the click's disk, a background scribble, is cleared by the session
@@ -279,8 +283,8 @@ class UNetFamily:
         return np.where(component, 0, mask).astype(np.uint8)
 
     def segment(self, view: SessionView, progress: Any, cancel: CancelToken | None) -> Proposal:
-        prediction = predict_volume(self.model, view.volume, device=self.device, progress=progress, cancel=cancel,
-                                    extra_channels=self.click_channels(view))
+        prediction = predict_volume(self.model, view.volume, device=self.device, progress=progress,
+                                    cancel=cancel, extra_channels=self.click_channels(view))
         self.last_prediction = prediction
         self.last_roi_center = None
         return Proposal(prediction.labels.array)
@@ -321,7 +325,8 @@ class UNetFamily:
 
     def _batch(self, view: SessionView, box: tuple[slice, ...], target: np.ndarray | None
                ) -> tuple[torch.Tensor, torch.Tensor | None, list[int] | None]:
-        """The ROI as a network batch ``(B, C, *s)`` (2D networks: the slices as the batch) and its targets."""
+        """The ROI as a network batch ``(B, C, *s)`` (2D networks: the slices as
+        the batch) and its targets."""
         image = torch.from_numpy(np.ascontiguousarray(self.grid.image[box], dtype=np.float32))
         channels = [image[None]]
         extra = self.click_channels(view)
@@ -365,7 +370,8 @@ class UNetFamily:
 
     def _features(self, view: SessionView, box: tuple[slice, ...]) -> np.ndarray:
         """The frozen network's features over ``box`` (cached until the weights or the clicks change)."""
-        key = ("network", tuple((s.start, s.stop) for s in box), len(view.clicks) if self.click_conditioned else 0)
+        key = ("network", tuple((s.start, s.stop) for s in box),
+               len(view.clicks) if self.click_conditioned else 0)
         cached = self._feature_cache.get(key)
         if cached is None:
             x, _, _ = self._batch(view, box, None)
@@ -394,11 +400,12 @@ class UNetFamily:
         box = self._head_box(view)
         target = self.grid.labels(training_targets(view.scribbles, view.mask, view.locked), IGNORE_INDEX)[box]
         spacing = self._grid_spacing()
-        # The head decides a band of rw_band_mm around the walker's edge; thinner than a voxel in-plane, there is
-        # no band and the network's features would go unused: skip computing them.
+        # The head decides a band of rw_band_mm around the walker's edge; thinner than a voxel in-plane, there
+        # is no band and the network's features would go unused: skip computing them.
         banded = head_settings.rw_band_mm >= min(spacing[-2:])
         features = self._features(view, box) if banded else None
-        cache = self._feature_cache.setdefault(("image", tuple((s.start, s.stop) for s in box)), FeatureCache())
+        cache = self._feature_cache.setdefault(("image", tuple((s.start, s.stop) for s in box)),
+                                               FeatureCache())
         budget = max(min(self.settings.head_seconds, time_budget_s), 0.05)
         result = fit_online_head(self.grid.image[box].astype(np.float32), target.astype(np.uint8),
                                  num_classes=self.num_classes, spacing=spacing, network_features=features,
@@ -408,8 +415,9 @@ class UNetFamily:
                               stopped_by=result.stopped_by)
         if result.stopped_by == "no_contrast":  # one class marked: nothing to learn against, the mask stays
             return Proposal(view.mask.copy()), report
-        labels, uncertainty, _ = back_to_image(result.probabilities, box, self.grid.shape, self.grid.preprocessor,
-                                               self.grid.context, keep_probabilities=False)
+        labels, uncertainty, _ = back_to_image(result.probabilities, box, self.grid.shape,
+                                               self.grid.preprocessor, self.grid.context,
+                                               keep_probabilities=False)
         inside = np.zeros(self.grid.shape, dtype=np.float32)
         inside[box] = 1.0
         region = self.grid.preprocessor.inverse(inside, self.grid.context, interpolator="nearest").array > 0.5
@@ -444,7 +452,8 @@ class UNetFamily:
     def save(self, path: str | os.PathLike, view: SessionView) -> Path:
         provenance = dict(self.model.provenance)
         provenance.update({
-            "adapted_from": str(self.model.path) if self.model.path else self.model.provenance.get("source", ""),
+            "adapted_from": (str(self.model.path) if self.model.path
+                             else self.model.provenance.get("source", "")),
             "adaptation": {"refine_steps": self.adapt_steps, "clicks": len(view.clicks),
                            "scribbled_voxels": int((view.scribbles != IGNORE_INDEX).sum())},
         })

@@ -76,7 +76,8 @@ class ImagePerturbation:
             )
         if source is None:
             if not self.source_is_batch:
-                raise ValueError("the boxes came from source_images: pass the same quantity for them as source")
+                raise ValueError("the boxes came from source_images: pass the same quantity for them as "
+                                 "source")
             source = target[self.source_index.to(target.device)]
         elif source.shape != target.shape:
             raise ValueError(

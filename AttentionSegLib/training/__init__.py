@@ -1,4 +1,4 @@
-"""Training: one loop (AMP, DDP through torchrun, checkpoints, resume, progress, validation) and its regimes."""
+"""Training: one loop (AMP, DDP via torchrun, checkpoints, resume, progress, validation) and its regimes."""
 
 from .config import TrainConfig
 from .loop import TrainResult, train

@@ -13,16 +13,19 @@ class TrainConfig:
     """Everything a training run needs; ``TrainConfig.from_json(path)`` / ``to_json`` keep it as data.
 
     Attributes:
-        data: the dataset folder (``imagesTr/``, ``labelsTr/``, optionally ``scribblesTr/``, ``dataset.json``).
+        data: the dataset folder (``imagesTr/``, ``labelsTr/``, optionally
+            ``scribblesTr/``, ``dataset.json``).
         output: folder for checkpoints and the training log.
         regime: ``supervised`` | ``scribble`` | ``semi``.
         network: registry name; ``network_config``: its config (spatial_dims etc. are filled in from here).
         spatial_dims: 2 (slice-wise) or 3.
         patch_size: training patch in array order; also the inference window recorded in the checkpoint.
-        normalization: ``{"kind": "ct_window", "window": [lo, hi]}`` | ``{"kind": "zscore"}`` | ``{"kind": "none"}``.
+        normalization: ``{"kind": "ct_window", "window": [lo, hi]}`` |
+            ``{"kind": "zscore"}`` | ``{"kind": "none"}``.
         spacing: resample every case to this spacing (x, y, z mm) or null to keep each image's own.
         validation: names/regexes of validation cases, a fraction (0.2) or a count.
-        labelled_cases: for ``semi``: names/regexes of the cases whose labels may be used (the rest are unlabelled).
+        labelled_cases: for ``semi``: names/regexes of the cases whose labels may be
+            used (the rest are unlabelled).
         regime_options: loss weights and switches of the regime (see each regime's docstring).
         grad_clip: clip the gradients' global norm to this (nnU-Net v2 uses 12); null: no clipping. Steps
             with non-finite gradients are skipped; 50 in a row stop training with an error.

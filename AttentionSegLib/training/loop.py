@@ -28,10 +28,11 @@ from torch.nn.parallel import DistributedDataParallel
 from ..atomic import write_text_atomically
 from ..checkpoint import atomic_torch_save, save_checkpoint, state_digest
 from ..datasets import Case, list_cases, load_case, read_labels, split_cases
-from ..inference import CancelToken, autocast_for, resolve_device, sliding_window_predict
+from ..devices import autocast_for, resolve_device
 from ..metrics import dice
 from ..networks import build_network
-from ..progress import ProgressBar
+from ..progress import CancelToken, ProgressBar
+from ..sliding_window import sliding_window_predict
 from .config import TrainConfig
 from .distributed import DistributedContext, all_equal, barrier, device_for_rank, init_distributed, shutdown
 from .regimes import Regime, make_regime
@@ -71,7 +72,8 @@ def git_commit(path: Path) -> str | None:
 
 
 def command_line() -> str:
-    """The command line of this process (``python script.py ...``), for runs started through the Python API."""
+    """The command line of this process (``python script.py ...``), for runs
+    started through the Python API."""
     if not sys.argv:
         return ""
     return shlex.join(["python", *sys.argv])
@@ -173,7 +175,8 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
     files = list_cases(root, require="scribble" if config.regime == "scribble" else "label")
     train_files, val_files = split_cases(files, config.validation, seed=config.seed)
     preprocessing = config.preprocessing()
-    val_cases = [load_case(f, preprocessing) for f in val_files if f.label is not None] if context.is_main else []
+    val_cases = ([load_case(f, preprocessing) for f in val_files if f.label is not None]
+                 if context.is_main else [])
 
     regime: Regime = make_regime(config, train_files, preprocessing, rank=context.rank)
     label_values = sorted(set(label_names) - {0}) or regime.label_values()
@@ -184,10 +187,11 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
 
     optimizer: torch.optim.Optimizer
     if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(network.parameters(), lr=config.learning_rate, momentum=0.99, nesterov=True,
-                                    weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(network.parameters(), lr=config.learning_rate, momentum=0.99,
+                                    nesterov=True, weight_decay=config.weight_decay)
     elif config.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate,
+                                      weight_decay=config.weight_decay)
     else:
         raise ValueError(f"unknown optimizer '{config.optimizer}' (adamw or sgd)")
     use_amp = config.amp and device.type == "cuda"
@@ -233,9 +237,11 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
 
     def save_state(iteration: int) -> None:
         atomic_torch_save({"network": network.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scaler": scaler.state_dict(), "regime": regime.state_dict(), "iteration": iteration,
-                           "best_metric": best_metric, "history": history, "config": config.to_dict()}, state_path)
-        save_checkpoint(output / LAST_MODEL, network, preprocessing=preprocessing, labels=labels_for_checkpoint,
+                           "scaler": scaler.state_dict(), "regime": regime.state_dict(),
+                           "iteration": iteration, "best_metric": best_metric, "history": history,
+                           "config": config.to_dict()}, state_path)
+        save_checkpoint(output / LAST_MODEL, network, preprocessing=preprocessing,
+                        labels=labels_for_checkpoint,
                         provenance=provenance(iteration, history[-1] if history else None))
 
     bar = ProgressBar(config.iterations, f"train[{config.regime}]", enabled=progress and context.is_main,
@@ -259,7 +265,8 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             # The gradients are the same on every rank (DDP averaged them), so every rank takes the same
-            # decision: a step with non-finite gradients is skipped everywhere (GradScaler does the same on CUDA).
+            # decision: a step with non-finite gradients is skipped everywhere
+            # (GradScaler does the same on CUDA).
             norm = torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip or math.inf)
             finite = bool(torch.isfinite(norm))
             if finite or use_amp:
@@ -272,8 +279,8 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
                 if bad_steps >= MAX_BAD_STEPS:
                     raise TrainingDiverged(
                         f"training diverged: the gradients were not finite for {bad_steps} steps in a row at "
-                        f"iteration {iteration + 1} (loss {float(loss.detach())}); lower the learning rate or "
-                        f"the loss weights in regime_options, and resume from {state_path} (saved every "
+                        f"iteration {iteration + 1} (loss {float(loss.detach())}); lower the learning rate "
+                        f"or the loss weights in regime_options, and resume from {state_path} (saved every "
                         f"{config.checkpoint_every} iterations)")
             regime.after_step(network)
             iteration += 1
@@ -288,8 +295,10 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
                 if best_metric is None or last_metrics["dice_mean"] > best_metric:
                     best_metric = last_metrics["dice_mean"]
                     save_checkpoint(output / BEST_MODEL, network, preprocessing=preprocessing,
-                                    labels=labels_for_checkpoint, provenance=provenance(iteration, last_metrics))
-            if context.is_main and (iteration % config.checkpoint_every == 0 or iteration == config.iterations):
+                                    labels=labels_for_checkpoint,
+                                    provenance=provenance(iteration, last_metrics))
+            if context.is_main and (iteration % config.checkpoint_every == 0
+                                    or iteration == config.iterations):
                 save_state(iteration)
     finally:
         bar.close()
@@ -298,10 +307,13 @@ def _train(config: TrainConfig, device: torch.device, context: DistributedContex
     if context.is_main:
         save_state(iteration)
         if best_metric is None or not (output / BEST_MODEL).exists():
-            save_checkpoint(output / BEST_MODEL, network, preprocessing=preprocessing, labels=labels_for_checkpoint,
+            save_checkpoint(output / BEST_MODEL, network, preprocessing=preprocessing,
+                            labels=labels_for_checkpoint,
                             provenance={**provenance(iteration, last_metrics), "replicas_in_sync": in_sync})
-        log = {"config": config.to_dict(), "history": history, "best_metric": best_metric, "iterations": iteration,
-               "cancelled": cancelled, "skipped_steps": skipped_steps, "world_size": context.world_size, "replicas_in_sync": in_sync}
+        log = {"config": config.to_dict(), "history": history, "best_metric": best_metric,
+               "iterations": iteration,
+               "cancelled": cancelled, "skipped_steps": skipped_steps, "world_size": context.world_size,
+               "replicas_in_sync": in_sync}
         write_text_atomically(output / "training_log.json", json.dumps(log, indent=2) + "\n")
     barrier(context)
     return TrainResult(output=output, best_model=output / BEST_MODEL, last_model=output / LAST_MODEL,

@@ -92,9 +92,10 @@ def segmentation_loss_with_aux(loss_fn: nn.Module, logits: torch.Tensor, aux: Ma
 class SupervisedRegime(Regime):
     """Dense labels: Dice + cross-entropy (Attention U-Net, Oktay et al. 2018, trained with a Dice-type loss).
 
-    With ``config.click_channels`` the network is click-conditioned (DeepGrow-style): every patch gets two more
-    input channels with simulated positive and negative clicks (``AttentionSegLib.clicks``). Options
-    (``regime_options``): ``max_positive`` (3), ``max_negative`` (3), ``p_no_clicks`` (0.25), ``click_radius`` (2).
+    With ``config.click_channels`` the network is click-conditioned (DeepGrow-style): every patch gets two
+    more input channels with simulated positive and negative clicks (``AttentionSegLib.clicks``). Options
+    (``regime_options``): ``max_positive`` (3), ``max_negative`` (3), ``p_no_clicks``
+    (0.25), ``click_radius`` (2).
     """
 
     name = "supervised"
@@ -120,7 +121,8 @@ class SupervisedRegime(Regime):
 
     def with_clicks(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The batch with simulated click maps appended as channels (one draw per patch)."""
-        maps = [simulate_click_maps(t, self.click_generator, max_positive=int(self.options.get("max_positive", 3)),
+        maps = [simulate_click_maps(t, self.click_generator,
+                                    max_positive=int(self.options.get("max_positive", 3)),
                                     max_negative=int(self.options.get("max_negative", 3)),
                                     p_no_clicks=float(self.options.get("p_no_clicks", 0.25)),
                                     radius=int(self.options.get("click_radius", 2)))
@@ -156,7 +158,8 @@ class ScribbleRegime(Regime):
         losses: ``"attenscribble"`` (default) or ``"pce"`` (partial cross-entropy alone, the baseline).
         crf_weight: weight of the masked CRF term (default 0.1, the weight WSL4MIS gives its gated CRF term
             next to pCE on ACDC, ``train_weakly_supervised_pCE_GatedCRFLoss_2D.py``).
-        crf_sigma_xy, crf_sigma_rgb, crf_radius: CRF kernel (defaults: 6 voxels, 0.1, 5: WSL4MIS's ACDC kernel).
+        crf_sigma_xy, crf_sigma_rgb, crf_radius: CRF kernel (defaults: 6 voxels,
+        0.1, 5: WSL4MIS's ACDC kernel).
         attention_weight: weight of the attentive similarity term (default 0.3).
         self_attention_level: encoder level of the pluggable self-attention module (default 3).
     """
@@ -192,8 +195,8 @@ class ScribbleRegime(Regime):
         logs = {"pce": float(loss.detach())}
         aux = dict(getattr(network, "aux_logits", {}) or {})
         if aux:
-            loss = loss + self.config.aux_weight * sum(partial_cross_entropy(a, scribbles) for a in aux.values()) \
-                / len(aux)
+            loss = loss + self.config.aux_weight * sum(partial_cross_entropy(a, scribbles)
+                                                       for a in aux.values()) / len(aux)
         if self.losses == "attenscribble":
             probs = torch.softmax(logits.float(), dim=1)
             unscribbled = (scribbles == IGNORE_INDEX).float()[:, None]
@@ -313,7 +316,8 @@ class SemiRegime(Regime):
         strong_logits = model(perturbed.images)
         loss_image = consistency_loss(strong_logits, perturbed.mix(teacher_logits), threshold)
 
-        # Feature level (AttFeaPerb): attention-guided dropout on the deepest encoder features of the weak view.
+        # Feature level (AttFeaPerb): attention-guided dropout on the deepest
+        # encoder features of the weak view.
         drop = float(self.options.get("feature_drop", 0.5))
         handle = _perturb_deepest_features(network, attention_map, drop, self.generator)
         try:
@@ -330,7 +334,8 @@ class SemiRegime(Regime):
 
 def _perturb_deepest_features(network: nn.Module, attention_map: torch.Tensor, drop_rate: float,
                               generator: torch.Generator):
-    """A forward hook on the encoder that perturbs its deepest output (the bottleneck) for one forward pass."""
+    """A forward hook on the encoder that perturbs its deepest output (the
+    bottleneck) for one forward pass."""
     encoder = getattr(network, "encoder", None)
     if encoder is None:
         raise ValueError(f"{type(network).__name__} has no 'encoder' to perturb features of")

@@ -76,7 +76,8 @@ def test_every_profile_gives_every_method_a_valid_2d_config(profile, method, tmp
 def test_methods_of_one_run_share_the_same_budget(profile, tmp_path):
     configs = [_config(m, profile, tmp_path).to_dict() for m in FIXED_METHODS]
     for key in BUDGET_KEYS:
-        assert len({json.dumps(c[key], sort_keys=True) for c in configs}) == 1, f"'{key}' differs between methods"
+        assert len({json.dumps(c[key], sort_keys=True) for c in configs}) == 1, \
+            f"'{key}' differs between methods"
 
 
 @pytest.mark.parametrize("profile", ["quick", "paper"])
@@ -155,7 +156,8 @@ def test_patient_of_rejects_names_that_are_not_acdc_cases():
 def test_seven_labelled_patients_are_deterministic_and_spread_over_the_training_range():
     picked = acdc.pick_labelled_patients(range(41, 101))
     assert picked == [41, 51, 61, 71, 80, 90, 100]
-    assert acdc.pick_labelled_patients(list(reversed(range(41, 101)))) == picked, "order of input is irrelevant"
+    assert acdc.pick_labelled_patients(list(reversed(range(41, 101)))) == picked, \
+        "order of input is irrelevant"
     # ACDC groups patients by diagnosis in blocks of 20: every group of the training range is represented.
     assert {(p - 1) // 20 for p in picked} == {2, 3, 4}
     with pytest.raises(ValueError, match="cannot pick 8"):
@@ -165,7 +167,8 @@ def test_seven_labelled_patients_are_deterministic_and_spread_over_the_training_
 def test_labelled_patterns_select_both_frames_of_exactly_the_labelled_patients():
     patterns = [re.compile(p) for p in acdc.labelled_case_patterns([41, 100])]
     selected = [n for n in _names(range(41, 101)) if any(p.fullmatch(n) for p in patterns)]
-    assert selected == ["patient041_frame01", "patient041_frame12", "patient100_frame01", "patient100_frame12"]
+    assert selected == ["patient041_frame01", "patient041_frame12", "patient100_frame01",
+                        "patient100_frame12"]
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -248,7 +251,8 @@ def test_real_data_split_and_training_folders(acdc_dir, tmp_path):
 
     scribble = acdc.prepare_training_folder(acdc_dir, tmp_path / "scribble", training, dense_labels=False)
     assert not (scribble / "labelsTr").exists(), "scribble methods never see dense labels"
-    assert sorted(p.name for p in (scribble / "scribblesTr").iterdir()) == sorted(f"{c}.nii.gz" for c in training)
+    assert (sorted(p.name for p in (scribble / "scribblesTr").iterdir())
+            == sorted(f"{c}.nii.gz" for c in training))
     dense = acdc.prepare_training_folder(acdc_dir, tmp_path / "dense", training, dense_labels=True)
     linked = {acdc.patient_of(p.name[: -len(".nii.gz")]) for p in (dense / "labelsTr").iterdir()}
     assert linked == set(range(41, 101))

@@ -1,4 +1,4 @@
-"""The simulated user of the interactive benchmarks: where it scribbles and where it clicks (shared docs §1, §2)."""
+"""Simulated user of the interactive benchmarks: where it scribbles, where it clicks (shared docs §1, §2)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("scipy", reason="the robot needs scipy (the test extra: pip install -e '.[test]')")
-pytest.importorskip("skimage", reason="the robot needs scikit-image (the test extra: pip install -e '.[test]')")
+pytest.importorskip("skimage",
+                    reason="the robot needs scikit-image (the test extra: pip install -e '.[test]')")
 
 from scipy import ndimage  # noqa: E402
 

@@ -155,6 +155,26 @@ def test_a_mask_taken_to_the_model_frame_and_back_is_recovered(shape: tuple[int,
     assert np.array_equal(back.numpy(), mask)
 
 
+def test_a_small_slice_sits_on_a_padded_canvas_and_comes_back() -> None:
+    tf = SliceTransform((40, 42), min_side=100.0)
+    assert tf.scale == pytest.approx(2.56) and tf.resized == (102, 108)
+    yy, xx = np.mgrid[:40, :42]
+    mask = (yy - 20) ** 2 + (xx - 21) ** 2 < 100
+    frame = tf.to_model(mask.astype(np.float32))
+    assert float(frame[:, 102:].abs().sum() + frame[:, :, 108:].abs().sum()) == 0
+    assert np.array_equal((tf.logits_to_slice(frame[:1] - 0.5)[0] > 0).numpy(), mask)
+
+
+def test_medsam_lite_is_a_named_model_that_load_model_explains() -> None:
+    from AttentionSegLib.models import ModelNotFoundError, available_models, load_model
+
+    entry = available_models()["medsam_lite"]
+    assert entry.sha256 == weights_mod.SHA256 and "Apache-2.0" in entry.description
+    assert "Nat. Commun. 2024" in entry.description
+    with pytest.raises(ModelNotFoundError, match="InteractiveSession"):
+        load_model("medsam_lite")
+
+
 @pytest.mark.parametrize("shape", [(101, 122), (512, 400), (77, 300)])
 def test_box_mapping_follows_the_resize(shape: tuple[int, int]) -> None:
     tf = SliceTransform(shape)

@@ -258,7 +258,8 @@ def test_s4ext_has_every_field_and_agrees_with_the_cmake_list() -> None:
 
 
 def test_icon_and_screenshot_urls_name_files_of_this_repository() -> None:
-    """The Extensions Index fetches these from the main branch: a path that is not committed is a broken image."""
+    """The Extensions Index fetches these from the main branch: a path that is not
+    committed is a broken image."""
     urls = [*cmake_set(ROOT_CMAKE, "EXTENSION_ICONURL"), *cmake_set(ROOT_CMAKE, "EXTENSION_SCREENSHOTURLS")]
     assert len(urls) >= 2
     for url in urls:

@@ -1,4 +1,4 @@
-"""The training loop: trains from a dataset folder, validates, checkpoints, resumes, runs under torchrun (gloo)."""
+"""The training loop: trains from a dataset folder, validates, checkpoints, resumes, runs under torchrun."""
 
 from __future__ import annotations
 
@@ -49,15 +49,15 @@ def test_training_writes_checkpoints_with_provenance(phantoms, tmp_path):
 def test_training_changes_the_weights_and_reduces_the_loss(phantoms, tmp_path):
     config = _config(phantoms, tmp_path / "run", iterations=30, validate_every=1000, checkpoint_every=1000,
                      learning_rate=3e-3, validation=0)
-    from AttentionSegLib.training.regimes import make_regime
     from AttentionSegLib.datasets import list_cases
     from AttentionSegLib.networks import build_network
+    from AttentionSegLib.training.regimes import make_regime
 
     torch.manual_seed(0)
     files = list_cases(phantoms)
     regime = make_regime(config, files, config.preprocessing())
-    net = build_network("attention_unet", spatial_dims=3, in_channels=1, out_channels=max(regime.label_values()) + 1,
-                        filters=[4, 8, 16, 32, 64])
+    net = build_network("attention_unet", spatial_dims=3, in_channels=1,
+                        out_channels=max(regime.label_values()) + 1, filters=[4, 8, 16, 32, 64])
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
     for it in range(30):
@@ -95,8 +95,8 @@ def test_ddp_on_gloo_with_two_processes_keeps_replicas_in_sync(phantoms, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "AttentionSegLib.cli", "train", "--data", str(phantoms), "-o", str(out), "--device", "cpu",
-           "--network-config", '{"filters": [4, 8, 16, 32, 64]}', "--patch-size", "16,32,32", "--batch-size", "1",
-           "--iterations", "3", "--validate-every", "3", "--validation", "1", "--threads", "1", "-q"]
+           "--network-config", '{"filters": [4, 8, 16, 32, 64]}', "--patch-size", "16,32,32", "--batch-size",
+           "1", "--iterations", "3", "--validate-every", "3", "--validation", "1", "--threads", "1", "-q"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((out / "training_log.json").read_text())

@@ -2,9 +2,10 @@
 
 The AttenScribble objective (Yang et al., arXiv 2312.06614): partial cross-entropy on the scribbled voxels +
 masked CRF on the unscribbled ones + the attentive similarity of the pluggable self-attention module when the
-network has one; optionally attention-guided weak-to-strong consistency (AIGCMatch, arXiv 2410.12419). Trained on
-random windows with random flips inside the ROI, within a time budget, keeping the weights whose running scribble
-loss was lowest (BIFSeg, Wang et al., IEEE TMI 2018, fine-tunes the same way with weighted losses and a CRF).
+network has one; optionally attention-guided weak-to-strong consistency (AIGCMatch, arXiv 2410.12419). Trained
+on random windows with random flips inside the ROI, within a time budget, keeping the weights whose running
+scribble loss was lowest (BIFSeg, Wang et al., IEEE TMI 2018, fine-tunes the same way
+with weighted losses and a CRF).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ...inference import CancelToken, Cancelled
 from ...losses import (
     IGNORE_INDEX,
     attention_guided_image_perturbation,
@@ -25,6 +25,7 @@ from ...losses import (
     masked_crf_loss,
     partial_cross_entropy,
 )
+from ...progress import Cancelled, CancelToken
 from ..settings import RefineProgress, RefineReport, RefineSettings
 
 
@@ -48,7 +49,8 @@ def pad_to_divisor(x: torch.Tensor, target: torch.Tensor, divisor: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad a batch ``(B, C, *s)`` and its targets ``(B, *s)`` at the far side to multiples of ``divisor``.
 
-    Returns the padded image (replicated border), targets (255 in the padding) and a validity mask ``(B, 1, *s)``.
+    Returns the padded image (replicated border), targets (255 in the padding) and a
+    validity mask ``(B, 1, *s)``.
     """
     flat = [p for size in reversed(x.shape[2:]) for p in (0, (-size) % divisor)]
     valid = torch.ones((x.shape[0], 1, *x.shape[2:]))
@@ -93,7 +95,8 @@ def fine_tune_network(network: torch.nn.Module, x: torch.Tensor, target: torch.T
                       generator: torch.Generator, device: torch.device, budget_s: float,
                       progress: RefineProgress | None = None, cancel: CancelToken | None = None,
                       report: RefineReport | None = None) -> RefineReport:
-    """Fine-tune ``network`` in place on a batch ``x`` ``(B, C, *roi)`` with targets ``(B, *roi)`` (255 = none).
+    """Fine-tune ``network`` in place on a batch ``x`` ``(B, C, *roi)`` with
+    targets ``(B, *roi)`` (255 = none).
 
     Stops after ``settings.max_steps`` or when ``budget_s`` is spent (after at least ``settings.min_steps``);
     the network ends in eval mode with the weights of the lowest running scribble loss.
@@ -130,7 +133,8 @@ def fine_tune_network(network: torch.nn.Module, x: torch.Tensor, target: torch.T
             flips = [a for a in axes if torch.rand(1, generator=generator) < 0.5]
 
             def view(t: torch.Tensor, window=window, flips=flips) -> torch.Tensor:
-                t = t[(slice(None), slice(None), *window)] if t.dim() == x.dim() else t[(slice(None), *window)]
+                t = (t[(slice(None), slice(None), *window)] if t.dim() == x.dim()
+                     else t[(slice(None), *window)])
                 dims = flips if t.dim() == x.dim() else [d - 1 for d in flips]
                 return t.flip(dims) if dims else t
 
@@ -142,8 +146,8 @@ def fine_tune_network(network: torch.nn.Module, x: torch.Tensor, target: torch.T
             loss_ce = partial_cross_entropy(logits, ts)
             loss = loss_ce
             if settings.crf_weight > 0:
-                loss = loss + settings.crf_weight * masked_crf_loss(probs, xs[:, :1], mask=vs, receive_mask=us,
-                                                                    radius=settings.crf_radius)
+                loss = loss + settings.crf_weight * masked_crf_loss(
+                    probs, xs[:, :1], mask=vs, receive_mask=us, radius=settings.crf_radius)
             attention_module = getattr(network, "self_attention", None)
             affinity = getattr(attention_module, "last_affinity", None)
             if settings.attention_weight > 0 and affinity is not None:

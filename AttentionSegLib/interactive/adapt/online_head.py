@@ -73,7 +73,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...inference import Cancelled
+from ...progress import Cancelled
 from .features import (
     DEFAULT_SCALES,
     FeatureCache,

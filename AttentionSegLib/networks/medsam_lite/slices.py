@@ -43,11 +43,14 @@ def normalise_slice(values: np.ndarray, window: tuple[float, float] | None = Non
 class SliceTransform:
     """Geometry between an (H, W) slice and the model's 256x256 frame.
 
-    ``scale`` = 256 / max(H, W); ``resized`` = (int(H·scale + 0.5), int(W·scale + 0.5)) as MedSAM rounds.
+    ``scale`` = 256 / max(H, W, min_side); ``resized`` = (int(H·scale + 0.5), int(W·scale + 0.5)) as MedSAM
+    rounds. ``min_side`` (pixels) bounds the upscaling of small slices (a crop): the slice then sits at the
+    top-left of a larger zero-padded canvas, so that structures keep roughly the size MedSAM saw in training.
     """
 
     shape: tuple[int, int]
     size: int = MODEL_SIZE
+    min_side: float = 0.0
 
     def __post_init__(self) -> None:
         h, w = (int(s) for s in self.shape)
@@ -57,7 +60,7 @@ class SliceTransform:
 
     @property
     def scale(self) -> float:
-        return self.size / max(self.shape)
+        return self.size / max(*self.shape, self.min_side)
 
     @property
     def resized(self) -> tuple[int, int]:

@@ -47,6 +47,34 @@ class Conv2dBN(nn.Sequential):
         super().__init__()
         self.c = nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_ch)
+        self._folded: tuple[tuple[int, ...], Tensor, Tensor] | None = None
+
+    def _folded_weights(self) -> tuple[Tensor, Tensor]:
+        """The batch norm folded into the convolution (eval mode): w·γ/σ and β − μ·γ/σ, cached per version."""
+        bn = self.bn
+        key = (
+            self.c.weight._version,
+            bn.weight._version,
+            bn.bias._version,
+            bn.running_mean._version,
+            bn.running_var._version,
+            id(self.c.weight.data),
+            id(bn.running_var.data),
+        )
+        if self._folded is None or self._folded[0] != key:
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            weight = (self.c.weight * scale[:, None, None, None]).detach()
+            bias = (bn.bias - bn.running_mean * scale).detach()
+            self._folded = (key, weight, bias)
+        return self._folded[1], self._folded[2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Conv then BN; in eval mode without gradients one folded convolution (same result, one pass
+        less)."""
+        if self.training or (torch.is_grad_enabled() and self.c.weight.requires_grad):
+            return super().forward(x)
+        weight, bias = self._folded_weights()
+        return F.conv2d(x, weight, bias, self.c.stride, self.c.padding, self.c.dilation, self.c.groups)
 
 
 class PatchEmbed(nn.Module):

