@@ -34,11 +34,17 @@ from slicer.util import VTKObservationMixin
 import AttentionSegMRML as mrml
 from AttentionSegBackend import Job, JobState
 from AttentionSegController import SegmentationController
+from AttentionSegRemoteBackend import RemoteBackend
 
 #: the model combo box entry that means "use the checkpoint file chosen below"
 CHECKPOINT_ENTRY = "Checkpoint file"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 POLL_INTERVAL_MS = 100
+THIS_COMPUTER, SERVER = "This computer", "Server"
+DEFAULT_SERVER_URL = "http://127.0.0.1:8765"
+#: the server token lives in this computer's Slicer settings, never in the scene (scenes are shared)
+SERVER_TOKEN_SETTING = "AttentionSeg/ServerToken"
+CONNECTION_TIMEOUT_S = 5.0
 SCRIBBLE_EDITOR_NODE_TAG = "AttentionSegScribbleEditor"
 
 
@@ -81,7 +87,9 @@ class AttentionSegParameterNode:
     inputVolume - the image to segment.
     modelName - an installed model, or CHECKPOINT_ENTRY to use checkpointPath (set by the Widget, not bound).
     checkpointPath - a checkpoint file.
-    device - auto, cpu, cuda or mps.
+    device - auto, cpu, cuda or mps (on this computer).
+    computeOn - THIS_COMPUTER, or SERVER: the engine runs on an 'attentionseg serve' machine at serverURL.
+    serverURL - the server's address (set by the Widget, not bound); its token is a Slicer setting.
     outputSegmentation - where the segments go (created at session start when empty).
     scribbleSegmentation - the scribble segments (created at session start when empty).
     targetSegmentID - the segment clicks and scribbles edit (set by the Widget, not bound).
@@ -93,6 +101,8 @@ class AttentionSegParameterNode:
     modelName: str = ""
     checkpointPath: pathlib.Path
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    computeOn: Annotated[str, Choice([THIS_COMPUTER, SERVER])] = THIS_COMPUTER
+    serverURL: str = DEFAULT_SERVER_URL
     outputSegmentation: vtkMRMLSegmentationNode
     scribbleSegmentation: vtkMRMLSegmentationNode
     targetSegmentID: str = ""
@@ -118,7 +128,10 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer: Any = None
         self._onSuccess: dict[Job, Callable[[Job], None]] = {}
         self._observedPointLists: list[Any] = []
+        self._boxNode: Any = None
         self._scribbleEditorNode: Any = None
+        self._serverModels: list[str] = []  # the models the server named at the last connection test
+        self._listedServerModels: bool | None = None  # whether the model list shows the server's models
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -137,6 +150,10 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._setupScribbleEditor()
         self.ui.modelComboBox.connect("currentTextChanged(QString)", self.onModelChanged)
+        self.ui.serverUrlLineEdit.connect("editingFinished()", self.onServerURLChanged)
+        self.ui.serverTokenLineEdit.text = qt.QSettings().value(SERVER_TOKEN_SETTING, "") or ""
+        self.ui.serverTokenLineEdit.connect("editingFinished()", self.onServerTokenChanged)
+        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
         self.ui.targetSegmentSelector.connect("currentSegmentChanged(QString)", self.onTargetSegmentChanged)
         self.ui.attentionGateComboBox.connect("currentTextChanged(QString)", self.onGateChanged)
         self.ui.startSessionButton.connect("clicked(bool)", self.onStartSession)
@@ -144,6 +161,7 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.positivePointButton.connect("clicked(bool)", lambda: self.onPlacePoints(True))
         self.ui.negativePointButton.connect("clicked(bool)", lambda: self.onPlacePoints(False))
         self.ui.clearPointsButton.connect("clicked(bool)", self.onClearPoints)
+        self.ui.boxButton.connect("clicked(bool)", self.onDrawBox)
         self.ui.foregroundScribbleButton.connect("clicked(bool)", lambda: self.onPaintScribbles(True))
         self.ui.backgroundScribbleButton.connect("clicked(bool)", lambda: self.onPaintScribbles(False))
         self.ui.eraseScribbleButton.connect("clicked(bool)", self.onEraseScribbles)
@@ -207,9 +225,14 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self.ui.serverUrlLineEdit.text = self._parameterNode.serverURL
         self._updateGUI()
 
     def _onParameterNodeModified(self, caller: Any = None, event: Any = None) -> None:
+        onServer = self._onServer()
+        if onServer != self._listedServerModels:  # Compute on changed: the other side's models
+            self._listedServerModels = onServer
+            self._refreshModelList()
         self._updateGUI()
         self._applyOverlayDisplay()
 
@@ -220,6 +243,10 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         sessionOpen = bool(controller and controller.session_open)
         busy = bool(controller and controller.busy)
         self.ui.startSessionButton.enabled = bool(pn and pn.inputVolume) and not busy
+        onServer = self._onServer()
+        for widget in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit, self.ui.testConnectionButton):
+            widget.enabled = onServer
+        self.ui.deviceComboBox.enabled = not onServer  # the server's own --device does the work there
         self.ui.checkpointPathLineEdit.enabled = self.ui.modelComboBox.currentText == CHECKPOINT_ENTRY
         sessionButtons = (
             self.ui.segmentButton, self.ui.positivePointButton, self.ui.negativePointButton,
@@ -236,7 +263,9 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _refreshModelList(self) -> None:
         """Listing installed models needs torch; before it is installed only the checkpoint entry shows."""
         names: list[str] = []
-        if self.logic.pyTorchInstalled():
+        if self._onServer():
+            names = list(self._serverModels)
+        elif self.logic.pyTorchInstalled():
             try:
                 names = self.logic.installedModels()
             except Exception as error:  # a broken model manifest must not break the module panel
@@ -252,6 +281,44 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.setCurrentIndex(index if index >= 0 else 0)
         combo.blockSignals(wasBlocked)
         self.onModelChanged(combo.currentText)
+
+    def _onServer(self) -> bool:
+        return bool(self._parameterNode and self._parameterNode.computeOn == SERVER)
+
+    def _server(self) -> tuple[str, str | None] | None:
+        """``(url, token)`` when the engine runs on a server, else None."""
+        if not self._onServer():
+            return None
+        url = self.ui.serverUrlLineEdit.text.strip() or DEFAULT_SERVER_URL
+        return url, self.ui.serverTokenLineEdit.text.strip() or None
+
+    def onServerURLChanged(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.serverURL = self.ui.serverUrlLineEdit.text.strip() or DEFAULT_SERVER_URL
+
+    def onServerTokenChanged(self) -> None:
+        qt.QSettings().setValue(SERVER_TOKEN_SETTING, self.ui.serverTokenLineEdit.text.strip())
+
+    def onTestConnection(self) -> bool:
+        """Ask the server who it is and which models it has; a failure is shown and changes nothing in the
+        scene. True when connected."""
+        self.onServerURLChanged()
+        url, token = self._server() or (DEFAULT_SERVER_URL, None)
+        try:
+            with slicer.util.WaitCursor():
+                health, models = self.logic.testConnection(url, token)
+        except Exception as error:
+            self.ui.statusLabel.text = _("No connection to {url}.").format(url=url)
+            message = _("Could not connect to the AttentionSeg server at {url}:\n{error}")
+            slicer.util.errorDisplay(message.format(url=url, error=error))
+            return False
+        self._serverModels = models
+        self._refreshModelList()
+        self.ui.statusLabel.text = _("Connected to {url}: device {device}, {sessions} of {maximum} sessions "
+                                     "open, {count} models.").format(
+            url=url, device=health.get("device"), sessions=health.get("sessions"),
+            maximum=health.get("max_sessions"), count=len(models))
+        return True
 
     def onModelChanged(self, text: str) -> None:
         if self._parameterNode:
@@ -326,9 +393,12 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onStartSession(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not start the AttentionSeg session."), waitCursor=True):
             pn = self._parameterNode
+            if self._onServer() and not self._serverModels and not self.onTestConnection():
+                return  # the server's models are not known yet, and it cannot be reached: said already
+            self.onServerURLChanged()
             job = self.logic.startSession(pn.inputVolume, self._selectedModel(), device=pn.device,
                                           segmentationNode=pn.outputSegmentation,
-                                          scribbleNode=pn.scribbleSegmentation)
+                                          scribbleNode=pn.scribbleSegmentation, server=self._server())
             if job is None:
                 self.ui.statusLabel.text = _("AttentionSeg needs PyTorch; the session was not started.")
                 return
@@ -383,6 +453,35 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onClearPoints(self) -> None:
         for positive in (True, False):
             self.logic.controller.point_list(positive).RemoveAllControlPoints()
+
+    # -- boxes (box-prompted models such as medsam_lite) -----------------------------------------------------
+    def onDrawBox(self) -> None:
+        """Place a markups ROI in a slice view; once placed (and whenever it is moved), segment in it."""
+        with slicer.util.tryWithErrorDisplay(_("Could not start drawing a box.")):
+            self._targetSegmentID()  # fail early, before the user starts drawing
+            roi = self._boxNode
+            if roi is None or slicer.mrmlScene.GetNodeByID(roi.GetID()) is None:
+                roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "AttentionSeg box")
+                roi.CreateDefaultDisplayNodes()
+                self.addObserver(roi, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onBoxPlaced)
+                self.addObserver(roi, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self.onBoxPlaced)
+                self._boxNode = roi
+            else:
+                roi.RemoveAllControlPoints()  # a new box replaces the old one
+            markupsLogic = slicer.modules.markups.logic()
+            markupsLogic.SetActiveList(roi)
+            markupsLogic.StartPlaceMode(False)
+
+    def onBoxPlaced(self, caller: Any, event: Any) -> None:
+        placed = getattr(caller, "GetControlPointPlacementComplete", None)
+        if caller.GetNumberOfControlPoints() < 1 or (placed is not None and not placed()):
+            return  # still being drawn
+        try:
+            job = self.logic.controller.box_from_roi(caller, segment_id=self._targetSegmentID())
+        except Exception as error:  # refused before any work (a box without area, outside the volume)
+            slicer.util.errorDisplay(_("Box ignored: {error}").format(error=error))
+            return
+        self._watch(job)
 
     # -- scribbles -------------------------------------------------------------------------------------------
     def _setupScribbleEditor(self) -> None:
@@ -534,6 +633,7 @@ class AttentionSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._controller: SegmentationController | None = None
+        self._computeOn: tuple[str, ...] = ()  # where the engine runs: () here, (url, token) on a server
 
     def getParameterNode(self) -> AttentionSegParameterNode:
         return AttentionSegParameterNode(super().getParameterNode())
@@ -582,13 +682,34 @@ class AttentionSegLogic(ScriptedLoadableModuleLogic):
 
         return sorted(available_models())
 
+    @staticmethod
+    def testConnection(url: str, token: str | None = None) -> tuple[dict[str, Any], list[str]]:
+        """The server's health and its model names; raises with a readable message when it cannot be reached
+        or refuses the token (waits at most CONNECTION_TIMEOUT_S)."""
+        backend = RemoteBackend(url, token, timeout=CONNECTION_TIMEOUT_S)
+        try:
+            return backend.check_connection(), backend.models()
+        finally:
+            backend.shutdown()
+
     def startSession(self, volumeNode: Any, model: Any, device: str = "auto", segmentationNode: Any = None,
-                     scribbleNode: Any = None, askUser: bool = True, **sessionOptions: Any) -> Job | None:
-        """Open an interactive session; returns its job, or None when PyTorch is missing and not installed."""
-        if not self.ensurePyTorch(askUser=askUser):
+                     scribbleNode: Any = None, askUser: bool = True,
+                     server: tuple[str, str | None] | None = None, **sessionOptions: Any) -> Job | None:
+        """Open an interactive session; returns its job, or None when PyTorch is missing and not installed.
+
+        Args:
+            server: ``(url, token)`` to run the engine on an ``attentionseg serve`` machine (PyTorch is
+                then not needed here); None runs it in Slicer.
+        """
+        computeOn = tuple(server) if server else ()
+        if not computeOn and not self.ensurePyTorch(askUser=askUser):
             return None
+        if self._controller is not None and computeOn != self._computeOn:
+            self.close()  # the old engine goes; segments, scribbles and overlays stay in the scene
         if self._controller is None:
-            self._controller = SegmentationController(slicer.mrmlScene)
+            backend = RemoteBackend(*computeOn) if computeOn else None
+            self._controller = SegmentationController(slicer.mrmlScene, backend=backend)
+            self._computeOn = computeOn
         return self._controller.start(volumeNode, model, device=device, segmentation_node=segmentationNode,
                                       scribble_node=scribbleNode, **sessionOptions)
 

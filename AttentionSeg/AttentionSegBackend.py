@@ -56,6 +56,65 @@ class SessionCall:
     kwargs: dict[str, Any] = field(default_factory=dict)
     reports_progress: bool = False
 
+    # One constructor per method of ``AttentionSegLib.InteractiveSession``, with its signature: callers never
+    # spell a method name, and a backend that forwards calls elsewhere sends ``method`` as the call's name.
+    @classmethod
+    def click(cls, point_ijk: Sequence[float], *, label: int, positive: bool = True) -> SessionCall:
+        # a click may fine-tune briefly when the network misses the structure, so it reports progress too
+        return cls("click", (tuple(point_ijk),), {"label": int(label), "positive": bool(positive)},
+                   reports_progress=True)
+
+    @classmethod
+    def box(cls, corner_a_ijk: Sequence[float], corner_b_ijk: Sequence[float], *, label: int) -> SessionCall:
+        return cls("box", (tuple(corner_a_ijk), tuple(corner_b_ijk)), {"label": int(label)},
+                   reports_progress=True)
+
+    @classmethod
+    def add_scribbles(cls, scribble_map: np.ndarray, *, replace: bool = False) -> SessionCall:
+        return cls("add_scribbles", (scribble_map,), {"replace": bool(replace)})
+
+    @classmethod
+    def refine(cls, time_budget_s: float, *, scribbles: np.ndarray | None = None,
+               replace: bool = False) -> SessionCall:
+        return cls("refine", (), {"time_budget_s": float(time_budget_s), "scribbles": scribbles,
+                                  "replace": bool(replace)}, reports_progress=True)
+
+    @classmethod
+    def segment(cls) -> SessionCall:
+        return cls("segment", reports_progress=True)
+
+    @classmethod
+    def undo(cls) -> SessionCall:
+        return cls("undo")
+
+    @classmethod
+    def redo(cls) -> SessionCall:
+        return cls("redo")
+
+    @classmethod
+    def lock(cls, labels: Sequence[int]) -> SessionCall:
+        return cls("lock", ([int(label) for label in labels],))
+
+    @classmethod
+    def unlock(cls, labels: Sequence[int]) -> SessionCall:
+        return cls("unlock", ([int(label) for label in labels],))
+
+    @classmethod
+    def attention_maps(cls) -> SessionCall:
+        return cls("attention_maps")
+
+    @classmethod
+    def uncertainty(cls) -> SessionCall:
+        return cls("uncertainty")
+
+    @classmethod
+    def describe(cls) -> SessionCall:
+        return cls("describe")
+
+    @classmethod
+    def save_model(cls, path: str) -> SessionCall:
+        return cls("save_model", (str(path),))
+
 
 class Job:
     """Handle on a submitted piece of work; thread-safe, polled from the GUI thread.
@@ -153,20 +212,10 @@ class Job:
         self.finish(JobState.FAILED, error=error)
 
     # -- written by the backend ------------------------------------------------------------------------------
-    def report(self, done: float, total: float | str | None = None, message: str = "") -> None:
-        """Progress callback for both engine conventions.
-
-        ``report(done, total)`` as inference and ``segment`` call it, or ``report(fraction, message)`` as
-        ``refine`` and ``click`` call it.
-        """
-        if isinstance(total, str):
-            total, message = None, total
-        if total is None:
-            fraction = float(done)
-        else:
-            fraction = float(done) / float(total) if float(total) else 0.0
+    def report(self, fraction: float, message: str = "") -> None:
+        """The engine's progress callback, ``(fraction done, message)`` (``AttentionSegLib.progress``)."""
         with self._lock:
-            self._progress = min(max(fraction, 0.0), 1.0)
+            self._progress = min(max(float(fraction), 0.0), 1.0)
             if message:
                 self._message = str(message)
 
@@ -229,16 +278,15 @@ def detach(value: Any) -> Any:
 
 
 def describe_session(session: Any) -> dict[str, Any]:
-    """What the session's model segments and how it refines (plain data).
+    """What the session's model segments and how it refines (plain data), from the engine's own
+    ``InteractiveSession.describe()``.
 
-    ``{"num_classes": int, "labels": {label: name}, "facts": {...}}``, the facts being the engine's own
-    ``InteractiveSession.describe()`` (family, network, device, refine strategy) when it has one.
+    ``{"num_classes": int, "labels": {label: name}, "facts": {...}}``: the two first taken out of the
+    description, the facts being the rest of it (family, network, device, refine strategy ...).
     """
-    model = getattr(session, "model", None)
-    labels = getattr(model, "labels", None) or {}
-    describe = getattr(session, "describe", None)
-    facts = detach(dict(describe())) if callable(describe) else {}
-    return {"num_classes": int(getattr(session, "num_classes", 0)),
+    facts = detach(dict(session.describe()))
+    labels = facts.pop("labels", None) or {}
+    return {"num_classes": int(facts.pop("num_classes", 0)),
             "labels": {int(label): str(name) for label, name in dict(labels).items()}, "facts": facts}
 
 
@@ -275,7 +323,7 @@ class LocalBackend:
                 from AttentionSegLib import InteractiveSession
 
                 factory = InteractiveSession
-            job.report(0, 1, "loading the model")
+            job.report(0.0, "loading the model")
             session = factory(volume, model, **options)
             self._session = session  # only once fully built: a failed start keeps the previous session
             return describe_session(session)

@@ -35,6 +35,7 @@ POSITIVE_POINT_COLOR = (0.1, 0.9, 0.2)
 NEGATIVE_POINT_COLOR = (1.0, 0.2, 0.2)
 
 ApplyResult = Callable[[Any], None]
+MAX_UNNAMED_LABELS = 32  # a model with more classes and no names segments whatever it is shown
 
 
 class SegmentationController:
@@ -149,10 +150,47 @@ class SegmentationController:
 
     def _click_voxel(self, point_ijk: tuple[int, int, int], segment_id: str, positive: bool) -> Job:
         label = mrml.label_for_segment(self.segmentation_node, segment_id)
-        # a click may fine-tune briefly when the network misses the structure, so it reports progress too
-        call = SessionCall("click", (point_ijk,), {"label": label, "positive": bool(positive)},
-                           reports_progress=True)
+        call = SessionCall.click(point_ijk, label=label, positive=positive)
         return self._submit("Click", [call], self._write_mask)
+
+    # -- boxes (box-prompted models such as medsam_lite) -----------------------------------------------------
+    def box(self, corner_a_ras: Sequence[float], corner_b_ras: Sequence[float], *, segment_id: str) -> Job:
+        """Segment the structure in a box on one axial slice into ``segment_id``: two opposite corners in
+        world RAS (R and A of each, the slice of the first); the engine propagates it through the slices.
+
+        Raises:
+            ValueError: the box misses the volume or has no area (nothing is submitted).
+        """
+        self._require_session()
+        return self._box_voxels(*mrml.box_voxels(self.volume_node, corner_a_ras, corner_b_ras), segment_id)
+
+    def box_from_roi(self, roi_node: Any, *, segment_id: str) -> Job:
+        """:meth:`box` from a markups ROI: its extent in R and A on the axial slice of its centre."""
+        self._require_session()
+        return self._box_voxels(*mrml.roi_box_voxels(roi_node, self.volume_node), segment_id)
+
+    def box_from_points(self, markups_node: Any, *, segment_id: str) -> Job:
+        """:meth:`box` from two clicks: the last two control points of a markups node are opposite corners
+        (the box lies on the first of the two's slice).
+
+        Raises:
+            ValueError: the node has fewer than two control points (nothing is submitted).
+        """
+        self._require_session()
+        count = markups_node.GetNumberOfControlPoints()
+        if count < 2:
+            raise ValueError(f"a box needs two points; '{markups_node.GetName()}' has {count}")
+        corners = []
+        for index in (count - 2, count - 1):
+            position = [0.0, 0.0, 0.0]
+            markups_node.GetNthControlPointPositionWorld(index, position)
+            corners.append(position)
+        return self.box(corners[0], corners[1], segment_id=segment_id)
+
+    def _box_voxels(self, corner_a: tuple[int, int, int], corner_b: tuple[int, int, int],
+                    segment_id: str) -> Job:
+        label = mrml.label_for_segment(self.segmentation_node, segment_id)
+        return self._submit("Box", [SessionCall.box(corner_a, corner_b, label=label)], self._write_mask)
 
     # -- scribbles and refinement ----------------------------------------------------------------------------
     def scribble_segment(self, segment_id: str | None) -> str:
@@ -188,8 +226,7 @@ class SegmentationController:
         scribbles = self.scribble_map()
         if np.all(scribbles == mrml.UNSCRIBBLED):
             raise ValueError("no scribbles yet: paint foreground and background scribbles before refining")
-        call = SessionCall("refine", (), {"time_budget_s": float(time_budget_s), "scribbles": scribbles,
-                                          "replace": True}, reports_progress=True)
+        call = SessionCall.refine(time_budget_s, scribbles=scribbles, replace=True)
         return self._submit("Refine", [call], self._write_mask)
 
     @property
@@ -200,41 +237,41 @@ class SegmentationController:
     def segment(self) -> Job:
         """Automatic whole-volume segmentation with the session's model."""
         self._require_session()
-        return self._submit("Segment", [SessionCall("segment", reports_progress=True)], self._write_mask)
+        return self._submit("Segment", [SessionCall.segment()], self._write_mask)
 
     def undo(self) -> Job:
         """Step back one edit (mask and network weights)."""
         self._require_session()
-        return self._submit("Undo", [SessionCall("undo")], self._write_mask)
+        return self._submit("Undo", [SessionCall.undo()], self._write_mask)
 
     def redo(self) -> Job:
         """Step forward one undone edit."""
         self._require_session()
-        return self._submit("Redo", [SessionCall("redo")], self._write_mask)
+        return self._submit("Redo", [SessionCall.redo()], self._write_mask)
 
     def lock(self, segment_ids: Iterable[str]) -> Job:
         """Lock segments: the engine never overwrites them and learns from them what other labels are not."""
         self._require_session()
         labels = sorted(mrml.label_for_segment(self.segmentation_node, sid) for sid in segment_ids)
-        return self._submit("Lock", [SessionCall("lock", (labels,))], None)
+        return self._submit("Lock", [SessionCall.lock(labels)], None)
 
     def unlock(self, segment_ids: Iterable[str]) -> Job:
         """Undo :meth:`lock` for these segments."""
         self._require_session()
         labels = sorted(mrml.label_for_segment(self.segmentation_node, sid) for sid in segment_ids)
-        return self._submit("Unlock", [SessionCall("unlock", (labels,))], None)
+        return self._submit("Unlock", [SessionCall.unlock(labels)], None)
 
     # -- overlays --------------------------------------------------------------------------------------------
     def show_attention(self, color_map: str | None = None) -> Job:
         """Compute the attention-gate maps and put each into a scalar volume node on the input's grid."""
         self._require_session()
-        return self._submit("Attention maps", [SessionCall("attention_maps")],
+        return self._submit("Attention maps", [SessionCall.attention_maps()],
                             lambda maps: self._write_overlays(maps, color_map))
 
     def show_uncertainty(self, color_map: str | None = None) -> Job:
         """Compute the voxel-wise uncertainty (normalised entropy, 0 sure .. 1 undecided) as a volume node."""
         self._require_session()
-        return self._submit("Uncertainty", [SessionCall("uncertainty")],
+        return self._submit("Uncertainty", [SessionCall.uncertainty()],
                             lambda unc: self._write_overlays({UNCERTAINTY_NAME: unc}, color_map))
 
     def set_overlay_color_map(self, color_map: str) -> None:
@@ -247,7 +284,7 @@ class SegmentationController:
     def save_model(self, path: str | os.PathLike[str]) -> Job:
         """Save the adapted network as a checkpoint."""
         self._require_session()
-        return self._submit("Save model", [SessionCall("save_model", (str(Path(path)),))], None)
+        return self._submit("Save model", [SessionCall.save_model(str(Path(path)))], None)
 
     def export_segmentation(self, path: str | os.PathLike[str]) -> Path:
         """Write the output segmentation: ``.seg.nrrd`` keeps every segment; an image file gets one label map.
@@ -325,6 +362,8 @@ class SegmentationController:
         """Give every label the model segments a segment (named after the model's label) to click into."""
         count = int(description.get("num_classes", 0))
         names = {int(k): str(v) for k, v in dict(description.get("labels", {})).items()}
+        if not names and count > MAX_UNNAMED_LABELS:
+            count = 2  # a class-agnostic model (LiteMedSAM: any label 1..254): one segment to start with
         labels = {label: names.get(label, f"Label {label}") for label in range(1, count)}
         for label, name in labels.items():
             mrml.ensure_labelled_segment(self.segmentation_node, label, name)

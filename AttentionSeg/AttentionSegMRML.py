@@ -17,6 +17,7 @@ mapping survives a ``.seg.nrrd`` save and reload.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -27,14 +28,14 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from AttentionSegLib import Volume, lps_to_ras, ras_to_lps
+from AttentionSegLib import IGNORE_INDEX, Volume, lps_to_ras, ras_to_lps
 
 #: segment tag holding the engine label value (``"0"`` = background scribble, ``"k"`` = label k)
 LABEL_TAG = "AttentionSeg.Label"
-#: scribble map value for voxels nobody scribbled (``AttentionSegLib.losses.IGNORE_INDEX``)
-UNSCRIBBLED = 255
+#: scribble map value for voxels nobody scribbled: the engine's own ``IGNORE_INDEX``
+UNSCRIBBLED = IGNORE_INDEX
 #: largest label value a segment may stand for; 255 is reserved for "not scribbled"
-MAX_LABEL = 254
+MAX_LABEL = IGNORE_INDEX - 1
 
 SEGMENT_FILE_SUFFIX = ".seg.nrrd"
 
@@ -189,6 +190,54 @@ def control_point_voxel(markups_node: Any, index: int, volume_node: Any) -> tupl
     position = [0.0, 0.0, 0.0]
     markups_node.GetNthControlPointPositionWorld(index, position)
     return voxel_index(volume_node, position)
+
+
+def box_voxels(volume_node: Any, corner_a_ras: Sequence[float],
+               corner_b_ras: Sequence[float]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Two opposite corners ``(i, j, k)`` of an axial box: R and A of the two world points, S of the first.
+
+    Box-prompted models (LiteMedSAM) take a box on one axial slice; the second point's S is replaced by the
+    first's, so two clicks in an axial view, or in any view, give a box on the first click's slice. Corners
+    beyond the volume are clipped to it.
+
+    Raises:
+        ValueError: when the first point's slice lies outside the volume, the box misses the volume, or the
+            two points do not differ in both R and A (no box).
+    """
+    a = np.asarray([float(c) for c in corner_a_ras])
+    b = np.asarray([float(c) for c in corner_b_ras])
+    if a.shape != (3,) or b.shape != (3,):
+        raise ValueError(f"a box needs two RAS points, got {tuple(corner_a_ras)} and {tuple(corner_b_ras)}")
+    if abs(a[0] - b[0]) < 1e-6 or abs(a[1] - b[1]) < 1e-6:
+        raise ValueError(f"the box corners RAS {tuple(np.round(a, 2))} and {tuple(np.round(b, 2))} must "
+                         "differ in both R and A (a box on an axial slice)")
+    b[2] = a[2]
+    size = np.asarray(volume_node.GetImageData().GetDimensions())
+    corners = [np.floor(ras_to_ijk(volume_node, p) + 0.5).astype(int) for p in (a, b)]
+    lo, hi = np.minimum(*corners), np.maximum(*corners)
+    if (hi < 0).any() or (lo > size - 1).any():
+        raise ValueError(f"the box from RAS {tuple(np.round(a, 2))} to {tuple(np.round(b, 2))} lies outside "
+                         f"volume '{volume_node.GetName()}' of size {tuple(int(n) for n in size)} (i, j, k)")
+    clipped = [tuple(int(v) for v in np.clip(c, 0, size - 1)) for c in corners]
+    return clipped[0], clipped[1]  # type: ignore[return-value]
+
+
+def roi_box_voxels(roi_node: Any, volume_node: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """:func:`box_voxels` of a markups ROI: the R and A extent of its (possibly rotated) box in world
+    coordinates, on the axial slice of its centre."""
+    center, size = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+    roi_node.GetCenterWorld(center)
+    roi_node.GetSizeWorld(size)
+    axes = []
+    for getter in (roi_node.GetXAxisWorld, roi_node.GetYAxisWorld, roi_node.GetZAxisWorld):
+        axis = [0.0, 0.0, 0.0]
+        getter(axis)
+        axes.append(np.asarray(axis))
+    corners = np.asarray([np.asarray(center) + sum(0.5 * sign * extent * axis
+                                                   for sign, extent, axis in zip(signs, size, axes))
+                          for signs in itertools.product((-1.0, 1.0), repeat=3)])
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    return box_voxels(volume_node, (lo[0], lo[1], center[2]), (hi[0], hi[1], center[2]))
 
 
 # ------------------------------------------------------------------------------------------------------------

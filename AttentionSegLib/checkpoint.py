@@ -26,15 +26,11 @@ from torch import nn
 
 from .atomic import atomic_output
 from .networks import build_network
+from .preprocessing import DEFAULT_PREPROCESSING, PreprocessingConfig
 
 FORMAT = "attentionseg-checkpoint"
 FORMAT_VERSION = 1
 
-DEFAULT_PREPROCESSING: dict[str, Any] = {
-    "normalization": {"kind": "zscore"},
-    "spacing": None,
-    "patch_size": [64, 64, 64],
-}
 
 
 class CheckpointError(ValueError):
@@ -60,6 +56,15 @@ class LoadedModel:
     @property
     def in_channels(self) -> int:
         return int(self.network_config.get("in_channels", 1))
+
+    @property
+    def preprocessing_config(self) -> PreprocessingConfig:
+        """The typed view of :attr:`preprocessing` (checked, defaults filled in), read once per dict."""
+        cached = self.__dict__.get("_preprocessing_config")
+        if cached is None or cached[0] is not self.preprocessing:
+            cached = (self.preprocessing, PreprocessingConfig.from_dict(self.preprocessing))
+            self.__dict__["_preprocessing_config"] = cached
+        return cached[1]
 
 
 def state_digest(state_dict: Mapping[str, torch.Tensor]) -> str:

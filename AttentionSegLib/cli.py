@@ -7,6 +7,7 @@
     attentionseg evaluate ...              Dice / HD95 of a model or of predictions against labels
     attentionseg models [list|info|import] the named models
     attentionseg phantom OUT_DIR           write synthetic abdominal CT phantoms (an MSD-style folder)
+    attentionseg serve [--host H --port P] the interactive session over HTTP (a GPU server for Slicer)
 
 Every command exits 0 on success, 2 on bad input or an OS error (one line naming the file and the problem),
 130 when interrupted and 143 when terminated. Every path is checked before any work (no output may replace an
@@ -98,7 +99,7 @@ def check_paths(inputs: Sequence[tuple[str, Path]], outputs: Sequence[tuple[str,
     Raises:
         CLIError: naming the path and the conflict; nothing has been written.
     """
-    from .image import IMAGE_EXTENSIONS, _extension
+    from .imageio import IMAGE_EXTENSIONS, _extension
 
     for option, path in outputs:
         if option in image_outputs and _extension(path) not in IMAGE_EXTENSIONS:
@@ -190,7 +191,7 @@ def _segment_medsam(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .atomic import staged_outputs
-    from .image import _extension, read_image, write_image
+    from .imageio import _extension, read_image, write_image
     from .interactive import InteractiveSession
     from .interactive.medsam import is_medsam_model
 
@@ -256,9 +257,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .atomic import staged_outputs
-    from .image import _extension, read_image, write_image
-    from .inference import predict_volume, restrict_to_points
-    from .models import load_model
+    from .imageio import _extension, read_image, write_image
+    from .inference import predict_at_points, predict_volume
+    from .model_zoo import load_model
 
     if _wants_medsam(args):
         return _segment_medsam(args)
@@ -277,25 +278,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
     want_attention = args.attention_dir is not None
     progress = _progress_printer("segment", not args.quiet)
     started = time.perf_counter()
-    if points and args.roi:
-        labels = np.zeros(volume.shape, dtype=np.uint8)
-        attention: dict[str, Any] = {}
-        for point in points:
-            pred = predict_volume(model, volume, device=args.device, roi_center_ijk=point,
-                                  return_attention=want_attention, overlap=args.overlap, progress=progress)
-            labels = np.where(labels > 0, labels, pred.labels.array)
-            for name, amap in pred.attention.items():
-                attention[name] = amap if name not in attention else attention[name].with_array(
-                    np.maximum(attention[name].array, amap.array))
-        prediction = pred
-        prediction.labels = volume.with_array(labels)
-        prediction.attention = attention
+    if points:
+        prediction = predict_at_points(model, volume, points, roi=args.roi, device=args.device,
+                                       return_attention=want_attention, overlap=args.overlap,
+                                       progress=progress)
     else:
         prediction = predict_volume(model, volume, device=args.device, return_attention=want_attention,
                                     overlap=args.overlap, progress=progress)
     labels = prediction.labels.array
-    if points:
-        labels = restrict_to_points(labels, points)
     written = [output]
     with staged_outputs() as stage:  # every output or none
         write_image(volume.with_array(labels.astype(np.uint8)), stage(output))
@@ -324,7 +314,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .atomic import staged_outputs
-    from .image import read_image, write_image
+    from .imageio import read_image, write_image
     from .interactive import InteractiveSession, RefineSettings
     from .interactive.session import check_time_budget
 
@@ -479,7 +469,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .inference import model_summary
-    from .models import available_models, load_model, register_model
+    from .model_zoo import available_models, load_model, register_model
 
     action = args.action or "list"
     if action == "list":
@@ -522,6 +512,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  Dice {name:14s} {value:.3f}")
     for path in summary["files"]:
         print(f"wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise CLIError(f"attentionseg serve needs FastAPI and uvicorn ({exc}): pip install "
+                       "'AttentionSegLib[server]'") from None
+    from .server.config import ServerConfig, read_token
+    from .server.run import serve
+
+    config = ServerConfig(host=args.host, port=args.port,
+                          token=read_token(args.token_file) if args.token_file else None,
+                          device=args.device, max_sessions=args.max_sessions,
+                          idle_timeout_s=args.idle_timeout,
+                          max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+                          max_memory_bytes=int(args.max_memory_mb * (1 << 20)))
+    serve(config)
     return 0
 
 
@@ -673,6 +686,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write scribblesTr/ (simulated strokes inside each structure and in the "
                          "background)")
     ph.set_defaults(func=cmd_phantom)
+
+    sv = sub.add_parser("serve", help="serve interactive sessions over HTTP (a GPU machine for Slicer)",
+                        description="Serve the interactive session (click, scribbles, refine, undo, "
+                                    "attention maps ...) over HTTP for the Slicer module's 'Compute on: "
+                                    "Server' or any client. Listens on the loopback interface by default; "
+                                    "any other host needs --token-file. Jobs run one at a time on the "
+                                    "device; idle sessions are closed. Put a TLS reverse proxy in front to "
+                                    "reach it over a network.")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="interface to listen on (default: %(default)s; another host needs --token-file)")
+    sv.add_argument("--port", type=int, default=8765,
+                    help="TCP port, 0 = any free one (default: %(default)s)")
+    sv.add_argument("--token-file", help="file holding the bearer token every call must send (chmod 600)")
+    sv.add_argument("--max-sessions", type=int, default=4,
+                    help="open sessions at once (default: %(default)s)")
+    sv.add_argument("--idle-timeout", type=float, default=1800.0,
+                    help="close a session after this many seconds without a call (default: %(default)s)")
+    sv.add_argument("--max-upload-mb", type=float, default=1024.0,
+                    help="largest request body in MiB (default: %(default)s)")
+    sv.add_argument("--max-memory-mb", type=float, default=16384.0,
+                    help="estimated memory of all sessions together in MiB (default: %(default)s)")
+    _device_arg(sv)
+    sv.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -731,11 +767,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         command = f"attentionseg {args.command}"
         if getattr(args, "model", "unset") is None and args.command in {"segment"}:
-            from .models import DEFAULT_MODEL
+            from .model_zoo import DEFAULT_MODEL
 
             args.model = DEFAULT_MODEL
         from .checkpoint import CheckpointError
-        from .image import ImageReadError
+        from .imageio import ImageReadError
         from .training.loop import TrainingDiverged
 
         try:

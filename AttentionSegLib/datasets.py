@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .image import read_image
+from .imageio import read_image
+from .label_maps import IGNORE_INDEX
 from .preprocessing import Preprocessor
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-IGNORE = 255
 
 
 class DatasetError(ValueError):
@@ -119,7 +119,7 @@ def load_case(files: CaseFiles, preprocessing: Mapping[str, Any], *, with_label:
     """Read one case and bring it into the model grid exactly as inference will (:class:`Preprocessor`:
     normalise, reorient, resample; labels and scribbles follow with nearest-neighbour sampling)."""
     image = read_image(files.image)
-    preprocessor = Preprocessor({"normalization": {"kind": "zscore"}, **preprocessing})
+    preprocessor = Preprocessor(preprocessing)
     array, context = preprocessor.forward(image)
 
     def read_mask(path: Path | None, what: str) -> np.ndarray | None:
@@ -260,7 +260,7 @@ class PatchSampler:
             return []
         out = []
         for value in np.unique(mask):
-            if value == 0 or value == IGNORE:
+            if value == 0 or value == IGNORE_INDEX:
                 continue
             coords = np.argwhere(mask == value)
             if len(coords) > per_class:
@@ -312,7 +312,7 @@ class PatchSampler:
         img = np.pad(image[tuple(slices)], pads, mode="constant")[None]
         tgt = None
         if target is not None:
-            fill = IGNORE if self.target == "scribble" else 0
+            fill = IGNORE_INDEX if self.target == "scribble" else 0
             tgt = np.pad(target[tuple(slices)], pads, mode="constant", constant_values=fill)
         return img.astype(np.float32), tgt
 

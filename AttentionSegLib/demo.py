@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from .image import write_image
+from .imageio import write_image
 from .inference import predict_volume
 from .metrics import dice
-from .models import DEFAULT_MODEL, load_model
+from .model_zoo import DEFAULT_MODEL, load_model
 from .phantom import make_abdominal_phantom
 from .progress import progress_printer
 from .rendering import overlay_panels, write_png

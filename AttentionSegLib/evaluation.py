@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 
 from .datasets import _index_folder, list_cases, read_labels
-from .image import Volume, read_image
+from .imageio import read_image
 from .inference import predict_volume
 from .metrics import dice, hausdorff95
 from .progress import ProgressBar
+from .volume import Volume
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -68,7 +69,7 @@ def evaluate_folder(data: str | Path, *, model: str | None = None, predictions: 
     loaded = None
     predicted: dict[str, Path] = {}
     if model is not None:
-        from .models import load_model
+        from .model_zoo import load_model
 
         loaded = load_model(model)
     else:

@@ -2,7 +2,7 @@
 
 Masks are arrays in array order ``(k, j, i)`` / ``(j, i)``. With ``label=None`` every nonzero voxel is
 foreground; with ``label=l`` the voxels equal to ``l``. ``spacing`` is in ITK order ``(i, j, k)``, like
-:attr:`AttentionSegLib.image.Volume.spacing`.
+:attr:`AttentionSegLib.volume.Volume.spacing`.
 
 Empty masks are handled explicitly, never by a division by zero:
 

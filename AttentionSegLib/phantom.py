@@ -22,7 +22,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from AttentionSegLib.atomic import write_text_atomically
-from AttentionSegLib.image import Volume, write_image
+from AttentionSegLib.imageio import write_image
+from AttentionSegLib.volume import Volume
 
 #: Label ids of the phantom's label map (0 is background).
 PHANTOM_LABELS: dict[int, str] = {

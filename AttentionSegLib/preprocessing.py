@@ -5,10 +5,12 @@ The model-side configuration is the ``preprocessing`` dict of a checkpoint (``do
     {"normalization": {"kind": "ct_window", "window": [lo, hi]} | {"kind": "zscore"} | {"kind": "none"},
      "orientation": "LPS" | null,       # default: "LPS" for 3D models, null for 2D ones
      "spacing": [x, y, z] | null,       # null keeps the image's own spacing
-     "patch_size": [d, h, w]}           # used by inference, not here
+     "patch_size": [d, h, w]}           # the inference window; default 64 per axis
 
-:class:`Preprocessor` maps an image into the model grid and every model output (probabilities, labels,
-attention maps) back onto exactly the image's size, spacing, origin and direction. Normalisation happens
+:class:`PreprocessingConfig` reads that dict, once, with every default in one place (checkpoints keep the
+dict as written; ``LoadedModel.preprocessing_config`` is its typed view). :class:`Preprocessor` maps an
+image into the model grid and every model output (probabilities, labels, attention maps) back onto exactly the
+image's size, spacing, origin and direction. Normalisation happens
 before resampling, as in nnU-Net's preprocessing (Isensee et al., Nature Methods 2021).
 
 Orientation: a NIfTI written from RAS (``direction`` diag(-1, -1, 1)) and a DICOM series (identity) store the
@@ -30,9 +32,26 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from AttentionSegLib.image import Volume, to_sitk
+from AttentionSegLib.volume import Volume, to_sitk
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
+
+#: the inference window per axis when a preprocessing config names none
+DEFAULT_PATCH_AXIS = 64
+
+#: what a checkpoint saved (or a model built from a network config) without a preprocessing records
+DEFAULT_PREPROCESSING: dict[str, Any] = {
+    "normalization": {"kind": "zscore"},
+    "spacing": None,
+    "patch_size": [64, 64, 64],
+}
+
+
+def untrained_preprocessing(spatial_dims: int) -> dict[str, Any]:
+    """The preprocessing of an untrained network an interactive session builds from a config: z-score, the
+    image's own grid, and a window of 64² (2D) or 32×64² (3D) voxels."""
+    patch = [64, 64] if int(spatial_dims) == 2 else [32, 64, 64]
+    return {"normalization": {"kind": "zscore"}, "spacing": None, "patch_size": patch}
 
 # Spacings closer than this (relative) count as equal, so an image already at the model spacing is not
 # resampled (which would blur it for nothing).
@@ -285,6 +304,56 @@ def _geometry_only(volume: Volume) -> Volume:
 
 
 @dataclasses.dataclass(frozen=True)
+class PreprocessingConfig:
+    """A model's preprocessing (the checkpoint's ``preprocessing`` dict), checked and with its defaults.
+
+    Attributes:
+        normalization: the ``normalization`` entry (:func:`normalize_intensity`); default
+            ``{"kind": "none"}``.
+        spacing: the model spacing ``(x, y[, z])`` in mm, or ``None`` (keep the image's own, the default).
+        orientation: ``"LPS"`` or ``None``; default ``"LPS"``, ``None`` when ``patch_size`` has two entries
+            (a 2D model keeps its slice axis).
+        patch_size: the inference window in array order, or ``None`` (:meth:`window` then takes
+            :data:`DEFAULT_PATCH_AXIS` per axis).
+    """
+
+    normalization: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "none"})
+    spacing: tuple[float, ...] | None = None
+    orientation: str | None = "LPS"
+    patch_size: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | PreprocessingConfig) -> PreprocessingConfig:
+        """Read a preprocessing dict (an instance passes through).
+
+        Raises:
+            ValueError: naming the entry whose value is unusable.
+        """
+        if isinstance(values, PreprocessingConfig):
+            return values
+        if not isinstance(values, Mapping):
+            raise ValueError(f"Preprocessor: config must be a dict, got {type(values).__name__}")
+        normalization = values.get("normalization") or {"kind": "none"}
+        spacing = values.get("spacing")
+        checked_spacing = None if spacing is None else tuple(float(s) for s in spacing)
+        if checked_spacing is not None and (len(checked_spacing) not in (2, 3) or min(checked_spacing) <= 0):
+            raise ValueError(f"preprocessing.spacing must be 2 or 3 positive values or null, got {spacing!r}")
+        patch = values.get("patch_size")
+        default = None if patch is not None and len(patch) == 2 else "LPS"
+        orientation = values.get("orientation", default)
+        if orientation not in ("LPS", None):
+            raise ValueError(f"preprocessing.orientation must be 'LPS' or null, got {orientation!r}")
+        normalize_intensity(np.zeros(1, np.float32), normalization)  # fail now on a bad config
+        return cls(normalization=normalization, spacing=checked_spacing, orientation=orientation,
+                   patch_size=None if patch is None else tuple(int(p) for p in patch))
+
+    def window(self, spatial_dims: int) -> list[int]:
+        """The inference window for a ``spatial_dims`` model (the last entries of ``patch_size``)."""
+        patch = list(self.patch_size or [DEFAULT_PATCH_AXIS] * spatial_dims)
+        return patch[-spatial_dims:]
+
+
+@dataclasses.dataclass(frozen=True)
 class PreprocessingContext:
     """What :meth:`Preprocessor.inverse` needs to return a model output to the image's geometry.
 
@@ -312,9 +381,8 @@ class Preprocessor:
     """Image -> model grid (normalised float32) and model outputs -> image geometry.
 
     Args:
-        config: a checkpoint's ``preprocessing`` dict; ``normalization`` defaults to ``{"kind": "none"}``,
-            ``spacing`` to ``None`` (keep the image's own spacing) and ``orientation`` to ``"LPS"`` unless
-            ``patch_size`` has two entries (a 2D model).
+        config: a checkpoint's ``preprocessing`` dict or its :class:`PreprocessingConfig` (the defaults are
+            that class's).
 
     Example:
         >>> pre = Preprocessor({"normalization": {"kind": "ct_window", "window": [-200, 300]},
@@ -323,22 +391,11 @@ class Preprocessor:
         >>> labels = pre.inverse(model_labels, context, interpolator="nearest")   # a Volume like `volume`
     """
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        if not isinstance(config, Mapping):
-            raise ValueError(f"Preprocessor: config must be a dict, got {type(config).__name__}")
-        self.config = dict(config)
-        self.normalization: Mapping[str, Any] = config.get("normalization") or {"kind": "none"}
-        spacing = config.get("spacing")
-        self.spacing: tuple[float, ...] | None = None if spacing is None else tuple(float(s) for s in spacing)
-        if self.spacing is not None and (len(self.spacing) not in (2, 3) or min(self.spacing) <= 0):
-            raise ValueError(f"preprocessing.spacing must be 2 or 3 positive values or null, got {spacing!r}")
-        patch = config.get("patch_size")
-        default = None if patch is not None and len(patch) == 2 else "LPS"
-        orientation = config.get("orientation", default)
-        if orientation not in ("LPS", None):
-            raise ValueError(f"preprocessing.orientation must be 'LPS' or null, got {orientation!r}")
-        self.orientation: str | None = orientation
-        normalize_intensity(np.zeros(1, np.float32), self.normalization)  # fail now on a bad config
+    def __init__(self, config: Mapping[str, Any] | PreprocessingConfig) -> None:
+        self.config = PreprocessingConfig.from_dict(config)
+        self.normalization: Mapping[str, Any] = self.config.normalization
+        self.spacing: tuple[float, ...] | None = self.config.spacing
+        self.orientation: str | None = self.config.orientation
 
     def forward(self, volume: Volume) -> tuple[np.ndarray, PreprocessingContext]:
         """Normalise, reorient (``orientation``, exact), then resample to the model spacing (linear).

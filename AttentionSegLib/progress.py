@@ -8,8 +8,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, TextIO
 
-#: ``progress(done, total)``: called after each unit of work (windows, slices) of a long computation.
-ProgressCallback = Callable[[int, int], None]
+#: ``progress(fraction, message)``: the fraction of the work done, in [0, 1], and what is being done; the
+#: one progress callback of every long computation of the engine (inference, refine, clicks, training jobs).
+ProgressCallback = Callable[[float, str], None]
 
 
 class CancelToken(Protocol):
@@ -19,6 +20,16 @@ class CancelToken(Protocol):
 class Cancelled(RuntimeError):
     """Raised when a long computation is cancelled through its cancel token."""
 
+
+def progress_part(progress: ProgressCallback | None, start: float, end: float) -> ProgressCallback | None:
+    """A callback for one part of the work that reports it as ``[start, end]`` of the whole."""
+    if progress is None:
+        return None
+
+    def report(fraction: float, message: str) -> None:
+        progress(start + (end - start) * min(max(float(fraction), 0.0), 1.0), message)
+
+    return report
 
 
 class ProgressBar:
@@ -93,19 +104,20 @@ class ProgressBar:
 
 
 def progress_printer(label: str, enabled: bool) -> ProgressCallback | None:
-    """A :data:`ProgressCallback` that draws a :class:`ProgressBar` per run of work (None when disabled)."""
+    """A :data:`ProgressCallback` that draws a percent :class:`ProgressBar` per run of work (None when
+    disabled); the message shows after the bar."""
     if not enabled:
         return None
     state: dict[str, Any] = {}
 
-    def report(done: int, total: int) -> None:
+    def report(fraction: float, message: str) -> None:
         bar = state.get("bar")
-        if bar is None or bar.total != total:
-            if bar is not None:
-                bar.close()
-            bar = state["bar"] = ProgressBar(total, label)
-        bar.update(done - bar.n)
-        if done >= total:
+        if bar is None:
+            bar = state["bar"] = ProgressBar(100, label)
+        bar.update(max(int(round(min(max(fraction, 0.0), 1.0) * 100)) - bar.n, 0))
+        if message:
+            bar.set_postfix(status=message)
+        if fraction >= 1.0:
             bar.close()
             state.pop("bar", None)
 

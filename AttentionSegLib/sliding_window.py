@@ -3,15 +3,17 @@
 The window placement and Gaussian importance weighting follow common practice in medical segmentation
 (nnU-Net, Isensee et al., Nature Methods 2021: windows overlap by a fraction of the patch, each patch's
 prediction is weighted by a Gaussian centred on the patch with sigma = patch/8 so that border voxels, which
-see less context, count less). Accumulators live on the CPU in float32. Used by :mod:`.inference` (which
-still exports these names) and by training's validation, which need not import inference.
+see less context, count less). Accumulators live on the CPU in float32. What is predicted comes from a
+callable (MONAI's inferer style), so the window logic knows nothing of networks; :func:`network_predictor` is
+that callable for the engine's networks. Used by :mod:`.inference` and by training's validation, which need
+not import inference.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,39 +72,71 @@ def _crop(tensor: torch.Tensor, pads: list[tuple[int, int]]) -> torch.Tensor:
     return tensor[tuple(slices)]
 
 
+#: ``predictor(windows (B, C, *window)) -> tensor | {name: tensor}``, each ``(B, C_out, *window or coarser)``
+Predictor = Callable[[torch.Tensor], "torch.Tensor | Mapping[str, torch.Tensor]"]
+
+#: the key of the softmax probabilities in what :func:`network_predictor` returns
+PROBABILITIES = "probabilities"
+
+
+def network_predictor(network: nn.Module, *, attention: bool = False) -> Predictor:
+    """A :data:`Predictor` of a segmentation network: its softmax probabilities under :data:`PROBABILITIES`
+    and, with ``attention``, its attention maps under their own names (``gate1``, ``fp``, ...).
+
+    The network runs in eval mode (its own mode is restored after each call).
+    """
+
+    def predict(windows: torch.Tensor) -> dict[str, torch.Tensor]:
+        was_training = network.training
+        network.eval()
+        try:
+            output = network(windows)
+        finally:
+            network.train(was_training)
+        outputs = {PROBABILITIES: torch.softmax(output.logits.float(), dim=1)}
+        if attention:
+            outputs.update(output.attention)
+        return outputs
+
+    return predict
+
+
 @torch.inference_mode()
 def sliding_window_predict(
-    network: nn.Module,
+    predictor: Predictor,
     image: torch.Tensor,
     patch_size: Sequence[int],
     *,
     overlap: float = 0.5,
     batch_size: int = 2,
     gaussian: bool = True,
-    return_attention: bool = False,
+    size_divisor: int = 1,
     device: torch.device | str | None = None,
     amp: bool = True,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Softmax probabilities of ``network`` over a whole image by overlapping windows.
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Blend what ``predictor`` says about overlapping windows into one answer for the whole image.
+
+    As MONAI's ``sliding_window_inference``: the predictor returns a tensor or a dict of tensors per batch of
+    windows, and every one is blended with the window weights; an output on a coarser grid than the window (an
+    attention gate of a deeper level) is first resampled to the window (linear).
 
     Args:
-        network: a segmentation network (``forward(x, return_attention=...)``).
+        predictor: ``windows (B, C, *patch) -> tensor | {name: tensor}``; e.g. :func:`network_predictor`.
         image: ``(1, C, *spatial)`` float tensor on any device.
-        patch_size: window size per spatial dim (made divisible by the network's ``required_divisor``).
+        patch_size: window size per spatial dim (rounded up to a multiple of ``size_divisor``).
         overlap: fraction of a window shared with its neighbour (0 <= overlap < 1).
-        batch_size: windows per forward pass.
+        batch_size: windows per predictor call.
         gaussian: Gaussian importance blending (else uniform averaging).
-        return_attention: also blend the networks' attention maps, upsampled to the window.
-        device: where the network runs (default: the network's device).
+        size_divisor: window and padded image sizes are multiples of it (a network's ``required_divisor``).
+        device: where the windows are sent (default: the image's device).
         amp: float16 autocast on CUDA.
-        progress: ``callback(done_windows, total_windows)``.
+        progress: ``callback(fraction, message)`` after each batch of windows.
         cancel: object with ``is_set()``; when set, :class:`Cancelled` is raised between batches.
 
     Returns:
-        ``(1, out_channels, *spatial)`` float32 CPU probabilities, and with ``return_attention`` a dict
-        ``{name: (1, 1, *spatial)}`` of blended attention maps.
+        Like the predictor's answer: one float32 CPU tensor ``(1, C_out, *spatial)``, or a dict of them.
     """
     if image.dim() < 3 or image.shape[0] != 1:
         raise ValueError(f"expected an image tensor (1, C, *spatial), got shape {tuple(image.shape)}")
@@ -111,59 +145,45 @@ def sliding_window_predict(
     spatial_dims = image.dim() - 2
     if len(patch_size) != spatial_dims:
         raise ValueError(f"patch_size {tuple(patch_size)} does not match a {spatial_dims}D image")
-    divisor = int(getattr(network, "required_divisor", 1))
+    divisor = max(int(size_divisor), 1)
     patch = [int(math.ceil(p / divisor) * divisor) for p in patch_size]
-    run_device = torch.device(device) if device is not None else next(network.parameters()).device
+    run_device = torch.device(device) if device is not None else image.device
 
     padded, pads = _pad_to(image.float().cpu(), patch, divisor)
     spatial = padded.shape[2:]
     patch = [min(p, s) for p, s in zip(patch, spatial)]
     starts = list(itertools.product(*(window_starts(s, p, overlap) for s, p in zip(spatial, patch))))
     weight = gaussian_importance(patch) if gaussian else torch.ones(patch)
+    mode = "bilinear" if spatial_dims == 2 else "trilinear"
 
-    out_channels = int(getattr(network, "out_channels", 0)) or None
-    probs: torch.Tensor | None = None
-    if out_channels:
-        probs = torch.zeros((out_channels, *spatial), dtype=torch.float32)
+    sums: dict[str, torch.Tensor] = {}
     norm = torch.zeros(tuple(spatial), dtype=torch.float32)
-    maps: dict[str, torch.Tensor] = {}
-
-    was_training = network.training
-    network.eval()
-    try:
-        for first in range(0, len(starts), batch_size):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("inference cancelled")
-            chunk = starts[first : first + batch_size]
-            regions = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in chunk]
-            batch = torch.cat([padded[(slice(None), slice(None), *r)] for r in regions]).to(run_device)
-            with autocast_for(run_device, amp):
-                output = network(batch, return_attention=return_attention)
-            logits, attention = output if return_attention else (output, {})
-            batch_probs = torch.softmax(logits.float(), dim=1).cpu()
-            if probs is None:
-                probs = torch.zeros((batch_probs.shape[1], *spatial), dtype=torch.float32)
-            upsampled = {
-                name: F.interpolate(a.float(), size=tuple(patch),
-                                    mode="bilinear" if spatial_dims == 2 else "trilinear",
-                                    align_corners=False).cpu()
-                for name, a in attention.items()
-            }
+    single = False
+    for first in range(0, len(starts), batch_size):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("inference cancelled")
+        chunk = starts[first : first + batch_size]
+        regions = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in chunk]
+        batch = torch.cat([padded[(slice(None), slice(None), *r)] for r in regions]).to(run_device)
+        with autocast_for(run_device, amp):
+            answer = predictor(batch)
+        single = isinstance(answer, torch.Tensor)
+        outputs = {"": answer} if isinstance(answer, torch.Tensor) else dict(answer)
+        for name, output in outputs.items():
+            output = output.float()
+            if tuple(output.shape[2:]) != tuple(patch):
+                output = F.interpolate(output, size=tuple(patch), mode=mode, align_corners=False)
+            output = output.cpu()
+            total = sums.get(name)
+            if total is None:
+                total = sums[name] = torch.zeros((output.shape[1], *spatial), dtype=torch.float32)
             for index, region in enumerate(regions):
-                probs[(slice(None), *region)] += batch_probs[index] * weight
-                norm[region] += weight
-                for name, amap in upsampled.items():
-                    if name not in maps:
-                        maps[name] = torch.zeros(tuple(spatial), dtype=torch.float32)
-                    maps[name][region] += amap[index, 0] * weight
-            if progress is not None:
-                progress(min(first + batch_size, len(starts)), len(starts))
-    finally:
-        network.train(was_training)
+                total[(slice(None), *region)] += output[index] * weight
+        for region in regions:
+            norm[region] += weight
+        if progress is not None:
+            done = min(first + batch_size, len(starts))
+            progress(done / len(starts), f"window {done}/{len(starts)}")
 
-    assert probs is not None
-    probs = _crop((probs / norm)[None], pads)
-    if not return_attention:
-        return probs
-    blended = {name: _crop((m / norm)[None, None], pads) for name, m in maps.items()}
-    return probs, blended
+    blended = {name: _crop((total / norm)[None], pads) for name, total in sums.items()}
+    return blended[""] if single else blended

@@ -26,8 +26,9 @@ import torch
 
 from AttentionSegLib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from AttentionSegLib.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED, main
-from AttentionSegLib.image import Volume, read_image, write_dicom_series, write_image
+from AttentionSegLib.imageio import read_image, write_dicom_series, write_image
 from AttentionSegLib.networks import build_network
+from AttentionSegLib.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -200,7 +201,7 @@ def test_evaluate_may_not_overwrite_a_label_file(capsys, tmp_path):
 
 
 def test_a_failed_command_leaves_none_of_its_outputs(capsys, image, checkpoint, tmp_path, monkeypatch):
-    import AttentionSegLib.image as image_module
+    import AttentionSegLib.imageio as image_module
 
     real = image_module.write_image
 
@@ -509,7 +510,7 @@ def test_a_bad_cases_regex_is_one_line(capsys, tmp_path):
 
 
 def test_sigterm_while_writing_leaves_no_partial_files(capsys, image, checkpoint, tmp_path, monkeypatch):
-    import AttentionSegLib.image as image_module
+    import AttentionSegLib.imageio as image_module
 
     real = image_module.write_image
 

@@ -12,8 +12,9 @@ import SimpleITK as sitk
 
 from AttentionSegLib.checkpoint import save_checkpoint
 from AttentionSegLib.cli import main
-from AttentionSegLib.image import Volume, read_image, write_image
+from AttentionSegLib.imageio import read_image, write_image
 from AttentionSegLib.networks import build_network
+from AttentionSegLib.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ import pytest
 
 from AttentionSegLib import read_image, write_image
 from AttentionSegLib.cli import main
-from AttentionSegLib.image import Volume
 from AttentionSegLib.networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
+from AttentionSegLib.volume import Volume
 
 
 def _geometry(volume: Volume) -> tuple:

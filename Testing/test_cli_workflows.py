@@ -11,9 +11,9 @@ import pytest
 
 from AttentionSegLib.checkpoint import load_checkpoint, save_checkpoint
 from AttentionSegLib.cli import main
-from AttentionSegLib.image import read_image, write_image
+from AttentionSegLib.imageio import read_image, write_image
 from AttentionSegLib.metrics import dice
-from AttentionSegLib.models import available_models
+from AttentionSegLib.model_zoo import available_models
 from AttentionSegLib.networks import build_network
 
 TINY = '{"filters": [4, 8, 16, 32, 64]}'
@@ -193,7 +193,7 @@ def test_refine_bad_inputs_fail_cleanly(round0, tmp_path, capsys):
     image, scribbles, _ = round0
     out = tmp_path / "out.nii.gz"
     volume = read_image(scribbles)
-    from AttentionSegLib.image import Volume
+    from AttentionSegLib.volume import Volume
 
     other_grid = write_image(Volume(volume.array[:, :-1], volume.spacing, volume.origin, volume.direction),
                              tmp_path / "other_grid.nii.gz")

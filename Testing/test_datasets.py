@@ -17,7 +17,8 @@ from AttentionSegLib.datasets import (
     read_labels,
     split_cases,
 )
-from AttentionSegLib.image import Volume, write_image
+from AttentionSegLib.imageio import write_image
+from AttentionSegLib.volume import Volume
 
 
 def _case(shape=(4, 40, 40)) -> Case:

@@ -1,4 +1,5 @@
-"""Specification of AttentionSegLib.image: the Volume geometry, file and DICOM I/O, RAS <-> LPS."""
+"""Specification of images: the Volume geometry and RAS <-> LPS (``AttentionSegLib.volume``), file and DICOM
+I/O (``AttentionSegLib.imageio``)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AttentionSegLib.image import (
+from AttentionSegLib.imageio import (
     ImageReadError,
     ImageWriteError,
-    Volume,
-    from_sitk,
-    lps_to_ras,
-    ras_to_lps,
     read_image,
-    to_sitk,
     write_dicom_series,
     write_image,
 )
+from AttentionSegLib.volume import Volume, from_sitk, lps_to_ras, ras_to_lps, to_sitk
 
 # An oblique, anisotropic geometry with digits beyond float32 precision.
 OBLIQUE = tuple(sitk.VersorTransform((0.3, 0.2, 0.9), 0.4).GetMatrix())

@@ -21,8 +21,11 @@ FORBIDDEN = {
     f"{PACKAGE}.training": (f"{PACKAGE}.inference",),
 }
 
-#: the bottom layers: they import nothing of the engine outside themselves
+#: the bottom layers: they import nothing of the engine outside themselves and the leaves
 BOTTOM = (f"{PACKAGE}.networks", f"{PACKAGE}.losses")
+
+#: leaves: conventions every layer may import (the bottom ones too); they import nothing of the engine
+LEAVES = (f"{PACKAGE}.label_maps",)
 
 
 def _engine_modules() -> dict[str, Path]:
@@ -134,7 +137,19 @@ def test_networks_and_losses_import_nothing_above_them():
     for module, targets in graph.items():
         if any(_within(module, bottom) for bottom in BOTTOM):
             above = sorted(t for t in targets if _within(t, PACKAGE)
-                           and not any(_within(t, bottom) for bottom in BOTTOM))
+                           and not any(_within(t, lower) for lower in (*BOTTOM, *LEAVES)))
             if above:
                 offenders[module] = above
     assert offenders == {}
+
+
+def test_the_leaves_import_nothing_of_the_engine():
+    graph = _graph()
+    assert {leaf: sorted(t for t in graph[leaf] if _within(t, PACKAGE)) for leaf in LEAVES} == \
+        {leaf: [] for leaf in LEAVES}
+
+
+def test_the_walker_catches_a_bottom_layer_importing_upwards(tmp_path):
+    (tmp_path / "losses.py").write_text("from .inference import predict_volume\n", encoding="utf-8")
+    modules = {f"{PACKAGE}.losses": tmp_path / "losses.py", f"{PACKAGE}.inference": tmp_path / "x.py"}
+    assert _imports(f"{PACKAGE}.losses", tmp_path / "losses.py", modules) == {f"{PACKAGE}.inference"}

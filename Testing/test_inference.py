@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from AttentionSegLib.checkpoint import model_from_config
-from AttentionSegLib.image import Volume
 from AttentionSegLib.inference import (
     Cancelled,
     gaussian_importance,
@@ -16,23 +15,17 @@ from AttentionSegLib.inference import (
     sliding_window_predict,
     window_starts,
 )
+from AttentionSegLib.volume import Volume
 
 
-class _Threshold(torch.nn.Module):
-    """A fixed 'network' whose output depends only on each voxel: windows must blend to the exact answer."""
+def _threshold(x):
+    """A fixed predictor whose output depends only on each voxel: windows must blend to the exact answer."""
+    return {"probabilities": torch.softmax(torch.cat([torch.zeros_like(x), 4 * x], dim=1), dim=1),
+            "gate1": torch.sigmoid(x)}
 
-    out_channels = 2
-    required_divisor = 1
 
-    def __init__(self):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x, return_attention=False):
-        logits = torch.cat([torch.zeros_like(x), 4 * x], dim=1)
-        if return_attention:
-            return logits, {"gate1": torch.sigmoid(x)}
-        return logits
+def _threshold_probabilities(x):
+    return _threshold(x)["probabilities"]
 
 
 def test_window_starts_cover_the_axis_with_overlap():
@@ -51,9 +44,12 @@ def test_gaussian_importance_peaks_in_the_centre():
 
 def test_blending_reproduces_a_voxelwise_network_exactly():
     x = torch.randn(1, 1, 20, 37, 29)
-    probs, maps = sliding_window_predict(_Threshold(), x, [8, 16, 16], overlap=0.5, return_attention=True)
+    outputs = sliding_window_predict(_threshold, x, [8, 16, 16], overlap=0.5)
+    probs, maps = outputs["probabilities"], outputs
     expected = torch.softmax(torch.cat([torch.zeros_like(x), 4 * x], 1), 1)
     assert probs.shape == expected.shape
+    # a predictor that returns a tensor gets a tensor back
+    assert torch.equal(sliding_window_predict(_threshold_probabilities, x, [8, 16, 16], overlap=0.5), probs)
     assert torch.allclose(probs, expected, atol=1e-5)
     assert torch.allclose(maps["gate1"], torch.sigmoid(x), atol=1e-5)
 
@@ -61,15 +57,16 @@ def test_blending_reproduces_a_voxelwise_network_exactly():
 def test_progress_and_cancel():
     calls = []
     x = torch.randn(1, 1, 16, 32, 32)
-    sliding_window_predict(_Threshold(), x, [8, 16, 16], progress=lambda d, t: calls.append((d, t)))
-    assert calls and calls[-1][0] == calls[-1][1]
+    sliding_window_predict(_threshold, x, [8, 16, 16], progress=lambda f, m: calls.append((f, m)))
+    assert calls and calls[-1][0] == 1.0 and all(isinstance(m, str) for _, m in calls)
+    assert [f for f, _ in calls] == sorted(f for f, _ in calls)
 
     class Set:
         def is_set(self):
             return True
 
     with pytest.raises(Cancelled):
-        sliding_window_predict(_Threshold(), x, [8, 16, 16], cancel=Set())
+        sliding_window_predict(_threshold, x, [8, 16, 16], cancel=Set())
 
 
 def test_resolve_device():

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from AttentionSegLib.checkpoint import load_checkpoint, state_digest
-from AttentionSegLib.image import Volume
 from AttentionSegLib.inference import Cancelled
 from AttentionSegLib.interactive import InteractiveSession, RefineSettings
 from AttentionSegLib.interactive.unet import mirror_axes
 from AttentionSegLib.metrics import dice
+from AttentionSegLib.volume import Volume
 
 NET_2D = {"name": "attention_unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 3,
           "filters": [8, 16, 32, 64, 128],

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from AttentionSegLib.image import read_image
+from AttentionSegLib.imageio import read_image
 from AttentionSegLib.phantom import PHANTOM_LABELS, make_abdominal_phantom, make_phantom_dataset
 
 LABEL = {name: label for label, name in PHANTOM_LABELS.items()}

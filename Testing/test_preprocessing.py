@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AttentionSegLib.image import Volume, read_image
+from AttentionSegLib.imageio import read_image
 from AttentionSegLib.preprocessing import (
     Preprocessor,
     canonical_axes,
@@ -15,6 +15,7 @@ from AttentionSegLib.preprocessing import (
     resample_like,
     resample_to_spacing,
 )
+from AttentionSegLib.volume import Volume
 
 OBLIQUE = tuple(sitk.VersorTransform((0.3, 0.2, 0.9), 0.4).GetMatrix())
 

@@ -42,7 +42,7 @@ PREPROCESSING = {"normalization": {"kind": "ct_window", "window": [-160, 240]}, 
 def write_phantom(shape: tuple[int, int, int], path: Path) -> Path:
     """A phantom CT of the requested size (k, j, i) as an uncompressed MHA file
     (int16 HU, as scanners write)."""
-    from AttentionSegLib.image import write_image
+    from AttentionSegLib.imageio import write_image
     from AttentionSegLib.phantom import make_abdominal_phantom
 
     image, _, _ = make_abdominal_phantom(shape=shape, spacing=(0.8, 0.8, 1.5), seed=0)
@@ -51,7 +51,7 @@ def write_phantom(shape: tuple[int, int, int], path: Path) -> Path:
 
 def _volume(path: Path) -> torch.Tensor:
     """The CT normalised as the demo model's preprocessing does, as a ``(1, 1, *spatial)`` tensor."""
-    from AttentionSegLib.image import read_image
+    from AttentionSegLib.imageio import read_image
     from AttentionSegLib.preprocessing import normalize_intensity
 
     array = normalize_intensity(read_image(path).array.astype(np.float32), PREPROCESSING["normalization"])
@@ -80,7 +80,7 @@ def _run_method(method: str, path: Path, patch, overlap: float, batch: int, devi
         model = LoadedModel(network=network, network_name="attention_unet", network_config=dict(NETWORK),
                             preprocessing={**PREPROCESSING, "patch_size": list(patch)}, labels={},
                             provenance={})
-        from AttentionSegLib.image import read_image
+        from AttentionSegLib.imageio import read_image
 
         volume = read_image(path)
         if device.type == "cuda":
@@ -95,15 +95,18 @@ def _run_method(method: str, path: Path, patch, overlap: float, batch: int, devi
         torch.cuda.synchronize()
     start = time.perf_counter()
     if method == "attentionseg":
-        from AttentionSegLib.inference import sliding_window_predict
+        from AttentionSegLib.sliding_window import network_predictor, sliding_window_predict
 
-        sliding_window_predict(network, image, patch, overlap=overlap, batch_size=batch, device=device)
+        sliding_window_predict(network_predictor(network), image, patch, overlap=overlap, batch_size=batch,
+                               size_divisor=network.required_divisor, device=device)
     else:
         from monai.inferers import sliding_window_inference
 
+        from AttentionSegLib.networks import LogitsOnly
+
         with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.float16,
                                                      enabled=device.type == "cuda"):
-            logits = sliding_window_inference(image, patch, batch, lambda x: network(x), overlap=overlap,
+            logits = sliding_window_inference(image, patch, batch, LogitsOnly(network), overlap=overlap,
                                               mode="gaussian", sigma_scale=0.125, sw_device=device,
                                               device=torch.device("cpu"))
             torch.softmax(logits.float(), dim=1)

@@ -361,6 +361,14 @@ def _model_label(model: LoadedModel, structure: str, fallback: int | None) -> in
     return None
 
 
+def model_timings(segmenter: Any) -> dict[str, Any] | None:
+    """The model's own time accounting after a run (LiteMedSAM: encoder seconds per slice, decoder seconds per
+    prompt, slices encoded, prompts decoded), or ``None`` for methods without one."""
+    family = getattr(getattr(segmenter, "session", None), "family", None)
+    timings = getattr(family, "timings", None)
+    return dict(timings()) if callable(timings) else None
+
+
 def plan_methods(dataset: str, methods: Sequence[str], args: argparse.Namespace) -> dict[str, MethodPlan]:
     """The methods for one data set, each with its setting string (and a skip reason where it cannot run)."""
     plans: dict[str, MethodPlan] = {}
@@ -609,6 +617,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (the .md goes beside it)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--structures", nargs="+", default=None,
+                        help="only these structures (e.g. kidney_right pancreas; default: all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in ("rounds", "clicks", "limit"):
@@ -636,7 +646,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     errors: list[dict[str, str]] = []
     started_all = time.perf_counter()
     for view, dataset in [(v, d) for v in args.views for d in args.datasets]:
-        targets = list(loaders[dataset](args.data, limit, view))
+        targets = [t for t in loaders[dataset](args.data, limit, view)
+                   if not args.structures or t.structure in args.structures]
         _log(f"{dataset} ({view}): {len(targets)} targets")
         structures = {t.name: t.structure for t in targets}
         for method, plan in plan_methods(dataset, args.methods, args).items():
@@ -657,8 +668,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     started = time.perf_counter()
                     runs[target.name] = scribble_run(segmenter, target, args.rounds)
+                    clicker = None
                     if args.clicks:
-                        click_runs[target.name] = click_run(plan.build(target), target, args.clicks)
+                        clicker = plan.build(target)
+                        click_runs[target.name] = click_run(clicker, target, args.clicks)
                 except Exception as exc:  # one failing target must not lose the rest of a long run
                     errors.append({"method": method, "view": view, "target": target.name, "error": repr(exc),
                                    "traceback": traceback.format_exc()})
@@ -674,7 +687,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                    "seconds": runs[target.name].seconds,
                                    "scribbled_voxels": runs[target.name].scribbled,
                                    "click_dice": click_runs.get(target.name, Run()).dice,
-                                   "click_seconds": click_runs.get(target.name, Run()).seconds})
+                                   "click_seconds": click_runs.get(target.name, Run()).seconds,
+                                   "model_timings": {"scribbles": model_timings(segmenter),
+                                                     "clicks": model_timings(clicker)}})
             if runs:
                 records.extend(summarise(method, dataset, plan.setting, runs, click_runs, structures, view))
     if errors:
@@ -688,7 +703,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {"rounds": args.rounds, "clicks": args.clicks, "time_budget_s": args.time_budget,
                      "strategy": args.strategy,
                      "limit": args.limit, "datasets": args.datasets, "methods": args.methods,
-                     "views": args.views,
+                     "views": args.views, "structures": args.structures,
                      "acdc_validation_patients": [ACDC_VALIDATION.start, ACDC_VALIDATION.stop - 1],
                      "acdc_margin": ACDC_MARGIN, "ct_margin": CT_MARGIN, "click_radius": CLICK_RADIUS,
                      "untrained_acdc": UNTRAINED_ACDC, "untrained_ct": UNTRAINED_CT},

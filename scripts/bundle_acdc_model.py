@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from AttentionSegLib.checkpoint import load_checkpoint  # noqa: E402
-from AttentionSegLib.models import BUNDLED_DIR, register_model  # noqa: E402
+from AttentionSegLib.model_zoo import BUNDLED_DIR, register_model  # noqa: E402
 
 NAME = "acdc_cardiac_scribble"
 SCRIBBLE_METHODS = ("scribble_attenscribble", "scribble_pce")

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..image import Volume
 from ..progress import CancelToken
+from ..volume import Volume
 from .history import Click
 from .settings import RefineProgress, RefineReport, RefineSettings
 
@@ -69,7 +69,8 @@ class ModelFamily(Protocol):
                cancel: CancelToken | None) -> tuple[Proposal, RefineReport]:
         """Learn from the scribbles (and clicks, and locked segments) within the budget; the new mask."""
 
-    def segment(self, view: SessionView, progress: Any, cancel: CancelToken | None) -> Proposal:
+    def segment(self, view: SessionView, progress: RefineProgress | None,
+                cancel: CancelToken | None) -> Proposal:
         """The whole image, without interactions (families that need a prompt say so with ``ValueError``)."""
 
     def attention_maps(self, view: SessionView) -> dict[str, np.ndarray]:

@@ -10,10 +10,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from ..image import Volume
 from ..inference import roi_slices
 from ..losses import IGNORE_INDEX
-from ..preprocessing import Preprocessor
+from ..preprocessing import PreprocessingConfig, Preprocessor
+from ..volume import Volume
 
 
 def click_disk(shape: Sequence[int], point_ijk: Sequence[float],
@@ -65,7 +65,7 @@ def interaction_box(marks: np.ndarray, *, margin: int, minimum: Sequence[int], m
 class ModelGrid:
     """The image as the network sees it (normalised, reoriented, resampled) and the maps between the grids."""
 
-    def __init__(self, volume: Volume, preprocessing: dict) -> None:
+    def __init__(self, volume: Volume, preprocessing: dict | PreprocessingConfig) -> None:
         self.volume = volume
         self.preprocessor = Preprocessor(preprocessing)
         self.image, self.context = self.preprocessor.forward(volume)

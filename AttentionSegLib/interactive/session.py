@@ -13,7 +13,7 @@ Conventions: arrays ``(k, j, i)``, points ``(i, j, k)``; scribble maps uint8 wit
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ..devices import resolve_device
-from ..image import Volume, check_finite
 from ..losses import IGNORE_INDEX
-from ..progress import CancelToken
+from ..progress import CancelToken, ProgressCallback
+from ..volume import Volume, check_finite
 from .family import ModelFamily, Proposal, check_point
 from .history import Click, History, Snapshot
 from .roi import click_disk
@@ -65,7 +65,7 @@ class InteractiveSession:
     """One image, one model, and the user's interactions with them.
 
     Args:
-        volume: the image (2D or 3D :class:`~AttentionSegLib.image.Volume`).
+        volume: the image (2D or 3D :class:`~AttentionSegLib.volume.Volume`).
         model: a checkpoint path, a model name (``medsam_lite`` for the LiteMedSAM prior), a
             :class:`~AttentionSegLib.checkpoint.LoadedModel`, or a network config
             (``{"name": "attention_unet", "spatial_dims": 2, "out_channels": 2, ...}``: an untrained network).
@@ -113,9 +113,13 @@ class InteractiveSession:
         return bool(getattr(self.family, "click_conditioned", False))
 
     def describe(self) -> dict[str, Any]:
-        """What the user should know: the family, model, device, refine strategy, marks and undo depth."""
+        """What the user should know (plain data): the classes and label names the model segments
+        (``num_classes``, ``labels``), the family, model, device, refine strategy, marks and undo depth."""
         facts = dict(self.family.describe())
-        facts.update({"clicks": len(self.clicks),
+        labels = getattr(self.model, "labels", None) or {}
+        facts.update({"num_classes": self.num_classes,
+                      "labels": {int(label): str(name) for label, name in dict(labels).items()},
+                      "clicks": len(self.clicks),
                       "scribbled_voxels": int((self.scribbles != IGNORE_INDEX).sum()),
                       "locked": sorted(self.locked), "can_undo": self.can_undo, "can_redo": self.can_redo})
         if self.last_report is not None:
@@ -304,7 +308,7 @@ class InteractiveSession:
 
     # ---------------------------------------------------------------------------------------------- inference
 
-    def segment(self, progress: Callable[[int, int], None] | None = None,
+    def segment(self, progress: ProgressCallback | None = None,
                 cancel: CancelToken | None = None) -> np.ndarray:
         """Whole-volume automatic segmentation (locked labels and scribbles are respected)."""
         self._push_undo("segment")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from ..progress import ProgressCallback
 
 STRATEGIES = ("auto", "online_head", "finetune")
 
-RefineProgress = Callable[[float, str], None]
-"""``callback(fraction_done, message)``."""
+RefineProgress = ProgressCallback
+"""The engine's one progress callback, ``callback(fraction_done, message)`` (:mod:`..progress`)."""
 
 
 @dataclass

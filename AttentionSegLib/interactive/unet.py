@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from ..checkpoint import LoadedModel, model_from_config, save_checkpoint
 from ..clicks import draw_click_maps
 from ..datasets import default_mirror_axes
-from ..image import Volume
 from ..inference import Prediction, back_to_image, predict_volume
 from ..losses import IGNORE_INDEX
 from ..postprocessing import keep_components_at_points
+from ..preprocessing import DEFAULT_PATCH_AXIS, untrained_preprocessing
 from ..progress import CancelToken
+from ..volume import Volume
 from .adapt.features import FeatureCache
 from .adapt.finetune import fine_tune_network, pad_to_divisor
 from .family import Proposal, SessionView
@@ -52,13 +53,11 @@ def resolve_unet_model(model: Any, volume: Volume) -> LoadedModel:
         config.update(spec)
         config.setdefault("spatial_dims", volume.ndim)
         if preprocessing is None:
-            dims = int(config["spatial_dims"])
-            patch = [64, 64] if dims == 2 else [32, 64, 64]
-            preprocessing = {"normalization": {"kind": "zscore"}, "spacing": None, "patch_size": patch}
+            preprocessing = untrained_preprocessing(int(config["spatial_dims"]))
         if labels is not None:
             labels = {int(k): v for k, v in labels.items()}
         return model_from_config(name, config, preprocessing=preprocessing, labels=labels)
-    from ..models import load_model
+    from ..model_zoo import load_model
 
     return load_model(model)
 
@@ -99,19 +98,19 @@ def network_features(network: torch.nn.Module, x: torch.Tensor, device: torch.de
     layer = _output_layer(network)
     hook = layer.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0])) if layer else None
     try:
-        logits, attention = network(padded.to(device), return_attention=True)
+        output = network(padded.to(device))
     finally:
         if hook is not None:
             hook.remove()
     crop = (slice(None), slice(None), *(slice(0, s) for s in x.shape[2:]))
     mode = "trilinear" if x.dim() == 5 else "bilinear"
     parts = [captured[-1][crop].float()] if captured else []
-    for name in sorted(attention):
-        gate = attention[name].float()
+    for name in sorted(output.attention):
+        gate = output.attention[name].float()
         if gate.shape[2:] != padded.shape[2:]:
             gate = F.interpolate(gate, size=padded.shape[2:], mode=mode, align_corners=False)
         parts.append(gate[crop])
-    parts.append(torch.softmax(logits.float(), dim=1)[crop])
+    parts.append(torch.softmax(output.logits.float(), dim=1)[crop])
     return torch.cat(parts, dim=1).cpu()
 
 
@@ -131,7 +130,7 @@ class UNetFamily:
         self.model.network.to(device).eval()
         self.num_classes = int(getattr(self.model.network, "out_channels", 2))
         self.labels = dict(self.model.labels)
-        self.grid = ModelGrid(volume, self.model.preprocessing)
+        self.grid = ModelGrid(volume, self.model.preprocessing_config)
         self.last_prediction: Prediction | None = None
         self.last_roi_center: tuple[float, ...] | None = None
         self.last_roi_size: list[int] | None = None
@@ -178,7 +177,8 @@ class UNetFamily:
         return maps[:extra]
 
     def roi_size(self) -> list[int]:
-        patch = list(self.model.preprocessing.get("patch_size") or [64] * self.model.spatial_dims)
+        config = self.model.preprocessing_config
+        patch = list(config.patch_size or [DEFAULT_PATCH_AXIS] * self.model.spatial_dims)
         shape = self.grid.shape
         if len(shape) == 3 and len(patch) == 2:
             patch = [shape[0], *patch]
@@ -282,7 +282,8 @@ class UNetFamily:
         component = keep_components_at_points(mask == label, [point])
         return np.where(component, 0, mask).astype(np.uint8)
 
-    def segment(self, view: SessionView, progress: Any, cancel: CancelToken | None) -> Proposal:
+    def segment(self, view: SessionView, progress: RefineProgress | None,
+                cancel: CancelToken | None) -> Proposal:
         prediction = predict_volume(self.model, view.volume, device=self.device, progress=progress,
                                     cancel=cancel, extra_channels=self.click_channels(view))
         self.last_prediction = prediction

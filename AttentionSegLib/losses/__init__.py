@@ -8,8 +8,8 @@ scribbled).
 * :func:`partial_cross_entropy`: scribbles, cross-entropy on annotated voxels only.
 * :func:`masked_crf_loss`: gated CRF on local windows (Obukhov et al. 2019; AttenScribble).
 * :func:`attentive_similarity_loss`: predictions vs. self-attention affinity (AttenScribble).
-* :func:`attention_guided_image_perturbation`, :func:`feature_perturbation`, :func:`consistency_loss`,
-  :class:`EMATeacher`: attention-guided weak-to-strong consistency (AIGCMatch).
+* :func:`consistency_loss`: weak-to-strong consistency (FixMatch / UniMatch, as AIGCMatch uses it; its
+  attention-guided perturbations and the EMA teacher are training tools: :mod:`AttentionSegLib.training`).
 * :class:`MistakeAttentionLoss`, :func:`tversky_loss`: FP/FN-weighted branch supervision ("Learning To Pay
   Attention To Mistakes", Xu et al. 2020).
 
@@ -21,13 +21,7 @@ check them.
 from __future__ import annotations
 
 from AttentionSegLib.losses.attentive_similarity import attentive_similarity_loss
-from AttentionSegLib.losses.consistency import (
-    EMATeacher,
-    ImagePerturbation,
-    attention_guided_image_perturbation,
-    consistency_loss,
-    feature_perturbation,
-)
+from AttentionSegLib.losses.consistency import consistency_loss
 from AttentionSegLib.losses.crf import masked_crf_loss
 from AttentionSegLib.losses.dice import DiceCELoss, DiceLoss
 from AttentionSegLib.losses.mistake import MistakeAttentionLoss, tversky_loss
@@ -37,13 +31,9 @@ __all__ = [
     "IGNORE_INDEX",
     "DiceCELoss",
     "DiceLoss",
-    "EMATeacher",
-    "ImagePerturbation",
     "MistakeAttentionLoss",
-    "attention_guided_image_perturbation",
     "attentive_similarity_loss",
     "consistency_loss",
-    "feature_perturbation",
     "masked_crf_loss",
     "partial_cross_entropy",
     "tversky_loss",

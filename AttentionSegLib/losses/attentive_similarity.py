@@ -68,9 +68,9 @@ def attentive_similarity_loss(
 
     Args:
         probs: ``(B, C, *spatial)`` class probabilities at full resolution, 2D or 3D.
-        affinity: ``(B, N, N)`` normalised, symmetrised attention (``SpatialSelfAttention.last_affinity``),
+        affinity: ``(B, N, N)`` normalised, symmetrised attention (``NetworkOutput.self_attention.affinity``),
             entries in ``[0, 1]``.
-        affinity_shape: spatial shape of the attention's feature level (``SpatialSelfAttention.last_shape``),
+        affinity_shape: spatial shape of the attention's token grid (``NetworkOutput.self_attention.shape``),
             ``prod(affinity_shape) == N`` and ``len(affinity_shape) == spatial_dims``.
         radius: compare only pairs within this Chebyshev distance on the attention grid (``None``: all pairs).
         sigma: with ``radius``, weight the pairs by a Gaussian of their grid distance (authors' code: 6).

@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX: int = 255
-"""Label of a voxel that carries no annotation (scribble maps: "not scribbled")."""
+from AttentionSegLib.label_maps import IGNORE_INDEX  # "not annotated" (scribble maps: "not scribbled")
 
 
 def class_index_target(logits: torch.Tensor, target: torch.Tensor, *, name: str = "target") -> torch.Tensor:

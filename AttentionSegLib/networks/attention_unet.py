@@ -5,7 +5,7 @@ arXiv 1804.03999; the gate itself is :class:`~.attention_gate.AttentionGate`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from .base import (
     SegmentationNetwork,
     validate_common_config,
 )
-from .blocks import ConvNormAct, DeepSupervisionHeads, UNetEncoder, UpBlock, conv_layer
+from .blocks import ConvNormAct, UNetEncoder, conv_layer
 
 # (skip level, skip channels, gating channels) -> a module with forward(skip, gating) -> (features, alpha)
 SkipAttentionFactory = Callable[[int, int, int], nn.Module]
@@ -71,38 +71,26 @@ class GatedUNet(SegmentationNetwork):
         self.skip_attention = nn.ModuleList(
             make_skip_attention(level, filters[level], filters[level + 1]) for level in range(levels - 1)
         )
-        self.decoder = nn.ModuleList(
-            UpBlock(
-                spatial_dims, filters[level + 1], filters[level], filters[level], norm=norm, dropout=dropout
-            )
-            for level in range(levels - 1)
-        )
+        self.decoder = self.build_decoder(filters, norm=norm, dropout=dropout)
         self.head = conv_layer(spatial_dims, filters[0], out_channels, kernel_size=1)
-        ds_channels = {level: filters[level] for level in range(1, levels - 1)}
-        self.deep_supervision: DeepSupervisionHeads | None = (
-            DeepSupervisionHeads(spatial_dims, ds_channels, out_channels) if deep_supervision else None
+        self.deep_supervision = self.build_deep_supervision(filters, deep_supervision)
+
+    def attend_skip(
+        self, level: int, skip: torch.Tensor, coarser: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The skip of ``level`` through its attention module, gated by the coarser decoder output."""
+        attended, alpha = self.skip_attention[level](skip, self.gating[level](coarser))
+        return attended, {f"gate{level + 1}": alpha}
+
+    def compute(self, x: torch.Tensor) -> NetworkOutput:
+        features, self_attention = self.encode(x)
+        decoded = self.decode(features, self.attend_skip)
+        return NetworkOutput(
+            logits=self.head(decoded.features),
+            attention=decoded.attention,
+            aux_logits=self.supervision(decoded, x.shape[2:]),
+            self_attention=self_attention,
         )
-
-    def extra_attention_maps(self, gate_maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Further named maps of the last forward (subclasses); ``gate_maps`` are the gates' maps."""
-        return {}
-
-    def compute(self, x: torch.Tensor, return_attention: bool) -> NetworkOutput:
-        features = self.encoder(x, self.encoder_hooks())
-        decoded = features[-1]
-        attention: dict[str, torch.Tensor] = {}
-        decoder_outputs: dict[int, torch.Tensor] = {}
-        for level in reversed(range(len(self.decoder))):
-            skip, alpha = self.skip_attention[level](features[level], self.gating[level](decoded))
-            attention[f"gate{level + 1}"] = alpha
-            decoded = self.decoder[level](decoded, skip)
-            decoder_outputs[level] = decoded
-        aux: dict[str, torch.Tensor] = {}
-        if self.training and self.deep_supervision is not None:
-            aux = self.deep_supervision(decoder_outputs, x.shape[2:])
-        if return_attention:
-            attention.update(self.extra_attention_maps(attention))
-        return NetworkOutput(logits=self.head(decoded), attention=attention, aux_logits=aux)
 
 
 class AttentionUNet(GatedUNet):

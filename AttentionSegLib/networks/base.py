@@ -3,27 +3,51 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .blocks import NORMS, FeatureHook
-from .self_attention import SpatialSelfAttention
+from .blocks import NORMS, DeepSupervisionHeads, UNetEncoder, UpBlock
+from .self_attention import SelfAttentionOutput, SpatialSelfAttention
 
 DEFAULT_FILTERS: tuple[int, ...] = (16, 32, 64, 128, 256)
 DEFAULT_MAX_TOKENS = 4096
 
 
-@dataclass
+@dataclass(eq=False)
 class NetworkOutput:
-    """What a network computes in one forward pass."""
+    """Everything a network computes in one forward pass, returned to the caller (never kept on the module).
+
+    Attributes:
+        logits: ``(B, out_channels, *spatial)``.
+        attention: named maps ``(B, 1, *spatial of their level)`` in ``[0, 1]``, sorted by name (``gate1`` ..
+            ``gate{L-1}``, ``self{k}``, ``fp``/``fn``, as each network documents).
+        aux_logits: in training mode only (empty in eval mode): the deep-supervision logits ``ds1`` .. and the
+            mistake network's ``fp_branch`` / ``fn_branch``, each at the input size.
+        self_attention: the AttenScribble module's attention of this pass (``.attention``, ``.shape``, the
+            lazily computed ``.affinity`` for the attentive similarity loss) when the network carries one.
+    """
 
     logits: torch.Tensor
     attention: dict[str, torch.Tensor] = field(default_factory=dict)
     aux_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    self_attention: SelfAttentionOutput | None = None
+
+
+@dataclass(eq=False)
+class Decoded:
+    """The expanding path's result: the finest features, each level's output and the skip attention maps."""
+
+    features: torch.Tensor
+    by_level: dict[int, torch.Tensor]
+    attention: dict[str, torch.Tensor]
+
+
+#: ``attend_skip(level, skip, coarser) -> (skip to concatenate, named attention maps)``
+SkipAttention = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def config_error(network: str, key: str, problem: str) -> ValueError:
@@ -94,13 +118,18 @@ def validate_common_config(
 
 
 class SegmentationNetwork(nn.Module):
-    """Base class: input checks, the ``forward`` contract, auxiliary outputs and the pluggable self-attention.
+    """Base class of the engine's U-Nets: input checks, the ``forward`` contract, the shared encoder/decoder
+    walk and the pluggable self-attention.
 
-    Subclasses set :attr:`name`, build their layers and implement :meth:`compute`. ``forward(x)`` returns
-    logits ``(B, out_channels, *spatial)``; ``forward(x, return_attention=True)`` returns
-    ``(logits, {map_name: (B, 1, *spatial_of_that_level)})``. After a forward in training mode
-    :attr:`aux_logits` holds the auxiliary logits (deep supervision, branch outputs), each at the input size;
-    in eval mode it is empty.
+    ``forward(x)`` returns a :class:`NetworkOutput` and leaves nothing on the module, so a network can be
+    copied, pickled or run from several threads between passes. Code that wants a plain tensor (MONAI's
+    inferers, ``torch.onnx.export``, ``torch.jit.trace``) wraps the network in :class:`LogitsOnly` or reads
+    ``network(x).logits``; the engine itself always reads the whole :class:`NetworkOutput`.
+
+    Subclasses set :attr:`name`, build ``encoder`` (:class:`~.blocks.UNetEncoder`), ``decoder`` (one
+    :class:`~.blocks.UpBlock` per skip level, finest first) and ``deep_supervision`` (or ``None``) in the
+    order they always have (parameter initialisation follows that order), and implement :meth:`compute`
+    with :meth:`encode`, :meth:`decode` and :meth:`supervision`.
 
     Attributes:
         name: registry name; ``build_network(net.name, **net.config)`` rebuilds the architecture.
@@ -110,6 +139,9 @@ class SegmentationNetwork(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    encoder: UNetEncoder
+    decoder: nn.ModuleList
+    deep_supervision: DeepSupervisionHeads | None
 
     def __init__(
         self,
@@ -126,16 +158,8 @@ class SegmentationNetwork(nn.Module):
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.required_divisor = int(required_divisor)
-        self.aux_logits: dict[str, torch.Tensor] = {}
         self.self_attention: SpatialSelfAttention | None = None
         self.self_attention_level: int | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The outputs of the last forward carry autograd graphs, which neither deepcopy nor pickle accept;
-        # a copy of the network (e.g. an undo snapshot) starts without them.
-        state = self.__dict__.copy()
-        state["aux_logits"] = {}
-        return state
 
     def attach_self_attention(self, level: int | None, filters: Sequence[int], max_tokens: int) -> None:
         """Attach the AttenScribble module to encoder ``level`` (``None``: leave the network without it)."""
@@ -144,11 +168,65 @@ class SegmentationNetwork(nn.Module):
         self.self_attention = SpatialSelfAttention(filters[level], self.spatial_dims, max_tokens=max_tokens)
         self.self_attention_level = int(level)
 
-    def encoder_hooks(self) -> dict[int, FeatureHook]:
-        """Modules to apply to encoder levels (see :class:`~.blocks.UNetEncoder`)."""
-        if self.self_attention is None or self.self_attention_level is None:
+    def build_decoder(self, filters: Sequence[int], *, norm: str, dropout: float) -> nn.ModuleList:
+        """One :class:`~.blocks.UpBlock` per skip level (finest first): coarser level + skip -> that level."""
+        return nn.ModuleList(
+            UpBlock(
+                self.spatial_dims,
+                filters[level + 1],
+                filters[level],
+                filters[level],
+                norm=norm,
+                dropout=dropout,
+            )
+            for level in range(len(filters) - 1)
+        )
+
+    def build_deep_supervision(self, filters: Sequence[int], enabled: bool) -> DeepSupervisionHeads | None:
+        """Heads ``ds1`` .. ``ds{L-2}`` on the decoder outputs of levels 1 .. L-2 (``None`` when disabled)."""
+        if not enabled:
+            return None
+        channels = {level: filters[level] for level in range(1, len(filters) - 1)}
+        return DeepSupervisionHeads(self.spatial_dims, channels, self.out_channels)
+
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], SelfAttentionOutput | None]:
+        """The features of every encoder level (finest first), with the AttenScribble module applied on its
+        level, and that module's attention of this pass (``None`` without the module)."""
+        module, level = self.self_attention, self.self_attention_level
+        if module is None or level is None:
+            return self.encoder(x), None
+        recorded: list[SelfAttentionOutput] = []
+
+        def attend(features: torch.Tensor) -> torch.Tensor:
+            attended, output = module(features)
+            recorded.append(output)
+            return attended
+
+        return self.encoder(x, {level: attend}), recorded[-1]
+
+    def decode(self, features: Sequence[torch.Tensor], attend_skip: SkipAttention | None = None) -> Decoded:
+        """The expanding path from the bottleneck to the finest level.
+
+        ``attend_skip(level, skip, coarser)`` may replace each skip before it is joined (attention gates) and
+        name attention maps; by default the skip passes unchanged.
+        """
+        decoded = features[-1]
+        by_level: dict[int, torch.Tensor] = {}
+        attention: dict[str, torch.Tensor] = {}
+        for level in reversed(range(len(self.decoder))):
+            skip = features[level]
+            if attend_skip is not None:
+                skip, maps = attend_skip(level, skip, decoded)
+                attention.update(maps)
+            decoded = self.decoder[level](decoded, skip)
+            by_level[level] = decoded
+        return Decoded(features=decoded, by_level=by_level, attention=attention)
+
+    def supervision(self, decoded: Decoded, size: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The deep-supervision logits at ``size`` in training mode; nothing in eval mode or without heads."""
+        if not self.training or self.deep_supervision is None:
             return {}
-        return {self.self_attention_level: self.self_attention}
+        return self.deep_supervision(decoded.by_level, size)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is (B, in_channels, *spatial), sizes divisible as required."""
@@ -171,16 +249,30 @@ class SegmentationNetwork(nn.Module):
                 f"{self.required_divisor} (one factor 2 per pooling); pad or crop the input"
             )
 
-    def compute(self, x: torch.Tensor, return_attention: bool) -> NetworkOutput:
+    def compute(self, x: torch.Tensor) -> NetworkOutput:
         """The network itself; auxiliary logits need only be computed when ``self.training``."""
         raise NotImplementedError
 
-    def forward(
-        self, x: torch.Tensor, return_attention: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> NetworkOutput:
         self.check_input(x)
-        output = self.compute(x, return_attention)
-        self.aux_logits = dict(output.aux_logits) if self.training else {}
-        if return_attention:
-            return output.logits, dict(sorted(output.attention.items()))
-        return output.logits
+        output = self.compute(x)
+        output.attention = dict(sorted(output.attention.items()))
+        if not self.training:
+            output.aux_logits = {}
+        return output
+
+
+class LogitsOnly(nn.Module):
+    """A network seen as a plain ``tensor -> logits`` module, for code that expects one (MONAI's inferers,
+    ONNX or TorchScript export). It shares the network's parameters.
+
+    Example:
+        >>> logits = LogitsOnly(build_network("attention_unet"))(x)     # == network(x).logits
+    """
+
+    def __init__(self, network: SegmentationNetwork) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x).logits

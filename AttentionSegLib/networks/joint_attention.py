@@ -28,7 +28,7 @@ What this module implements (from the paper's abstract-level description; the fu
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ from .attention_gate import AttentionGate
 from .attention_unet import GatedUNet
 from .base import DEFAULT_FILTERS, DEFAULT_MAX_TOKENS, config_error, validate_common_config
 from .blocks import conv_layer, norm_layer, resize
-from .self_attention import SpatialSelfAttention
+from .self_attention import SelfAttentionOutput, SpatialSelfAttention
 
 
 class JointAttention(nn.Module):
@@ -65,11 +65,15 @@ class JointAttention(nn.Module):
             norm_layer(norm, spatial_dims, skip_channels),
         )
 
-    def forward(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(joint-attended skip, alpha)``; ``alpha`` is the point-wise gate (B, 1, *x.spatial)."""
+    def forward(
+        self, x: torch.Tensor, g: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, SelfAttentionOutput]:
+        """Return ``(joint-attended skip, alpha, self-attention)``; ``alpha`` is the point-wise gate
+        (B, 1, *x.spatial)."""
         alpha = self.gate.coefficients(x, g)
-        joint = x * alpha.to(x.dtype) + self.self_attention.context(x)
-        return self.output(joint), alpha
+        context, attention = self.self_attention.context(x)
+        joint = x * alpha.to(x.dtype) + context
+        return self.output(joint), alpha, attention
 
 
 class JointAttentionUNet(GatedUNet):
@@ -142,14 +146,15 @@ class JointAttentionUNet(GatedUNet):
             if isinstance(module, JointAttention)
         }
 
-    def extra_attention_maps(self, gate_maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        maps: dict[str, torch.Tensor] = {}
-        for gate, module in self.joint_modules().items():
-            received = module.self_attention.received_attention()
-            if received is not None:
-                gate_map = gate_maps[f"gate{gate}"]
-                maps[f"self{gate}"] = resize(received, gate_map.shape[2:]).to(gate_map.dtype)
-        return maps
+    def attend_skip(
+        self, level: int, skip: torch.Tensor, coarser: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        module = self.skip_attention[level]
+        if not isinstance(module, JointAttention):
+            return super().attend_skip(level, skip, coarser)
+        attended, alpha, attention = module(skip, self.gating[level](coarser))
+        received = resize(attention.received(), alpha.shape[2:]).to(alpha.dtype)
+        return attended, {f"gate{level + 1}": alpha, f"self{level + 1}": received}
 
 
 def _check_gates(network: str, gates: Sequence[int] | None, *, n_gates: int) -> list[int]:

@@ -42,7 +42,7 @@ from .base import (
     check_int,
     validate_common_config,
 )
-from .blocks import DeepSupervisionHeads, UNetEncoder, UpBlock, conv_layer, norm_layer
+from .blocks import UNetEncoder, conv_layer, norm_layer
 
 
 class ReceptiveFieldAttention(nn.Module):
@@ -124,17 +124,12 @@ class MistakeAttentionUNet(SegmentationNetwork):
             required_divisor=2 ** (len(common["filters"]) - 1),
         )
         spatial_dims, filters, norm = common["spatial_dims"], common["filters"], common["norm"]
-        dropout, levels = common["dropout"], len(common["filters"])
+        dropout = common["dropout"]
         self.encoder = UNetEncoder(spatial_dims, self.in_channels, filters, norm=norm, dropout=dropout)
         self.attach_self_attention(
             common["self_attention_level"], filters, common["self_attention_max_tokens"]
         )
-        self.decoder = nn.ModuleList(
-            UpBlock(
-                spatial_dims, filters[level + 1], filters[level], filters[level], norm=norm, dropout=dropout
-            )
-            for level in range(levels - 1)
-        )
+        self.decoder = self.build_decoder(filters, norm=norm, dropout=dropout)
         width = filters[0]
         self.fp_attention = ReceptiveFieldAttention(
             spatial_dims, width, dilation=fp_dilation, depth=2, norm=norm
@@ -143,29 +138,24 @@ class MistakeAttentionUNet(SegmentationNetwork):
         self.fp_head = conv_layer(spatial_dims, width, self.out_channels, kernel_size=1)
         self.fn_head = conv_layer(spatial_dims, width, self.out_channels, kernel_size=1)
         self.head = conv_layer(spatial_dims, 2 * width, self.out_channels, kernel_size=1)
-        ds_channels = {level: filters[level] for level in range(1, levels - 1)}
-        self.deep_supervision: DeepSupervisionHeads | None = (
-            DeepSupervisionHeads(spatial_dims, ds_channels, self.out_channels)
-            if common["deep_supervision"]
-            else None
-        )
+        self.deep_supervision = self.build_deep_supervision(filters, common["deep_supervision"])
 
-    def compute(self, x: torch.Tensor, return_attention: bool) -> NetworkOutput:
-        features = self.encoder(x, self.encoder_hooks())
-        decoded = features[-1]
-        decoder_outputs: dict[int, torch.Tensor] = {}
-        for level in reversed(range(len(self.decoder))):
-            decoded = self.decoder[level](decoded, features[level])
-            decoder_outputs[level] = decoded
-        fp_map = self.fp_attention(decoded)
-        fn_map = self.fn_attention(decoded)
-        fp_features = decoded * (1.0 + fp_map.to(decoded.dtype))
-        fn_features = decoded * (1.0 + fn_map.to(decoded.dtype))
+    def compute(self, x: torch.Tensor) -> NetworkOutput:
+        features, self_attention = self.encode(x)
+        decoded = self.decode(features)
+        fp_map = self.fp_attention(decoded.features)
+        fn_map = self.fn_attention(decoded.features)
+        fp_features = decoded.features * (1.0 + fp_map.to(decoded.features.dtype))
+        fn_features = decoded.features * (1.0 + fn_map.to(decoded.features.dtype))
         logits = self.head(torch.cat([fp_features, fn_features], dim=1))
         aux: dict[str, torch.Tensor] = {}
         if self.training:
             aux["fp_branch"] = self.fp_head(fp_features)
             aux["fn_branch"] = self.fn_head(fn_features)
-            if self.deep_supervision is not None:
-                aux.update(self.deep_supervision(decoder_outputs, x.shape[2:]))
-        return NetworkOutput(logits=logits, attention={"fp": fp_map, "fn": fn_map}, aux_logits=aux)
+            aux.update(self.supervision(decoded, x.shape[2:]))
+        return NetworkOutput(
+            logits=logits,
+            attention={"fp": fp_map, "fn": fn_map},
+            aux_logits=aux,
+            self_attention=self_attention,
+        )

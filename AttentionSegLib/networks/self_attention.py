@@ -3,8 +3,8 @@
 AttenScribble attaches a single-head spatial self-attention block on top of an internal feature layer of
 an FCN: the voxels of that layer are tokens, ``A = softmax(Q K^T / sqrt(d))`` (Sec. 3.1) mixes them
 globally, and the same attention, symmetrised and normalised, serves as the voxel affinity of the
-attentive similarity loss (Sec. 3.2). This module does both: it returns ``x + gamma · context`` and keeps
-the attention of its last forward for the loss.
+attentive similarity loss (Sec. 3.2). This module does both: it returns ``x + gamma · context`` together with
+the attention of that pass (:class:`SelfAttentionOutput`), from which the loss takes the affinity.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -91,20 +92,50 @@ def symmetric_normalised_affinity(
         return affinity + torch.diag_embed(1.0 - row_sums / largest)
 
 
+@dataclass(eq=False)
+class SelfAttentionOutput:
+    """The attention of one :class:`SpatialSelfAttention` pass.
+
+    Attributes:
+        attention: ``A`` (B, N, N), rows sum to 1, with its autograd graph (for the attentive similarity
+            loss).
+        shape: the token grid's spatial shape (the level's, or the pooled one), ``N = prod(shape)``.
+    """
+
+    attention: torch.Tensor
+    shape: tuple[int, ...]
+
+    @cached_property
+    def affinity(self) -> torch.Tensor:
+        """(B, N, N) symmetric, row-normalised attention (:func:`symmetric_normalised_affinity`), computed
+        on first access."""
+        return symmetric_normalised_affinity(self.attention)
+
+    def received(self) -> torch.Tensor:
+        """Mean attention each token receives, ``mean_i A_ij``, as a (B, 1, *shape) map in [0, 1].
+
+        Divided by its per-sample maximum, so the most attended voxel reads 1: a spatial summary of the
+        self-attention that can be shown like a gate map.
+        """
+        received = self.attention.detach().mean(dim=1)  # (B, N)
+        received = received / received.amax(dim=1, keepdim=True).clamp_min(torch.finfo(received.dtype).tiny)
+        return received.reshape(received.shape[0], 1, *self.shape)
+
+
 class SpatialSelfAttention(nn.Module):
     """Single-head spatial self-attention that plugs onto any feature map (AttenScribble, Sec. 3.1).
 
-    Tokens are the voxels of the input (pooled to at most ``max_tokens`` first, with the shape kept in
-    :attr:`last_shape`). With LayerNorm'ed tokens ``t``::
+    Tokens are the voxels of the input (pooled to at most ``max_tokens`` first). With LayerNorm'ed tokens
+    ``t``::
 
         A = softmax(q(t) k(t)^T / sqrt(key_channels))      # (B, N, N), rows sum to 1
         context = proj(A v(t))                              # resampled back to the input grid
         output = x + gamma · context                        # gamma is learnable, initialised to 0
 
     so attaching the module to an untrained network leaves its output unchanged at first (the residual
-    form of SAGAN, Zhang et al. 2019). After each forward :attr:`last_attention` holds ``A`` (with its
-    autograd graph, for the attentive similarity loss) and :attr:`last_affinity` the symmetrised,
-    normalised affinity of :func:`symmetric_normalised_affinity`.
+    form of SAGAN, Zhang et al. 2019). ``forward`` returns ``(output, SelfAttentionOutput)``, like
+    :class:`torch.nn.MultiheadAttention` returns its weights: ``A`` with its autograd graph and, on demand,
+    the symmetrised, normalised affinity of :func:`symmetric_normalised_affinity`.
 
     Args:
         channels: channels of the feature map it attaches to.
@@ -135,28 +166,9 @@ class SpatialSelfAttention(nn.Module):
         self.value = nn.Linear(channels, channels, bias=False)
         self.proj = nn.Linear(channels, channels)
         self.gamma = nn.Parameter(torch.zeros(1))
-        self.last_attention: torch.Tensor | None = None
-        self.last_shape: tuple[int, ...] = ()
-        self._affinity: torch.Tensor | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        # The last attention carries its autograd graph, which neither deepcopy nor pickle accept; a copy
-        # of the module (e.g. an undo snapshot of the network) starts without it.
-        state = self.__dict__.copy()
-        state.update(last_attention=None, last_shape=(), _affinity=None)
-        return state
-
-    @property
-    def last_affinity(self) -> torch.Tensor | None:
-        """(B, N, N) symmetric, row-normalised attention of the last forward (computed on first access)."""
-        if self.last_attention is None:
-            return None
-        if self._affinity is None:
-            self._affinity = symmetric_normalised_affinity(self.last_attention)
-        return self._affinity
-
-    def context(self, x: torch.Tensor) -> torch.Tensor:
-        """``gamma · proj(A v)`` on the grid of ``x`` (B, C, *spatial); records the attention."""
+    def context(self, x: torch.Tensor) -> tuple[torch.Tensor, SelfAttentionOutput]:
+        """``gamma · proj(A v)`` on the grid of ``x`` (B, C, *spatial) and the attention ``A`` of the pass."""
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.channels:
             raise ValueError(
                 f"SpatialSelfAttention expects (B, {self.channels}, *{self.spatial_dims} spatial dims), "
@@ -175,22 +187,10 @@ class SpatialSelfAttention(nn.Module):
             mixed = torch.bmm(attention, value.float())
         out = self.proj(mixed.to(tokens.dtype))  # (B, N, C)
         out = out.transpose(1, 2).reshape(x.shape[0], self.channels, *grid)
-        self.last_attention = attention
-        self.last_shape = grid
-        self._affinity = None
-        return (self.gamma * resize(out, spatial)).to(x.dtype)
+        context = (self.gamma * resize(out, spatial)).to(x.dtype)
+        return context, SelfAttentionOutput(attention=attention, shape=grid)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.context(x)
-
-    def received_attention(self) -> torch.Tensor | None:
-        """Mean attention each token receives, ``mean_i A_ij``, as a (B, 1, *last_shape) map in [0, 1].
-
-        Divided by its per-sample maximum, so the most attended voxel reads 1: a spatial summary of the
-        self-attention that can be shown like a gate map.
-        """
-        if self.last_attention is None:
-            return None
-        received = self.last_attention.detach().mean(dim=1)  # (B, N)
-        received = received / received.amax(dim=1, keepdim=True).clamp_min(torch.finfo(received.dtype).tiny)
-        return received.reshape(received.shape[0], 1, *self.last_shape)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, SelfAttentionOutput]:
+        """``(x + gamma · context, the attention of this pass)``."""
+        context, attention = self.context(x)
+        return x + context, attention

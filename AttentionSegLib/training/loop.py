@@ -32,7 +32,7 @@ from ..devices import autocast_for, resolve_device
 from ..metrics import dice
 from ..networks import build_network
 from ..progress import CancelToken, ProgressBar
-from ..sliding_window import sliding_window_predict
+from ..sliding_window import PROBABILITIES, network_predictor, sliding_window_predict
 from .config import TrainConfig
 from .distributed import DistributedContext, all_equal, barrier, device_for_rank, init_distributed, shutdown
 from .regimes import Regime, make_regime
@@ -92,6 +92,14 @@ def validate(network: nn.Module, cases: Sequence[Case], config: TrainConfig, dev
     """
     scores: dict[int, list[float]] = {label: [] for label in labels}
     extra = int(getattr(network, "in_channels", 1)) - 1
+    predictor = network_predictor(network)
+    divisor = int(getattr(network, "required_divisor", 1))
+
+    def predict(image: torch.Tensor) -> torch.Tensor:
+        outputs = sliding_window_predict(predictor, image, config.patch_size, size_divisor=divisor,
+                                         device=device, amp=config.amp)
+        return outputs[PROBABILITIES][0]
+
     for case in cases:
         if case.label is None:
             continue
@@ -100,11 +108,9 @@ def validate(network: nn.Module, cases: Sequence[Case], config: TrainConfig, dev
             image = np.concatenate([image, np.zeros((extra, *case.image.shape), dtype=image.dtype)])
         if config.spatial_dims == 2 and case.image.ndim == 3:
             slices = [torch.from_numpy(image[:, k])[None] for k in range(case.image.shape[0])]
-            probs = torch.stack([sliding_window_predict(network, s, config.patch_size, device=device,
-                                                        amp=config.amp)[0] for s in slices], dim=1)
+            probs = torch.stack([predict(s) for s in slices], dim=1)
         else:
-            probs = sliding_window_predict(network, torch.from_numpy(image)[None], config.patch_size,
-                                           device=device, amp=config.amp)[0]
+            probs = predict(torch.from_numpy(image)[None])
         prediction = probs.argmax(0).numpy()
         for label in labels:
             scores[label].append(dice(prediction, case.label, label=label))

@@ -22,16 +22,16 @@ from ..datasets import CaseFiles, PatchSampler, load_case
 from ..losses import (
     IGNORE_INDEX,
     DiceCELoss,
-    EMATeacher,
     MistakeAttentionLoss,
-    attention_guided_image_perturbation,
     attentive_similarity_loss,
     consistency_loss,
-    feature_perturbation,
     masked_crf_loss,
     partial_cross_entropy,
 )
+from ..networks import NetworkOutput
 from .config import TrainConfig
+from .ema_teacher import EMATeacher
+from .perturbations import attention_guided_image_perturbation, feature_perturbation
 
 
 class Regime:
@@ -135,14 +135,13 @@ class SupervisedRegime(Regime):
         if self.config.click_channels:
             images = self.with_clicks(images, targets)
         images, targets = images.to(device), targets.to(device)
-        logits = model(images)
-        return supervised_loss(self, network, logits, targets), {}
+        return supervised_loss(self, model(images), targets), {}
 
 
-def supervised_loss(regime: SupervisedRegime, network: nn.Module, logits: torch.Tensor,
-                    targets: torch.Tensor) -> torch.Tensor:
+def supervised_loss(regime: SupervisedRegime, output: NetworkOutput, targets: torch.Tensor) -> torch.Tensor:
     """Dense-label loss; the mistake network's FP/FN branches get the objective of Xu et al. (2020)."""
-    aux = dict(getattr(network, "aux_logits", {}) or {})
+    logits = output.logits
+    aux = dict(output.aux_logits)
     branches = {k: aux.pop(k) for k in ("fp_branch", "fn_branch") if k in aux}
     loss = segmentation_loss_with_aux(regime.loss_fn, logits, aux, targets, regime.config.aux_weight)
     if len(branches) == 2:
@@ -190,10 +189,10 @@ class ScribbleRegime(Regime):
              ) -> tuple[torch.Tensor, dict[str, float]]:
         images, scribbles = self.sampler.batch(self.config.batch_size)
         images, scribbles = images.to(device), scribbles.to(device)
-        logits = model(images)
+        output: NetworkOutput = model(images)
+        logits, aux = output.logits, output.aux_logits
         loss = partial_cross_entropy(logits, scribbles)
         logs = {"pce": float(loss.detach())}
-        aux = dict(getattr(network, "aux_logits", {}) or {})
         if aux:
             loss = loss + self.config.aux_weight * sum(partial_cross_entropy(a, scribbles)
                                                        for a in aux.values()) / len(aux)
@@ -206,9 +205,9 @@ class ScribbleRegime(Regime):
                                   radius=int(self.options.get("crf_radius", 5)))
             loss = loss + float(self.options.get("crf_weight", 0.1)) * crf
             logs["crf"] = float(crf.detach())
-            module = getattr(network, "self_attention", None)
-            if module is not None and module.last_affinity is not None:
-                similarity = attentive_similarity_loss(probs, module.last_affinity, module.last_shape)
+            attention = output.self_attention
+            if attention is not None:
+                similarity = attentive_similarity_loss(probs, attention.affinity, attention.shape)
                 loss = loss + float(self.options.get("attention_weight", 0.3)) * similarity
                 logs["attentive_similarity"] = float(similarity.detach())
         return loss, logs
@@ -295,8 +294,7 @@ class SemiRegime(Regime):
              ) -> tuple[torch.Tensor, dict[str, float]]:
         images, targets = self.sampler.batch(self.config.batch_size)
         images, targets = images.to(device), targets.to(device)
-        logits = model(images)
-        loss = supervised_loss(self, network, logits, targets)  # type: ignore[arg-type]
+        loss = supervised_loss(self, model(images), targets)  # type: ignore[arg-type]
         logs = {"supervised": float(loss.detach())}
         if self.unlabelled_sampler is None or self.teacher is None:
             return loss, logs
@@ -304,7 +302,8 @@ class SemiRegime(Regime):
         weak, _ = self.unlabelled_sampler.batch(max(self.config.batch_size, 2))
         weak = weak.to(device)
         with torch.no_grad():
-            teacher_logits, attention = self.teacher(weak, return_attention=True)
+            teacher = self.teacher(weak)
+        teacher_logits, attention = teacher.logits, teacher.attention
         key = self.options.get("attention_map") or (sorted(attention)[0] if attention else None)
         attention_map = attention[key].float() if key else torch.full_like(weak[:, :1], 0.5)
 
@@ -313,7 +312,7 @@ class SemiRegime(Regime):
             self._strong_intensity(weak.cpu()).to(device), attention_map,
             ratio=float(self.options.get("cutmix_ratio", 0.25)), generator=self.generator)
         threshold = float(self.options.get("threshold", 0.95))
-        strong_logits = model(perturbed.images)
+        strong_logits = model(perturbed.images).logits
         loss_image = consistency_loss(strong_logits, perturbed.mix(teacher_logits), threshold)
 
         # Feature level (AttFeaPerb): attention-guided dropout on the deepest
@@ -321,7 +320,7 @@ class SemiRegime(Regime):
         drop = float(self.options.get("feature_drop", 0.5))
         handle = _perturb_deepest_features(network, attention_map, drop, self.generator)
         try:
-            feature_logits = model(weak)
+            feature_logits = model(weak).logits
         finally:
             handle.remove()
         loss_feature = consistency_loss(feature_logits, teacher_logits, threshold)

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from AttentionSegLib.image import Volume, read_image
+from AttentionSegLib.imageio import read_image
 from AttentionSegLib.inference import Cancelled
 from AttentionSegLib.interactive import InteractiveSession, RefineSettings
 from AttentionSegLib.metrics import dice
+from AttentionSegLib.volume import Volume
 from benchmarks.robot import correction_scribble, initial_scribbles, next_click
 
 UNTRAINED_2D = {"name": "attention_unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2,

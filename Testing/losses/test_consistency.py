@@ -6,12 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from AttentionSegLib.losses import (
-    EMATeacher,
-    attention_guided_image_perturbation,
-    consistency_loss,
-    feature_perturbation,
-)
+from AttentionSegLib.losses import consistency_loss
+from AttentionSegLib.training.ema_teacher import EMATeacher
+from AttentionSegLib.training.perturbations import attention_guided_image_perturbation, feature_perturbation
 
 
 def _seeded(seed: int) -> torch.Generator:

@@ -21,7 +21,7 @@ def test_every_skip_connection_has_a_gate_named_from_the_finest() -> None:
     assert len(net.skip_attention) == 4
     assert all(isinstance(gate, AttentionGate) for gate in net.skip_attention)
     with torch.no_grad():
-        _, maps = net(torch.randn(1, 1, 64, 32), return_attention=True)
+        maps = net(torch.randn(1, 1, 64, 32)).attention
     assert list(maps) == ["gate1", "gate2", "gate3", "gate4"]
     assert [tuple(m.shape[2:]) for m in maps.values()] == [(64, 32), (32, 16), (16, 8), (8, 4)]
 
@@ -30,15 +30,14 @@ def test_deep_supervision_heads_are_named_by_decoder_level() -> None:
     torch.manual_seed(0)
     net = build_network("attention_unet", spatial_dims=3, filters=[2, 4, 8, 16, 32], deep_supervision=True)
     net.train()
-    logits = net(torch.randn(1, 1, 16, 16, 32))
-    assert sorted(net.aux_logits) == ["ds1", "ds2", "ds3"]
-    assert all(aux.shape == logits.shape for aux in net.aux_logits.values())
+    output = net(torch.randn(1, 1, 16, 16, 32))
+    assert sorted(output.aux_logits) == ["ds1", "ds2", "ds3"]
+    assert all(aux.shape == output.logits.shape for aux in output.aux_logits.values())
 
 
 def test_without_deep_supervision_there_are_no_auxiliary_outputs() -> None:
     net = build_network("attention_unet", spatial_dims=2, filters=[4, 8, 16]).train()
-    net(torch.randn(2, 1, 16, 16))
-    assert net.aux_logits == {}
+    assert net(torch.randn(2, 1, 16, 16)).aux_logits == {}
     assert not any("deep_supervision" in name for name, _ in net.named_parameters())
 
 
@@ -47,9 +46,10 @@ def test_a_gate_changes_the_prediction_it_gates() -> None:
     net = build_network("attention_unet", spatial_dims=2, filters=[4, 8, 16]).eval()
     x = torch.randn(1, 1, 16, 16)
     with torch.no_grad():
-        before = net(x)
+        before = net(x).logits
         net.skip_attention[0].psi.bias.fill_(-50.0)  # close gate1: the finest skip is cut off
-        after, maps = net(x, return_attention=True)
+        output = net(x)
+    after, maps = output.logits, output.attention
     assert float(maps["gate1"].max()) < 1e-6
     assert not torch.allclose(before, after)
 

@@ -11,7 +11,14 @@ import json
 import pytest
 import torch
 
-from AttentionSegLib.networks import SegmentationNetwork, build_network, network_names
+from AttentionSegLib.networks import (
+    LogitsOnly,
+    NetworkOutput,
+    SegmentationNetwork,
+    SelfAttentionOutput,
+    build_network,
+    network_names,
+)
 
 SMALL_FILTERS = [4, 8, 16, 32]
 # 16 per axis is the smallest size at which the 2**3 pooled bottleneck still has 2 voxels per axis
@@ -35,7 +42,9 @@ def test_logits_have_the_input_size_and_out_channels(name: str, dims: int) -> No
     net = small_network(name, dims, out_channels=3).eval()
     x = torch.randn(INPUT_SHAPES[dims])
     with torch.no_grad():
-        logits = net(x)
+        output = net(x)
+    assert isinstance(output, NetworkOutput)
+    logits = output.logits
     assert isinstance(logits, torch.Tensor)
     assert logits.shape == (x.shape[0], 3, *x.shape[2:])
     assert torch.isfinite(logits).all()
@@ -46,7 +55,8 @@ def test_attention_maps_are_single_channel_and_lie_in_unit_interval(name: str, d
     net = small_network(name, dims).eval()
     x = torch.randn(INPUT_SHAPES[dims])
     with torch.no_grad():
-        logits, maps = net(x, return_attention=True)
+        output = net(x)
+    logits, maps = output.logits, output.attention
     assert logits.shape[2:] == x.shape[2:]
     assert maps, "every network reports at least one attention map"
     for map_name, attention in maps.items():
@@ -62,13 +72,14 @@ def test_attention_maps_are_single_channel_and_lie_in_unit_interval(name: str, d
 def test_gradient_reaches_every_parameter_through_logits_and_auxiliary_outputs(name: str, dims: int) -> None:
     net = small_network(name, dims, deep_supervision=True, self_attention_level=2).train()
     x = torch.randn(INPUT_SHAPES[dims])
-    logits = net(x)
-    assert net.aux_logits, "deep supervision gives auxiliary outputs in training mode"
-    for aux_name, aux in net.aux_logits.items():
+    output = net(x)
+    logits = output.logits
+    assert output.aux_logits, "deep supervision gives auxiliary outputs in training mode"
+    for aux_name, aux in output.aux_logits.items():
         assert aux.shape == logits.shape, aux_name
     # What the trainer does: a loss on the logits, on every auxiliary output and on the attention affinity.
-    loss = logits.square().mean() + sum(aux.square().mean() for aux in net.aux_logits.values())
-    loss = loss + net.self_attention.last_affinity.square().mean()
+    loss = logits.square().mean() + sum(aux.square().mean() for aux in output.aux_logits.values())
+    loss = loss + output.self_attention.affinity.square().mean()
     loss.backward()
     without_grad = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
     assert without_grad == []
@@ -79,12 +90,10 @@ def test_auxiliary_logits_are_empty_in_eval_mode(name: str, dims: int) -> None:
     net = small_network(name, dims, deep_supervision=True)
     x = torch.randn(INPUT_SHAPES[dims])
     net.train()
-    net(x)
-    assert net.aux_logits
+    assert net(x).aux_logits
     net.eval()
     with torch.no_grad():
-        net(x)
-    assert net.aux_logits == {}
+        assert net(x).aux_logits == {}
 
 
 @pytest.mark.parametrize(("name", "dims"), CASES, ids=CASE_IDS)
@@ -100,7 +109,7 @@ def test_config_round_trip_rebuilds_the_same_architecture(name: str, dims: int) 
     rebuilt.load_state_dict(net.state_dict(), strict=True)
     x = torch.randn(INPUT_SHAPES[dims])
     with torch.no_grad():
-        assert torch.equal(net.eval()(x), rebuilt.eval()(x))
+        assert torch.equal(net.eval()(x).logits, rebuilt.eval()(x).logits)
 
 
 @pytest.mark.parametrize("name", network_names())
@@ -143,12 +152,13 @@ def test_attaching_self_attention_does_not_change_an_untrained_network(name: str
     assert unexpected == [] and missing and all(key.startswith("self_attention.") for key in missing)
     x = torch.randn(INPUT_SHAPES[2])
     with torch.no_grad():
-        torch.testing.assert_close(attached(x), plain(x))
-    module = attached.self_attention
-    assert module is not None and plain.self_attention is None
+        output = attached(x)
+        torch.testing.assert_close(output.logits, plain(x).logits)
+    assert attached.self_attention is not None and plain.self_attention is None
+    assert plain(x).self_attention is None
     # Level 1 of a 16×16 input is 8×8: 64 tokens, each sample's affinity is 64×64.
-    assert module.last_shape == (8, 8)
-    assert module.last_affinity.shape == (2, 64, 64)
+    assert output.self_attention.shape == (8, 8)
+    assert output.self_attention.affinity.shape == (2, 64, 64)
 
 
 @pytest.mark.parametrize(("name", "dims"), CASES, ids=CASE_IDS)
@@ -159,14 +169,15 @@ def test_mixed_precision_forward_and_backward_work(name: str, dims: int) -> None
     net = build_network(name, spatial_dims=dims, filters=[4, 8, 16], self_attention_level=1).train()
     x = torch.randn(INPUT_SHAPES[dims])
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        logits, maps = net(x, return_attention=True)
+        output = net(x)
+        logits, maps = output.logits, output.attention
         loss = logits.float().square().mean()
     loss.backward()
     assert logits.dtype == torch.bfloat16  # autocast really was active
     assert torch.isfinite(logits.float()).all()
     for attention in maps.values():
         assert float(attention.detach().min()) >= 0.0 and float(attention.detach().max()) <= 1.0
-    affinity = net.self_attention.last_affinity
+    affinity = output.self_attention.affinity
     assert affinity.dtype == torch.float32
     torch.testing.assert_close(affinity.sum(-1), torch.ones(affinity.shape[:2]))
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
@@ -176,9 +187,27 @@ def test_mixed_precision_forward_and_backward_work(name: str, dims: int) -> None
 def test_a_trained_step_network_can_be_deep_copied_for_undo_snapshots(name: str) -> None:
     net = small_network(name, 2, deep_supervision=True, self_attention_level=1).train()
     x = torch.randn(INPUT_SHAPES[2])
-    net(x).square().mean().backward()  # leaves outputs with autograd graphs on the network
+    output = net(x)
+    assert output.aux_logits and output.self_attention is not None  # the outputs go to the caller ...
+    output.logits.square().mean().backward()
+    # ... and nothing of the pass stays on the network: no tensor with an autograd graph to trip deepcopy
+    def holds_a_graph(value: object) -> bool:
+        if isinstance(value, dict):
+            return any(holds_a_graph(v) for v in value.values())
+        return isinstance(value, (NetworkOutput, SelfAttentionOutput)) or (
+            isinstance(value, torch.Tensor) and value.grad_fn is not None)
+
+    kept = [name for module in net.modules() for name, value in vars(module).items() if holds_a_graph(value)]
+    assert kept == []
     snapshot = copy.deepcopy(net)
-    assert snapshot.aux_logits == {} and snapshot.self_attention.last_attention is None
-    assert net.aux_logits and net.self_attention.last_attention is not None  # the original keeps them
     for (key, original), (_, copied) in zip(net.state_dict().items(), snapshot.state_dict().items()):
         assert torch.equal(original, copied), key
+
+
+@pytest.mark.parametrize("name", network_names())
+def test_logits_only_serves_callers_that_expect_a_plain_tensor(name: str) -> None:
+    net = small_network(name, 2).eval()
+    x = torch.randn(INPUT_SHAPES[2])
+    with torch.no_grad():
+        assert torch.equal(LogitsOnly(net)(x), net(x).logits)
+    assert list(LogitsOnly(net).parameters()) == list(net.parameters())

@@ -17,7 +17,7 @@ def test_the_two_coarsest_gates_are_joint_by_default_and_report_a_self_attention
     assert net.config["self_attention_gates"] == [3, 4]
     assert sorted(net.joint_modules()) == [3, 4]
     with torch.no_grad():
-        _, maps = net(torch.randn(2, 1, 64, 64), return_attention=True)
+        maps = net(torch.randn(2, 1, 64, 64)).attention
     assert list(maps) == ["gate1", "gate2", "gate3", "gate4", "self3", "self4"]
     for gate in (3, 4):
         summary = maps[f"self{gate}"]
@@ -40,8 +40,8 @@ def test_without_joint_gates_it_is_an_attention_unet() -> None:
     joint.load_state_dict(plain.state_dict())
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(joint.eval()(x), plain.eval()(x))
-        _, maps = joint(x, return_attention=True)
+        torch.testing.assert_close(joint.eval()(x).logits, plain.eval()(x).logits)
+        maps = joint(x).attention
     assert not any(name.startswith("self") for name in maps)
 
 
@@ -64,9 +64,9 @@ def test_joint_block_returns_the_point_wise_gate_as_its_map() -> None:
     torch.manual_seed(0)
     block = JointAttention(3, skip_channels=2, gating_channels=4, norm="instance", max_tokens=64)
     x, g = torch.randn(1, 2, 8, 8, 8), torch.randn(1, 4, 4, 4, 4)
-    _, alpha = block(x, g)
+    _, alpha, attention = block(x, g)
     torch.testing.assert_close(alpha, block.gate.coefficients(x, g))
-    assert block.self_attention.last_shape == (4, 4, 4)  # 512 voxels pooled to the 64-token budget
+    assert attention.shape == (4, 4, 4)  # 512 voxels pooled to the 64-token budget
 
 
 @pytest.mark.parametrize("gates", [[0], [5], [2, 2], "3", [True]])

@@ -166,7 +166,7 @@ def test_a_small_slice_sits_on_a_padded_canvas_and_comes_back() -> None:
 
 
 def test_medsam_lite_is_a_named_model_that_load_model_explains() -> None:
-    from AttentionSegLib.models import ModelNotFoundError, available_models, load_model
+    from AttentionSegLib.model_zoo import ModelNotFoundError, available_models, load_model
 
     entry = available_models()["medsam_lite"]
     assert entry.sha256 == weights_mod.SHA256 and "Apache-2.0" in entry.description
@@ -296,3 +296,23 @@ def test_report_cpu_time_of_encode_and_decode(model: MedSAMLite, spleen_case: di
         f"\nLiteMedSAM on CPU ({torch.get_num_threads()} threads): encode {t1 - t0:.3f} s wall / "
         f"{c1 - c0:.3f} s CPU; decode {t2 - t1:.3f} s wall / {c2 - c1:.3f} s CPU"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_the_decoder_in_two_parts_gives_what_it_gives_whole(model: MedSAMLite, spleen_case: dict) -> None:
+    """``decode_head(tokens, upscale(keys))`` after ``decode_tokens`` (what a refine caches and tunes) is
+    ``decode``: same logits, IoU and attention, also for a batch of boxes."""
+    tf: SliceTransform = spleen_case["tf"]
+    two = np.stack([spleen_case["box"], spleen_case["box"] + [4, 4, -4, -4]])
+    boxes = torch.as_tensor(tf.box_to_model(two))
+    embedding = spleen_case["embedding"].expand(2, -1, -1, -1)
+    with torch.no_grad():
+        whole = model.decode(embedding, boxes=boxes, return_attention=True)
+        hs, keys, attention = model.decode_tokens(embedding, boxes=boxes, return_attention=True)
+        parts = model.decode_head(hs, model.upscale(keys))
+    assert whole.attention is not None and attention is not None
+    torch.testing.assert_close(parts.logits, whole.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(parts.iou, whole.iou, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention, whole.attention, atol=1e-6, rtol=1e-5)
+    assert float((whole.logits[0] - whole.logits[1]).abs().mean()) > 0.01  # the two boxes differ

@@ -16,7 +16,8 @@ def test_fp_and_fn_maps_are_full_resolution_gates(dims: int, size: tuple[int, ..
     torch.manual_seed(0)
     net = build_network("mistake_attention_unet", spatial_dims=dims, filters=FILTERS).eval()
     with torch.no_grad():
-        logits, maps = net(torch.randn(1, 1, *size), return_attention=True)
+        output = net(torch.randn(1, 1, *size))
+    logits, maps = output.logits, output.attention
     assert sorted(maps) == ["fn", "fp"]
     for attention in maps.values():
         assert attention.shape == (1, 1, *size)
@@ -27,13 +28,12 @@ def test_fp_and_fn_maps_are_full_resolution_gates(dims: int, size: tuple[int, ..
 def test_branch_logits_are_auxiliary_outputs_for_the_trainer() -> None:
     torch.manual_seed(0)
     net = build_network("mistake_attention_unet", spatial_dims=2, filters=FILTERS, out_channels=3).train()
-    logits = net(torch.randn(2, 1, 16, 16))
-    assert sorted(net.aux_logits) == ["fn_branch", "fp_branch"]
-    assert all(aux.shape == logits.shape for aux in net.aux_logits.values())
+    output = net(torch.randn(2, 1, 16, 16))
+    assert sorted(output.aux_logits) == ["fn_branch", "fp_branch"]
+    assert all(aux.shape == output.logits.shape for aux in output.aux_logits.values())
     net_ds = build_network("mistake_attention_unet", spatial_dims=2, filters=FILTERS, deep_supervision=True)
     net_ds.train()
-    net_ds(torch.randn(1, 1, 16, 16))
-    assert sorted(net_ds.aux_logits) == ["ds1", "fn_branch", "fp_branch"]
+    assert sorted(net_ds(torch.randn(1, 1, 16, 16)).aux_logits) == ["ds1", "fn_branch", "fp_branch"]
 
 
 def _receptive_span(branch: ReceptiveFieldAttention, size: int = 64) -> int:
@@ -60,11 +60,11 @@ def test_both_branches_shape_the_final_prediction() -> None:
     net = build_network("mistake_attention_unet", spatial_dims=2, filters=FILTERS).eval()
     x = torch.randn(1, 1, 16, 16)
     with torch.no_grad():
-        before = net(x)
+        before = net(x).logits
         net.fp_attention.layers[-1].bias.fill_(-50.0)  # switch the fp attention off
-        without_fp = net(x)
+        without_fp = net(x).logits
         net.fn_attention.layers[-1].bias.fill_(-50.0)
-        without_both = net(x)
+        without_both = net(x).logits
     assert not torch.allclose(before, without_fp)
     assert not torch.allclose(without_fp, without_both)
 

@@ -19,11 +19,11 @@ def _module(channels: int, dims: int, **kwargs: object) -> SpatialSelfAttention:
 @pytest.mark.parametrize(("dims", "spatial"), [(2, (6, 5)), (3, (4, 3, 5))])
 def test_affinity_is_symmetric_non_negative_and_rows_sum_to_one(dims: int, spatial: tuple[int, ...]) -> None:
     module = _module(8, dims)
-    module(torch.randn(2, 8, *spatial))
+    _, attention = module(torch.randn(2, 8, *spatial))
     n = math.prod(spatial)
-    assert module.last_shape == spatial
-    assert module.last_attention.shape == (2, n, n)
-    affinity = module.last_affinity.detach()
+    assert attention.shape == spatial
+    assert attention.attention.shape == (2, n, n)
+    affinity = attention.affinity.detach()
     assert affinity.shape == (2, n, n)
     torch.testing.assert_close(affinity, affinity.transpose(1, 2))
     torch.testing.assert_close(affinity.sum(dim=-1), torch.ones(2, n))
@@ -32,17 +32,17 @@ def test_affinity_is_symmetric_non_negative_and_rows_sum_to_one(dims: int, spati
 
 def test_attention_rows_are_a_softmax() -> None:
     module = _module(4, 2)
-    module(torch.randn(1, 4, 4, 4))
-    torch.testing.assert_close(module.last_attention.sum(-1), torch.ones(1, 16))
+    _, attention = module(torch.randn(1, 4, 4, 4))
+    torch.testing.assert_close(attention.attention.sum(-1), torch.ones(1, 16))
 
 
 def test_large_levels_are_pooled_to_the_token_budget() -> None:
     module = _module(4, 2, max_tokens=64)
     x = torch.randn(1, 4, 32, 16)
-    out = module(x)
+    out, attention = module(x)
     assert out.shape == x.shape
-    assert module.last_shape == (8, 4)  # pooled by 4 in both axes: 32 tokens <= 64
-    assert module.last_affinity.shape == (1, 32, 32)
+    assert attention.shape == (8, 4)  # pooled by 4 in both axes: 32 tokens <= 64
+    assert attention.affinity.shape == (1, 32, 32)
 
 
 @pytest.mark.parametrize(("spatial", "budget"), [((8, 8), 64), ((96, 96, 96), 4096), ((10, 256, 216), 4096)])
@@ -59,10 +59,10 @@ def test_pooled_grid_fits_the_budget_and_keeps_the_aspect(spatial: tuple[int, ..
 def test_untrained_module_is_the_identity_and_learns_a_residual() -> None:
     module = _module(4, 3)
     x = torch.randn(1, 4, 4, 4, 4)
-    assert torch.equal(module(x), x)  # gamma starts at 0
+    assert torch.equal(module(x)[0], x)  # gamma starts at 0
     with torch.no_grad():
         module.gamma.fill_(1.0)
-    assert not torch.allclose(module(x), x)
+    assert not torch.allclose(module(x)[0], x)
 
 
 def test_context_mixes_information_across_the_whole_grid() -> None:
@@ -74,24 +74,23 @@ def test_context_mixes_information_across_the_whole_grid() -> None:
     # Not the same shift in every channel: LayerNorm over the channels would remove that.
     changed[0, :, 0, 0] += torch.tensor([5.0, -5.0, 2.0, 0.0])
     with torch.no_grad():
-        difference = (module(changed) - module(x)).abs()
+        difference = (module(changed)[0] - module(x)[0]).abs()
     assert float(difference[..., 7, 7].max()) > 1e-4  # the far corner feels the change
 
 
 def test_affinity_is_differentiable_with_respect_to_queries_and_keys() -> None:
     module = _module(4, 2)
-    module(torch.randn(1, 4, 4, 4))
+    _, attention = module(torch.randn(1, 4, 4, 4))
     target = torch.eye(16).unsqueeze(0)
-    (module.last_affinity - target).square().sum().backward()
+    (attention.affinity - target).square().sum().backward()
     assert float(module.query.weight.grad.abs().sum()) > 0
     assert float(module.key.weight.grad.abs().sum()) > 0
 
 
 def test_received_attention_summary_is_a_unit_interval_map_on_the_token_grid() -> None:
     module = _module(4, 2, max_tokens=16)
-    assert module.received_attention() is None and module.last_affinity is None
-    module(torch.randn(3, 4, 8, 8))
-    summary = module.received_attention()
+    _, attention = module(torch.randn(3, 4, 8, 8))
+    summary = attention.received()
     assert summary.shape == (3, 1, 4, 4)
     assert float(summary.min()) >= 0.0
     torch.testing.assert_close(summary.amax(dim=(1, 2, 3)), torch.ones(3))

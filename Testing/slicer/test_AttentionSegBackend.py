@@ -38,7 +38,7 @@ class Counter:
             if cancel.is_set():
                 raise InterruptedError("stopped by the cancel token")
             time.sleep(0.01)
-            progress(done + 1, steps)
+            progress((done + 1) / steps, f"{done + 1} of {steps}")
         return steps
 
     def fit(self, steps: int, *, progress: Any, cancel: threading.Event) -> int:
@@ -49,6 +49,9 @@ class Counter:
 
     def broken(self) -> None:
         raise ZeroDivisionError("the engine divided by zero")
+
+    def describe(self) -> dict:
+        return {}
 
     def filled_array(self) -> np.ndarray:
         self.array[:] = 7
@@ -109,8 +112,8 @@ def test_progress_may_come_as_a_fraction_with_a_message(backend: LocalBackend) -
 
 def test_opening_a_session_tells_what_it_segments() -> None:
     class Labelled(Counter):
-        num_classes = 3
-        model = type("Model", (), {"labels": {1: "liver", 2: "pancreas"}})()
+        def describe(self) -> dict:
+            return {"num_classes": 3, "labels": {1: "liver", 2: "pancreas"}}
 
     backend = LocalBackend(session_factory=Labelled)
     try:

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 
 from ...losses import (
     IGNORE_INDEX,
-    attention_guided_image_perturbation,
     attentive_similarity_loss,
     consistency_loss,
     masked_crf_loss,
     partial_cross_entropy,
 )
 from ...progress import Cancelled, CancelToken
+from ...training.perturbations import attention_guided_image_perturbation
 from ..settings import RefineProgress, RefineReport, RefineSettings
 
 
@@ -71,7 +71,8 @@ def _consistency(network: torch.nn.Module, x: torch.Tensor, unlabelled: torch.Te
     view, outside the scribbles, count.
     """
     with torch.no_grad():
-        weak_logits, attention = network(x, return_attention=True)
+        weak = network(x)
+    weak_logits, attention = weak.logits, weak.attention
     gate = attention[sorted(attention)[0]] if attention else torch.full_like(x[:, :1], 0.5)
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
     contrast = 1.0 + 0.4 * (torch.rand(shape, generator=generator) - 0.5)
@@ -87,7 +88,7 @@ def _consistency(network: torch.nn.Module, x: torch.Tensor, unlabelled: torch.Te
         source_images=shifted(strong).to(x.device) if alone else None)
     target = perturbed.mix(weak_logits, shifted(weak_logits) if alone else None)
     valid = perturbed.mix(unlabelled, shifted(unlabelled) if alone else None)
-    return consistency_loss(network(perturbed.images), target, threshold, valid_mask=valid)
+    return consistency_loss(network(perturbed.images).logits, target, threshold, valid_mask=valid)
 
 
 def fine_tune_network(network: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, *,
@@ -141,18 +142,17 @@ def fine_tune_network(network: torch.nn.Module, x: torch.Tensor, target: torch.T
             xs, ts, vs, us = view(x), view(target), view(valid), view(unscribbled)
             if not (ts != IGNORE_INDEX).any():  # a window without scribbles teaches nothing
                 xs, ts, vs, us = x, target, valid, unscribbled
-            logits = network(xs)
+            output = network(xs)
+            logits = output.logits
             probs = torch.softmax(logits.float(), dim=1)
             loss_ce = partial_cross_entropy(logits, ts)
             loss = loss_ce
             if settings.crf_weight > 0:
                 loss = loss + settings.crf_weight * masked_crf_loss(
                     probs, xs[:, :1], mask=vs, receive_mask=us, radius=settings.crf_radius)
-            attention_module = getattr(network, "self_attention", None)
-            affinity = getattr(attention_module, "last_affinity", None)
-            if settings.attention_weight > 0 and affinity is not None:
+            if settings.attention_weight > 0 and output.self_attention is not None:
                 loss = loss + settings.attention_weight * attentive_similarity_loss(
-                    probs, affinity, attention_module.last_shape)
+                    probs, output.self_attention.affinity, output.self_attention.shape)
             if settings.consistency_weight > 0:
                 loss = loss + settings.consistency_weight * _consistency(
                     network, xs, vs * us, settings.consistency_threshold, generator)

@@ -174,24 +174,48 @@ class MaskDecoder(nn.Module):
         M is 1 (mask token 0) or, with ``multimask_output``, 3 (mask tokens 1–3). The attention is that of
         the first mask token read out (token index 1, or 2 for multimask) in the final token→image layer.
         """
+        hs, keys, weights = self.tokens_and_keys(
+            image_embeddings, image_pe, sparse, dense, need_weights=return_attention
+        )
+        h, w = image_embeddings.shape[-2:]
+        masks, iou = self.head(hs, keys, (h, w), multimask_output)
+        attention = None
+        if weights is not None:
+            first = 1 if multimask_output else 0
+            attention = weights[:, :, 1 + first].mean(dim=1).view(-1, h, w)
+        return masks, iou, attention
+
+    def tokens_and_keys(
+        self, image_embeddings: Tensor, image_pe: Tensor, sparse: Tensor, dense: Tensor, need_weights: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The two-way transformer's output tokens (B, N, C), image tokens (B, hw, C) and final weights."""
         bs = sparse.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(bs, -1, -1), sparse], dim=1)
         if image_embeddings.shape[0] != bs:
             image_embeddings = image_embeddings.expand(bs, -1, -1, -1)
         src = image_embeddings + dense
-        b, c, h, w = src.shape
-        pos = image_pe.expand(b, -1, -1, -1)
-        hs, keys, weights = self.transformer(src, pos, tokens, need_weights=return_attention)
+        pos = image_pe.expand(src.shape[0], -1, -1, -1)
+        return self.transformer(src, pos, tokens, need_weights=need_weights)
 
+    def head(
+        self, hs: Tensor, keys: Tensor, size: tuple[int, int], multimask_output: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Mask logits (B, M, 4h, 4w) and IoU (B, M) from the transformer's tokens and image tokens."""
+        return self.masks(hs, self.upscale(keys, size), multimask_output)
+
+    def upscale(self, keys: Tensor, size: tuple[int, int]) -> Tensor:
+        """Image tokens (B, hw, C) → the upscaled map (B, C/8, 4h, 4w) the hypernetwork reads."""
+        b, c = keys.shape[0], keys.shape[2]
+        return self.output_upscaling(keys.transpose(1, 2).reshape(b, c, *size))
+
+    def masks(self, hs: Tensor, upscaled: Tensor, multimask_output: bool = False) -> tuple[Tensor, Tensor]:
+        """Mask logits and IoU from the output tokens and the upscaled map: the hypernetwork MLPs and the IoU
+        head (what a refine fine-tunes)."""
         first = 1 if multimask_output else 0
         chosen = range(first, self.num_mask_tokens) if multimask_output else range(1)
-        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
         hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in chosen], dim=1)
-        _, cu, hu, wu = upscaled.shape
+        b, _, hu, wu = upscaled.shape
         masks = (hyper @ upscaled.flatten(2)).view(b, -1, hu, wu)
         iou = self.iou_prediction_head(hs[:, 0])[:, first : first + len(chosen)]
-        attention = None
-        if weights is not None:
-            attention = weights[:, :, 1 + first].mean(dim=1).view(b, h, w)
-        return masks, iou, attention
+        return masks, iou

@@ -71,6 +71,58 @@ class MedSAMLite(nn.Module):
             mask_input: (B, 1, 256, 256) logits of a previous decoding, as a dense prompt.
             return_attention: also return the mask token's final attention map (B, 64, 64).
         """
+        sparse, dense = self._prompts(embeddings, boxes, points, mask_input)
+        logits, iou, attention = self.mask_decoder(
+            embeddings,
+            self.prompt_encoder.dense_pe().to(embeddings.dtype),
+            sparse.to(embeddings.dtype),
+            dense.to(embeddings.dtype),
+            multimask_output=False,
+            return_attention=return_attention,
+        )
+        return DecoderOutput(logits=logits, iou=iou, attention=attention)
+
+    def decode_tokens(
+        self,
+        embeddings: Tensor,
+        *,
+        boxes: Tensor | None = None,
+        points: tuple[Tensor, Tensor] | None = None,
+        return_attention: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The first part of :meth:`decode`: the two-way transformer's output tokens (B, N, 256), image
+        tokens (B, 4096, 256) and, on request, the mask token's final attention (B, 64, 64).
+        ``decode_head(tokens, upscale(keys))`` gives the same logits and IoU as ``decode``: a refine that
+        tunes only the decoder's head computes this part once per (slice, prompt)."""
+        sparse, dense = self._prompts(embeddings, boxes, points, None)
+        hs, keys, weights = self.mask_decoder.tokens_and_keys(
+            embeddings,
+            self.prompt_encoder.dense_pe().to(embeddings.dtype),
+            sparse.to(embeddings.dtype),
+            dense.to(embeddings.dtype),
+            need_weights=return_attention,
+        )
+        attention = None
+        if weights is not None:
+            attention = weights[:, :, 1].mean(dim=1).view(-1, EMBEDDING_SIZE, EMBEDDING_SIZE)
+        return hs, keys, attention
+
+    def upscale(self, keys: Tensor) -> Tensor:
+        """Image tokens (B, 4096, 256) from :meth:`decode_tokens` → the upscaled map (B, 32, 256, 256)."""
+        return self.mask_decoder.upscale(keys, (EMBEDDING_SIZE, EMBEDDING_SIZE))
+
+    def decode_head(self, hs: Tensor, upscaled: Tensor) -> DecoderOutput:
+        """Logits and IoU from the output tokens and the upscaled map (the hypernetwork MLP, the IoU head)."""
+        logits, iou = self.mask_decoder.masks(hs, upscaled)
+        return DecoderOutput(logits=logits, iou=iou)
+
+    def _prompts(
+        self,
+        embeddings: Tensor,
+        boxes: Tensor | None,
+        points: tuple[Tensor, Tensor] | None,
+        mask_input: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
         device = embeddings.device
         if boxes is not None:
             boxes = torch.as_tensor(boxes, dtype=torch.float32, device=device).reshape(-1, 4)
@@ -85,18 +137,8 @@ class MedSAMLite(nn.Module):
             points = (coords, labels)
         if mask_input is not None:
             mask_input = mask_input.to(device=device, dtype=embeddings.dtype)
-        sparse, dense = self.prompt_encoder(
-            points=points, boxes=boxes, masks=mask_input, batch_size=embeddings.shape[0]
-        )
-        logits, iou, attention = self.mask_decoder(
-            embeddings,
-            self.prompt_encoder.dense_pe().to(embeddings.dtype),
-            sparse.to(embeddings.dtype),
-            dense.to(embeddings.dtype),
-            multimask_output=False,
-            return_attention=return_attention,
-        )
-        return DecoderOutput(logits=logits, iou=iou, attention=attention)
+        batch = embeddings.shape[0]
+        return self.prompt_encoder(points=points, boxes=boxes, masks=mask_input, batch_size=batch)
 
     def forward(
         self,

@@ -14,6 +14,7 @@ from AttentionSegLib.interactive.adapt.online_head import (
     boundary_band,
     fit_online_head,
     random_walker,
+    walker_spacing,
 )
 from AttentionSegLib.metrics import dice
 
@@ -51,8 +52,10 @@ def _sphere_3d(shape=(24, 40, 40), radius_mm=12.0, noise=0.3, seed=1):
 
 
 def _fit(image, targets, spacing, **kwargs) -> OnlineHeadResult:
-    kwargs.setdefault("time_budget_s", 30.0)
-    return fit_online_head(image, targets, num_classes=2, spacing=spacing, **kwargs)
+    # max_steps, not the clock, ends training here: the results must not depend on the machine's load.
+    kwargs.setdefault("time_budget_s", 3600.0)
+    kwargs.setdefault("num_classes", 2)
+    return fit_online_head(image, targets, spacing=spacing, **kwargs)
 
 
 @pytest.mark.parametrize("regulariser", ["random_walker", "crf", "none"])
@@ -281,7 +284,7 @@ def test_cuda_matches_cpu():
 def _acdc_case(acdc_dir, name: str, structure: int):
     """An ACDC volume cropped in-plane to the heart + 24 voxels (all slices), z-scored, with its real
     scribbles for one structure (the other classes' are background), as in benchmarks/interactive.py."""
-    from AttentionSegLib.image import read_image
+    from AttentionSegLib.imageio import read_image
 
     paths = [acdc_dir / sub / f"{name}.nii.gz" for sub in ("imagesTr", "labelsTr", "scribblesTr")]
     for path in paths:
@@ -326,3 +329,38 @@ def test_acdc_a_corrective_scribble_raises_dice(acdc_dir):
     second = _fit(image, corrected, (1.0, 1.0, 1.0), cache=cache)
     assert cache.hits == 1
     assert dice(second.labels == 1, truth) > before + 0.005  # measured +0.021
+
+
+def test_walker_spacing_keeps_a_right_header_and_corrects_an_understated_slice_distance():
+    # A smooth field sampled every millimetre in-plane and every 6 mm across slices.
+    kk, yy, xx = np.meshgrid(np.arange(8) * 6.0, np.arange(48), np.arange(48), indexing="ij")
+    field = torch.from_numpy(np.sin(xx / 9) + np.cos(yy / 9) + np.sin(kk / 9)).float()
+    assert walker_spacing(field, (6.0, 1.0, 1.0), 1.5) == (6.0, 1.0, 1.0)
+    implied = walker_spacing(field, (1.0, 1.0, 1.0), 1.5)
+    assert implied[1:] == (1.0, 1.0) and 4.0 < implied[0] < 8.0
+    assert walker_spacing(field, (1.0, 1.0, 1.0), 0.0) == (1.0, 1.0, 1.0)  # 0: trust the header
+    assert walker_spacing(field[0], (1.0, 1.0), 1.5) == (1.0, 1.0)  # a slice has no slice axis
+
+
+@pytest.mark.shared_data
+def test_walker_spacing_on_real_headers(acdc_dir, example_ct):
+    from AttentionSegLib.imageio import read_image
+
+    acdc = read_image(acdc_dir / "imagesTr" / "patient021_frame01.nii.gz")  # says 1 mm; slices are far apart
+    implied = walker_spacing(torch.from_numpy(acdc.array.astype(np.float32)), (1.0, 1.0, 1.0), 1.5)
+    assert implied[0] > 1.5  # measured 2.7 on the heart's crop
+    ct = read_image(example_ct)  # 3 mm voxels, right
+    spacing = tuple(float(s) for s in ct.spacing[::-1])
+    assert walker_spacing(torch.from_numpy(ct.array.astype(np.float32)), spacing, 1.5) == spacing
+
+
+def test_classes_nobody_marked_are_not_solved_for():
+    image, targets, truth = _disk_2d()
+    two = _fit(image, targets, (1.0, 1.0))
+    # The same strokes as background and class 2 of a four-class model (a multi-organ model refined on one).
+    four = _fit(image, np.where(targets == 1, 2, targets).astype(np.uint8), (1.0, 1.0), num_classes=4)
+    assert four.probabilities.shape == (4, *image.shape)
+    assert not four.probabilities[[1, 3]].any()
+    assert set(np.unique(four.labels)) <= {0, 2}
+    np.testing.assert_array_equal(four.labels == 2, two.labels == 1)
+    np.testing.assert_allclose(four.probabilities[[0, 2]], two.probabilities, atol=1e-6)

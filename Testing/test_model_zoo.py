@@ -7,7 +7,7 @@ import json
 import pytest
 
 from AttentionSegLib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from AttentionSegLib.models import (
+from AttentionSegLib.model_zoo import (
     ModelNotFoundError,
     available_models,
     file_sha256,
@@ -72,10 +72,10 @@ def test_the_demo_model_keeps_left_and_right_on_an_image_stored_mirrored():
     the liver is not the spleen)."""
     import numpy as np
 
-    from AttentionSegLib.image import Volume
     from AttentionSegLib.inference import predict_volume
     from AttentionSegLib.metrics import dice
     from AttentionSegLib.phantom import make_abdominal_phantom
+    from AttentionSegLib.volume import Volume
 
     image, truth, names = make_abdominal_phantom(seed=7)
     ids = {name: value for value, name in names.items()}

@@ -1,0 +1,187 @@
+"""A box from a markups ROI or from two clicks, on the real Slicer core and the real CT.
+
+The MRML side (corners in world RAS -> voxel corners of an axial box) and the controller's calls are checked
+with a recording backend; one test runs the real engine with LiteMedSAM (skipped without its weights).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="the Slicer core is not installed (pip install slicer-core)")
+import vtk  # noqa: E402
+
+import AttentionSegMRML as mrml  # noqa: E402
+from AttentionSegBackend import Job, JobState, SessionCall  # noqa: E402
+from AttentionSegController import SegmentationController  # noqa: E402
+from AttentionSegLib import Volume, read_image  # noqa: E402
+
+pytestmark = [pytest.mark.slicer]
+
+WAIT_S = 900.0
+
+
+class RecordingBackend:
+    """Answers every call at once: a session of two labels; a box returns a mask of its corners' slab."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.calls: list[SessionCall] = []
+
+    def _done(self, name: str, result: Any) -> Job:
+        job = Job(name)
+        job.finish(JobState.SUCCEEDED, result)
+        return job
+
+    def open_session(self, volume: Any, model: Any, **options: Any) -> Job:
+        description = {"num_classes": 3, "labels": {1: "spleen", 2: "liver"}, "facts": {}}
+        return self._done("Start session", description)
+
+    def run(self, name: str, calls: Any) -> Job:
+        calls = list(calls)
+        self.calls.extend(calls)
+        mask = np.zeros(self.shape, dtype=np.uint8)
+        call = calls[-1]
+        if call.method == "box":
+            (i0, j0, k0), (i1, j1, _) = call.args
+            mask[k0, min(j0, j1):max(j0, j1) + 1, min(i0, i1):max(i0, i1) + 1] = call.kwargs["label"]
+        return self._done(name, mask)
+
+    def cancel_all(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.fixture
+def recorded(scene: Any, ct_node: Any) -> tuple[SegmentationController, RecordingBackend]:
+    backend = RecordingBackend(mrml.volume_from_node(ct_node).shape)
+    controller = SegmentationController(scene, backend)
+    controller.wait(controller.start(ct_node, "any", device="cpu"), 10)
+    assert controller.session_open
+    return controller, backend
+
+
+def ras(ct_node: Any, voxel: tuple[float, float, float]) -> np.ndarray:
+    return mrml.volume_from_node(ct_node).ijk_to_ras(np.asarray(voxel, dtype=float))
+
+
+@pytest.mark.shared_data
+def test_two_ras_corners_give_an_axial_box_on_the_first_corners_slice(ct_node: Any) -> None:
+    a, b = ras(ct_node, (30, 40, 50)), ras(ct_node, (70, 60, 58))  # the second click drifted 8 slices
+    assert mrml.box_voxels(ct_node, a, b) == ((30, 40, 50), (70, 60, 50))
+    far = ras(ct_node, (500, -200, 50))  # beyond the volume: clipped to it
+    size = ct_node.GetImageData().GetDimensions()
+    assert mrml.box_voxels(ct_node, a, far) == ((30, 40, 50), (size[0] - 1, 0, 50))
+
+
+@pytest.mark.shared_data
+def test_a_box_without_area_or_outside_the_volume_is_refused(ct_node: Any) -> None:
+    a = ras(ct_node, (30, 40, 50))
+    with pytest.raises(ValueError, match="must differ in both R and A"):
+        mrml.box_voxels(ct_node, a, ras(ct_node, (30, 60, 50)))
+    with pytest.raises(ValueError, match="lies outside volume 'example_ct'"):
+        mrml.box_voxels(ct_node, ras(ct_node, (-40, 40, 50)), ras(ct_node, (-20, 60, 50)))
+    with pytest.raises(ValueError, match="lies outside volume 'example_ct'"):
+        mrml.box_voxels(ct_node, ras(ct_node, (30, 40, 500)), ras(ct_node, (50, 60, 500)))
+
+
+@pytest.mark.shared_data
+def test_a_markups_roi_gives_its_in_plane_extent_on_the_slice_of_its_centre(ct_node: Any,
+                                                                             scene: Any) -> None:
+    low, high = ras(ct_node, (30, 40, 44)), ras(ct_node, (70, 60, 56))
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    roi.SetCenterWorld(*((low + high) / 2))
+    roi.SetSizeWorld(*np.abs(high - low))
+    assert mrml.roi_box_voxels(roi, ct_node) == ((30, 40, 50), (70, 60, 50))
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(2, 3, 3.0 * 2)  # 2 slices of 3 mm towards S
+    transform.SetMatrixTransformToParent(matrix)
+    roi.SetAndObserveTransformNodeID(transform.GetID())
+    (_, _, k), _ = mrml.roi_box_voxels(roi, ct_node)
+    assert k == 50 + 2 * int(np.sign(mrml.ijk_to_ras(ct_node)[2, 2]))
+
+
+@pytest.mark.shared_data
+def test_the_controller_sends_a_box_from_an_roi_or_two_clicks_and_writes_the_answer(
+        recorded: tuple[SegmentationController, RecordingBackend], ct_node: Any, scene: Any) -> None:
+    controller, backend = recorded
+    segments = mrml.labelled_segments(controller.segmentation_node)
+    low, high = ras(ct_node, (30, 40, 44)), ras(ct_node, (70, 60, 56))
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    roi.SetCenterWorld(*((low + high) / 2))
+    roi.SetSizeWorld(*np.abs(high - low))
+
+    job = controller.wait(controller.box_from_roi(roi, segment_id=segments[2]), 10)
+    assert job.state is JobState.SUCCEEDED
+    call = backend.calls[-1]
+    assert (call.method, call.args, call.kwargs) == ("box", ((30, 40, 50), (70, 60, 50)), {"label": 2})
+    mask = mrml.read_segment(controller.segmentation_node, segments[2], ct_node)
+    assert mask.sum() == 41 * 21 and mask[50, 40:61, 30:71].all()
+
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "corners")
+    points.AddControlPoint(vtk.vtkVector3d(*ras(ct_node, (5, 5, 5))))  # an older click: not a corner
+    points.AddControlPoint(vtk.vtkVector3d(*ras(ct_node, (80, 20, 33))))
+    points.AddControlPoint(vtk.vtkVector3d(*ras(ct_node, (60, 30, 35))))
+    controller.wait(controller.box_from_points(points, segment_id=segments[1]), 10)
+    call = backend.calls[-1]
+    assert (call.method, call.args, call.kwargs) == ("box", ((80, 20, 33), (60, 30, 33)), {"label": 1})
+
+    calls = len(backend.calls)
+    one = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "one")
+    one.AddControlPoint(vtk.vtkVector3d(*ras(ct_node, (80, 20, 33))))
+    with pytest.raises(ValueError, match="a box needs two points"):
+        controller.box_from_points(one, segment_id=segments[1])
+    assert len(backend.calls) == calls  # nothing submitted
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_a_roi_on_the_spleen_gives_the_spleen_in_3d_with_litemedsam(scene: Any, totalseg_dir: Path) -> None:
+    from AttentionSegLib.networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
+
+    try:
+        medsam_weights_path()
+    except MedSAMWeightsMissing as exc:
+        pytest.skip(f"LiteMedSAM weights not installed: {exc}")
+    names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
+    spleen_id = next(int(v) for v, name in names.items() if name == "spleen")
+    image = read_image(totalseg_dir / "example_ct.nii.gz")
+    truth = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array == spleen_id
+    # every other axial slice through the spleen (the encoder costs seconds per slice on 2 CPU cores)
+    ks = np.nonzero(truth.reshape(truth.shape[0], -1).any(axis=1))[0]
+    ks = slice(max(int(ks.min()) - 2, 0), int(ks.max()) + 3, 2)
+    origin = tuple(float(c) for c in np.asarray(image.ijk_to_lps([[0, 0, ks.start]])).reshape(-1))
+    volume = Volume(np.ascontiguousarray(image.array[ks]), spacing=(*image.spacing[:2], image.spacing[2] * 2),
+                    origin=origin, direction=image.direction)
+    truth = truth[ks]
+    node = mrml.add_volume_node(scene, volume, "spleen slices")
+    controller = SegmentationController(scene)
+    try:
+        job = controller.wait(controller.start(node, "medsam_lite", device="cpu"), WAIT_S)
+        assert job.state is JobState.SUCCEEDED, job.error_message
+        segments = mrml.labelled_segments(controller.segmentation_node)
+        assert list(segments) == [1], "a class-agnostic model is offered one segment, not 254"
+        k = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(axis=1)))
+        rows, cols = np.nonzero(truth[k])
+        low = volume.ijk_to_ras(np.array([cols.min(), rows.min(), k - 0.4]))
+        high = volume.ijk_to_ras(np.array([cols.max(), rows.max(), k + 0.4]))
+        roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "spleen box")
+        roi.SetCenterWorld(*((low + high) / 2))
+        roi.SetSizeWorld(*np.abs(high - low))
+
+        job = controller.wait(controller.box_from_roi(roi, segment_id=segments[1]), WAIT_S)
+        assert job.state is JobState.SUCCEEDED, job.error_message
+        mask = mrml.read_segment(controller.segmentation_node, segments[1], node)
+        dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+        assert dice >= 0.9, f"spleen Dice {dice:.3f} from its reference box through Slicer"
+        assert (mask.reshape(mask.shape[0], -1).any(axis=1)).sum() > truth.shape[0] // 2  # propagated
+    finally:
+        controller.close()
