@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
+
+from AttentionSegLib.volume import Volume
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ATTENTIONSEG_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -46,3 +51,18 @@ def example_ct_dicom(totalseg_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def acdc_dir(shared_data: Path) -> Path:
     return _require(shared_data / "acdc-scribble")
+
+
+@pytest.fixture
+def oblique_volume() -> Callable[..., Volume]:
+    """A factory of a small volume on an oblique, anisotropic grid whose spacing and origin carry digits
+    beyond float32 precision (``oblique_volume(dtype=np.int16)``)."""
+    direction = tuple(sitk.VersorTransform((0.3, 0.2, 0.9), 0.4).GetMatrix())
+    spacing = (0.7123456789012345, 0.81, 2.5)
+    origin = (10.123456789012345, -20.987654321, 30.5)
+
+    def make(dtype: type = np.int16) -> Volume:
+        array = (np.arange(3 * 4 * 5).reshape(3, 4, 5) * 7 - 200).astype(dtype)
+        return Volume(array, spacing, origin, direction)
+
+    return make

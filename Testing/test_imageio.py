@@ -1,5 +1,4 @@
-"""Specification of images: the Volume geometry and RAS <-> LPS (``AttentionSegLib.volume``), file and DICOM
-I/O (``AttentionSegLib.imageio``)."""
+"""Specification of file and DICOM I/O (``AttentionSegLib.imageio``): exact geometry through every format."""
 
 from __future__ import annotations
 
@@ -17,17 +16,7 @@ from AttentionSegLib.imageio import (
     write_dicom_series,
     write_image,
 )
-from AttentionSegLib.volume import Volume, from_sitk, lps_to_ras, ras_to_lps, to_sitk
-
-# An oblique, anisotropic geometry with digits beyond float32 precision.
-OBLIQUE = tuple(sitk.VersorTransform((0.3, 0.2, 0.9), 0.4).GetMatrix())
-OBLIQUE_SPACING = (0.7123456789012345, 0.81, 2.5)
-OBLIQUE_ORIGIN = (10.123456789012345, -20.987654321, 30.5)
-
-
-def oblique_volume(dtype: type = np.int16) -> Volume:
-    array = (np.arange(3 * 4 * 5).reshape(3, 4, 5) * 7 - 200).astype(dtype)
-    return Volume(array, OBLIQUE_SPACING, OBLIQUE_ORIGIN, OBLIQUE)
+from AttentionSegLib.volume import Volume
 
 
 def dicom_tags(path: Path) -> dict[str, str]:
@@ -39,110 +28,6 @@ def dicom_tags(path: Path) -> dict[str, str]:
 
 def floats(tag_value: str) -> np.ndarray:
     return np.array([float(v) for v in tag_value.split("\\")])
-
-
-# -- Volume -----------------------------------------------------------------------------------------------
-def test_volume_defaults_to_unit_spacing_zero_origin_identity_direction():
-    volume = Volume(np.zeros((4, 5, 6), np.uint8))
-    assert volume.spacing == (1.0, 1.0, 1.0)
-    assert volume.origin == (0.0, 0.0, 0.0)
-    assert volume.direction == tuple(np.eye(3).ravel())
-    assert (volume.ndim, volume.shape, volume.size, volume.has_channels) == (3, (4, 5, 6), (6, 5, 4), False)
-
-
-def test_volume_with_leading_channel_axis_keeps_spatial_shape():
-    volume = Volume(np.zeros((2, 4, 5, 6), np.float32), spacing=(1.0, 1.0, 2.0), has_channels=True)
-    assert volume.has_channels and volume.shape == (4, 5, 6) and volume.ndim == 3
-    assert Volume(np.zeros((2, 4, 5), np.float32), has_channels=True).ndim == 2
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"spacing": (1.0, 1.0)}, "spacing must have 3"),
-        ({"spacing": (1.0, 0.0, 1.0)}, "positive"),
-        ({"direction": (1.0, 0.5, 0, 0, 1, 0, 0, 0, 1)}, "orthonormal"),
-        ({"origin": (0.0, np.nan, 0.0)}, "finite"),
-    ],
-)
-def test_volume_rejects_inconsistent_geometry(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        Volume(np.zeros((2, 3, 4)), **kwargs)
-
-
-def test_volume_rejects_arrays_that_are_not_2d_or_3d_images():
-    with pytest.raises(ValueError, match="only 2D and 3D"):
-        Volume(np.zeros((2, 3, 4, 5)))
-    with pytest.raises(ValueError, match="only 2D and 3D"):
-        Volume(np.zeros((2, 3)), has_channels=True)
-
-
-def test_with_array_keeps_geometry_and_checks_the_shape():
-    volume = oblique_volume()
-    other = volume.with_array(np.ones(volume.shape, np.float32))
-    assert other.same_geometry(volume, atol=0.0) and other.array.dtype == np.float32
-    assert volume.with_array(np.ones((3,) + volume.shape)).has_channels
-    with pytest.raises(ValueError, match="does not match"):
-        volume.with_array(np.ones((3, 4, 6)))
-
-
-def test_same_geometry_tolerates_float32_rounding_but_not_a_shift():
-    volume = oblique_volume()
-    rounded = Volume(volume.array, np.float32(volume.spacing), np.float32(volume.origin), volume.direction)
-    shifted = Volume(volume.array, volume.spacing, np.add(volume.origin, (0.0, 0.01, 0.0)), volume.direction)
-    assert volume.same_geometry(rounded)
-    assert not volume.same_geometry(shifted)
-    other_shape = Volume(np.zeros((3, 4, 6)), volume.spacing, volume.origin, volume.direction)
-    assert not volume.same_geometry(other_shape)
-
-
-def test_ijk_to_lps_matches_simpleitk_on_an_oblique_anisotropic_grid():
-    volume = oblique_volume()
-    image = to_sitk(volume)
-    points = np.array([(0, 0, 0), (4, 3, 2), (1.25, -0.5, 7.75)])
-    expected = [image.TransformContinuousIndexToPhysicalPoint(tuple(p)) for p in points]
-    np.testing.assert_allclose(volume.ijk_to_lps(points), expected, atol=1e-9)
-    np.testing.assert_allclose(volume.lps_to_ijk(volume.ijk_to_lps(points)), points, atol=1e-9)
-    np.testing.assert_allclose(volume.ijk_to_lps(points[1]), expected[1], atol=1e-9)  # one point -> (3,)
-
-
-def test_ras_and_lps_differ_by_the_sign_of_the_first_two_axes():
-    points = np.array([[1.0, 2.0, 3.0], [-4.0, 5.0, -6.0]])
-    np.testing.assert_array_equal(ras_to_lps(points), [[-1.0, -2.0, 3.0], [4.0, -5.0, -6.0]])
-    np.testing.assert_array_equal(lps_to_ras(ras_to_lps(points)), points)
-    np.testing.assert_array_equal(ras_to_lps((1.0, 2.0)), (-1.0, -2.0))  # 2D points
-    assert points[0, 0] == 1.0  # the input is not modified
-    with pytest.raises(ValueError, match="2 or 3 coordinates"):
-        ras_to_lps([1.0, 2.0, 3.0, 4.0])
-
-
-def test_ijk_ras_round_trip_on_an_oblique_grid():
-    volume = oblique_volume()
-    ijk = np.array([[1.0, 2.0, 0.5], [3.0, 0.0, 2.0]])
-    np.testing.assert_allclose(volume.ijk_to_ras(ijk), lps_to_ras(volume.ijk_to_lps(ijk)))
-    np.testing.assert_allclose(volume.ras_to_ijk(volume.ijk_to_ras(ijk)), ijk, atol=1e-9)
-
-
-def test_contains_ijk_uses_the_nearest_voxel():
-    volume = Volume(np.zeros((3, 4, 5)))  # size (i, j, k) = (5, 4, 3)
-    assert volume.contains_ijk((0, 0, 0)) and volume.contains_ijk((4.4, 3.4, 2.4))
-    assert volume.contains_ijk((-0.4, 0, 0))
-    assert not volume.contains_ijk((-0.6, 0, 0))
-    assert not volume.contains_ijk((5, 0, 0))  # i runs to size[0] - 1
-    np.testing.assert_array_equal(volume.contains_ijk([(0, 0, 0), (0, 0, 3)]), [True, False])
-
-
-def test_to_sitk_and_from_sitk_round_trip_scalars_channels_and_booleans():
-    volume = oblique_volume(np.float32)
-    back = from_sitk(to_sitk(volume))
-    assert back.same_geometry(volume, atol=0.0)
-    np.testing.assert_array_equal(back.array, volume.array)
-    channels = volume.with_array(np.stack([volume.array, -volume.array]))
-    image = to_sitk(channels)
-    assert image.GetNumberOfComponentsPerPixel() == 2 and image.GetSize() == (5, 4, 3)
-    np.testing.assert_array_equal(from_sitk(image).array, channels.array)
-    mask = volume.with_array(volume.array > 0)
-    assert to_sitk(mask).GetPixelID() == sitk.sitkUInt8
 
 
 # -- the real CT whose direction flips the first two axes ------------------------------------------------
@@ -180,7 +65,7 @@ def test_example_ct_write_read_round_trip_is_exact(example_ct, tmp_path, extensi
     "extension, atol",
     [(".mha", 0.0), (".mhd", 0.0), (".nrrd", 1e-12), (".nii.gz", 1e-5), (".nii", 1e-5)],
 )
-def test_write_read_precision_of_double_geometry_per_format(tmp_path, extension, atol):
+def test_write_read_precision_of_double_geometry_per_format(tmp_path, extension, atol, oblique_volume):
     """MetaImage stores doubles exactly; NRRD stores spacing x direction (1 ulp); NIfTI stores float32."""
     volume = oblique_volume()
     back = read_image(write_image(volume, tmp_path / f"oblique{extension}"))
@@ -197,7 +82,7 @@ def test_two_dimensional_images_round_trip(tmp_path):
     np.testing.assert_array_equal(back.array, volume.array)
 
 
-def test_read_image_converts_dtype_on_request(tmp_path):
+def test_read_image_converts_dtype_on_request(tmp_path, oblique_volume):
     path = write_image(oblique_volume(), tmp_path / "a.mha")
     assert read_image(path).array.dtype == np.int16
     assert read_image(path, dtype=np.float32).array.dtype == np.float32
@@ -242,9 +127,9 @@ def test_dicom_series_write_read_round_trip_of_the_real_series(example_ct_dicom,
     assert written["0008|103e"] == "round trip"
 
 
-def test_dicom_series_has_correct_geometry_tags_on_an_oblique_grid(tmp_path):
+def test_dicom_series_has_correct_geometry_tags_on_an_oblique_grid(tmp_path, oblique_volume):
     volume = Volume(np.arange(3 * 4 * 5).reshape(3, 4, 5).astype(np.int16) - 30,
-                    (0.75, 0.5, 2.5), (10.5, -20.25, 30.125), OBLIQUE)
+                    (0.75, 0.5, 2.5), (10.5, -20.25, 30.125), oblique_volume().direction)
     folder = write_dicom_series(volume, tmp_path / "series")
     files = sorted(folder.iterdir())
     assert len(files) == 3
@@ -318,19 +203,19 @@ def test_read_errors_name_the_path_and_the_problem(tmp_path):
     assert issubclass(ImageReadError, ValueError)
 
 
-def test_write_image_leaves_only_the_target_file(tmp_path):
+def test_write_image_leaves_only_the_target_file(tmp_path, oblique_volume):
     path = write_image(oblique_volume(), tmp_path / "nested" / "a.nii.gz")
     assert path == tmp_path / "nested" / "a.nii.gz"
     assert [p.name for p in path.parent.iterdir()] == ["a.nii.gz"]
 
 
-def test_write_image_mhd_moves_header_and_data_file(tmp_path):
+def test_write_image_mhd_moves_header_and_data_file(tmp_path, oblique_volume):
     path = write_image(oblique_volume(), tmp_path / "a.mhd")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mhd", "a.zraw"]
     np.testing.assert_array_equal(read_image(path).array, oblique_volume().array)
 
 
-def test_failed_write_keeps_the_old_file_and_leaves_no_debris(tmp_path):
+def test_failed_write_keeps_the_old_file_and_leaves_no_debris(tmp_path, oblique_volume):
     path = tmp_path / "a.nii.gz"
     old = oblique_volume()
     write_image(old, path)
@@ -341,7 +226,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_debris(tmp_path):
     np.testing.assert_array_equal(read_image(path).array, old.array)
 
 
-def test_failed_move_into_place_leaves_no_debris(tmp_path):
+def test_failed_move_into_place_leaves_no_debris(tmp_path, oblique_volume):
     (tmp_path / "taken.nrrd").mkdir()
     (tmp_path / "taken.nrrd" / "keep").write_text("x")
     with pytest.raises(ImageWriteError, match=r"taken\.nrrd"):
@@ -349,7 +234,7 @@ def test_failed_move_into_place_leaves_no_debris(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["taken.nrrd"]
 
 
-def test_write_image_rejects_an_unsupported_extension(tmp_path):
+def test_write_image_rejects_an_unsupported_extension(tmp_path, oblique_volume):
     with pytest.raises(ImageWriteError, match=r"a\.png.*unsupported extension"):
         write_image(oblique_volume(), tmp_path / "a.png")
     assert list(tmp_path.iterdir()) == []
