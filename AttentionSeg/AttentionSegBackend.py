@@ -290,7 +290,54 @@ def describe_session(session: Any) -> dict[str, Any]:
             "labels": {int(label): str(name) for label, name in dict(labels).items()}, "facts": facts}
 
 
-class LocalBackend:
+class JobWorker:
+    """One worker thread that runs a backend's jobs in order: submit, cancel all, shut down.
+
+    The local and the remote backend both build on it; each says what a job does.
+    """
+
+    def __init__(self, thread_name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self._jobs: list[Job] = []
+        self._jobs_lock = threading.Lock()
+        self._closed = False
+
+    def cancel_all(self) -> None:
+        with self._jobs_lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel()
+
+    def _stop_worker(self) -> None:
+        """Refuse new jobs, cancel the queued and running ones, and let the thread go."""
+        self._closed = True
+        self.cancel_all()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, name: str, work: Callable[[Job], Any]) -> Job:
+        if self._closed:
+            raise RuntimeError("the AttentionSeg backend has been shut down")
+        job = Job(name)
+        with self._jobs_lock:
+            self._jobs = [j for j in self._jobs if not j.done()] + [job]
+        self._executor.submit(self._execute, job, work)
+        return job
+
+    @staticmethod
+    def _execute(job: Job, work: Callable[[Job], Any]) -> None:
+        if not job.mark_running():
+            return
+        try:
+            result = work(job)
+        except Exception as error:  # every failure must reach the GUI, never kill the worker silently
+            # an engine that honours the cancel token raises when it stops; report that as a cancellation
+            state = JobState.CANCELLED if job.cancel_requested else JobState.FAILED
+            job.finish(state, error=error if state is JobState.FAILED else None)
+            return
+        job.finish(JobState.SUCCEEDED, result=result)
+
+
+class LocalBackend(JobWorker):
     """Runs the session in this process on a single worker thread.
 
     Args:
@@ -300,12 +347,9 @@ class LocalBackend:
     """
 
     def __init__(self, session_factory: Callable[..., Any] | None = None) -> None:
+        super().__init__("AttentionSeg")
         self._session_factory = session_factory
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="AttentionSeg")
         self._session: Any = None
-        self._jobs: list[Job] = []
-        self._jobs_lock = threading.Lock()
-        self._closed = False
 
     @property
     def has_session(self) -> bool:
@@ -351,36 +395,6 @@ class LocalBackend:
 
         return self._submit(name, execute)
 
-    def cancel_all(self) -> None:
-        with self._jobs_lock:
-            jobs = list(self._jobs)
-        for job in jobs:
-            job.cancel()
-
     def shutdown(self) -> None:
-        self._closed = True
-        self.cancel_all()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._stop_worker()
         self._session = None
-
-    def _submit(self, name: str, work: Callable[[Job], Any]) -> Job:
-        if self._closed:
-            raise RuntimeError("the AttentionSeg backend has been shut down")
-        job = Job(name)
-        with self._jobs_lock:
-            self._jobs = [j for j in self._jobs if not j.done()] + [job]
-        self._executor.submit(self._execute, job, work)
-        return job
-
-    @staticmethod
-    def _execute(job: Job, work: Callable[[Job], Any]) -> None:
-        if not job.mark_running():
-            return
-        try:
-            result = work(job)
-        except Exception as error:  # every failure must reach the GUI, never kill the worker silently
-            # an engine that honours the cancel token raises when it stops; report that as a cancellation
-            state = JobState.CANCELLED if job.cancel_requested else JobState.FAILED
-            job.finish(state, error=error if state is JobState.FAILED else None)
-            return
-        job.finish(JobState.SUCCEEDED, result=result)

@@ -18,15 +18,14 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from AttentionSegBackend import Job, JobState, SessionCall
+from AttentionSegBackend import Job, JobWorker, SessionCall
 
 
-class RemoteBackend:
+class RemoteBackend(JobWorker):
     """Runs the interactive session on a server.
 
     Args:
@@ -40,12 +39,9 @@ class RemoteBackend:
                  poll_s: float = 0.25) -> None:
         from AttentionSegLib import ServerClient
 
+        super().__init__("AttentionSegRemote")
         self.client = ServerClient(url, token, timeout=timeout, poll_s=poll_s)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="AttentionSegRemote")
         self._session: Any = None  # AttentionSegLib.server.client.RemoteSession once started
-        self._jobs: list[Job] = []
-        self._jobs_lock = threading.Lock()
-        self._closed = False
 
     @property
     def url(self) -> str:
@@ -114,42 +110,12 @@ class RemoteBackend:
 
         return self._submit(name, execute)
 
-    def cancel_all(self) -> None:
-        with self._jobs_lock:
-            jobs = list(self._jobs)
-        for job in jobs:
-            job.cancel()
-
     def shutdown(self) -> None:
         """Cancel everything and close the session on the server (in the background: never blocks)."""
-        self._closed = True
-        self.cancel_all()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._stop_worker()
         session, self._session = self._session, None
         if session is not None:
             threading.Thread(target=session.close, kwargs={"quiet": True}, daemon=True).start()
-
-    # -- worker ----------------------------------------------------------------------------------------------
-    def _submit(self, name: str, work: Callable[[Job], Any]) -> Job:
-        if self._closed:
-            raise RuntimeError("the AttentionSeg backend has been shut down")
-        job = Job(name)
-        with self._jobs_lock:
-            self._jobs = [j for j in self._jobs if not j.done()] + [job]
-        self._executor.submit(self._execute, job, work)
-        return job
-
-    @staticmethod
-    def _execute(job: Job, work: Callable[[Job], Any]) -> None:
-        if not job.mark_running():
-            return
-        try:
-            result = work(job)
-        except Exception as error:  # a refused call, a failed job, a lost connection: all reach the GUI
-            state = JobState.CANCELLED if job.cancel_requested else JobState.FAILED
-            job.finish(state, error=error if state is JobState.FAILED else None)
-            return
-        job.finish(JobState.SUCCEEDED, result=result)
 
 
 def _is_local_file(model: Any) -> bool:
