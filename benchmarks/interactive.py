@@ -383,12 +383,16 @@ def plan_methods(dataset: str, methods: Sequence[str], args: argparse.Namespace)
                 strategy=args.strategy))
         elif method == "attentionseg_pretrained":
             plans[method] = _pretrained_plan(dataset, args)
-        # the LiteMedSAM prior: click -> box, propagation, decoder fine-tune
+        # the LiteMedSAM prior: click -> box, propagation; refine = random walker with its answer as prior
+        # (--strategy finetune: the decoder's fine-tuning instead)
         elif method == "attentionseg_medsam":
+            refine = ("decoder fine-tune on the scribbles" if args.strategy == "finetune"
+                      else "random walker with LiteMedSAM's answer as prior (Grady 2005)")
             setting = (f"medsam_lite (LiteMedSAM, Ma et al. 2024) click/box + axial propagation, refine = "
-                       f"decoder fine-tune on the scribbles, budget {budget:g} s, device {args.device}")
+                       f"{refine}, budget {budget:g} s, device {args.device}")
             plans[method] = MethodPlan(method, setting, lambda t: SessionSegmenter(
-                t.image, "medsam_lite", label=1, device=args.device, time_budget_s=budget, seed=args.seed))
+                t.image, "medsam_lite", label=1, device=args.device, time_budget_s=budget, seed=args.seed,
+                strategy=args.strategy))
         elif method == "grow_from_seeds":
             plans[method] = MethodPlan(method, "itk.FastGrowCut (itk-growcut), distance penalty 0",
                                        lambda t: SeedSegmenter(t.image, grow_from_seeds))

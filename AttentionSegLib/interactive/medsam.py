@@ -66,6 +66,7 @@ MEDSAM_MODEL_NAME = "medsam_lite"
 ADAPTED_FORMAT = "attentionseg.medsam_lite.adapted/1"
 CT_WINDOW = (-160.0, 240.0)  # abdomen window (level 40, width 400), as MedSAM's CT preprocessing
 LABELS = 255  # class-agnostic: any label 1..254 (255 marks unscribbled voxels)
+REFINE_MODES = ("walker", "decoder", "both")
 
 
 @dataclass
@@ -114,6 +115,13 @@ class MedSAMSettings:
         trust_dice: the tuning stops before a state whose masks on the replayed slices agree with the
             earlier ones (Dice) less than this.
         skip_when_satisfied: no tuning when the decoder already answers every scribbled pixel right.
+        refine_mode: what a refine does with the scribbles: ``walker`` (default: the random walker with
+            LiteMedSAM's answer as its prior model, Grady 2005, the scribbles as boundary values; see
+            :meth:`MedSAMFamily._walk`), ``decoder`` (fine-tune the decoder's head, then propagate again) or
+            ``both`` (the tuned decoder's answer is the walker's prior).
+        walker_gamma: weight of LiteMedSAM's probability in the walker, ``(L + γ I) x = γ p``.
+        walker_margin_mm: the walker works in the box of the structure and the foreground scribbles grown by
+            this much in the slice plane (and by the slices this spans, at least one, across them).
     """
 
     window: list[float] | None = None
@@ -142,6 +150,13 @@ class MedSAMSettings:
     replay_slices: int = 6
     trust_dice: float = 0.9
     skip_when_satisfied: bool = True
+    refine_mode: str = "walker"
+    walker_gamma: float = 0.003
+    walker_margin_mm: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.refine_mode not in REFINE_MODES:
+            raise ValueError(f"refine_mode must be one of {list(REFINE_MODES)}, got {self.refine_mode!r}")
 
 
 @dataclass
@@ -252,7 +267,10 @@ class MedSAMFamily:
         medsam: MedSAMSettings | None = None,
     ) -> None:
         self.settings = settings
-        self.options = medsam or MedSAMSettings()
+        # The session's strategy names the mode: ``finetune`` tunes the decoder, the others walk on it.
+        self.options = medsam or MedSAMSettings(
+            refine_mode="decoder" if settings.strategy == "finetune" else "walker"
+        )
         self.device = device
         self.generator = generator
         self.network: MedSAMLite = load_medsam_lite(device=device)
@@ -289,6 +307,7 @@ class MedSAMFamily:
             int, np.ndarray
         ] = {}  # label -> float32 (slices, H, W) foreground probability
         self.attention: dict[int, dict[int, np.ndarray]] = {}  # label -> slice -> (H, W) map in [0, 1]
+        self.refined: dict[int, np.ndarray] = {}  # label -> bool (slices, H, W): the walker's answer
         self.adapt_steps = 0
         self.last_strategy = ""
         self.decode_seconds = 0.0
@@ -787,7 +806,8 @@ class MedSAMFamily:
         """The session's mask with each of ``labels`` replaced by its propagated structure."""
         new = view.mask.copy()
         for label in labels:
-            structure = self._to_image(self.structures[label].astype(np.uint8), labels=True) > 0.5
+            answer = self.refined.get(label, self.structures[label])
+            structure = self._to_image(answer.astype(np.uint8), labels=True) > 0.5
             new[new == label] = 0
             new[structure] = label
         return Proposal(new)
@@ -820,7 +840,16 @@ class MedSAMFamily:
         if progress is not None:
             progress(0.3, "LiteMedSAM: propagating through the slices")
         self._propagate(label, view)
+        self._walk_again(view, label, progress, cancel)
         return self._proposal(view, [label])
+
+    def _walk_again(
+        self, view: SessionView, label: int, progress: RefineProgress | None, cancel: CancelToken | None
+    ) -> None:
+        """After a click or a box on a structure the walker has refined, the walker again on the new prior:
+        the strokes the user drew keep their effect."""
+        if label in self.refined:
+            self._walk(view, self._grid_labels(view.scribbles), [label], progress, cancel)
 
     def _labels_at(self, k: int) -> set[int]:
         return {label for label, s in self.structures.items() if s[k].any()}
@@ -841,6 +870,7 @@ class MedSAMFamily:
         if cancel is not None and cancel.is_set():
             raise Cancelled("box cancelled")
         self._propagate(label, view)
+        self._walk_again(view, label, progress, cancel)
         return self._proposal(view, [label])
 
     def segment(self, view: SessionView, progress: Any, cancel: CancelToken | None) -> Proposal:
@@ -853,7 +883,9 @@ class MedSAMFamily:
         progress: RefineProgress | None,
         cancel: CancelToken | None,
     ) -> tuple[Proposal, RefineReport]:
-        """Fine-tune the decoder on the scribbles (pCE + masked CRF), then propagate every structure again."""
+        """Learn from the scribbles (``MedSAMSettings.refine_mode``): the random walker with LiteMedSAM's
+        answer as prior (default), and/or the decoder's fine-tuning followed by a new propagation."""
+        started = time.perf_counter()
         grid_scribbles = self._grid_labels(view.scribbles)
         labels = sorted(int(v) for v in np.unique(grid_scribbles) if 0 < v < IGNORE_INDEX)
         labels = sorted(set(labels) | set(self.tracks))
@@ -865,17 +897,105 @@ class MedSAMFamily:
                 if counts[k] == 0:
                     continue
                 bg = (grid_scribbles[k] != label) & (grid_scribbles[k] != IGNORE_INDEX)
+                if progress is not None:
+                    progress(0.05, "LiteMedSAM: the box the scribbles stand for")
                 self.tracks[label] = Track(k, self.box_from_scribbles(k, fg[k], bg))
                 self._propagate(label, view)
-        report = self._fine_tune(
-            view, grid_scribbles, [lb for lb in labels if lb in self.tracks], time_budget_s, progress, cancel
-        )
+        mode = self.options.refine_mode
+        report = RefineReport(strategy="medsam_walker")
+        if mode in ("decoder", "both"):
+            report = self._fine_tune(
+                view, grid_scribbles, [lb for lb in labels if lb in self.tracks], time_budget_s, progress,
+                cancel
+            )
         for label in self.tracks:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("refine cancelled")
-            self._propagate(label, view)
-        self.last_strategy = "decoder_finetune"
+            self._propagate(label, view)  # with the boxes kept: the head alone, unless the decoder changed
+        if mode in ("walker", "both"):
+            walked = self._walk(view, grid_scribbles, sorted(self.tracks), progress, cancel)
+            report.strategy = "medsam_walker" if mode == "walker" else "decoder_finetune+walker"
+            report.steps = report.steps or walked
+        self.last_strategy = report.strategy
+        report.seconds = time.perf_counter() - started
         return self._proposal(view, sorted(self.tracks)), report
+
+    def _walk(
+        self,
+        view: SessionView,
+        grid_scribbles: np.ndarray,
+        labels: Sequence[int],
+        progress: RefineProgress | None,
+        cancel: CancelToken | None,
+    ) -> int:
+        """Each scribbled structure again by the random walker with LiteMedSAM's answer as its prior model.
+
+        ``(L + γ I) x = γ p`` (Grady, "Multilabel random walker image segmentation using prior models", CVPR
+        2005; :func:`.adapt.online_head.random_walker`): the scribbles are the boundary values (the
+        structure's strokes 1, every other stroke 0), ``p`` is LiteMedSAM's foreground probability on every
+        slice it reached and 0 elsewhere, ``L`` the image's graph Laplacian on the windowed slices. Where no
+        stroke is near, LiteMedSAM's answer stands; a correction pulls its neighbourhood along the image's
+        edges, across slices too, which the decoder could not learn from a few strokes (the pancreas,
+        whose boxes hold as much bowel as pancreas). On a grid fine enough for a band (2 mm), the online
+        head decides the band at the walker's edge, with LiteMedSAM's probability among its features
+        (:func:`.adapt.online_head.fit_online_head`). Returns how many structures were walked.
+        """
+        from .adapt.online_head import OnlineHeadSettings, fit_online_head
+
+        spacing = [float(v) for v in self.grid.context.model.spacing][::-1]  # array order
+        if len(spacing) == 2:
+            spacing = [1.0, *spacing]
+        head_settings = OnlineHeadSettings(prior_gamma=self.options.walker_gamma)
+        walked = 0
+        for index, label in enumerate(labels):
+            structure = self.structures.get(label)
+            if structure is None:
+                continue
+            fg = grid_scribbles == label
+            bg = (grid_scribbles != label) & (grid_scribbles != IGNORE_INDEX)
+            region = self._walk_region(structure | fg, spacing)
+            if region is None or not (fg[region].any() or bg[region].any()):
+                self.refined.pop(label, None)
+                continue
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("refine cancelled")
+            if progress is not None:
+                progress(0.5 + 0.5 * index / max(len(labels), 1), f"random walker on LiteMedSAM: {label}")
+            ks = range(region[0].start, region[0].stop)
+            image = np.stack([self._normalised(k)[region[1:]] for k in ks])
+            targets = np.full(image.shape, IGNORE_INDEX, dtype=np.uint8)
+            targets[bg[region]] = 0
+            targets[fg[region]] = 1
+            p = np.clip(self.probabilities[label][region], 0.0, 1.0)
+            volume_like = self.slices.shape[0] > 1
+            result = fit_online_head(
+                image if volume_like else image[0],
+                targets if volume_like else targets[0],
+                num_classes=2,
+                spacing=spacing if volume_like else spacing[1:],
+                prior=np.stack([1.0 - p, p]) if volume_like else np.stack([1.0 - p[0], p[0]]),
+                settings=head_settings,
+                time_budget_s=self.settings.head_seconds,
+                cancel=cancel,
+                device=self.device,
+            )
+            answer = result.labels == 1
+            mask = np.zeros_like(structure)
+            mask[region] = answer if volume_like else answer[None]
+            self.refined[label] = mask
+            walked += 1
+        return walked
+
+    def _walk_region(self, mask: np.ndarray, spacing: Sequence[float]) -> tuple[slice, ...] | None:
+        """The box of ``mask`` grown by ``walker_margin_mm`` (at least one slice across), clipped."""
+        if not mask.any():
+            return None
+        region = []
+        for axis, h in enumerate(spacing):
+            along = np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+            pad = max(int(np.ceil(self.options.walker_margin_mm / max(h, 1e-6))), 1)
+            region.append(slice(max(int(along[0]) - pad, 0), min(int(along[-1]) + pad + 1, mask.shape[axis])))
+        return tuple(region)
 
     def _samples(
         self, grid_scribbles: np.ndarray, labels: Sequence[int]
@@ -1091,18 +1211,22 @@ class MedSAMFamily:
         state = {k: v for k, v in self.network.state_dict().items() if not k.startswith("image_encoder.")}
         return {k: v.detach().cpu().clone() for k, v in state.items()} if clone else state
 
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[int, Track]]:
-        """The decoder and prompt encoder weights (shared while unchanged) and the structures' prompts."""
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[int, Track], dict[int, np.ndarray]]:
+        """The decoder and prompt encoder weights (shared while unchanged), the structures' prompts and the
+        walker's answers (arrays are replaced, never written into, so the snapshot shares them)."""
         if self._state_cache is None or self._state_cache[0] != self._version:
             self._state_cache = (self._version, self._trainable_state(clone=True))
-        return self._state_cache[1], copy.deepcopy(self.tracks)
+        return self._state_cache[1], copy.deepcopy(self.tracks), dict(self.refined)
 
-    def restore(self, state: tuple[dict[str, torch.Tensor], dict[int, Track]]) -> None:
-        weights, tracks = state
+    def restore(
+        self, state: tuple[dict[str, torch.Tensor], dict[int, Track], dict[int, np.ndarray]]
+    ) -> None:
+        weights, tracks, refined = state
         self.network.load_state_dict(weights, strict=False)
         self._version += 1
         self._state_cache = (self._version, weights)
         self.tracks = copy.deepcopy(tracks)
+        self.refined = dict(refined)
         for label in list(self.structures):
             if label not in self.tracks:
                 self.structures.pop(label, None)
@@ -1186,7 +1310,7 @@ class MedSAMFamily:
             "family": self.name,
             "network": "LiteMedSAM (TinyViT + SAM decoder)",
             "device": str(self.device),
-            "strategy": "decoder_finetune",
+            "strategy": self.options.refine_mode,
             "last_strategy": self.last_strategy,
             "classes": "any 1..254",
             "structures": sorted(self.tracks),

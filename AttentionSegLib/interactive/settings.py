@@ -21,8 +21,8 @@ class RefineSettings:
         strategy: how ``refine`` learns from the scribbles: ``online_head`` (a small head on cached features,
             ECONet-style, Asad et al., MIDL 2022; about a second), ``finetune`` (the whole network, within the
             time budget; BIFSeg-style, Wang et al., IEEE TMI 2018) or ``auto`` (the head on a CPU,
-            whole-network fine-tuning on a GPU). Families that have their own way
-            (LiteMedSAM: its decoder) ignore it.
+            whole-network fine-tuning on a GPU). LiteMedSAM reads ``finetune`` as "tune its decoder" and
+            the others as "the random walker with its answer as prior" (``MedSAMSettings.refine_mode``).
         head_seconds: the online head's training budget per round (capped by the refine's time budget).
         learning_rate: Adam step size for fine-tuning; ``None`` picks 1e-2 for an untrained network (it has
             everything to learn) and 3e-4 for a trained one (adapt it, do not overwrite it).

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from AttentionSegLib import InteractiveSession, read_image
+from AttentionSegLib.interactive import RefineSettings
 from AttentionSegLib.networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
 from AttentionSegLib.progress import Cancelled
 from AttentionSegLib.volume import Volume
@@ -122,7 +123,8 @@ def _state(session: InteractiveSession) -> tuple:
         for k, v in session.family.network.state_dict().items()
         if not k.startswith("image_encoder.")
     }
-    return session.mask.copy(), session.scribbles.copy(), list(session.clicks), weights
+    walked = {label: mask.copy() for label, mask in session.family.refined.items()}
+    return session.mask.copy(), session.scribbles.copy(), list(session.clicks), weights, walked
 
 
 def _same(a: tuple, b: tuple) -> bool:
@@ -132,17 +134,27 @@ def _same(a: tuple, b: tuple) -> bool:
         and a[2] == b[2]
         and a[3].keys() == b[3].keys()
         and all(torch.equal(a[3][k], b[3][k]) for k in a[3])
+        and a[4].keys() == b[4].keys()
+        and all(np.array_equal(a[4][k], b[4][k]) for k in a[4])
     )
 
 
-def test_refine_honours_scribbles_and_cancel_and_undo_keep_state(spleen: tuple[Volume, np.ndarray]) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "reported"), [("auto", "medsam_walker"), ("finetune", "decoder_finetune")]
+)
+def test_refine_honours_scribbles_and_cancel_and_undo_keep_state(
+    spleen: tuple[Volume, np.ndarray], strategy: str, reported: str
+) -> None:
+    """Both refine modes: the random walker on LiteMedSAM's answer (default) and the decoder's tuning."""
     image, truth = spleen
-    session = InteractiveSession(image, "medsam_lite", device="cpu")
+    settings = RefineSettings(strategy=strategy)
+    session = InteractiveSession(image, "medsam_lite", device="cpu", settings=settings)
     session.add_scribbles(initial_scribbles(truth))
     first = session.refine(time_budget_s=2.0)
     before_dice = dice(first == 1, truth)
     assert before_dice >= 0.8
     assert session.last_report is not None  # no step when the decoder already answers every stroke right
+    assert session.last_report.strategy == reported
 
     correction = correction_scribble(first == 1, truth)
     assert correction is not None
@@ -155,7 +167,8 @@ def test_refine_honours_scribbles_and_cancel_and_undo_keep_state(spleen: tuple[V
     assert _same(_state(session), before)  # mask, scribbles, clicks and decoder weights as they were
 
     mask = session.refine(time_budget_s=2.0)
-    assert session.last_report is not None and session.last_report.steps >= 1  # the correction teaches
+    # the correction teaches: tuning steps, or the one structure walked again
+    assert session.last_report is not None and session.last_report.steps >= 1
     drawn = session.scribbles != 255
     assert np.array_equal(mask[drawn] == 1, session.scribbles[drawn] == 1)  # the strokes are honoured
     assert dice(mask == 1, truth) >= before_dice - 0.02
@@ -163,6 +176,23 @@ def test_refine_honours_scribbles_and_cancel_and_undo_keep_state(spleen: tuple[V
     assert _same(_state(session), before)
     session.redo()
     assert np.array_equal(session.mask, mask)
+
+
+def test_a_click_after_a_walked_refine_keeps_the_strokes(spleen: tuple[Volume, np.ndarray]) -> None:
+    """A click re-prompts LiteMedSAM; on a structure the walker refined, the walker runs again on the new
+    answer, so the strokes drawn before keep their effect (the click's answer is not LiteMedSAM's alone)."""
+    image, truth = spleen
+    session = InteractiveSession(image, "medsam_lite", device="cpu")
+    session.add_scribbles(initial_scribbles(truth))
+    session.refine(time_budget_s=2.0)
+    walked_before = session.family.refined[1]
+    click = next_click(session.mask == 1, truth, image.spacing)
+    assert click is not None
+    mask = session.click(click.point_ijk, label=1, positive=click.positive)
+    drawn = session.scribbles != 255
+    assert np.array_equal(mask[drawn] == 1, session.scribbles[drawn] == 1)
+    assert session.family.refined[1] is not walked_before  # walked again on the re-prompted answer
+    assert dice(mask == 1, truth) >= 0.8
 
 
 @pytest.fixture(scope="module")

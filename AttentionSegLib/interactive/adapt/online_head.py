@@ -131,6 +131,10 @@ class OnlineHeadSettings:
             slices it hurt on ACDC, whose slices are far apart).
         rw_band_gamma: weight of the head's prior inside the band.
         rw_gamma: weight of the head's prior over the whole region when ``rw_band_mm == 0``.
+        prior_gamma: weight of the given ``prior`` in the first (layout) random walker, ``(L + γ I) x_k = γ
+            p_k`` with the marks as boundary values (Grady 2005): a model's answer (LiteMedSAM's) sets the
+            layout where no mark says otherwise; 0 (default): the plain random walker, the prior is a head
+            feature only.
         shell_mm: width of the shell just outside the band whose plain-random-walker labels the head also
             trains on (0: the scribbles only).
         shell_ratio: shell voxels per class and step, as a fraction of ``batch_per_class``.
@@ -167,6 +171,7 @@ class OnlineHeadSettings:
     rw_slice_check: float = 1.5
     rw_band_gamma: float = 1.0
     rw_gamma: float = 0.01
+    prior_gamma: float = 0.0
     shell_mm: float = 4.0
     shell_ratio: float = 0.3
     shell_max_voxels: int = 100_000
@@ -191,7 +196,8 @@ class OnlineHeadResult:
         labels: ``(*shape)`` uint8, the most probable class; every scribbled voxel has its scribble's class.
         steps: optimisation steps of the head.
         seconds: wall time of the whole call.
-        stopped_by: ``"max_steps"`` | ``"time_budget"`` | ``"no_band"`` (the random walker's boundary left no
+        stopped_by: ``"max_steps"`` | ``"time_budget"`` | ``"one_class"`` (one class marked and a prior for
+            the layout walker: its answer, no head) | ``"no_band"`` (the random walker's boundary left no
             band for the head to decide: nothing was trained) | ``"no_contrast"`` (fewer than two classes
             scribbled: nothing to learn; the labels are the prior's argmax, or class 0, with the scribbles on
             top).
@@ -644,6 +650,20 @@ def fit_online_head(image: np.ndarray, targets: np.ndarray, *, num_classes: int,
     seeds = torch.as_tensor(targets.astype(np.int64), device=dev)
     seeds = torch.where(seeds == UNLABELLED, torch.full_like(seeds, -1), seeds)
     present = [k for k in range(num_classes) if (targets == k).any()]
+    if len(present) == 1 and prior is not None and settings.prior_gamma > 0:
+        # One class marked: nothing for a head to learn, but the prior walker still weighs the marks against
+        # the prior (a foreground stroke where the model saw nothing grows as far as the image allows).
+        report(0.1, "random walker with the prior")
+        walker_image = torch.as_tensor(array, device=dev)
+        if settings.rw_sigma_mm > 0:
+            walker_image = gaussian_smooth(walker_image, settings.rw_sigma_mm, spacing)
+        steps = walker_spacing(walker_image, spacing, settings.rw_slice_check)
+        layout = torch.as_tensor(np.asarray(prior, dtype=np.float32), device=dev)
+        walked = random_walker(walker_image, seeds, steps, num_classes, prior=layout,
+                               gamma=float(settings.prior_gamma), beta=settings.rw_beta,
+                               tolerance=settings.rw_tolerance, max_iterations=settings.rw_max_iterations,
+                               coarse_voxels=settings.rw_coarse_voxels, cancel=cancel)
+        return finish(walked, 0, "one_class", math.nan)
     if len(present) < 2:
         labels = np.zeros(shape, np.int64) if prior is None else np.argmax(np.asarray(prior), axis=0)
         onehot = torch.as_tensor(np.eye(num_classes, dtype=np.float32)[labels]).movedim(-1, 0)
@@ -686,7 +706,12 @@ def fit_online_head(image: np.ndarray, targets: np.ndarray, *, num_classes: int,
         report(0.1, "random walker")
         tick = time.perf_counter()
         info: dict = {}
-        rw_plain = random_walker(walker_image, seeds, walker_steps, num_classes, beta=settings.rw_beta,
+        layout_prior, layout_gamma = None, 0.0
+        if prior is not None and settings.prior_gamma > 0:
+            layout_prior = torch.as_tensor(np.asarray(prior, dtype=np.float32), device=dev)
+            layout_gamma = float(settings.prior_gamma)
+        rw_plain = random_walker(walker_image, seeds, walker_steps, num_classes, prior=layout_prior,
+                                 gamma=layout_gamma, beta=settings.rw_beta,
                                  tolerance=settings.rw_tolerance, max_iterations=settings.rw_max_iterations,
                                  coarse_voxels=settings.rw_coarse_voxels, cancel=cancel, info=info)
         band = boundary_band(rw_plain.argmax(0), num_classes, spacing, settings.rw_band_mm,

@@ -364,3 +364,51 @@ def test_classes_nobody_marked_are_not_solved_for():
     assert set(np.unique(four.labels)) <= {0, 2}
     np.testing.assert_array_equal(four.labels == 2, two.labels == 1)
     np.testing.assert_allclose(four.probabilities[[0, 2]], two.probabilities, atol=1e-6)
+
+
+def _prior_with_a_second_disk(shape=(64, 64)):
+    """The disk of :func:`_disk_2d` and a prior that also claims a second, unmarked disk of the same
+    brightness (a model that saw two structures where the strokes mark one)."""
+    image, targets, truth = _disk_2d(shape)
+    yy, xx = np.indices(shape)
+    other = (yy - 12) ** 2 + (xx - 12) ** 2 <= 6**2
+    image = np.where(other, image + 1.0, image).astype(np.float32)
+    prior = np.zeros((2, *shape), np.float32)
+    prior[1] = (truth | other).astype(np.float32)
+    prior[0] = 1.0 - prior[1]
+    return image, targets, truth, other, prior
+
+
+def test_the_layout_walker_follows_the_prior_where_no_mark_is():
+    """Grady 2005 in the layout walker (``prior_gamma``): an unmarked structure the prior holds is kept; with
+    ``prior_gamma = 0`` the prior is a head feature only and the walker, seeing no mark there, drops it."""
+    image, targets, truth, other, prior = _prior_with_a_second_disk()
+    plain = _fit(image, targets, (1.0, 1.0), prior=prior)
+    walked = _fit(image, targets, (1.0, 1.0), prior=prior, settings=OnlineHeadSettings(prior_gamma=0.05))
+    assert (plain.labels[other] == 1).mean() < 0.2
+    assert (walked.labels[other] == 1).mean() > 0.8
+    assert dice(walked.labels == 1, truth | other) > 0.85
+    marked = targets != UNLABELLED
+    np.testing.assert_array_equal(walked.labels[marked], targets[marked])
+
+
+def test_one_class_marked_with_a_layout_prior_walks_on_the_prior():
+    """Only foreground strokes and a prior: no head to train, but the strokes still count against the prior
+    (the prior misses the disk's right half, the stroke reaches into it)."""
+    image, targets, truth, _, _ = _prior_with_a_second_disk()
+    only_foreground = np.where(targets == 1, 1, UNLABELLED).astype(np.uint8)
+    prior = np.zeros((2, *image.shape), np.float32)
+    prior[1] = truth & (np.indices(image.shape)[1] < 30)
+    prior[0] = 1.0 - prior[1]
+    result = _fit(image, only_foreground, (1.0, 1.0), prior=prior,
+                  settings=OnlineHeadSettings(prior_gamma=0.001))
+    assert result.stopped_by == "one_class" and result.steps == 0
+    assert np.all(result.labels[only_foreground == 1] == 1)
+    yy, xx = np.indices(image.shape)
+    near_stroke = (np.abs(yy - 32) <= 3) & (xx >= 30) & (xx <= 38)  # the stroke runs along row 32 to x = 36
+    gained = truth & (prior[1] == 0) & near_stroke
+    assert (result.labels[gained] == 1).mean() > 0.8  # the stroke's side of the disk, which the prior misses
+    assert (result.labels[~truth] == 1).mean() < 0.05
+    ignored = _fit(image, only_foreground, (1.0, 1.0), prior=prior)  # without the layout prior: the prior
+    assert ignored.stopped_by == "no_contrast" and (ignored.labels[gained] == 1).mean() < 0.2
+
