@@ -21,6 +21,7 @@ import torch
 
 from AttentionSegLib import InteractiveSession, read_image
 from AttentionSegLib.interactive import RefineSettings
+from AttentionSegLib.interactive.medsam import prior_trust
 from AttentionSegLib.networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
 from AttentionSegLib.progress import Cancelled
 from AttentionSegLib.volume import Volume
@@ -239,6 +240,16 @@ def test_correction_rounds_do_not_undo_the_right_kidney(right_kidney: tuple[Volu
     reference = np.nonzero(truth.reshape(truth.shape[0], -1).any(axis=1))[0]
     assert min(scores[1:]) >= scores[0] - 0.03, f"Dice per round {np.round(scores, 3).tolist()}"
     assert slices.max() <= reference.max() + 1 and slices.min() >= reference.min() - 1  # no run-away
+
+
+def test_prior_trust_is_youdens_j_of_the_prior_on_the_strokes() -> None:
+    inside = np.array([1, 1, 1, 1, 0, 0, 0, 0], dtype=bool)
+    targets = np.array([1, 1, 255, 0, 0, 0, 1, 255], dtype=np.uint8)
+    # foreground strokes 0, 1, 6: two inside; background strokes 3, 4, 5: two outside -> 2/3 + 2/3 - 1
+    assert prior_trust(inside, targets) == pytest.approx(1 / 3)
+    assert prior_trust(inside, np.where(targets == 0, 255, targets).astype(np.uint8)) == pytest.approx(2 / 3)
+    assert prior_trust(inside, np.full(8, 255, np.uint8)) == 1.0  # no stroke: nothing against the prior
+    assert prior_trust(~inside, np.array([1, 1, 255, 255, 0, 0, 255, 255], np.uint8)) == 0.0  # all wrong
 
 
 def test_box_needs_a_box_prompted_model() -> None:
