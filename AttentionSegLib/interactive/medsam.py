@@ -138,8 +138,8 @@ class MedSAMSettings:
         walker_gamma: weight of LiteMedSAM's probability in the walker, ``(L + γ I) x = γ p``, when the
             strokes agree with it everywhere: ``γ = γ_min + (walker_gamma - γ_min) J ** walker_trust``, ``J``
             the agreement of its answer with the strokes (:func:`prior_trust`).
-        walker_gamma_min: ``γ_min``, the weight when the strokes contradict LiteMedSAM (never 0: two click
-            disks alone, one of them against LiteMedSAM, would leave the walker with nothing else to go by).
+        walker_gamma_min: ``γ_min``, the weight when the strokes contradict LiteMedSAM (above 0: with a few
+            strokes, one of them against LiteMedSAM, the plain walker would have nothing else to go by).
         walker_trust: the exponent above (0: ``walker_gamma`` whatever the strokes say).
         walker_margin_mm: the walker works in the box of the structure and the foreground scribbles grown by
             this much in the slice plane (and by the slices this spans, at least one, across them).
