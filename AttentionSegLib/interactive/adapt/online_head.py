@@ -406,6 +406,20 @@ def random_walker(image: torch.Tensor, seeds: torch.Tensor, spacing: Sequence[fl
     return x / x.sum(dim=0, keepdim=True).clamp(min=1e-6)
 
 
+def _layout_walker(image: torch.Tensor, seeds: torch.Tensor, spacing: Sequence[float], num_classes: int,
+                   prior: np.ndarray | None, settings: OnlineHeadSettings, cancel: object | None,
+                   info: dict) -> torch.Tensor:
+    """The first random walker, which sets the layout: plain (Grady 2006), or with ``prior`` as its prior
+    model when ``settings.prior_gamma > 0`` (Grady 2005)."""
+    layout, gamma = None, 0.0
+    if prior is not None and settings.prior_gamma > 0:
+        layout = torch.as_tensor(np.asarray(prior, dtype=np.float32), device=image.device)
+        gamma = float(settings.prior_gamma)
+    return random_walker(image, seeds, spacing, num_classes, prior=layout, gamma=gamma, beta=settings.rw_beta,
+                         tolerance=settings.rw_tolerance, max_iterations=settings.rw_max_iterations,
+                         coarse_voxels=settings.rw_coarse_voxels, cancel=cancel, info=info)
+
+
 def _coarse_seeds(seeds: torch.Tensor, num_classes: int, kernel: list[int]) -> torch.Tensor:
     """A coarse voxel is a seed of class ``k`` when its fine voxels hold marks of ``k`` and of no other."""
     pool = F.max_pool3d if seeds.ndim == 3 else F.max_pool2d
@@ -658,11 +672,7 @@ def fit_online_head(image: np.ndarray, targets: np.ndarray, *, num_classes: int,
         if settings.rw_sigma_mm > 0:
             walker_image = gaussian_smooth(walker_image, settings.rw_sigma_mm, spacing)
         steps = walker_spacing(walker_image, spacing, settings.rw_slice_check)
-        layout = torch.as_tensor(np.asarray(prior, dtype=np.float32), device=dev)
-        walked = random_walker(walker_image, seeds, steps, num_classes, prior=layout,
-                               gamma=float(settings.prior_gamma), beta=settings.rw_beta,
-                               tolerance=settings.rw_tolerance, max_iterations=settings.rw_max_iterations,
-                               coarse_voxels=settings.rw_coarse_voxels, cancel=cancel)
+        walked = _layout_walker(walker_image, seeds, steps, num_classes, prior, settings, cancel, {})
         return finish(walked, 0, "one_class", math.nan)
     if len(present) < 2:
         labels = np.zeros(shape, np.int64) if prior is None else np.argmax(np.asarray(prior), axis=0)
@@ -706,14 +716,8 @@ def fit_online_head(image: np.ndarray, targets: np.ndarray, *, num_classes: int,
         report(0.1, "random walker")
         tick = time.perf_counter()
         info: dict = {}
-        layout_prior, layout_gamma = None, 0.0
-        if prior is not None and settings.prior_gamma > 0:
-            layout_prior = torch.as_tensor(np.asarray(prior, dtype=np.float32), device=dev)
-            layout_gamma = float(settings.prior_gamma)
-        rw_plain = random_walker(walker_image, seeds, walker_steps, num_classes, prior=layout_prior,
-                                 gamma=layout_gamma, beta=settings.rw_beta,
-                                 tolerance=settings.rw_tolerance, max_iterations=settings.rw_max_iterations,
-                                 coarse_voxels=settings.rw_coarse_voxels, cancel=cancel, info=info)
+        rw_plain = _layout_walker(walker_image, seeds, walker_steps, num_classes, prior, settings, cancel,
+                                  info)
         band = boundary_band(rw_plain.argmax(0), num_classes, spacing, settings.rw_band_mm,
                              in_plane=settings.rw_band_in_plane) & (seeds < 0)
         timings["random_walker"] = time.perf_counter() - tick
