@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from ..atomic import atomic_output
+from ..devices import PRECISIONS, autocast_to, inference_precision
 from ..losses import IGNORE_INDEX, masked_crf_loss
 from ..networks.medsam_lite import MedSAMLite, SliceTransform, normalise_slice
 from ..networks.medsam_lite.weights import SHA256, WEIGHTS_INFO, load_medsam_lite
@@ -117,6 +118,12 @@ class MedSAMSettings:
             median): the box then holds something else (fat, gas, a neighbouring organ) and the model, which
             always finds *something* in a box, has left the structure.
         cache_mib: bound of the embedding cache (CPU memory).
+        encoder_precision: the image encoder's precision (``auto``, ``float32``, ``bfloat16``, ``float16``;
+            :func:`..devices.inference_precision`). ``auto`` takes bfloat16 on CUDA and on a CPU with
+            bfloat16 in hardware (AVX512-BF16, AMX), float32 elsewhere. Measured on the 10 CT organ crops
+            of ``benchmarks/interactive.py`` (the reference box of every slice, 2 CPU threads): 3D Dice
+            0.757 in bfloat16 against 0.755 in float32 (the masks agree at Dice 0.98), the encoder 1.9x
+            faster (171 s against 321 s for the same slices).
         token_cache_mib: bound of the cache of the decoder transformer's output per (slice, prompt) (2 MiB
             each, float16), which lets a refine decode a slice again with its head alone.
         min_field_of_view_mm: a slice narrower than this (a crop) is zero-padded to it before the resize to
@@ -161,6 +168,7 @@ class MedSAMSettings:
     min_consistent: float = 0.6
     grow_ratio: float = 1.5
     cache_mib: int = 512
+    encoder_precision: str = "auto"
     token_cache_mib: int = 256
     min_field_of_view_mm: float = 300.0
     learning_rate: float = 1e-4
@@ -180,6 +188,10 @@ class MedSAMSettings:
     def __post_init__(self) -> None:
         if self.refine_mode not in REFINE_MODES:
             raise ValueError(f"refine_mode must be one of {list(REFINE_MODES)}, got {self.refine_mode!r}")
+        if self.encoder_precision not in PRECISIONS:
+            raise ValueError(
+                f"encoder_precision must be one of {list(PRECISIONS)}, got {self.encoder_precision!r}"
+            )
 
 
 @dataclass
@@ -312,6 +324,7 @@ class MedSAMFamily:
             refine_mode="decoder" if settings.strategy == "finetune" else "walker"
         )
         self.device = device
+        self.encoder_dtype = inference_precision(device, self.options.encoder_precision)
         self.generator = generator
         self.network: MedSAMLite = load_medsam_lite(device=device)
         self.source = "medsam_lite"
@@ -396,14 +409,17 @@ class MedSAMFamily:
     # ------------------------------------------------------------------------------------------- the model
 
     def _encode(self, k: int) -> torch.Tensor:
-        """Slice ``k``'s image embedding (256, 64, 64) float16, from the shared cache or encoded now."""
+        """Slice ``k``'s image embedding (256, 64, 64) float16, from the shared cache or encoded now (in
+        ``encoder_precision``; the cache keeps each precision's embeddings apart)."""
         x = self.transform.to_model(self._normalised(k))
-        key = hashlib.sha1(x.numpy().tobytes()).hexdigest()
+        digest = hashlib.sha1(x.numpy().tobytes())
+        digest.update(str(self.encoder_dtype).encode())
+        key = digest.hexdigest()
         cached = self.cache.lookup(key)
         if cached is not None:
             return cached
         started = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), autocast_to(self.device, self.encoder_dtype):
             image = x[None].to(self.device).contiguous(memory_format=torch.channels_last)
             value = self.cache.store(key, self.network.encode(image)[0])
         self.encode_seconds += time.perf_counter() - started
@@ -1355,6 +1371,7 @@ class MedSAMFamily:
             "family": self.name,
             "network": "LiteMedSAM (TinyViT + SAM decoder)",
             "device": str(self.device),
+            "encoder_precision": str(self.encoder_dtype).removeprefix("torch."),
             "strategy": self.options.refine_mode,
             "last_strategy": self.last_strategy,
             "classes": "any 1..254",

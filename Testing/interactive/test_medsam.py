@@ -21,7 +21,7 @@ import torch
 
 from AttentionSegLib import InteractiveSession, read_image
 from AttentionSegLib.interactive import RefineSettings
-from AttentionSegLib.interactive.medsam import prior_trust
+from AttentionSegLib.interactive.medsam import MedSAMFamily, MedSAMSettings, prior_trust
 from AttentionSegLib.networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
 from AttentionSegLib.progress import Cancelled
 from AttentionSegLib.volume import Volume
@@ -240,6 +240,34 @@ def test_correction_rounds_do_not_undo_the_right_kidney(right_kidney: tuple[Volu
     reference = np.nonzero(truth.reshape(truth.shape[0], -1).any(axis=1))[0]
     assert min(scores[1:]) >= scores[0] - 0.03, f"Dice per round {np.round(scores, 3).tolist()}"
     assert slices.max() <= reference.max() + 1 and slices.min() >= reference.min() - 1  # no run-away
+
+
+def test_encoder_precisions_give_the_same_spleen(spleen: tuple[Volume, np.ndarray]) -> None:
+    """bfloat16 (``auto`` on a CPU with it in hardware, and on CUDA) against float32: the reference box on the
+    largest slice decodes to the same spleen, and the shared cache keeps the two embeddings apart."""
+    image, truth = spleen
+    masks, embeddings = {}, {}
+    for precision in ("float32", "bfloat16"):
+        family = MedSAMFamily(
+            "medsam_lite",
+            image,
+            device=torch.device("cpu"),
+            settings=RefineSettings(),
+            generator=torch.Generator(),
+            medsam=MedSAMSettings(encoder_precision=precision),
+        )
+        assert family.describe()["encoder_precision"] == precision
+        reference = family._grid_labels(truth.astype(np.uint8)) == 1  # the slices LiteMedSAM sees
+        k = int(np.argmax(reference.reshape(reference.shape[0], -1).sum(axis=1)))
+        rows, cols = np.nonzero(reference[k])
+        embeddings[precision] = family._encode(k)
+        logits, _ = family._decode(k, (cols.min(), rows.min(), cols.max(), rows.max()))
+        masks[precision] = (logits > 0).numpy()
+    assert not torch.equal(embeddings["float32"], embeddings["bfloat16"])
+    assert dice(masks["bfloat16"], masks["float32"]) >= 0.97
+    assert dice(masks["float32"], reference[k]) >= 0.9 and dice(masks["bfloat16"], reference[k]) >= 0.9
+    with pytest.raises(ValueError, match="encoder_precision"):
+        MedSAMSettings(encoder_precision="half")
 
 
 def test_prior_trust_is_youdens_j_of_the_prior_on_the_strokes() -> None:
