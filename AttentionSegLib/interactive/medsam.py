@@ -120,10 +120,10 @@ class MedSAMSettings:
         cache_mib: bound of the embedding cache (CPU memory).
         encoder_precision: the image encoder's precision (``auto``, ``float32``, ``bfloat16``, ``float16``;
             :func:`..devices.inference_precision`). ``auto`` takes bfloat16 on CUDA and on a CPU with
-            bfloat16 in hardware (AVX512-BF16, AMX), float32 elsewhere. Measured on the 10 CT organ crops
-            of ``benchmarks/interactive.py`` (the reference box of every slice, 2 CPU threads): 3D Dice
-            0.757 in bfloat16 against 0.755 in float32 (the masks agree at Dice 0.98), the encoder 1.9x
-            faster (171 s against 321 s for the same slices).
+            bfloat16 in hardware (AVX512-BF16, AMX), float32 elsewhere. Measured by
+            ``benchmarks/medsam_precision.py`` (the reference box of every slice of the 10 CT organ crops,
+            one CPU thread): 3D Dice 0.757 in bfloat16 against 0.755 in float32, the masks agreeing at Dice
+            0.979, the encoder 1.9x faster (1.36 s against 2.59 s per slice on shared cores).
         token_cache_mib: bound of the cache of the decoder transformer's output per (slice, prompt) (2 MiB
             each, float16), which lets a refine decode a slice again with its head alone.
         min_field_of_view_mm: a slice narrower than this (a crop) is zero-padded to it before the resize to
