@@ -83,6 +83,8 @@ from .settings import RefineProgress, RefineReport, RefineSettings
 MEDSAM_MODEL_NAME = "medsam_lite"
 ADAPTED_FORMAT = "attentionseg.medsam_lite.adapted/1"
 CT_WINDOW = (-160.0, 240.0)  # abdomen window (level 40, width 400), as MedSAM's CT preprocessing
+CT_FIELD_OF_VIEW_MM = 360.0  # a CT crop is padded to this width (MedSAMSettings.min_field_of_view_mm)
+OTHER_FIELD_OF_VIEW_MM = 300.0  # ... and any other image to this one
 LABELS = 255  # class-agnostic: any label 1..254 (255 marks unscribbled voxels)
 REFINE_MODES = ("walker", "decoder")
 
@@ -127,8 +129,13 @@ class MedSAMSettings:
         token_cache_mib: bound of the cache of the decoder transformer's output per (slice, prompt) (2 MiB
             each, float16), which lets a refine decode a slice again with its head alone.
         min_field_of_view_mm: a slice narrower than this (a crop) is zero-padded to it before the resize to
-            256, so that a small crop is not blown up: on a crop around a kidney, a click gave Dice 0.49 when
-            the crop filled the 256 frame.
+            256, so that a small crop is not blown up (on a crop around a kidney, a click gave Dice 0.49 when
+            the crop filled the 256 frame). ``None`` = ``auto``: ``CT_FIELD_OF_VIEW_MM`` (360) for a CT (the
+            CT window applies), ``OTHER_FIELD_OF_VIEW_MM`` (300) otherwise. A CT crop then shows its organs
+            at about the scale of a whole abdominal slice, as MedSAM saw them in training (the example CT is
+            366 mm wide). Measured on the 10 CT organ crops, reference box on every slice: 3D Dice 0.799
+            at 300 mm, 0.846 at 360 mm, 0.837 at 400 mm, 0.832 at 450 mm, 0.728 at 200 mm; one click 0.739 at
+            300 mm, 0.774 at 360 mm. On the ACDC crops (MR) one click gave 0.553 at 300 mm and 0.499 at 360.
         learning_rate: Adam step size for the decoder's fine-tuning.
         refine_seconds: cap of a refine's fine-tuning time (within the refine's own budget).
         max_refine_steps: at most this many fine-tuning steps per refine.
@@ -170,7 +177,7 @@ class MedSAMSettings:
     cache_mib: int = 512
     encoder_precision: str = "auto"
     token_cache_mib: int = 256
-    min_field_of_view_mm: float = 300.0
+    min_field_of_view_mm: float | None = None
     learning_rate: float = 1e-4
     refine_seconds: float = 3.0
     max_refine_steps: int = 60
@@ -191,6 +198,10 @@ class MedSAMSettings:
         if self.encoder_precision not in PRECISIONS:
             raise ValueError(
                 f"encoder_precision must be one of {list(PRECISIONS)}, got {self.encoder_precision!r}"
+            )
+        if self.min_field_of_view_mm is not None and not self.min_field_of_view_mm > 0:
+            raise ValueError(
+                f"min_field_of_view_mm must be positive or None, got {self.min_field_of_view_mm}"
             )
 
 
@@ -345,9 +356,10 @@ class MedSAMFamily:
         )
         image = self.grid.image if self.grid.image.ndim == 3 else self.grid.image[None]
         self.slices = image.astype(np.float32, copy=False)
-        self.window = self._window(self.slices)
+        self.is_ct = float(self.slices.min()) < -500.0  # air in Hounsfield units
+        self.window = self._window()
         spacing = self.grid.context.model.spacing  # (x, y[, z]) mm of the reoriented grid
-        min_side = self.options.min_field_of_view_mm / max(min(float(spacing[0]), float(spacing[1])), 1e-6)
+        min_side = self.field_of_view_mm / max(min(float(spacing[0]), float(spacing[1])), 1e-6)
         self.transform = SliceTransform(tuple(self.slices.shape[1:]), min_side=min_side)
         self.cache = SHARED_CACHE
         self.cache.max_bytes = max(self.cache.max_bytes, self.options.cache_mib << 20)
@@ -373,16 +385,24 @@ class MedSAMFamily:
         self.head_seconds = 0.0
 
     @property
+    def field_of_view_mm(self) -> float:
+        """The width (mm) below which a slice is zero-padded before the resize to 256
+        (``MedSAMSettings.min_field_of_view_mm``; ``auto`` depends on whether the image is a CT)."""
+        if self.options.min_field_of_view_mm is not None:
+            return float(self.options.min_field_of_view_mm)
+        return CT_FIELD_OF_VIEW_MM if self.is_ct else OTHER_FIELD_OF_VIEW_MM
+
+    @property
     def model(self) -> MedSAMLite:
         """The (adapted) network: image encoder as released, decoder and prompt encoder fine-tuned here."""
         return self.network
 
     # ------------------------------------------------------------------------------------------- geometry
 
-    def _window(self, slices: np.ndarray) -> tuple[float, float] | None:
+    def _window(self) -> tuple[float, float] | None:
         if self.options.window is not None:
             return float(self.options.window[0]), float(self.options.window[1])
-        return CT_WINDOW if float(slices.min()) < -500.0 else None
+        return CT_WINDOW if self.is_ct else None
 
     def _normalised(self, k: int) -> np.ndarray:
         values = self.slices[k]
@@ -1372,6 +1392,7 @@ class MedSAMFamily:
             "network": "LiteMedSAM (TinyViT + SAM decoder)",
             "device": str(self.device),
             "encoder_precision": str(self.encoder_dtype).removeprefix("torch."),
+            "field_of_view_mm": self.field_of_view_mm,
             "strategy": self.options.refine_mode,
             "last_strategy": self.last_strategy,
             "classes": "any 1..254",

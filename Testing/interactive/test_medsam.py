@@ -14,6 +14,7 @@ import json
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -268,6 +269,35 @@ def test_encoder_precisions_give_the_same_spleen(spleen: tuple[Volume, np.ndarra
     assert dice(masks["float32"], reference[k]) >= 0.9 and dice(masks["bfloat16"], reference[k]) >= 0.9
     with pytest.raises(ValueError, match="encoder_precision"):
         MedSAMSettings(encoder_precision="half")
+
+
+def test_a_crop_is_padded_to_the_field_of_view_of_its_modality() -> None:
+    """``min_field_of_view_mm=None`` pads a CT crop (air below -500 HU) to 360 mm and anything else to 300 mm
+    before the resize to 256; an explicit width applies to both and a non-positive one is refused."""
+    _weights_or_skip()
+    rng = np.random.default_rng(0)
+    ct = Volume((rng.random((2, 60, 80)) * 1400 - 1000).astype(np.float32), spacing=(1.5, 1.5, 3.0))
+    mr = Volume((rng.random((2, 60, 80)) * 900 + 100).astype(np.float32), spacing=(1.5, 1.5, 3.0))
+
+    def family(volume: Volume, **options: Any) -> MedSAMFamily:
+        return MedSAMFamily(
+            "medsam_lite",
+            volume,
+            device=torch.device("cpu"),
+            settings=RefineSettings(),
+            generator=torch.Generator(),
+            medsam=MedSAMSettings(**options),
+        )
+
+    for volume, width, is_ct in ((ct, 360.0, True), (mr, 300.0, False)):
+        found = family(volume)
+        assert found.is_ct is is_ct and found.field_of_view_mm == width
+        assert found.describe()["field_of_view_mm"] == width
+        assert found.transform.scale == pytest.approx(256 / (width / 1.5))  # 80 px = 120 mm < width
+    explicit = family(ct, min_field_of_view_mm=90.0)  # narrower than the slice: no padding
+    assert explicit.transform.scale == pytest.approx(256 / 80)
+    with pytest.raises(ValueError, match="min_field_of_view_mm"):
+        MedSAMSettings(min_field_of_view_mm=0.0)
 
 
 def test_prior_trust_is_youdens_j_of_the_prior_on_the_strokes() -> None:
