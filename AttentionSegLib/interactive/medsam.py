@@ -134,8 +134,9 @@ class MedSAMSettings:
             CT window applies), ``OTHER_FIELD_OF_VIEW_MM`` (300) otherwise. A CT crop then shows its organs
             at about the scale of a whole abdominal slice, as MedSAM saw them in training (the example CT is
             366 mm wide). Measured on the 10 CT organ crops, reference box on every slice: 3D Dice 0.799
-            at 300 mm, 0.846 at 360 mm, 0.837 at 400 mm, 0.832 at 450 mm, 0.728 at 200 mm; one click 0.739 at
-            300 mm, 0.774 at 360 mm. On the ACDC crops (MR) one click gave 0.553 at 300 mm and 0.499 at 360.
+            at 300 mm, 0.846 at 360 mm, 0.837 at 400 mm, 0.832 at 450 mm, 0.728 at 200 mm; in
+            ``benchmarks/interactive.py`` 300 -> 360 mm took one click from 0.740 to 0.775 and round 5 from
+            0.887 to 0.904. On the ACDC crops (MR) one click gave 0.553 at 300 mm and 0.499 at 360 mm.
         learning_rate: Adam step size for the decoder's fine-tuning.
         refine_seconds: cap of a refine's fine-tuning time (within the refine's own budget).
         max_refine_steps: at most this many fine-tuning steps per refine.
@@ -356,7 +357,7 @@ class MedSAMFamily:
         )
         image = self.grid.image if self.grid.image.ndim == 3 else self.grid.image[None]
         self.slices = image.astype(np.float32, copy=False)
-        self.is_ct = float(self.slices.min()) < -500.0  # air in Hounsfield units
+        self.is_ct = float(self.slices.min()) < -500.0  # a CT: air (below -500 HU) somewhere in the volume
         self.window = self._window()
         spacing = self.grid.context.model.spacing  # (x, y[, z]) mm of the reoriented grid
         min_side = self.field_of_view_mm / max(min(float(spacing[0]), float(spacing[1])), 1e-6)
