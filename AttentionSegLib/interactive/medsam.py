@@ -894,11 +894,20 @@ class MedSAMFamily:
     def click(
         self, view: SessionView, click: Click, progress: RefineProgress | None, cancel: CancelToken | None
     ) -> Proposal:
-        """A positive click outside its structure anchors it there; any other click becomes a point prompt.
+        """The first positive click on a label (or one on a slice that no structure crosses) anchors its
+        structure there: the box the click stands for, propagated through the slices.
 
-        A correction click is not given to the walker: with two click disks as its only strokes, one of them
-        against LiteMedSAM, the walker carved a well-found spleen from Dice 0.96 to 0.85 (the click disks
-        still count as strokes at the next refine)."""
+        Any other click corrects the structure. With the walker (``refine_mode="walker"``, the default) it is
+        a stroke like a scribble (the session keeps its disk in the scribbles): the walker runs again on
+        every stroke, LiteMedSAM's answer its prior, and the prompts stay as they are. In the click protocol
+        of ``benchmarks/interactive.py`` (3 clicks, the 10 CT organ crops) this took the Dice after 3 clicks
+        from 0.80 to 0.86 and each correction from 1-17 s to 0.0-0.3 s; with the whole CT in view from 0.83
+        to 0.85 (the 5 organs of ``example_ct``); on 15 ACDC crops from 0.55 to 0.60. As point prompts, which
+        LiteMedSAM (trained with boxes) mostly ignores, the corrections did little, and two negative points
+        on one slice emptied it, which cut the propagation there (a spleen fell to 0.71). The walker's weak
+        side: the first correction on a well-found organ can carve it (a spleen 0.96 -> 0.90, back to 0.94
+        at the next click). With ``refine_mode="decoder"`` a correction click still becomes a point prompt.
+        """
         k, x, y = self._to_grid(click.point_ijk)
         label = click.label
         track = self.tracks.get(label)
@@ -907,14 +916,24 @@ class MedSAMFamily:
             and label in self.structures
             and bool(self.structures[label][k, int(round(y)), int(round(x))])
         )
-        if click.positive and (track is None or not inside and label not in self._labels_at(k)):
+        walker = self.options.refine_mode == "walker"
+        if click.positive and (
+            track is None or not walker and not inside and label not in self._labels_at(k)
+        ):
             if progress is not None:
                 progress(0.1, "LiteMedSAM: finding the box at the click")
             box = self.box_from_click(k, x, y) if self.options.click_prompt == "grow_box" else None
             self.tracks[label] = Track(k, box, {k: [(x, y, 1)]} if box is None else {})
+        elif track is None:
+            return Proposal(view.mask)  # a negative click on a label LiteMedSAM has not segmented
+        elif walker:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("click cancelled")
+            if progress is not None:
+                progress(0.3, "LiteMedSAM: the walker on the clicks and strokes")
+            self._walk(view, self._grid_labels(view.scribbles), [label], progress, cancel)
+            return self._proposal(view, [label])
         else:
-            if track is None:
-                return Proposal(view.mask)  # a negative click on a label LiteMedSAM has not segmented
             track.points.setdefault(k, []).append((x, y, 1 if click.positive else 0))
         if cancel is not None and cancel.is_set():
             raise Cancelled("click cancelled")
