@@ -894,8 +894,9 @@ class MedSAMFamily:
     def click(
         self, view: SessionView, click: Click, progress: RefineProgress | None, cancel: CancelToken | None
     ) -> Proposal:
-        """The first positive click on a label (or one on a slice that no structure crosses) anchors its
-        structure there: the box the click stands for, propagated through the slices.
+        """The first positive click on a label anchors its structure there: the box the click stands for,
+        propagated through the slices (with ``refine_mode="decoder"`` a positive click on a slice that no
+        structure crosses anchors it again there).
 
         Any other click corrects the structure. With the walker (``refine_mode="walker"``, the default) it is
         a stroke like a scribble (the session keeps its disk in the scribbles): the walker runs again on
