@@ -239,3 +239,35 @@ def test_a_negative_click_on_a_leak_keeps_the_structure_at_the_positive_click():
     assert mask[1, 24, 45] == 0, "the leak under the click is gone"
     assert mask[1, 24, 22] == 1, "the structure at the positive click stays"
     assert dice(mask[1] == 1, truth[1] == 1) > 0.8
+
+
+def test_bounds_keep_a_label_inside_its_box_and_are_undoable():
+    """``set_bounds``: no answer puts the label outside the box (the U-Nets' answer is clipped), except on the
+    label's own strokes; undo takes the bounds back, and a bad box is refused before anything changes."""
+    session, truth = _session(max_steps=20)
+    session.add_scribbles(_scribbles(truth))
+    unbounded = session.refine(time_budget_s=3600).copy()
+    assert (unbounded[:, :, 31:] == 1).any()  # the disk (columns 10-34) reaches past column 30
+    mask = session.set_bounds((0, 0, 0), (30, 63, 2), label=1)  # (i, j, k): columns 0-30, every row and slice
+    assert session.bounds == {1: ((0, 0, 0), (30, 63, 2))}
+    assert not (mask[:, :, 31:] == 1).any()
+    assert np.array_equal(mask[:, :, :31] == 1, unbounded[:, :, :31] == 1)
+    assert np.array_equal(mask == 2, unbounded == 2)  # other labels are not touched
+    assert session.describe()["bounds"] == {1: [[0, 0, 0], [30, 63, 2]]}
+    strokes = np.full(truth.shape, 255, np.uint8)
+    strokes[1, 24, 33:36] = 1  # the user's own strokes win over the box
+    mask = session.refine(time_budget_s=3600, scribbles=strokes)
+    assert (mask[1, 24, 33:36] == 1).all()
+    outside = np.zeros(truth.shape, bool)
+    outside[:, :, 31:] = True
+    assert not ((mask == 1) & outside & (session.scribbles != 1)).any()
+    session.undo()
+    session.undo()
+    assert session.bounds == {} and np.array_equal(session.mask, unbounded)
+    with pytest.raises(ValueError, match="outside the image"):
+        session.set_bounds((0, 0, 0), (64, 63, 2), label=1)
+    with pytest.raises(ValueError, match="label 3"):
+        session.set_bounds((0, 0, 0), (30, 63, 2), label=3)
+    assert session.bounds == {} and np.array_equal(session.mask, unbounded)
+    session.clear_bounds(1)  # nothing to clear: no undo step
+    assert session.history.depth[0] == 2

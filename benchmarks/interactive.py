@@ -20,9 +20,12 @@ Protocol (``docs/benchmarks.md`` of the shared docs, §1 scribbles and §2 click
   ``example_ct_sm`` with ``example_seg``), organs liver, spleen, left and right kidney, pancreas (ids from
   ``labels.json``); simulated round 0. Each target is cropped to the organ's bounding box + ``CT_MARGIN``
   voxels. The reference labels are TotalSegmentator outputs, not manual annotations.
-* Views (``--views``): ``crop`` (the default; the crops above) and ``whole`` (the
+* Views (``--views``): ``crop`` (the default; the crops above), ``whole`` (the
 whole volume in view: a method
-  that only wins on a tight crop has not won).
+  that only wins on a tight crop has not won) and ``roi`` (the whole volume in view, and the user has drawn a
+  box, a Slicer markups ROI, where the crop would be: the structure lies inside it. Our sessions get it as
+  ``InteractiveSession.set_bounds``; the seeded peers as background seeds on the box's outer shell, which
+  keeps their answer inside it).
 * Methods: ``attentionseg_untrained`` (:class:`AttentionSegLib.InteractiveSession` from an untrained network
   config: 2D Attention U-Net for the ACDC slices, 3D for CT; refined with
       ``--strategy``, by default ``auto``: the
@@ -90,8 +93,9 @@ from benchmarks.robot import (  # noqa: E402
 
 BENCHMARK = "interactive"
 DATASETS = ("acdc_val", "ct_organs")
-VIEWS = ("crop", "whole")
-VIEW_TITLES = {"crop": "cropped to the structure", "whole": "whole volume"}
+VIEWS = ("crop", "whole", "roi")
+VIEW_TITLES = {"crop": "cropped to the structure", "whole": "whole volume",
+               "roi": "whole volume, the structure's box given"}
 METHODS = ("attentionseg_untrained", "attentionseg_pretrained", "attentionseg_medsam", "grow_from_seeds",
            "random_walker")
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -136,6 +140,7 @@ class Target:
     image: Volume
     truth: np.ndarray
     scribbles: np.ndarray | None = None
+    roi: tuple[slice, ...] | None = None  # view "roi": the box the user drew (array order), in ``image``
 
     @property
     def name(self) -> str:
@@ -185,6 +190,10 @@ def acdc_targets(data: Path, limit: int | None, view: str = "crop") -> Iterator[
             box = bounding_box(labels > 0, (0, ACDC_MARGIN, ACDC_MARGIN))
             box = (slice(0, labels.shape[0]), *box[1:])  # every slice: the volume is short along k
             image, labels, scribbles = crop(image, box), labels[box], scribbles[box]
+        roi = None
+        if view == "roi":
+            box = bounding_box(labels > 0, (0, ACDC_MARGIN, ACDC_MARGIN))
+            roi = (slice(0, labels.shape[0]), *box[1:])
         for value, structure in ACDC_STRUCTURES.items():
             truth = labels == value
             if not truth.any():
@@ -194,12 +203,12 @@ def acdc_targets(data: Path, limit: int | None, view: str = "crop") -> Iterator[
             binary[drawn] = np.where(scribbles[drawn] == value, FOREGROUND, BACKGROUND)
             if not (binary == FOREGROUND).any():
                 continue  # no real scribble of this structure: round 0 would be undefined
-            yield Target("acdc_val", name, structure, image, truth, binary)
+            yield Target("acdc_val", name, structure, image, truth, binary, roi)
 
 
 def ct_targets(data: Path, limit: int | None, view: str = "crop") -> Iterator[Target]:
     """Organs of the TotalSegmentator example CTs, each cropped to the organ + ``CT_MARGIN`` voxels
-    (``view="crop"``) or in the whole scan (``"whole"``)."""
+    (``view="crop"``) or in the whole scan (``"whole"``; ``"roi"``: with that box as the user's ROI)."""
     root = _need(data / "totalsegmentator-examples")
     names = json.loads(_need(root / "labels.json").read_text())["total"]
     ids = {name: int(value) for value, name in names.items()}
@@ -220,7 +229,8 @@ def ct_targets(data: Path, limit: int | None, view: str = "crop") -> Iterator[Ta
                 box = bounding_box(whole, (CT_MARGIN,) * 3)
                 yield Target("ct_organs", ct_name, organ, crop(image, box), whole[box])
             else:
-                yield Target("ct_organs", ct_name, organ, image, whole)
+                roi = bounding_box(whole, (CT_MARGIN,) * 3) if view == "roi" else None
+                yield Target("ct_organs", ct_name, organ, image, whole, roi=roi)
 
 
 # --------------------------------------------------------------------------------------------------- methods
@@ -232,11 +242,23 @@ class Segmenter(Protocol):
     def add_background(self, seeds: np.ndarray) -> None:
         """Background known before any interaction (the click protocol's frame)."""
 
+    def add_bounds(self, roi: Sequence[slice]) -> None:
+        """The box the structure lies in (view ``roi``), before any interaction."""
+
     def scribble(self, strokes: np.ndarray) -> np.ndarray:
         """Add a scribble map (255 none, 0 background, 1 structure) and return the new binary mask."""
 
     def click(self, click: RobotClick) -> np.ndarray:
         """Add a click and return the new binary mask."""
+
+
+def roi_shell(shape: Sequence[int], roi: Sequence[slice]) -> np.ndarray:
+    """The voxels just outside the box ``roi`` (its faces grown by one voxel), inside the image."""
+    grown = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(roi, shape))
+    shell = np.zeros(tuple(shape), dtype=bool)
+    shell[grown] = True
+    shell[tuple(roi)] = False
+    return shell
 
 
 def click_disk(shape: Sequence[int], click: RobotClick, radius: int = CLICK_RADIUS) -> np.ndarray:
@@ -275,6 +297,11 @@ class SessionSegmenter:
     def add_background(self, seeds: np.ndarray) -> None:
         self.session.add_scribbles(np.where(seeds, BACKGROUND, NOT_SCRIBBLED).astype(np.uint8))
 
+    def add_bounds(self, roi: Sequence[slice]) -> None:
+        lo = [s.start for s in roi][::-1]
+        hi = [s.stop - 1 for s in roi][::-1]
+        self.session.set_bounds(lo, hi, label=self.label)
+
     def scribble(self, strokes: np.ndarray) -> np.ndarray:
         self.session.add_scribbles(self._session_map(strokes))
         return self.session.refine(time_budget_s=self.time_budget_s) == self.label
@@ -299,6 +326,9 @@ class SeedSegmenter:
 
     def add_background(self, seeds: np.ndarray) -> None:
         self.seeds[seeds & (self.seeds == 0)] = 1
+
+    def add_bounds(self, roi: Sequence[slice]) -> None:
+        self.add_background(roi_shell(self.image.shape, roi))
 
     def _segment(self) -> np.ndarray:
         has_background, has_structure = (self.seeds == 1).any(), (self.seeds == 2).any()
@@ -479,7 +509,9 @@ def scribble_run(segmenter: Any, target: Target, rounds: int) -> Run:
 
 def frame_background(target: Target) -> np.ndarray:
     """The crop's in-plane border on every slice, minus the structure: background
-    the click protocol gives all."""
+    the click protocol gives all (view ``roi``: the shell of the user's box)."""
+    if target.roi is not None:
+        return roi_shell(target.truth.shape, target.roi) & ~target.truth
     frame = np.zeros(target.truth.shape, dtype=bool)
     frame[:, [0, -1], :] = True
     frame[:, :, [0, -1]] = True
@@ -603,7 +635,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--views", nargs="+", default=["crop"], choices=VIEWS,
                         help="crop: each target cropped around its structure (the default); whole: the whole "
-                             "volume in view (slower for the seeded peers on CT)")
+                             "volume in view (slower for the seeded peers on CT); roi: the whole volume, "
+                             "and the box of the crop given as the structure's bounds")
     parser.add_argument("--rounds", type=int, default=5, help="correction rounds after round 0 (default 5)")
     parser.add_argument("--clicks", type=int, default=5,
                         help="clicks per target (default 5; 0: no click runs)")
@@ -671,10 +704,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                      f"the model has no label '{target.structure}'")
                         continue
                     started = time.perf_counter()
+                    if target.roi is not None:
+                        segmenter.add_bounds(target.roi)
                     runs[target.name] = scribble_run(segmenter, target, args.rounds)
                     clicker = None
                     if args.clicks:
                         clicker = plan.build(target)
+                        if target.roi is not None:
+                            clicker.add_bounds(target.roi)
                         click_runs[target.name] = click_run(clicker, target, args.clicks)
                 except Exception as exc:  # one failing target must not lose the rest of a long run
                     errors.append({"method": method, "view": view, "target": target.name, "error": repr(exc),

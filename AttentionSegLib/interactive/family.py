@@ -39,6 +39,7 @@ class SessionView(Protocol):
     clicks: list[Click]
     locked: set[int]
     settings: RefineSettings
+    bounds: dict[int, tuple[tuple[int, ...], tuple[int, ...]]]
 
 
 class ModelFamily(Protocol):
@@ -64,6 +65,12 @@ class ModelFamily(Protocol):
     #     def box(self, view, corner_a_ijk, corner_b_ijk, label, progress, cancel) -> Proposal:
     #         """The structure in the box (two opposite corners (i, j, k) on the first corner's slice),
     #         in 3D."""
+    #
+    # Optional: families that can do better than the session's clipping when a label's bounds change
+    # (LiteMedSAM propagates again, never past them):
+    #
+    #     def bound(self, view, label, progress, cancel) -> Proposal:
+    #         """The structure of ``label`` again, inside ``view.bounds[label]``."""
 
     def refine(self, view: SessionView, time_budget_s: float, progress: RefineProgress | None,
                cancel: CancelToken | None) -> tuple[Proposal, RefineReport]:

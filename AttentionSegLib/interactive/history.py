@@ -1,4 +1,5 @@
-"""Undo/redo of an interactive session: each step keeps the mask, scribbles, clicks and the adapted state.
+"""Undo/redo of an interactive session: each step keeps the mask, scribbles, clicks, bounds and the adapted
+state.
 
 The adapted state is whatever the model family needs to go back (network weights, a fine-tuned decoder, an
 online head); it is shared between snapshots as long as it did not change, so a click costs a mask copy, not a
@@ -7,7 +8,7 @@ copy of the weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ class Snapshot:
     clicks: list[Click]
     model_state: Any
     note: str
+    bounds: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
 
 class History:

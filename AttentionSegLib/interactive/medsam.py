@@ -760,7 +760,15 @@ class MedSAMFamily:
         """
         track = self.tracks[label]
         stored = dict(track.boxes)
+        limits = self._limits(label, view)
         n = self.slices.shape[0]
+        first_k, last_k = (0, n - 1) if limits is None else limits[:2]
+
+        def candidates_in(
+            boxes: list[tuple[float, float, float, float]],
+        ) -> list[tuple[float, float, float, float]]:
+            return boxes if limits is None else [self._clipped(b, limits) for b in boxes]
+
         structure = np.zeros(self.slices.shape, dtype=bool)
         probability = np.zeros(self.slices.shape, dtype=np.float32)
         maps: dict[int, np.ndarray] = {}
@@ -778,9 +786,12 @@ class MedSAMFamily:
                 candidates: list[tuple[float, float, float, float]] | None = [stored[k0]]
             else:
                 candidates = (
-                    None if box0 is None else [self._grown(box0, f, 0.0) for f in self.options.anchor_margins]
+                    None
+                    if box0 is None
+                    else candidates_in([self._grown(box0, f, 0.0) for f in self.options.anchor_margins])
                 )
             first, prob, amap, chosen = self._best(k0, candidates, track.points.get(k0, []))
+            first = self._within(first, limits)
             if first.sum() < self.options.min_pixels:
                 continue
             if intensity is None:
@@ -792,17 +803,19 @@ class MedSAMFamily:
                 maps[k0] = amap
             for step in (1, -1):
                 previous, k = first, k0 + step
-                while 0 <= k < n and k not in done:
+                while first_k <= k <= last_k and k not in done:
                     box = bounding_box(previous)
                     assert box is not None
                     before = float(previous.sum())
                     mask, prob, amap, chosen = self._best(
                         k,
-                        [stored[k]] if k in stored else [self._grown(box, f) for f in self.options.margins],
+                        [stored[k]]
+                        if k in stored
+                        else candidates_in([self._grown(box, f) for f in self.options.margins]),
                         track.points.get(k, []),
                         (before / self.options.jump_ratio, before * self.options.grow_ratio),
                     )
-                    mask = self._honour(mask, fg_marks, bg_marks, k, previous)
+                    mask = self._within(self._honour(mask, fg_marks, bg_marks, k, previous), limits)
                     area, before = int(mask.sum()), int(previous.sum())
                     if area < self.options.min_pixels:
                         break
@@ -829,6 +842,61 @@ class MedSAMFamily:
         self.structures[label] = structure
         self.probabilities[label] = probability
         self.attention[label] = maps
+
+    def _limits(
+        self, label: int, view: SessionView | None
+    ) -> tuple[int, int, float, float, float, float] | None:
+        """Where ``label``'s structure may be on the reoriented grid, ``(first slice, last slice, x0, y0, x1,
+        y1)`` inclusive: the session's bounds of the label (:meth:`.InteractiveSession.set_bounds`) grown to
+        hold the label's foreground strokes (the user's strokes win over the box); ``None`` without bounds."""
+        corners = getattr(view, "bounds", {}).get(label) if view is not None else None
+        if corners is None:
+            return None
+        (ka, xa, ya), (kb, xb, yb) = (self._to_grid(c) for c in corners)
+        limits = (min(ka, kb), max(ka, kb), min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb))
+        fg, _ = self._marks(label, view)
+        if fg is None or not fg.any():
+            return limits
+        ks, ys, xs = np.nonzero(fg)
+        return (
+            min(limits[0], int(ks.min())),
+            max(limits[1], int(ks.max())),
+            min(limits[2], float(xs.min())),
+            min(limits[3], float(ys.min())),
+            max(limits[4], float(xs.max())),
+            max(limits[5], float(ys.max())),
+        )
+
+    @staticmethod
+    def _clipped(
+        box: Sequence[float], limits: tuple[int, int, float, float, float, float]
+    ) -> tuple[float, float, float, float]:
+        """``box`` cut to the in-plane extent of ``limits``."""
+        x0, y0, x1, y1 = (max(box[0], limits[2]), max(box[1], limits[3]), min(box[2], limits[4]),
+                          min(box[3], limits[5]))
+        return (x0, y0, max(x1, x0), max(y1, y0))
+
+    @staticmethod
+    def _limit_region(
+        shape: Sequence[int], limits: tuple[int, int, float, float, float, float]
+    ) -> tuple[slice, slice, slice]:
+        """The voxels (slices, rows, columns) of the grid inside ``limits``."""
+        return (
+            slice(max(limits[0], 0), limits[1] + 1),
+            slice(max(int(np.floor(limits[3])), 0), int(np.ceil(limits[5])) + 1),
+            slice(max(int(np.floor(limits[2])), 0), int(np.ceil(limits[4])) + 1),
+        )
+
+    def _within(
+        self, mask: np.ndarray, limits: tuple[int, int, float, float, float, float] | None
+    ) -> np.ndarray:
+        """A slice's mask (2D) or a structure (3D) without what lies outside ``limits``."""
+        if limits is None:
+            return mask
+        region = self._limit_region((self.slices.shape[0], *mask.shape[-2:]), limits)
+        inside = np.zeros_like(mask, dtype=bool)
+        inside[region[-mask.ndim :]] = True
+        return mask & inside
 
     def _marks(self, label: int, view: SessionView | None) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The scribbles on the reoriented grid: ``label``'s (foreground) and all others' (background for
@@ -974,6 +1042,21 @@ class MedSAMFamily:
         self._walk_again(view, label, progress, cancel)
         return self._proposal(view, [label])
 
+    def bound(
+        self, view: SessionView, label: int, progress: RefineProgress | None, cancel: CancelToken | None
+    ) -> Proposal:
+        """The session's bounds of ``label`` changed (:meth:`.InteractiveSession.set_bounds`): its structure
+        is propagated again from its anchor, never past them (the walker again on top, if it had run)."""
+        if label not in self.tracks:
+            return Proposal(view.mask)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("bounds cancelled")
+        if progress is not None:
+            progress(0.3, "LiteMedSAM: propagating inside the bounds")
+        self._propagate(label, view)
+        self._walk_again(view, label, progress, cancel)
+        return self._proposal(view, [label])
+
     def segment(self, view: SessionView, progress: Any, cancel: CancelToken | None) -> Proposal:
         raise ValueError("LiteMedSAM segments what it is shown: click on a structure or draw a box first")
 
@@ -1084,7 +1167,7 @@ class MedSAMFamily:
             answer = result.labels == 1
             mask = np.zeros_like(structure)
             mask[region] = answer if volume_like else answer[None]
-            self.refined[label] = mask
+            self.refined[label] = self._within(mask, self._limits(label, view))
             walked += 1
         return walked
 

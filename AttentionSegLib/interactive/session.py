@@ -98,6 +98,7 @@ class InteractiveSession:
         self.mask = np.zeros(volume.shape, dtype=np.uint8)
         self.scribbles = np.full(volume.shape, IGNORE_INDEX, dtype=np.uint8)
         self.clicks: list[Click] = []
+        self.bounds: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # label -> (lo, hi) (i, j, k)
         self.locked: set[int] = set()
         self.last_report: RefineReport | None = None
         self.history = History(max_history)
@@ -120,6 +121,7 @@ class InteractiveSession:
         facts.update({"num_classes": self.num_classes,
                       "labels": {int(label): str(name) for label, name in dict(labels).items()},
                       "clicks": len(self.clicks),
+                      "bounds": {int(label): [list(lo), list(hi)] for label, (lo, hi) in self.bounds.items()},
                       "scribbled_voxels": int((self.scribbles != IGNORE_INDEX).sum()),
                       "locked": sorted(self.locked), "can_undo": self.can_undo, "can_redo": self.can_redo})
         if self.last_report is not None:
@@ -130,7 +132,8 @@ class InteractiveSession:
     # ------------------------------------------------------------------------------------------- undo / redo
 
     def _snapshot(self, note: str) -> Snapshot:
-        return Snapshot(self.mask.copy(), self.scribbles.copy(), list(self.clicks), self.family.state(), note)
+        return Snapshot(self.mask.copy(), self.scribbles.copy(), list(self.clicks), self.family.state(), note,
+                        dict(self.bounds))
 
     def _push_undo(self, note: str) -> None:
         self.history.push(self._snapshot(note))
@@ -139,6 +142,7 @@ class InteractiveSession:
         self.mask = snap.mask.copy()
         self.scribbles = snap.scribbles.copy()
         self.clicks = list(snap.clicks)
+        self.bounds = dict(snap.bounds)
         self.family.restore(snap.model_state)
 
     def _rollback(self) -> None:
@@ -178,8 +182,13 @@ class InteractiveSession:
         self.locked.difference_update([labels] if isinstance(labels, int) else labels)
 
     def _apply(self, proposal: Proposal) -> None:
-        """Write a family's proposal into the mask (within its region), respecting locks and scribbles."""
+        """Write a family's proposal into the mask (within its region), respecting locks, scribbles and each
+        label's bounds."""
         new_mask, region = proposal.labels, proposal.region
+        for label, (lo, hi) in self.bounds.items():
+            outside = np.ones(self.mask.shape, dtype=bool)
+            outside[tuple(slice(a, b + 1) for a, b in zip(lo[::-1], hi[::-1]))] = False
+            new_mask = np.where(outside & (new_mask == label), 0, new_mask)
         keep = np.isin(self.mask, list(self.locked)) if self.locked else np.zeros(self.mask.shape, bool)
         new = np.where(np.isin(new_mask, list(self.locked)), 0, new_mask) if self.locked else new_mask
         scribbled = (self.scribbles != IGNORE_INDEX) & ~keep
@@ -307,6 +316,41 @@ class InteractiveSession:
         return self.mask
 
     # ---------------------------------------------------------------------------------------------- inference
+
+    def set_bounds(self, corner_a_ijk: Sequence[float], corner_b_ijk: Sequence[float], label: int = 1,
+                   progress: RefineProgress | None = None, cancel: CancelToken | None = None) -> np.ndarray:
+        """Say where ``label``'s structure lies: inside the box of two opposite corners ``(i, j, k)``
+        (a Slicer markups ROI), its first and last slice included.
+
+        From then on no answer puts ``label`` outside the box, except on the label's own foreground strokes
+        (the user's strokes win). LiteMedSAM propagates the structure again and never past the box: with the
+        whole CT in view, a propagation from a pancreas click could follow the bowel for 90 slices, and the
+        box is how the user says where the structure ends. Other families have their answer clipped. The
+        bounds are one undoable step; :meth:`clear_bounds` removes them.
+        """
+        self._check_label(label, "bounds")
+        corners = [check_point(self.volume, c) for c in (corner_a_ijk, corner_b_ijk)]
+        lo = tuple(int(np.floor(min(a, b) + 0.5)) for a, b in zip(*corners))
+        hi = tuple(int(np.floor(max(a, b) + 0.5)) for a, b in zip(*corners))
+        if label in self.locked:
+            raise ValueError(f"label {label} is locked; unlock it before changing its bounds")
+        self._push_undo("bounds")
+        try:
+            self.bounds[int(label)] = (lo, hi)
+            hook = getattr(self.family, "bound", None)
+            proposal = hook(self, int(label), progress, cancel) if hook is not None else Proposal(self.mask)
+        except BaseException:
+            self._rollback()
+            raise
+        self._apply(proposal)
+        return self.mask
+
+    def clear_bounds(self, label: int) -> np.ndarray:
+        """Forget ``label``'s bounds (an undoable step); the mask stays as it is until the next answer."""
+        if int(label) in self.bounds:
+            self._push_undo("clear bounds")
+            del self.bounds[int(label)]
+        return self.mask
 
     def segment(self, progress: ProgressCallback | None = None,
                 cancel: CancelToken | None = None) -> np.ndarray:

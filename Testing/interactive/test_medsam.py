@@ -224,6 +224,38 @@ def test_a_correction_click_walks_and_keeps_the_prompts(spleen: tuple[Volume, np
     assert np.array_equal(session.mask, before) and 1 not in session.family.refined
 
 
+def test_bounds_end_the_propagation_and_strokes_outside_them_still_count(
+    spleen: tuple[Volume, np.ndarray],
+) -> None:
+    """A box around some of the spleen's slices (``set_bounds``, a markups ROI in Slicer): LiteMedSAM
+    propagates again from its anchor and stops at the box (its structure, not only the session's mask, ends
+    there), the slices inside are as before; a foreground stroke beyond the box still starts a structure
+    there; undo brings back the unbounded structure."""
+    image, truth = spleen
+    session = InteractiveSession(image, "medsam_lite", device="cpu")
+    click = next_click(np.zeros_like(truth), truth, image.spacing)
+    before = session.click(click.point_ijk, label=1).copy()
+    k = int(round(click.point_ijk[2]))
+    reached = np.nonzero((before == 1).reshape(before.shape[0], -1).any(axis=1))[0]
+    assert reached.min() < k - 2 and reached.max() > k + 2
+    size = image.shape[::-1]  # (i, j, k)
+    mask = session.set_bounds((0, 0, k - 2), (size[0] - 1, size[1] - 1, k + 2), label=1)
+    inside = np.zeros(before.shape, bool)
+    inside[k - 2 : k + 3] = True
+    assert not (mask[~inside] == 1).any()
+    assert dice(mask[inside] == 1, before[inside] == 1) >= 0.98
+    family_slices = np.nonzero(session.family.structures[1].reshape(before.shape[0], -1).any(axis=1))[0]
+    assert len(family_slices) == 5  # the propagation itself stopped at the box
+    beyond = int(reached.max())
+    strokes = np.full(truth.shape, 255, np.uint8)
+    strokes[beyond][truth[beyond]] = 1
+    mask = session.refine(time_budget_s=2.0, scribbles=strokes)
+    assert (mask[beyond][truth[beyond]] == 1).all()
+    session.undo()
+    session.undo()
+    assert session.bounds == {} and np.array_equal(session.mask, before)
+
+
 @pytest.fixture(scope="module")
 def right_kidney(totalseg_dir: Path) -> tuple[Volume, np.ndarray]:
     """The right kidney of ``example_ct`` cropped as ``benchmarks/interactive.py`` crops it (the organ's
