@@ -162,6 +162,7 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.negativePointButton.connect("clicked(bool)", lambda: self.onPlacePoints(False))
         self.ui.clearPointsButton.connect("clicked(bool)", self.onClearPoints)
         self.ui.boxButton.connect("clicked(bool)", self.onDrawBox)
+        self.ui.boundsButton.connect("clicked(bool)", self.onKeepInsideBox)
         self.ui.foregroundScribbleButton.connect("clicked(bool)", lambda: self.onPaintScribbles(True))
         self.ui.backgroundScribbleButton.connect("clicked(bool)", lambda: self.onPaintScribbles(False))
         self.ui.eraseScribbleButton.connect("clicked(bool)", self.onEraseScribbles)
@@ -480,6 +481,20 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job = self.logic.controller.box_from_roi(caller, segment_id=self._targetSegmentID())
         except Exception as error:  # refused before any work (a box without area, outside the volume)
             slicer.util.errorDisplay(_("Box ignored: {error}").format(error=error))
+            return
+        self._watch(job)
+
+    def onKeepInsideBox(self) -> None:
+        """Bound the target segment to the drawn box (its slices and its in-plane extent)."""
+        roi = self._boxNode
+        placed = roi is not None and slicer.mrmlScene.GetNodeByID(roi.GetID()) is not None
+        if not placed or roi.GetNumberOfControlPoints() < 1:
+            slicer.util.errorDisplay(_("Draw a box first, then size it to cover the structure's slices."))
+            return
+        try:
+            job = self.logic.controller.bound_to_roi(roi, segment_id=self._targetSegmentID())
+        except Exception as error:  # refused before any work (a box outside the volume)
+            slicer.util.errorDisplay(_("Bounds ignored: {error}").format(error=error))
             return
         self._watch(job)
 

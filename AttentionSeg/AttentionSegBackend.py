@@ -70,6 +70,16 @@ class SessionCall:
                    reports_progress=True)
 
     @classmethod
+    def set_bounds(cls, corner_a_ijk: Sequence[float], corner_b_ijk: Sequence[float], *,
+                   label: int) -> SessionCall:
+        return cls("set_bounds", (tuple(corner_a_ijk), tuple(corner_b_ijk)), {"label": int(label)},
+                   reports_progress=True)
+
+    @classmethod
+    def clear_bounds(cls, *, label: int) -> SessionCall:
+        return cls("clear_bounds", (), {"label": int(label)})
+
+    @classmethod
     def add_scribbles(cls, scribble_map: np.ndarray, *, replace: bool = False) -> SessionCall:
         return cls("add_scribbles", (scribble_map,), {"replace": bool(replace)})
 

@@ -192,6 +192,26 @@ class SegmentationController:
         label = mrml.label_for_segment(self.segmentation_node, segment_id)
         return self._submit("Box", [SessionCall.box(corner_a, corner_b, label=label)], self._write_mask)
 
+    # -- bounds: where a segment may be (a markups ROI) ------------------------------------------------------
+    def bound_to_roi(self, roi_node: Any, *, segment_id: str) -> Job:
+        """Keep ``segment_id`` inside a markups ROI (its full extent: slices and plane); the engine answers
+        again inside it (LiteMedSAM propagates no further) and every later answer stays inside.
+
+        Raises:
+            ValueError: the ROI misses the volume (nothing is submitted).
+        """
+        self._require_session()
+        lo, hi = mrml.roi_voxel_bounds(roi_node, self.volume_node)
+        label = mrml.label_for_segment(self.segmentation_node, segment_id)
+        call = SessionCall.set_bounds(lo, hi, label=label)
+        return self._submit("Keep inside box", [call], self._write_mask)
+
+    def clear_bounds(self, *, segment_id: str) -> Job:
+        """Let ``segment_id`` go anywhere again (the segment stays as it is until the next answer)."""
+        self._require_session()
+        label = mrml.label_for_segment(self.segmentation_node, segment_id)
+        return self._submit("Clear bounds", [SessionCall.clear_bounds(label=label)], self._write_mask)
+
     # -- scribbles and refinement ----------------------------------------------------------------------------
     def scribble_segment(self, segment_id: str | None) -> str:
         """The scribble segment of output segment ``segment_id`` (None: background), created when absent."""

@@ -222,9 +222,8 @@ def box_voxels(volume_node: Any, corner_a_ras: Sequence[float],
     return clipped[0], clipped[1]  # type: ignore[return-value]
 
 
-def roi_box_voxels(roi_node: Any, volume_node: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """:func:`box_voxels` of a markups ROI: the R and A extent of its (possibly rotated) box in world
-    coordinates, on the axial slice of its centre."""
+def _roi_corners_world(roi_node: Any) -> np.ndarray:
+    """The 8 corners (world RAS) of a markups ROI, rotated or not."""
     center, size = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
     roi_node.GetCenterWorld(center)
     roi_node.GetSizeWorld(size)
@@ -233,9 +232,35 @@ def roi_box_voxels(roi_node: Any, volume_node: Any) -> tuple[tuple[int, int, int
         axis = [0.0, 0.0, 0.0]
         getter(axis)
         axes.append(np.asarray(axis))
-    corners = np.asarray([np.asarray(center) + sum(0.5 * sign * extent * axis
-                                                   for sign, extent, axis in zip(signs, size, axes))
-                          for signs in itertools.product((-1.0, 1.0), repeat=3)])
+    return np.asarray([np.asarray(center) + sum(0.5 * sign * extent * axis
+                                                for sign, extent, axis in zip(signs, size, axes))
+                       for signs in itertools.product((-1.0, 1.0), repeat=3)])
+
+
+def roi_voxel_bounds(roi_node: Any, volume_node: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The voxels ``(i, j, k)`` a markups ROI covers, as the lowest and highest corner (inclusive): the box
+    in voxel indices around its 8 corners, clipped to the volume.
+
+    Raises:
+        ValueError: the ROI misses the volume.
+    """
+    size = np.asarray(volume_node.GetImageData().GetDimensions())
+    corners = np.asarray([ras_to_ijk(volume_node, p) for p in _roi_corners_world(roi_node)])
+    lo = np.floor(corners.min(axis=0) + 0.5).astype(int)
+    hi = np.floor(corners.max(axis=0) + 0.5).astype(int)
+    if (hi < 0).any() or (lo > size - 1).any():
+        raise ValueError(f"the box '{roi_node.GetName()}' lies outside volume '{volume_node.GetName()}' of "
+                         f"size {tuple(int(n) for n in size)} (i, j, k)")
+    lo, hi = np.clip(lo, 0, size - 1), np.clip(hi, 0, size - 1)
+    return tuple(int(v) for v in lo), tuple(int(v) for v in hi)  # type: ignore[return-value]
+
+
+def roi_box_voxels(roi_node: Any, volume_node: Any) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """:func:`box_voxels` of a markups ROI: the R and A extent of its (possibly rotated) box in world
+    coordinates, on the axial slice of its centre."""
+    center = [0.0, 0.0, 0.0]
+    roi_node.GetCenterWorld(center)
+    corners = _roi_corners_world(roi_node)
     lo, hi = corners.min(axis=0), corners.max(axis=0)
     return box_voxels(volume_node, (lo[0], lo[1], center[2]), (hi[0], hi[1], center[2]))
 

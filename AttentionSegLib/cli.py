@@ -23,7 +23,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,22 +163,30 @@ def points_to_ijk(volume, points_ras: Sequence[Sequence[float]], points_ijk: Seq
     return out
 
 
-def _box_ras(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.replace(" ", "").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--box-ras '{text}' is not six comma-separated numbers") from None
-    if len(values) != 6:
-        raise argparse.ArgumentTypeError(f"--box-ras '{text}' needs six numbers R1,A1,S1,R2,A2,S2 (two "
-                                         "opposite corners of a box on one slice)")
-    return values
+def _six_ras(option: str, what: str) -> Callable[[str], tuple[float, ...]]:
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.replace(" ", "").split(","))
+        except ValueError:
+            message = f"{option} '{text}' is not six comma-separated numbers"
+            raise argparse.ArgumentTypeError(message) from None
+        if len(values) != 6:
+            raise argparse.ArgumentTypeError(f"{option} '{text}' needs six numbers R1,A1,S1,R2,A2,S2 (two "
+                                             f"opposite corners of {what})")
+        return values
+
+    return parse
+
+
+_box_ras = _six_ras("--box-ras", "a box on one slice")
+_bounds_ras = _six_ras("--bounds-ras", "the box the structure lies in")
 
 
 def _wants_medsam(args: argparse.Namespace) -> bool:
     """Whether ``segment`` runs the prompted LiteMedSAM prior (``--model medsam_lite`` or a ``--box-ras``)."""
     from .interactive.medsam import is_medsam_model
 
-    return bool(args.box_ras) or is_medsam_model(args.model)
+    return bool(args.box_ras) or bool(args.bounds_ras) or is_medsam_model(args.model)
 
 
 def _segment_medsam(args: argparse.Namespace) -> int:
@@ -196,7 +204,8 @@ def _segment_medsam(args: argparse.Namespace) -> int:
     from .interactive.medsam import is_medsam_model
 
     if not is_medsam_model(args.model):
-        raise CLIError(f"--box-ras needs a box-prompted model: add --model medsam_lite (not '{args.model}')")
+        option = "--box-ras" if args.box_ras else "--bounds-ras"
+        raise CLIError(f"{option} needs a box-prompted model: add --model medsam_lite (not '{args.model}')")
     if args.roi:
         raise CLIError("--roi is for the sliding-window models; "
                        "medsam_lite only looks at the prompted slices")
@@ -217,6 +226,10 @@ def _segment_medsam(args: argparse.Namespace) -> int:
     points = points_to_ijk(volume, args.point_ras or [], args.point_ijk or [], str(image_path))
     boxes = [points_to_ijk(volume, [box[:3], box[3:]], [],
                            f"{image_path}: --box-ras") for box in args.box_ras or []]
+    bounds = None
+    if args.bounds_ras:
+        bounds = points_to_ijk(volume, [args.bounds_ras[:3], args.bounds_ras[3:]], [],
+                               f"{image_path}: --bounds-ras")
     if not points and not boxes:
         raise CLIError("--model medsam_lite segments what it is shown: give a click (--point-ras R,A,S or "
                        "--point-ijk I,J,K) or a box (--box-ras R1,A1,S1,R2,A2,S2)")
@@ -227,6 +240,8 @@ def _segment_medsam(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"  {message}", file=sys.stderr, flush=True)
 
+    if bounds is not None:
+        session.set_bounds(*bounds, label=args.label, progress=report)
     for corner_a, corner_b in boxes:
         session.box(corner_a, corner_b, label=args.label, progress=report)
     for point in points:
@@ -588,6 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --model medsam_lite: a box on one slice (two opposite corners in RAS mm; the "
                           "slice of the first); the structure in it is propagated through the slices; "
                           "repeatable")
+    seg.add_argument("--bounds-ras", type=_bounds_ras, default=None, metavar="R1,A1,S1,R2,A2,S2",
+                     help="with --model medsam_lite: the structure lies inside this box (two opposite "
+                          "corners in RAS mm, slices included): the propagation stops at its first and last "
+                          "slice (on a whole CT, a click on the pancreas can otherwise follow the bowel)")
     seg.add_argument("--label", type=int, default=1,
                      help="with --model medsam_lite: the label value of the prompted structure (default: 1)")
     _device_arg(seg)

@@ -1,4 +1,5 @@
-"""``attentionseg segment --model medsam_lite`` with a click (``--point-ras``) or a box (``--box-ras``).
+"""``attentionseg segment --model medsam_lite`` with a click (``--point-ras``) or a box (``--box-ras``), and
+bounds (``--bounds-ras``).
 
 On a small crop of the real ``example_ct`` around the right kidney (every other slice, to keep the encoder's
 CPU
@@ -118,6 +119,34 @@ def test_box_on_one_slice_writes_the_organ(kidney, tmp_path: Path) -> None:
     seg = read_image(out)
     assert _geometry(seg) == _geometry(volume)
     assert _dice(seg.array == 1, truth) >= 0.8
+
+
+def test_bounds_keep_the_clicked_organ_inside_them(kidney, tmp_path: Path) -> None:
+    """``--bounds-ras`` with a click: the organ stops at the box's slices and keeps the input's geometry."""
+    path, volume, truth = kidney
+    reached = np.nonzero(truth.reshape(truth.shape[0], -1).any(axis=1))[0]
+    k = int((reached.min() + reached.max()) // 2)
+    rows, cols = np.nonzero(truth[k])
+    point = (float(np.median(cols)), float(np.median(rows)), float(k))
+    low = _ras(volume, (0.0, 0.0, float(k - 1)))
+    high = _ras(volume, (float(volume.shape[2] - 1), float(volume.shape[1] - 1), float(k + 1)))
+    out = tmp_path / "seg.nii.gz"
+    args = ["segment", str(path), "-o", str(out), "--model", "medsam_lite",
+            f"--point-ras={_ras(volume, point)}", f"--bounds-ras={low},{high}", "--device", "cpu", "--quiet"]
+    assert main(args) == 0
+    seg = read_image(out)
+    assert _geometry(seg) == _geometry(volume)
+    slices = np.nonzero((seg.array == 1).reshape(truth.shape[0], -1).any(axis=1))[0]
+    assert set(slices) == {k - 1, k, k + 1}
+    inside = slice(k - 1, k + 2)
+    assert _dice(seg.array[inside] == 1, truth[inside]) >= 0.8
+
+
+def test_bounds_need_medsam(kidney, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path, _, _ = kidney
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(path), "-o", str(out), "--bounds-ras=0,0,0,10,10,5", "--quiet"]) == 2
+    assert not out.exists() and "--bounds-ras needs a box-prompted model" in capsys.readouterr().err
 
 
 def test_box_needs_medsam(kidney, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,6 +18,15 @@ Here a click or a box on one slice becomes the structure in 3D:
   *something*; without this test the liver "continued" from the liver into the bowel down to the pelvis).
   A background scribble across a part that does not continue the previous slice removes it; foreground
   scribbles on slices the structure did not reach start a propagation of their own.
+* **Bounds.** The user can say where a structure lies (:meth:`.InteractiveSession.set_bounds`, a markups
+  ROI in Slicer): the propagation stops at the box's first and last slice and its boxes are cut to its extent
+  in the plane (the label's own foreground strokes widen it). With the whole CT in view none of LiteMedSAM's
+  own signals (predicted IoU, stability, the embedding's similarity) told a propagation that had left the
+  pancreas for the bowel from a real organ slice; the box is the user's word for it
+  (:meth:`MedSAMFamily.bound`). A box on its own does not anchor the structure: its extent on one slice is far
+  looser than the boxes LiteMedSAM was trained with (an ROI of the organ's 3D extent + 24 mm, on its middle
+  slice: Dice 0.07-0.93 there, against 0.63-0.99 for the slice's own reference box; ``example_ct`` and
+  ``example_ct_sm``, whole slices).
 * **Refine = the random walker on LiteMedSAM's answer** (``refine_mode="walker"``, the default): every
   scribbled structure is solved again by the random walker with a prior model (Grady, CVPR 2005), ``(L + γ I)
   x = γ p``, the strokes as boundary values and LiteMedSAM's probability as ``p``, in the box of the structure

@@ -53,6 +53,9 @@ METHODS: dict[str, MethodSpec] = {
     "click": _spec([("point_ijk", "point", ...), ("label", "label", 1), ("positive", "bool", True)], True),
     "box": _spec([("corner_a_ijk", "point", ...), ("corner_b_ijk", "point", ...), ("label", "label", 1)],
                  True),
+    "set_bounds": _spec(
+        [("corner_a_ijk", "point", ...), ("corner_b_ijk", "point", ...), ("label", "label", 1)], True),
+    "clear_bounds": _spec([("label", "label", ...)]),
     "add_scribbles": _spec([("scribble_map", SCRIBBLES, ...), ("replace", "bool", False)]),
     "clear_scribbles": _spec([]),
     "refine": _spec([("time_budget_s", "seconds", 10.0), ("scribbles", SCRIBBLES, None),

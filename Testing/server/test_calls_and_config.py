@@ -53,6 +53,15 @@ def test_a_job_holds_one_to_sixteen_calls() -> None:
             parse_calls(calls)
 
 
+def test_bounds_are_calls_with_two_points_and_a_label() -> None:
+    call = parse_call({"method": "set_bounds", "args": [[1, 2, 3], [40, 50, 6]], "kwargs": {"label": 2}})
+    assert call.arguments == {"corner_a_ijk": (1.0, 2.0, 3.0), "corner_b_ijk": (40.0, 50.0, 6.0), "label": 2}
+    assert call.spec.reports_progress
+    assert parse_call({"method": "clear_bounds", "kwargs": {"label": 2}}).arguments == {"label": 2}
+    with pytest.raises(CallError):
+        parse_call({"method": "set_bounds", "args": [[1, 2, 3]], "kwargs": {"label": 2}})
+
+
 def test_no_callable_method_takes_a_path() -> None:
     for name, spec in METHODS.items():
         assert not {"path", "filename", "file"} & set(spec.signature.parameters), name

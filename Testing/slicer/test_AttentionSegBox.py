@@ -1,4 +1,5 @@
-"""A box from a markups ROI or from two clicks, on the real Slicer core and the real CT.
+"""A box from a markups ROI or from two clicks, and bounds from an ROI, on the real Slicer core and the real
+CT.
 
 The MRML side (corners in world RAS -> voxel corners of an axial box) and the controller's calls are checked
 with a recording backend; one test runs the real engine with LiteMedSAM (skipped without its weights).
@@ -107,6 +108,46 @@ def test_a_markups_roi_gives_its_in_plane_extent_on_the_slice_of_its_centre(ct_n
     roi.SetAndObserveTransformNodeID(transform.GetID())
     (_, _, k), _ = mrml.roi_box_voxels(roi, ct_node)
     assert k == 50 + 2 * int(np.sign(mrml.ijk_to_ras(ct_node)[2, 2]))
+
+
+@pytest.mark.shared_data
+def test_a_markups_roi_gives_the_voxels_it_covers_as_bounds(ct_node: Any, scene: Any) -> None:
+    """``roi_voxel_bounds``: every slice and the in-plane extent of the ROI (not only its centre slice),
+    clipped to the volume; an ROI beside the volume is refused."""
+    low, high = ras(ct_node, (30, 40, 44)), ras(ct_node, (70, 60, 56))
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "bounds")
+    roi.SetCenterWorld(*((low + high) / 2))
+    roi.SetSizeWorld(*np.abs(high - low))
+    assert mrml.roi_voxel_bounds(roi, ct_node) == ((30, 40, 44), (70, 60, 56))
+    size = ct_node.GetImageData().GetDimensions()
+    far = ras(ct_node, (500, 60, 56))
+    roi.SetCenterWorld(*((low + far) / 2))
+    roi.SetSizeWorld(*np.abs(far - low))
+    assert mrml.roi_voxel_bounds(roi, ct_node) == ((30, 40, 44), (size[0] - 1, 60, 56))
+    beside = ras(ct_node, (-60, 40, 44)), ras(ct_node, (-20, 60, 56))
+    roi.SetCenterWorld(*((beside[0] + beside[1]) / 2))
+    roi.SetSizeWorld(*np.abs(beside[1] - beside[0]))
+    with pytest.raises(ValueError, match="lies outside volume 'example_ct'"):
+        mrml.roi_voxel_bounds(roi, ct_node)
+
+
+@pytest.mark.shared_data
+def test_the_controller_keeps_a_segment_inside_an_roi(
+        recorded: tuple[SegmentationController, RecordingBackend], ct_node: Any, scene: Any) -> None:
+    controller, backend = recorded
+    segments = mrml.labelled_segments(controller.segmentation_node)
+    low, high = ras(ct_node, (30, 40, 44)), ras(ct_node, (70, 60, 56))
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "bounds")
+    roi.SetCenterWorld(*((low + high) / 2))
+    roi.SetSizeWorld(*np.abs(high - low))
+    job = controller.wait(controller.bound_to_roi(roi, segment_id=segments[2]), 10)
+    assert job.state is JobState.SUCCEEDED
+    call = backend.calls[-1]
+    assert (call.method, call.args, call.kwargs) == ("set_bounds", ((30, 40, 44), (70, 60, 56)), {"label": 2})
+    assert call.reports_progress
+    controller.wait(controller.clear_bounds(segment_id=segments[2]), 10)
+    call = backend.calls[-1]
+    assert (call.method, call.args, call.kwargs) == ("clear_bounds", (), {"label": 2})
 
 
 @pytest.mark.shared_data
