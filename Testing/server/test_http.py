@@ -267,7 +267,11 @@ def test_remote_answers_are_exactly_the_local_engines(server: ServerProcess, ses
 
     assert remote.description["num_classes"] == local.num_classes == 8
     assert remote.description["labels"] == {str(k): v for k, v in names.items()}
+    size = image.shape[::-1]  # (i, j, k)
+    low = tuple(max(int(c) - 12, 0) for c in voxel)
+    high = tuple(min(int(c) + 12, n - 1) for c, n in zip(voxel, size))
     steps = [("click", (voxel,), {"label": PANCREAS}),
+             ("set_bounds", (low, high), {"label": PANCREAS}),
              ("refine", (), {"time_budget_s": 60.0, "scribbles": scribbles, "replace": True}),
              ("undo", (), {}), ("redo", (), {})]
     for method, args, kwargs in steps:
@@ -282,6 +286,7 @@ def test_remote_answers_are_exactly_the_local_engines(server: ServerProcess, ses
     np.testing.assert_array_equal(remote.call([("uncertainty", (), {})]), local.uncertainty())
     facts = remote.call([("describe", (), {})])
     assert facts["clicks"] == 1 and facts["scribbled_voxels"] == int((local.scribbles != 255).sum())
+    assert facts["bounds"] == {str(PANCREAS): [list(low), list(high)]}
 
 
 def test_an_engine_error_comes_back_as_the_same_exception(server: ServerProcess, sessions: list[Any],
