@@ -165,6 +165,12 @@ class MedSAMSettings:
         walker_gamma_min: ``γ_min``, the weight when the strokes contradict LiteMedSAM (above 0: with a few
             strokes, one of them against LiteMedSAM, the plain walker would have nothing else to go by).
         walker_trust: the exponent above (0: ``walker_gamma`` whatever the strokes say).
+        walker_trust_credit: voxels of each kind of stroke LiteMedSAM's answer is counted right on before any
+            is drawn (:func:`prior_trust`'s ``credit``; 26 = two click disks of radius 2). Scribbles of
+            hundreds of voxels hardly notice it; a click's disk no longer takes all the trust at once.
+        part_max_overlap: a positive correction click off the structure adds a part (LiteMedSAM's answer to
+            the box the click stands for, propagated on its own) when less than this fraction of that answer
+            lies on the structure's slice (0: never; the click is then only a stroke for the walker).
         walker_margin_mm: the walker works in the box of the structure and the foreground scribbles grown by
             this much in the slice plane (and by the slices this spans, at least one, across them).
     """
@@ -200,6 +206,8 @@ class MedSAMSettings:
     walker_gamma: float = 0.02
     walker_gamma_min: float = 0.003
     walker_trust: float = 2.0
+    walker_trust_credit: float = 26.0
+    part_max_overlap: float = 0.5
     walker_margin_mm: float = 15.0
 
     def __post_init__(self) -> None:
@@ -209,6 +217,8 @@ class MedSAMSettings:
             raise ValueError(
                 f"encoder_precision must be one of {list(PRECISIONS)}, got {self.encoder_precision!r}"
             )
+        if not self.walker_trust_credit >= 0:
+            raise ValueError(f"walker_trust_credit must be >= 0 voxels, got {self.walker_trust_credit!r}")
         if self.min_field_of_view_mm is not None and not self.min_field_of_view_mm > 0:
             raise ValueError(
                 f"min_field_of_view_mm must be positive or None, got {self.min_field_of_view_mm}"
@@ -217,13 +227,15 @@ class MedSAMSettings:
 
 @dataclass
 class Track:
-    """One structure's prompts: where it was anchored (slice, box in slice pixels), its point prompts and the
-    box each slice was decoded with in the last propagation (``boxes``; empty until the first)."""
+    """One structure's prompts: where it was anchored (slice, box in slice pixels), its point prompts, the
+    box each slice was decoded with in the last propagation (``boxes``; empty until the first) and the parts
+    that correction clicks added, each a track of its own, propagated on its own and joined to it."""
 
     anchor: int
     box: tuple[float, float, float, float] | None
     points: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)
     boxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
+    parts: list[Track] = field(default_factory=list)
 
 
 def is_medsam_model(model: Any) -> bool:
@@ -248,7 +260,7 @@ def bounding_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     return float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())
 
 
-def prior_trust(inside: np.ndarray, targets: np.ndarray) -> float:
+def prior_trust(inside: np.ndarray, targets: np.ndarray, credit: float = 0.0) -> float:
     """How far the strokes confirm a prior's mask: Youden's J = sensitivity + specificity - 1 of
     ``inside`` on the foreground (``targets == 1``) and background (``0``) strokes, clipped to [0, 1]; with
     strokes of one kind only, the fraction of them the mask gets right; 1 without strokes.
@@ -257,9 +269,16 @@ def prior_trust(inside: np.ndarray, targets: np.ndarray) -> float:
     weight round after round, while a prior the strokes confirm keeps it. A fixed weight low enough for the
     pancreas (whose LiteMedSAM answer is poor) let one background stroke carve a third of a well-found spleen
     away (see the module's docstring).
+
+    ``credit``: voxels of each kind the prior is counted right on before any stroke (a pseudo-count), so
+    that one small stroke against it does not take all its weight at once. Without it, the click disk (13
+    voxels) of a first correction on a mask the anchoring click had confirmed gave ``J = 0``, and the walker
+    then carved well-found organs: with the whole CT in view, a spleen 0.96 -> 0.90 and a right kidney 0.94 ->
+    0.89 at the second click (see :attr:`MedSAMSettings.walker_trust_credit`).
     """
-    rates = [float(inside[targets == 1].mean())] if (targets == 1).any() else []
-    rates += [float((~inside)[targets == 0].mean())] if (targets == 0).any() else []
+    fg, bg = targets == 1, targets == 0
+    rates = [(float(inside[fg].sum()) + credit) / (float(fg.sum()) + credit)] if fg.any() else []
+    rates += [(float((~inside)[bg].sum()) + credit) / (float(bg.sum()) + credit)] if bg.any() else []
     if not rates:
         return 1.0
     return float(min(max(sum(rates) - (len(rates) - 1), 0.0), 1.0))
@@ -768,8 +787,32 @@ class MedSAMFamily:
         decoder's answer to the same prompt does.
         """
         track = self.tracks[label]
-        stored = dict(track.boxes)
         limits = self._limits(label, view)
+        fg_marks, bg_marks = self._marks(label, view)
+        structure, probability, maps = self._chain(
+            track, limits, fg_marks, bg_marks, self._scribbled_slices(label, view)
+        )
+        for part in track.parts:
+            more, more_probability, more_maps = self._chain(part, limits, fg_marks, bg_marks, {})
+            structure |= more
+            np.maximum(probability, more_probability, out=probability)
+            for k, amap in more_maps.items():
+                maps[k] = np.maximum(maps[k], amap) if k in maps else amap
+        self.structures[label] = structure
+        self.probabilities[label] = probability
+        self.attention[label] = maps
+
+    def _chain(
+        self,
+        track: Track,
+        limits: tuple[int, int, float, float, float, float] | None,
+        fg_marks: np.ndarray | None,
+        bg_marks: np.ndarray | None,
+        scribbled: dict[int, tuple[float, float, float, float]],
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+        """One track's propagation from its anchor (then from ``scribbled`` slices it did not reach): the
+        structure, its probability and attention maps; ``track.boxes`` becomes the boxes it used."""
+        stored = dict(track.boxes)
         n = self.slices.shape[0]
         first_k, last_k = (0, n - 1) if limits is None else limits[:2]
 
@@ -783,8 +826,6 @@ class MedSAMFamily:
         maps: dict[int, np.ndarray] = {}
         used: dict[int, tuple[float, float, float, float]] = {}
         seeds: list[tuple[int, tuple[float, float, float, float] | None]] = [(track.anchor, track.box)]
-        scribbled = self._scribbled_slices(label, view)
-        fg_marks, bg_marks = self._marks(label, view)
         done: set[int] = set()
         intensity: tuple[float, float, float] | None = None
         while seeds:
@@ -848,9 +889,7 @@ class MedSAMFamily:
                     scribbled = {kk: b for kk, b in scribbled.items() if kk != k}
                     break
         track.boxes = used
-        self.structures[label] = structure
-        self.probabilities[label] = probability
-        self.attention[label] = maps
+        return structure, probability, maps
 
     def _limits(
         self, label: int, view: SessionView | None
@@ -982,9 +1021,15 @@ class MedSAMFamily:
         from 0.80 to 0.86 and each correction from 1-17 s to 0.0-0.3 s; with the whole CT in view from 0.83
         to 0.85 (the 5 organs of ``example_ct``); on 15 ACDC crops from 0.55 to 0.60. As point prompts, which
         LiteMedSAM (trained with boxes) mostly ignores, the corrections did little, and two negative points
-        on one slice emptied it, which cut the propagation there (a spleen fell to 0.71). The walker's weak
-        side: the first correction on a well-found organ can carve it (a spleen 0.96 -> 0.90, back to 0.94
-        at the next click). With ``refine_mode="decoder"`` a correction click still becomes a point prompt.
+        on one slice emptied it, which cut the propagation there (a spleen fell to 0.71). A positive
+        correction off the structure may also add a part (:meth:`_add_part`): with the whole CT in view and
+        the organ's box given, the livers reached 0.94 and 0.93 at the second click, against 0.82 and 0.82
+        with the walker alone; on 15 ACDC crops, 3 clicks 0.60 -> 0.65 (with the credit below). The
+        walker's trust gives LiteMedSAM a credit of two click disks
+        (:attr:`MedSAMSettings.walker_trust_credit`), so that the first negative click on a well-found organ
+        is a local correction: at the second click, spleens
+        0.90 / 0.87 -> 0.95 / 0.94 and right kidneys 0.89 / 0.81 -> 0.96 / 0.94 (whole CT, boxes given).
+        With ``refine_mode="decoder"`` a correction click still becomes a point prompt.
         """
         k, x, y = self._to_grid(click.point_ijk)
         label = click.label
@@ -1007,6 +1052,10 @@ class MedSAMFamily:
         elif walker:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("click cancelled")
+            if click.positive and not inside and self._add_part(track, k, x, y, label):
+                if progress is not None:
+                    progress(0.2, "LiteMedSAM: propagating the part at the click")
+                self._propagate(label, view)
             if progress is not None:
                 progress(0.3, "LiteMedSAM: the walker on the clicks and strokes")
             self._walk(view, self._grid_labels(view.scribbles), [label], progress, cancel)
@@ -1020,6 +1069,27 @@ class MedSAMFamily:
         self._propagate(label, view)
         self._walk_again(view, label, progress, cancel)
         return self._proposal(view, [label])
+
+    def _add_part(self, track: Track, k: int, x: float, y: float, label: int) -> bool:
+        """A positive correction click off the structure: when LiteMedSAM's answer to the box the click
+        stands for is mostly new on that slice (less than ``part_max_overlap`` of it on the structure) and no
+        larger than the structure's largest cross-section, it becomes a part of the structure, propagated on
+        its own (:meth:`_chain`): a liver lobe or the body of a pancreas that the anchor's propagation never
+        reached. Returns whether a part was added."""
+        if self.options.part_max_overlap <= 0:
+            return False
+        box = self.box_from_click(k, x, y)
+        mask, *_ = self._best(k, [self._grown(box, f, 0.0) for f in self.options.anchor_margins])
+        if mask.sum() < self.options.min_pixels:
+            return False
+        structure = self.structures[label]
+        overlap = float((mask & structure[k]).sum()) / float(mask.sum())
+        if overlap >= self.options.part_max_overlap:
+            return False
+        if mask.sum() > structure.reshape(structure.shape[0], -1).sum(axis=1).max():
+            return False  # larger than the structure's largest cross-section: something else
+        track.parts.append(Track(k, box))
+        return True
 
     def _walk_again(
         self, view: SessionView, label: int, progress: RefineProgress | None, cancel: CancelToken | None
@@ -1158,7 +1228,8 @@ class MedSAMFamily:
             targets[bg[region]] = 0
             targets[fg[region]] = 1
             p = np.clip(self.probabilities[label][region], 0.0, 1.0)
-            trust = prior_trust(p > 0.5, targets) ** self.options.walker_trust
+            trust = prior_trust(p > 0.5, targets, self.options.walker_trust_credit)
+            trust = trust**self.options.walker_trust
             low, high = self.options.walker_gamma_min, self.options.walker_gamma
             head_settings = replace(head_settings, prior_gamma=low + max(high - low, 0.0) * trust)
             volume_like = self.slices.shape[0] > 1
