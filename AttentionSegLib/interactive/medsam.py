@@ -776,7 +776,7 @@ class MedSAMFamily:
 
     def _propagate(self, label: int, view: SessionView | None = None) -> None:
         """The structure of ``label`` in 3D from its track (and from foreground scribbles it does not
-        reach).
+        reach), joined with its parts (:meth:`_add_part`), inside the label's bounds (:meth:`_limits`).
 
         A slice that the last propagation reached is decoded again with the box it had then
         (``Track.boxes``); only slices beyond are prompted by the previous slice's mask. A refine changes
@@ -1086,7 +1086,8 @@ class MedSAMFamily:
         overlap = float((mask & structure[k]).sum()) / float(mask.sum())
         if overlap >= self.options.part_max_overlap:
             return False
-        if mask.sum() > structure.reshape(structure.shape[0], -1).sum(axis=1).max():
+        largest = int(structure.reshape(structure.shape[0], -1).sum(axis=1).max())
+        if largest and mask.sum() > largest:
             return False  # larger than the structure's largest cross-section: something else
         track.parts.append(Track(k, box))
         return True
