@@ -129,6 +129,7 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._onSuccess: dict[Job, Callable[[Job], None]] = {}
         self._observedPointLists: list[Any] = []
         self._boxNode: Any = None
+        self._boundsNode: Any = None
         self._scribbleEditorNode: Any = None
         self._serverModels: list[str] = []  # the models the server named at the last connection test
         self._listedServerModels: bool | None = None  # whether the model list shows the server's models
@@ -162,7 +163,7 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.negativePointButton.connect("clicked(bool)", lambda: self.onPlacePoints(False))
         self.ui.clearPointsButton.connect("clicked(bool)", self.onClearPoints)
         self.ui.boxButton.connect("clicked(bool)", self.onDrawBox)
-        self.ui.boundsButton.connect("clicked(bool)", self.onKeepInsideBox)
+        self.ui.boundsButton.connect("clicked(bool)", self.onDrawBounds)
         self.ui.foregroundScribbleButton.connect("clicked(bool)", lambda: self.onPaintScribbles(True))
         self.ui.backgroundScribbleButton.connect("clicked(bool)", lambda: self.onPaintScribbles(False))
         self.ui.eraseScribbleButton.connect("clicked(bool)", self.onEraseScribbles)
@@ -484,16 +485,32 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._watch(job)
 
-    def onKeepInsideBox(self) -> None:
-        """Bound the target segment to the drawn box (its slices and its in-plane extent)."""
-        roi = self._boxNode
-        placed = roi is not None and slicer.mrmlScene.GetNodeByID(roi.GetID()) is not None
-        if not placed or roi.GetNumberOfControlPoints() < 1:
-            slicer.util.errorDisplay(_("Draw a box first, then size it to cover the structure's slices."))
+    def onDrawBounds(self) -> None:
+        """Place a second markups ROI (its own node: moving it never re-prompts the box); once placed, and
+        whenever it is moved or resized, the target segment is kept inside it (slices included)."""
+        with slicer.util.tryWithErrorDisplay(_("Could not start drawing the bounds.")):
+            self._targetSegmentID()
+            roi = self._boundsNode
+            if roi is None or slicer.mrmlScene.GetNodeByID(roi.GetID()) is None:
+                roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "AttentionSeg bounds")
+                roi.CreateDefaultDisplayNodes()
+                for event in (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+                              slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent):
+                    self.addObserver(roi, event, self.onBoundsPlaced)
+                self._boundsNode = roi
+            else:
+                roi.RemoveAllControlPoints()
+            markupsLogic = slicer.modules.markups.logic()
+            markupsLogic.SetActiveList(roi)
+            markupsLogic.StartPlaceMode(False)
+
+    def onBoundsPlaced(self, caller: Any, event: Any) -> None:
+        placed = getattr(caller, "GetControlPointPlacementComplete", None)
+        if caller.GetNumberOfControlPoints() < 1 or (placed is not None and not placed()):
             return
         try:
-            job = self.logic.controller.bound_to_roi(roi, segment_id=self._targetSegmentID())
-        except Exception as error:  # refused before any work (a box outside the volume)
+            job = self.logic.controller.bound_to_roi(caller, segment_id=self._targetSegmentID())
+        except Exception as error:  # refused before any work (bounds outside the volume)
             slicer.util.errorDisplay(_("Bounds ignored: {error}").format(error=error))
             return
         self._watch(job)

@@ -204,7 +204,7 @@ class SegmentationController:
         lo, hi = mrml.roi_voxel_bounds(roi_node, self.volume_node)
         label = mrml.label_for_segment(self.segmentation_node, segment_id)
         call = SessionCall.set_bounds(lo, hi, label=label)
-        return self._submit("Keep inside box", [call], self._write_mask)
+        return self._submit("Bounds", [call], self._write_mask)
 
     def clear_bounds(self, *, segment_id: str) -> Job:
         """Let ``segment_id`` go anywhere again (the segment stays as it is until the next answer)."""
