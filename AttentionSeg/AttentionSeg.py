@@ -457,63 +457,52 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.controller.point_list(positive).RemoveAllControlPoints()
 
     # -- boxes (box-prompted models such as medsam_lite) -----------------------------------------------------
-    def onDrawBox(self) -> None:
-        """Place a markups ROI in a slice view; once placed (and whenever it is moved), segment in it."""
-        with slicer.util.tryWithErrorDisplay(_("Could not start drawing a box.")):
-            self._targetSegmentID()  # fail early, before the user starts drawing
-            roi = self._boxNode
-            if roi is None or slicer.mrmlScene.GetNodeByID(roi.GetID()) is None:
-                roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "AttentionSeg box")
-                roi.CreateDefaultDisplayNodes()
-                self.addObserver(roi, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onBoxPlaced)
-                self.addObserver(roi, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self.onBoxPlaced)
-                self._boxNode = roi
-            else:
-                roi.RemoveAllControlPoints()  # a new box replaces the old one
-            markupsLogic = slicer.modules.markups.logic()
-            markupsLogic.SetActiveList(roi)
-            markupsLogic.StartPlaceMode(False)
+    def _placeRoi(self, roi: Any, name: str, onPlaced: Callable[[Any, Any], None]) -> Any:
+        """Start placing ``roi`` (a markups ROI, created on first use) in a slice view; ``onPlaced`` runs once
+        it is placed and whenever it is moved. A new placement replaces the old ROI. Returns the node."""
+        if roi is None or slicer.mrmlScene.GetNodeByID(roi.GetID()) is None:
+            roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+            roi.CreateDefaultDisplayNodes()
+            for event in (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+                          slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent):
+                self.addObserver(roi, event, onPlaced)
+        else:
+            roi.RemoveAllControlPoints()
+        markupsLogic = slicer.modules.markups.logic()
+        markupsLogic.SetActiveList(roi)
+        markupsLogic.StartPlaceMode(False)
+        return roi
 
-    def onBoxPlaced(self, caller: Any, event: Any) -> None:
+    def _onRoiPlaced(self, caller: Any, submit: Callable[..., Job], what: str) -> None:
+        """Submit ``submit(roi, segment_id=...)`` once the ROI is placed (not while it is being drawn)."""
         placed = getattr(caller, "GetControlPointPlacementComplete", None)
         if caller.GetNumberOfControlPoints() < 1 or (placed is not None and not placed()):
             return  # still being drawn
         try:
-            job = self.logic.controller.box_from_roi(caller, segment_id=self._targetSegmentID())
+            job = submit(caller, segment_id=self._targetSegmentID())
         except Exception as error:  # refused before any work (a box without area, outside the volume)
-            slicer.util.errorDisplay(_("Box ignored: {error}").format(error=error))
+            slicer.util.errorDisplay(_("{what} ignored: {error}").format(what=what, error=error))
             return
         self._watch(job)
+
+    def onDrawBox(self) -> None:
+        """Place a markups ROI in a slice view; once placed (and whenever it is moved), segment in it."""
+        with slicer.util.tryWithErrorDisplay(_("Could not start drawing a box.")):
+            self._targetSegmentID()  # fail early, before the user starts drawing
+            self._boxNode = self._placeRoi(self._boxNode, "AttentionSeg box", self.onBoxPlaced)
+
+    def onBoxPlaced(self, caller: Any, event: Any) -> None:
+        self._onRoiPlaced(caller, self.logic.controller.box_from_roi, _("Box"))
 
     def onDrawBounds(self) -> None:
         """Place a second markups ROI (its own node: moving it never re-prompts the box); once placed, and
         whenever it is moved or resized, the target segment is kept inside it (slices included)."""
         with slicer.util.tryWithErrorDisplay(_("Could not start drawing the bounds.")):
             self._targetSegmentID()
-            roi = self._boundsNode
-            if roi is None or slicer.mrmlScene.GetNodeByID(roi.GetID()) is None:
-                roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "AttentionSeg bounds")
-                roi.CreateDefaultDisplayNodes()
-                for event in (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
-                              slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent):
-                    self.addObserver(roi, event, self.onBoundsPlaced)
-                self._boundsNode = roi
-            else:
-                roi.RemoveAllControlPoints()
-            markupsLogic = slicer.modules.markups.logic()
-            markupsLogic.SetActiveList(roi)
-            markupsLogic.StartPlaceMode(False)
+            self._boundsNode = self._placeRoi(self._boundsNode, "AttentionSeg bounds", self.onBoundsPlaced)
 
     def onBoundsPlaced(self, caller: Any, event: Any) -> None:
-        placed = getattr(caller, "GetControlPointPlacementComplete", None)
-        if caller.GetNumberOfControlPoints() < 1 or (placed is not None and not placed()):
-            return
-        try:
-            job = self.logic.controller.bound_to_roi(caller, segment_id=self._targetSegmentID())
-        except Exception as error:  # refused before any work (bounds outside the volume)
-            slicer.util.errorDisplay(_("Bounds ignored: {error}").format(error=error))
-            return
-        self._watch(job)
+        self._onRoiPlaced(caller, self.logic.controller.bound_to_roi, _("Bounds"))
 
     # -- scribbles -------------------------------------------------------------------------------------------
     def _setupScribbleEditor(self) -> None:
