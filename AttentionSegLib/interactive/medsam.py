@@ -789,8 +789,8 @@ class MedSAMFamily:
         decoder's answer to the same prompt does.
         """
         track = self.tracks[label]
-        limits = self._limits(label, view)
         fg_marks, bg_marks = self._marks(label, view)
+        limits = self._limits(label, view, fg_marks)
         structure, probability, maps = self._chain(
             track, limits, fg_marks, bg_marks, self._scribbled_slices(label, view)
         )
@@ -894,17 +894,17 @@ class MedSAMFamily:
         return structure, probability, maps
 
     def _limits(
-        self, label: int, view: SessionView | None
+        self, label: int, view: SessionView | None, fg: np.ndarray | None
     ) -> tuple[int, int, float, float, float, float] | None:
         """Where ``label``'s structure may be on the reoriented grid, ``(first slice, last slice, x0, y0, x1,
         y1)`` inclusive: the session's bounds of the label (:meth:`.InteractiveSession.set_bounds`) grown to
-        hold the label's foreground strokes (the user's strokes win over the box); ``None`` without bounds."""
+        hold its foreground strokes ``fg`` (on the grid; the user's strokes win over the box); ``None``
+        without bounds."""
         corners = getattr(view, "bounds", {}).get(label) if view is not None else None
         if corners is None:
             return None
         (ka, xa, ya), (kb, xb, yb) = (self._to_grid(c) for c in corners)
         limits = (min(ka, kb), max(ka, kb), min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb))
-        fg, _ = self._marks(label, view)
         if fg is None or not fg.any():
             return limits
         ks, ys, xs = np.nonzero(fg)
@@ -1254,7 +1254,7 @@ class MedSAMFamily:
             answer = result.labels == 1
             mask = np.zeros_like(structure)
             mask[region] = answer if volume_like else answer[None]
-            self.refined[label] = self._within(mask, self._limits(label, view))
+            self.refined[label] = self._within(mask, self._limits(label, view, fg))
             walked += 1
         return walked
 

@@ -73,6 +73,16 @@ def ras(ct_node: Any, voxel: tuple[float, float, float]) -> np.ndarray:
     return mrml.volume_from_node(ct_node).ijk_to_ras(np.asarray(voxel, dtype=float))
 
 
+def roi_node(scene: Any, ct_node: Any, low_voxel: tuple[float, float, float],
+             high_voxel: tuple[float, float, float], name: str) -> Any:
+    """A markups ROI with these two opposite voxel corners."""
+    low, high = ras(ct_node, low_voxel), ras(ct_node, high_voxel)
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    roi.SetCenterWorld(*((low + high) / 2))
+    roi.SetSizeWorld(*np.abs(high - low))
+    return roi
+
+
 @pytest.mark.shared_data
 def test_two_ras_corners_give_an_axial_box_on_the_first_corners_slice(ct_node: Any) -> None:
     a, b = ras(ct_node, (30, 40, 50)), ras(ct_node, (70, 60, 58))  # the second click drifted 8 slices
@@ -136,10 +146,7 @@ def test_the_controller_keeps_a_segment_inside_an_roi(
         recorded: tuple[SegmentationController, RecordingBackend], ct_node: Any, scene: Any) -> None:
     controller, backend = recorded
     segments = mrml.labelled_segments(controller.segmentation_node)
-    low, high = ras(ct_node, (30, 40, 44)), ras(ct_node, (70, 60, 56))
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "bounds")
-    roi.SetCenterWorld(*((low + high) / 2))
-    roi.SetSizeWorld(*np.abs(high - low))
+    roi = roi_node(scene, ct_node, (30, 40, 44), (70, 60, 56), "bounds")
     job = controller.wait(controller.bound_to_roi(roi, segment_id=segments[2]), 10)
     assert job.state is JobState.SUCCEEDED
     call = backend.calls[-1]
@@ -155,10 +162,7 @@ def test_the_controller_sends_a_box_from_an_roi_or_two_clicks_and_writes_the_ans
         recorded: tuple[SegmentationController, RecordingBackend], ct_node: Any, scene: Any) -> None:
     controller, backend = recorded
     segments = mrml.labelled_segments(controller.segmentation_node)
-    low, high = ras(ct_node, (30, 40, 44)), ras(ct_node, (70, 60, 56))
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
-    roi.SetCenterWorld(*((low + high) / 2))
-    roi.SetSizeWorld(*np.abs(high - low))
+    roi = roi_node(scene, ct_node, (30, 40, 44), (70, 60, 56), "box")
 
     job = controller.wait(controller.box_from_roi(roi, segment_id=segments[2]), 10)
     assert job.state is JobState.SUCCEEDED
