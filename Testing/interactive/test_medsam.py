@@ -336,6 +336,8 @@ def test_a_click_on_the_liver_takes_the_whole_liver_on_its_slice(totalseg_dir: P
     assert dice(mask[0], liver[k]) >= 0.9
 
 
+@pytest.mark.slow
+@pytest.mark.shared_data
 def test_correction_rounds_do_not_undo_the_right_kidney(right_kidney: tuple[Volume, np.ndarray]) -> None:
     """The simulated user of the benchmark on the right kidney: round 0 gave Dice 0.89, and the first
     background stroke (on the renal hilum, which the reference leaves out) took it to 0.43-0.53 - the tuned
