@@ -690,13 +690,10 @@ class MedSAMFamily:
             holding = [b for b, m in zip(boxes, masks) if self._component_at(m, x, y) is not None]
             return holding[-1] if holding else boxes[-1]
         masks, scores = self._decode_batch(k, recentred)
-        best, best_score = recentred[0], -1.0
-        for box, mask, score in zip(recentred, masks, scores):
-            if self._component_at(mask, x, y) is not None and score > best_score:
-                best, best_score = box, score
-        box = best
-        for _ in range(self.options.grow_iterations):
-            (mask,), (score,) = self._decode_batch(k, [box])
+        holding = [i for i, mask in enumerate(masks) if self._component_at(mask, x, y) is not None]
+        best = max(holding, key=lambda i: scores[i]) if holding else 0
+        box, mask, score = recentred[best], masks[best], scores[best]
+        for _ in range(self.options.grow_iterations):  # each box's answer is decoded once
             component = self._component_at(mask, x, y)
             if component is None:
                 break
@@ -710,7 +707,7 @@ class MedSAMFamily:
                 or _box_iou(new, box) > 0.9
             ):
                 break
-            box = new
+            box, mask, score = new, new_mask, new_score
         return box
 
     def box_from_scribbles(self, k: int, fg: np.ndarray, bg: np.ndarray) -> tuple[float, float, float, float]:
