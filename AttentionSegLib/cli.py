@@ -84,6 +84,16 @@ def _writable_folder(path: Path, what: str) -> None:
         raise CLIError(f"{path}: cannot write the {what}: the folder {folder} is not writable")
 
 
+def check_output_folder(option: str, folder: str | Path) -> Path:
+    """An output folder (``demo -o``, ``train -o``, ``phantom OUT_DIR``): not an existing file, and
+    creatable and writable where it does not exist yet. Raises :class:`CLIError` before any work."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{path}: {option} is an existing file; give a folder")
+    _writable_folder(path / "x", f"{option} folder")
+    return path
+
+
 def check_paths(inputs: Sequence[tuple[str, Path]], outputs: Sequence[tuple[str, Path]], *,
                 folders: Sequence[tuple[str, Path, str]] = (), image_outputs: Sequence[str] = ()) -> None:
     """The one check of a command's paths, before any work: every output against every input and against each
@@ -450,6 +460,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     if not Path(config.data).is_dir():
         raise CLIError(f"{config.data}: dataset folder not found")
+    check_output_folder("-o", config.output)
     result = train(config, progress=not args.quiet, command=args.command_line)
     if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
         best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f}"
@@ -512,6 +523,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_phantom(args: argparse.Namespace) -> int:
     from .phantom import make_phantom_dataset
 
+    check_output_folder("OUT_DIR", args.output)
     folder = make_phantom_dataset(args.output, n_cases=args.cases, seed=args.seed, scribbles=args.scribbles)
     print(f"wrote {args.cases} phantom case(s) to {folder}")
     return 0
@@ -520,6 +532,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    check_output_folder("-o", args.output)
     summary = run_demo(args.output, model=args.model, device=args.device, seed=args.seed,
                        progress=not args.quiet)
     print(f"phantom CT segmented with '{summary['model']}' in {summary['seconds']:.1f} s")
@@ -698,7 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     mo.set_defaults(func=cmd_models)
 
     ph = sub.add_parser("phantom", help="write synthetic abdominal CT phantoms as an MSD-style folder")
-    ph.add_argument("output", help="folder to create")
+    ph.add_argument("output", help="folder to create: new, empty, or an earlier phantom dataset (any other "
+                                   "folder is refused, so that a dataset is never written over)")
     ph.add_argument("--cases", type=int, default=4)
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--scribbles", action="store_true",

@@ -419,6 +419,29 @@ def simulate_scribbles(labels: np.ndarray, *, every: int = 4, erode: int = 2) ->
     return scribbles
 
 
+PHANTOM_DATASET_NAME = "AttentionSegPhantom"
+
+
+def _check_phantom_folder(folder: Path) -> None:
+    """Refuse to write phantoms over anything but an empty folder or an earlier phantom dataset: a
+    user's dataset (whose cases may be named ``case_000`` too) must not lose its ``dataset.json`` or cases."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: is a file; the phantom dataset needs a folder")
+    if not any(folder.iterdir()):
+        return
+    description = folder / "dataset.json"
+    try:
+        name = json.loads(description.read_text()).get("name") if description.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name != PHANTOM_DATASET_NAME:
+        raise ValueError(f"{folder}: not empty and not a phantom dataset (no dataset.json named "
+                         f"'{PHANTOM_DATASET_NAME}'); refusing to write phantoms over it, choose an empty or "
+                         "new folder")
+
+
 def make_phantom_dataset(
     folder: str | os.PathLike,
     n_cases: int,
@@ -436,7 +459,9 @@ def make_phantom_dataset(
     case. Every file is written atomically.
 
     Args:
-        folder: the dataset folder (created if missing; existing cases with the same names are replaced).
+        folder: the dataset folder: missing, empty, or one this function wrote (its cases with the same names
+            are then replaced). Any other folder is refused: its ``dataset.json`` and ``case_000.nii.gz``
+            would be overwritten.
         n_cases: number of training cases.
         seed: the dataset seed.
         scribbles: also write ``scribblesTr/`` with :func:`simulate_scribbles` of each label map.
@@ -444,10 +469,14 @@ def make_phantom_dataset(
 
     Returns:
         The folder.
+
+    Raises:
+        ValueError: ``n_cases`` below 1, or ``folder`` holds something other than a phantom dataset.
     """
     if int(n_cases) < 1:
         raise ValueError(f"make_phantom_dataset: n_cases must be at least 1, got {n_cases}")
     folder = Path(folder)
+    _check_phantom_folder(folder)
     training = []
     for case in range(int(n_cases)):
         image, labels, _ = make_abdominal_phantom(seed=(int(seed), case), **phantom_kwargs)
@@ -458,7 +487,7 @@ def make_phantom_dataset(
             write_image(labels.with_array(simulate_scribbles(labels.array)), folder / "scribblesTr" / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     description = {
-        "name": "AttentionSegPhantom",
+        "name": PHANTOM_DATASET_NAME,
         "description": "Synthetic abdominal CT phantoms (AttentionSegLib.phantom)",
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},

@@ -2,10 +2,10 @@
 
 Every case asserts the exit code, exactly one clear line on stderr that names the file (no traceback), that no
 output was left behind (not even hidden staging files) and that every input is byte-identical afterwards.
-Classes: code execution (crafted pickles), data loss (outputs against inputs and each other, model names),
-silently wrong results (truncated / corrupt NIfTI, NaN voxels, DICOM with a missing or corrupt slice, geometry
-in evaluate, NaN or oversized checkpoints, uninterpretable scribble maps), resources (time budgets), and
-messages / exit codes (OS errors, bad regexes, SIGINT and SIGTERM).
+Classes: code execution (crafted pickles), data loss (outputs against inputs and each other, model names,
+phantoms over a dataset), silently wrong results (truncated / corrupt NIfTI, NaN voxels, DICOM with a missing
+or corrupt slice, geometry in evaluate, NaN or oversized checkpoints, uninterpretable scribble maps),
+resources (time budgets), and messages / exit codes (OS errors, bad regexes, SIGINT and SIGTERM).
 """
 
 from __future__ import annotations
@@ -198,6 +198,22 @@ def test_evaluate_may_not_overwrite_a_label_file(capsys, tmp_path):
     label = data / "labelsTr" / "case_0.nii.gz"
     _fails(capsys, EXIT_BAD_INPUT, "evaluate", data, "--predictions", data / "labelsTr", "-o", label, "-q",
            names=label, inputs=[data])
+
+
+def test_phantoms_are_not_written_over_a_users_dataset(capsys, tmp_path):
+    """``phantom`` into a dataset folder would have replaced its dataset.json (and a ``case_000``)."""
+    data = _dataset(tmp_path)
+    _fails(capsys, EXIT_BAD_INPUT, "phantom", data, "--cases", "1", names=data, inputs=[data], folders=[data])
+
+
+@pytest.mark.parametrize("command", [["demo", "--quiet", "-o"], ["phantom"], ["train", "--quiet", "-o"]])
+def test_an_output_folder_that_is_a_file_is_one_line(capsys, tmp_path, command):
+    existing = tmp_path / "results"
+    existing.write_text("not a folder")
+    extra = ["--data", _dataset(tmp_path), "--iterations", "1"] if command[0] == "train" else []
+    line = _fails(capsys, EXIT_BAD_INPUT, *command, existing, *extra, names=existing, inputs=[existing],
+                  folders=[tmp_path])
+    assert "is an existing file; give a folder" in line
 
 
 def test_a_failed_command_leaves_none_of_its_outputs(capsys, image, checkpoint, tmp_path, monkeypatch):

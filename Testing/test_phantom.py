@@ -173,3 +173,28 @@ def test_dataset_folder_is_msd_style(tmp_path):
 def test_dataset_needs_at_least_one_case(tmp_path):
     with pytest.raises(ValueError, match="n_cases"):
         make_phantom_dataset(tmp_path, 0)
+
+
+def test_a_users_dataset_folder_is_never_written_over(tmp_path):
+    """A folder holding another dataset (its cases may be named ``case_000`` too) is refused before any file
+    is written; a phantom folder may be written again, with its cases replaced."""
+    theirs = tmp_path / "kits"
+    (theirs / "imagesTr").mkdir(parents=True)
+    description = json.dumps({"name": "KiTS", "numTraining": 1}) + "\n"
+    (theirs / "dataset.json").write_text(description)
+    (theirs / "imagesTr" / "case_000.nii.gz").write_bytes(b"their image")
+    with pytest.raises(ValueError, match="not a phantom dataset"):
+        make_phantom_dataset(theirs, 1, shape=(16, 32, 32))
+    assert (theirs / "dataset.json").read_text() == description
+    assert (theirs / "imagesTr" / "case_000.nii.gz").read_bytes() == b"their image"
+    assert sorted(p.name for p in theirs.rglob("*")) == ["case_000.nii.gz", "dataset.json", "imagesTr"]
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        make_phantom_dataset(tmp_path / "afile", 1, shape=(16, 32, 32))
+
+    ours = make_phantom_dataset(tmp_path / "ours", 1, seed=1, shape=(16, 32, 32))
+    first = read_image(ours / "imagesTr" / "case_000.nii.gz").array
+    make_phantom_dataset(ours, 1, seed=2, shape=(16, 32, 32))
+    assert json.loads((ours / "dataset.json").read_text())["seed"] == 2
+    assert not np.array_equal(read_image(ours / "imagesTr" / "case_000.nii.gz").array, first)
