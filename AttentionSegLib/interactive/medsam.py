@@ -788,7 +788,9 @@ class MedSAMFamily:
             )
         )
 
-    def _propagate(self, label: int, view: SessionView | None = None) -> None:
+    def _propagate(
+        self, label: int, view: SessionView | None = None, grid_scribbles: np.ndarray | None = None
+    ) -> None:
         """The structure of ``label`` in 3D from its track (and from foreground scribbles it does not
         reach), joined with its parts (:meth:`_add_part`), inside the label's bounds (:meth:`_limits`).
 
@@ -799,12 +801,14 @@ class MedSAMFamily:
         on the right kidney of ``example_ct`` made the structure shrink on some slices and run past its
         lower pole on others (Dice 0.89 -> 0.53). With the boxes kept, a slice changes only as much as the
         decoder's answer to the same prompt does.
+
+        ``grid_scribbles``: the view's scribbles already on the reoriented grid (a refine maps them once).
         """
         track = self.tracks[label]
-        fg_marks, bg_marks = self._marks(label, view)
+        fg_marks, bg_marks = self._marks(label, view, grid_scribbles)
         limits = self._limits(label, view, fg_marks)
         structure, probability, maps = self._chain(
-            track, limits, fg_marks, bg_marks, self._scribbled_slices(label, view)
+            track, limits, fg_marks, bg_marks, self._scribbled_slices(fg_marks)
         )
         for part in track.parts:
             more, more_probability, more_maps = self._chain(part, limits, fg_marks, bg_marks, {})
@@ -960,12 +964,15 @@ class MedSAMFamily:
         inside[region[-mask.ndim :]] = True
         return mask & inside
 
-    def _marks(self, label: int, view: SessionView | None) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The scribbles on the reoriented grid: ``label``'s (foreground) and all others' (background for
-        it)."""
+    def _marks(
+        self, label: int, view: SessionView | None, grid: np.ndarray | None = None
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The scribbles on the reoriented grid (``grid``, or the view's mapped now): ``label``'s
+        (foreground) and all others' (background for it)."""
         if view is None or not (view.scribbles != IGNORE_INDEX).any():
             return None, None
-        grid = self._grid_labels(view.scribbles)
+        if grid is None:
+            grid = self._grid_labels(view.scribbles)
         return grid == label, (grid != label) & (grid != IGNORE_INDEX)
 
     def _honour(
@@ -991,13 +998,11 @@ class MedSAMFamily:
         cut = [i for i in sorted(hit) if (previous & (labelled == i)).sum() < 0.5 * (labelled == i).sum()]
         return mask & ~np.isin(labelled, cut) if cut else mask
 
-    def _scribbled_slices(
-        self, label: int, view: SessionView | None
-    ) -> dict[int, tuple[float, float, float, float]]:
-        """Slices with foreground scribbles of ``label`` (reoriented grid) and the scribbles' boxes."""
-        if view is None:
+    @staticmethod
+    def _scribbled_slices(fg: np.ndarray | None) -> dict[int, tuple[float, float, float, float]]:
+        """Slices with foreground marks ``fg`` (reoriented grid) and the marks' boxes."""
+        if fg is None:
             return {}
-        fg = self._grid_labels(view.scribbles) == label
         boxes = {}
         for k in np.nonzero(fg.reshape(fg.shape[0], -1).any(axis=1))[0]:
             box = bounding_box(fg[k])
@@ -1066,14 +1071,15 @@ class MedSAMFamily:
         elif walker:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("click cancelled")
+            grid_scribbles = self._grid_labels(view.scribbles)
             if click.positive and not inside and self._add_part(track, k, x, y, label):
                 if progress is not None:
                     progress(0.2, "LiteMedSAM: propagating the part at the click")
-                self._propagate(label, view)
+                self._propagate(label, view, grid_scribbles)
             if progress is not None:
                 progress(0.3, "LiteMedSAM: the walker on the clicks and strokes")
             credit = self.options.walker_trust_credit
-            self._walk(view, self._grid_labels(view.scribbles), [label], progress, cancel, credit=credit)
+            self._walk(view, grid_scribbles, [label], progress, cancel, credit=credit)
             return self._proposal(view, [label])
         else:
             track.points.setdefault(k, []).append((x, y, 1 if click.positive else 0))
@@ -1179,7 +1185,7 @@ class MedSAMFamily:
                 if progress is not None:
                     progress(0.05, "LiteMedSAM: the box the scribbles stand for")
                 self.tracks[label] = Track(k, self.box_from_scribbles(k, fg[k], bg))
-                self._propagate(label, view)
+                self._propagate(label, view, grid_scribbles)
         walker = self.options.refine_mode == "walker"
         report = RefineReport(strategy="medsam_walker")
         if not walker:
@@ -1190,7 +1196,8 @@ class MedSAMFamily:
         for label in self.tracks:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("refine cancelled")
-            self._propagate(label, view)  # with the boxes kept: the head alone, unless the decoder changed
+            # with the boxes kept: the head alone, unless the decoder changed
+            self._propagate(label, view, grid_scribbles)
         if walker:
             report.steps = self._walk(view, grid_scribbles, sorted(self.tracks), progress, cancel)
         self.last_strategy = report.strategy
