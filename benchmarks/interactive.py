@@ -18,8 +18,11 @@ Protocol (``docs/benchmarks.md`` of the shared docs, §1 scribbles and §2 click
   voxels, on every slice: the view a user works in, and the region every method sees.
 * ``ct_organs``: the two TotalSegmentator example CTs (``example_ct`` with ``example_seg_fast_force_split``,
   ``example_ct_sm`` with ``example_seg``), organs liver, spleen, left and right kidney, pancreas (ids from
-  ``labels.json``); simulated round 0. Each target is cropped to the organ's bounding box + ``CT_MARGIN``
+  ``labels.json``); simulated round 0. Each target is cropped to the organ's bounding box + ``ORGAN_MARGIN``
   voxels. The reference labels are TotalSegmentator outputs, not manual annotations.
+* ``mr_organs``: the same organs of the TotalSegmentator example MR (``example_mr_sm`` with
+  ``example_seg_mr``, the ``total_mr`` ids), cropped the same way: the engine on a second modality (3 mm,
+  20 slices, organs cut by the volume's ends), and a third pancreas.
 * Views (``--views``): ``crop`` (the default; the crops above), ``whole`` (the
 whole volume in view: a method
   that only wins on a tight crop has not won) and ``roi`` (the whole volume in view, and the user has drawn a
@@ -92,7 +95,7 @@ from benchmarks.robot import (  # noqa: E402
 )
 
 BENCHMARK = "interactive"
-DATASETS = ("acdc_val", "ct_organs")
+DATASETS = ("acdc_val", "ct_organs", "mr_organs")
 VIEWS = ("crop", "whole", "roi")
 VIEW_TITLES = {"crop": "cropped to the structure", "whole": "whole volume",
                "roi": "whole volume, the structure's box given"}
@@ -105,8 +108,9 @@ ACDC_VALIDATION = range(21, 41)
 ACDC_STRUCTURES = {1: "right_ventricle", 2: "myocardium", 3: "left_ventricle"}
 ACDC_MARGIN = 24
 CT_CASES = (("example_ct", "example_seg_fast_force_split"), ("example_ct_sm", "example_seg"))
-CT_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "pancreas")
-CT_MARGIN = 8
+MR_CASES = (("example_mr_sm", "example_seg_mr"),)
+ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "pancreas")
+ORGAN_MARGIN = 8
 CT_PRETRAINED = "demo_abdomen_ct"
 CLICK_RADIUS = 2  # the session's RefineSettings.click_radius: every method gets the same disk per click
 FOREGROUND = 1  # the robot's foreground scribble value for a binary target
@@ -121,6 +125,8 @@ UNTRAINED_CT = {"name": "attention_unet", "spatial_dims": 3, "in_channels": 1, "
                 "filters": [8, 16, 32, 64],
                 "preprocessing": {"normalization": {"kind": "ct_window", "window": [-160.0, 240.0]},
                                   "spacing": None, "patch_size": [32, 64, 64]}}
+UNTRAINED_MR = {**UNTRAINED_CT, "preprocessing": {**UNTRAINED_CT["preprocessing"],
+                                                  "normalization": {"kind": "zscore"}}}
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -207,30 +213,40 @@ def acdc_targets(data: Path, limit: int | None, view: str = "crop") -> Iterator[
 
 
 def ct_targets(data: Path, limit: int | None, view: str = "crop") -> Iterator[Target]:
-    """Organs of the TotalSegmentator example CTs, each cropped to the organ + ``CT_MARGIN`` voxels
+    """Organs of the TotalSegmentator example CTs, each cropped to the organ + ``ORGAN_MARGIN`` voxels
     (``view="crop"``) or in the whole scan (``"whole"``; ``"roi"``: with that box as the user's ROI)."""
+    return _organ_targets(data, "ct_organs", CT_CASES, "total", limit, view)
+
+
+def mr_targets(data: Path, limit: int | None, view: str = "crop") -> Iterator[Target]:
+    """The same organs of the TotalSegmentator example MR (labels of the ``total_mr`` map)."""
+    return _organ_targets(data, "mr_organs", MR_CASES, "total_mr", limit, view)
+
+
+def _organ_targets(data: Path, dataset: str, cases: Sequence[tuple[str, str]], label_map: str,
+                   limit: int | None, view: str) -> Iterator[Target]:
     root = _need(data / "totalsegmentator-examples")
-    names = json.loads(_need(root / "labels.json").read_text())["total"]
+    names = json.loads(_need(root / "labels.json").read_text())[label_map]
     ids = {name: int(value) for value, name in names.items()}
-    missing = [o for o in CT_ORGANS if o not in ids]
+    missing = [o for o in ORGANS if o not in ids]
     if missing:
         raise ValueError(f"{root / 'labels.json'}: no id for {missing}")
-    for ct_name, seg_name in CT_CASES[:limit]:
-        image = read_image(_need(root / f"{ct_name}.nii.gz"))
+    for image_name, seg_name in cases[:limit]:
+        image = read_image(_need(root / f"{image_name}.nii.gz"))
         labels = read_image(_need(root / f"{seg_name}.nii.gz")).array
         if labels.shape != image.shape:
             raise ValueError(f"{seg_name}.nii.gz: shape {labels.shape} differs from "
-                             f"{ct_name}'s {image.shape}")
-        for organ in CT_ORGANS:
+                             f"{image_name}'s {image.shape}")
+        for organ in ORGANS:
             whole = labels == ids[organ]
             if not whole.any():
                 continue
             if view == "crop":
-                box = bounding_box(whole, (CT_MARGIN,) * 3)
-                yield Target("ct_organs", ct_name, organ, crop(image, box), whole[box])
+                box = bounding_box(whole, (ORGAN_MARGIN,) * 3)
+                yield Target(dataset, image_name, organ, crop(image, box), whole[box])
             else:
-                roi = bounding_box(whole, (CT_MARGIN,) * 3) if view == "roi" else None
-                yield Target("ct_organs", ct_name, organ, image, whole, roi=roi)
+                roi = bounding_box(whole, (ORGAN_MARGIN,) * 3) if view == "roi" else None
+                yield Target(dataset, image_name, organ, image, whole, roi=roi)
 
 
 # --------------------------------------------------------------------------------------------------- methods
@@ -405,7 +421,7 @@ def plan_methods(dataset: str, methods: Sequence[str], args: argparse.Namespace)
     budget = args.time_budget
     for method in methods:
         if method == "attentionseg_untrained":
-            config = UNTRAINED_ACDC if dataset == "acdc_val" else UNTRAINED_CT
+            config = {"acdc_val": UNTRAINED_ACDC, "mr_organs": UNTRAINED_MR}.get(dataset, UNTRAINED_CT)
             setting = (f"{config['spatial_dims']}D {config['name']} filters={config['filters']} untrained, "
                        f"refine {args.strategy} budget {budget:g} s, device {args.device}")
             plans[method] = MethodPlan(method, setting, lambda t, c=config: SessionSegmenter(
@@ -445,6 +461,8 @@ def _pretrained_plan(dataset: str, args: argparse.Namespace) -> MethodPlan:
         if not Path(source).is_file() and source not in available_models():
             return MethodPlan(method, "", None, f"--acdc-model {source}: no such checkpoint or model name")
         fallback = {v: k for k, v in ACDC_STRUCTURES.items()}
+    elif dataset == "mr_organs":
+        return MethodPlan(method, "", None, "no pretrained abdominal MR model (demo_abdomen_ct is for CT)")
     else:
         source = CT_PRETRAINED
         if source not in available_models():
@@ -646,7 +664,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="our sessions' refine strategy (default auto: the online head on a CPU, "
                              "whole-network fine-tuning on a GPU)")
     parser.add_argument("--limit", type=int, default=2,
-                        help="cases per data set (ACDC volumes, CT scans); default 2; 0 = all")
+                        help="cases per data set (ACDC volumes, CT or MR scans); default 2; 0 = all")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto (default cpu)")
     parser.add_argument("--acdc-model", default=None,
                         help="checkpoint (or model name) for attentionseg_pretrained "
@@ -676,7 +694,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     machine = machine_info(args.device)  # at the start: the commit that ran, not one made while it ran
     limit = args.limit or None
-    loaders = {"acdc_val": acdc_targets, "ct_organs": ct_targets}
+    loaders = {"acdc_val": acdc_targets, "ct_organs": ct_targets, "mr_organs": mr_targets}
     records: list[dict[str, Any]] = []
     notes: list[str] = []
     per_target: list[dict[str, Any]] = []
@@ -746,8 +764,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                      "limit": args.limit, "datasets": args.datasets, "methods": args.methods,
                      "views": args.views, "structures": args.structures,
                      "acdc_validation_patients": [ACDC_VALIDATION.start, ACDC_VALIDATION.stop - 1],
-                     "acdc_margin": ACDC_MARGIN, "ct_margin": CT_MARGIN, "click_radius": CLICK_RADIUS,
-                     "untrained_acdc": UNTRAINED_ACDC, "untrained_ct": UNTRAINED_CT},
+                     "acdc_margin": ACDC_MARGIN, "ct_margin": ORGAN_MARGIN, "click_radius": CLICK_RADIUS,
+                     "untrained_acdc": UNTRAINED_ACDC, "untrained_ct": UNTRAINED_CT,
+                     "untrained_mr": UNTRAINED_MR},
         "notes": notes,
         "total_seconds": time.perf_counter() - started_all,
         "per_target": per_target,
