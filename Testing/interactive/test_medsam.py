@@ -23,7 +23,7 @@ import torch
 
 from AttentionSegLib import InteractiveSession, read_image
 from AttentionSegLib.interactive import RefineSettings
-from AttentionSegLib.interactive.medsam import MedSAMFamily, MedSAMSettings, prior_trust
+from AttentionSegLib.interactive.medsam import MedSAMFamily, MedSAMSettings, looks_like_ct, prior_trust
 from AttentionSegLib.networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
 from AttentionSegLib.progress import Cancelled
 from AttentionSegLib.volume import Volume
@@ -389,9 +389,27 @@ def test_encoder_precisions_give_the_same_spleen(spleen: tuple[Volume, np.ndarra
         MedSAMSettings(encoder_precision="half")
 
 
+@pytest.mark.shared_data
+def test_a_ct_crop_without_air_is_still_a_ct_and_the_mr_is_not(totalseg_dir: Path) -> None:
+    """CT detection (the window and the field of view follow it) on real crops: each organ of
+    ``example_ct`` tightly cropped and its air replaced by fat, against the example MR."""
+    image = read_image(totalseg_dir / "example_ct.nii.gz").array
+    labels = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array
+    for value in np.unique(labels)[1:12]:
+        ks, js, is_ = np.nonzero(labels == value)
+        crop = image[ks.min() : ks.max() + 1, js.min() : js.max() + 1, is_.min() : is_.max() + 1]
+        airless = np.where(crop < -500, -100, crop)
+        assert looks_like_ct(airless), f"label {value}: an air-free CT crop"
+    assert not looks_like_ct(np.clip(image, -100, 300) + 1000), "shifted to positive values: no longer HU"
+    mr = read_image(totalseg_dir / "example_mr_sm.nii.gz").array
+    assert not looks_like_ct(mr)
+    assert not looks_like_ct((mr - mr.mean()) / mr.std()), "a z-scored MR"
+
+
 def test_a_crop_is_padded_to_the_field_of_view_of_its_modality() -> None:
-    """``min_field_of_view_mm=None`` pads a CT crop (air below -500 HU) to 360 mm and anything else to 300 mm
-    before the resize to 256; an explicit width applies to both and a non-positive one is refused."""
+    """``min_field_of_view_mm=None`` pads a CT crop (Hounsfield units, with air or without) to 360 mm and
+    anything else to 300 mm before the resize to 256; an explicit width applies to both and a non-positive one
+    is refused."""
     _weights_or_skip()
     rng = np.random.default_rng(0)
     ct = Volume((rng.random((2, 60, 80)) * 1400 - 1000).astype(np.float32), spacing=(1.5, 1.5, 3.0))
@@ -407,7 +425,11 @@ def test_a_crop_is_padded_to_the_field_of_view_of_its_modality() -> None:
             medsam=MedSAMSettings(**options),
         )
 
-    for volume, width, is_ct in ((ct, 360.0, True), (mr, 300.0, False)):
+    # a CT crop inside the body (no air): fat and enhanced tissue; a z-scored MR has negatives too
+    inside = Volume((rng.random((2, 60, 80)) * 400 - 150).astype(np.float32), spacing=(1.5, 1.5, 3.0))
+    zscored = Volume(rng.normal(0.0, 1.0, (2, 60, 80)).astype(np.float32), spacing=(1.5, 1.5, 3.0))
+    for volume, width, is_ct in ((ct, 360.0, True), (mr, 300.0, False), (inside, 360.0, True),
+                                 (zscored, 300.0, False)):
         found = family(volume)
         assert found.is_ct is is_ct and found.field_of_view_mm == width
         assert found.describe()["field_of_view_mm"] == width
