@@ -41,9 +41,9 @@ Here a click or a box on one slice becomes the structure in 3D:
   mean Dice after round 5: decoder tuning 0.778 (pancreas 0.30), walker with a fixed ``γ`` 0.1 / 0.03 / 0.01
   / 0.003: 0.829 / 0.872 / 0.891 / 0.902 (pancreas 0.50 / 0.63 / 0.68 / 0.73), trust-scaled ``γ = 0.02 J²``:
   0.899 (pancreas 0.71); the default ``γ = 0.003 + 0.017 J²`` in the recorded run
-  (``results/interactive_medsam_ct.json``): 0.895 (pancreas 0.70). Only a trust-scaled weight kept one
-  background stroke from carving a third of a well-found spleen away (the spleen of
-  ``Testing/interactive/test_medsam.py``, 6 mm slices: Dice 0.93 -> 0.86 after the stroke with a fixed
+  (``results/interactive_medsam_ct.json``, with the later prompt changes): 0.906 (pancreas 0.70). Only a
+  trust-scaled weight kept one background stroke from carving a third of a well-found spleen away (the spleen
+  of ``Testing/interactive/test_medsam.py``, 6 mm slices: Dice 0.93 -> 0.86 after the stroke with a fixed
   ``γ = 0.003``, 0.94 -> 0.95 trust-scaled).
 * **Refine = the decoder learns this image** (``refine_mode="decoder"``; the session's ``strategy=
   "finetune"``). Scribbles on any slice fine-tune the mask decoder's head (its
