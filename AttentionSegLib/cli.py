@@ -778,6 +778,30 @@ def _os_error_text(exc: OSError) -> str:
     return f"{' -> '.join(names)}: {reason}" if names else reason
 
 
+#: The commands that load torch (``phantom`` and ``--help`` do not).
+TORCH_COMMANDS = frozenset({"segment", "refine", "train", "evaluate", "models", "demo", "serve"})
+
+
+def _import_torch_holding_interrupts() -> None:
+    """Import torch with SIGINT held until the import is done, then raise it as :class:`KeyboardInterrupt`.
+
+    An interrupt raised inside torch's import runs through its C++ start-up: measured on this machine
+    (SIGINT sent at random times into ``attentionseg segment``), such a run ended with SIGABRT ("terminate
+    called after throwing an instance of 'pybind11::error_already_set'") or with exit status 0, the interrupt
+    lost, instead of one line and 130. Called from the main thread only (signal handlers cannot be set
+    elsewhere)."""
+    import signal
+
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; its exit status: 0 ok, 1 failed, 2 bad input, 130 interrupted, 143 terminated.
 
@@ -799,6 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_BAD_INPUT
         command = f"attentionseg {args.command}"
+        if args.command in TORCH_COMMANDS and threading_is_main():
+            _import_torch_holding_interrupts()
         if getattr(args, "model", "unset") is None and args.command in {"segment"}:
             from .model_zoo import DEFAULT_MODEL
 
