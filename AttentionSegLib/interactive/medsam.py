@@ -585,12 +585,12 @@ class MedSAMFamily:
             out = self.network.decode_head(hs, self.network.upscale(keys))
             all_logits = self.transform.logits_to_slice(out.logits[:, 0].float())
             score = out.iou[:, 0].float().clone()
+            answers = all_logits > 0
             if marks is not None and len(boxes) > 1:
-                masks = (all_logits > 0).cpu().numpy()
-                agreement = torch.tensor([stroke_agreement(m, *marks) for m in masks], dtype=score.dtype)
-                score = agreement.to(score.device) + 0.1 * score
+                agreement = [stroke_agreement(m, *marks) for m in answers.cpu().numpy()]
+                score = torch.tensor(agreement, dtype=score.dtype, device=score.device) + 0.1 * score
             if area_range is not None:
-                areas = (all_logits > 0).flatten(1).sum(1)
+                areas = answers.flatten(1).sum(1)
                 fits = (areas >= area_range[0]) & (areas <= area_range[1])
                 if bool(fits.any()):
                     score[~fits] = -torch.inf
