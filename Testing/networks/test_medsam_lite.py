@@ -298,6 +298,42 @@ def test_report_cpu_time_of_encode_and_decode(model: MedSAMLite, spleen_case: di
     )
 
 
+def test_prompts_on_one_slice_share_the_image_tokens_until_they_differ(model: MedSAMLite) -> None:
+    """Three boxes on one embedding (expanded over the batch, as the session passes a slice's prompts): the
+    first block's projections of the image tokens (token→image keys and values, image→token queries) run once
+    for the batch, and the answers are those of one copy of the embedding per prompt."""
+    generator = torch.Generator().manual_seed(0)
+    embedding = torch.randn(1, 256, 64, 64, generator=generator)
+    boxes = torch.tensor([[60.0, 60.0, 120.0, 140.0], [40.0, 50.0, 150.0, 160.0], [100.0, 90, 200.0, 180]])
+    first = model.mask_decoder.transformer.layers[0]
+    seen: dict[str, list[int]] = {"keys": [], "values": [], "image_queries": [], "second_keys": []}
+
+    def watch(name: str):
+        return lambda module, args, output: seen[name].append(int(args[0].shape[0]))
+
+    modules = {
+        "keys": first.cross_attn_token_to_image.k_proj,
+        "values": first.cross_attn_token_to_image.v_proj,
+        "image_queries": first.cross_attn_image_to_token.q_proj,
+        "second_keys": model.mask_decoder.transformer.layers[1].cross_attn_token_to_image.k_proj,
+    }
+    handles = [module.register_forward_hook(watch(name)) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            shared = model.decode(embedding.expand(3, -1, -1, -1), boxes=boxes, return_attention=True)
+            assert seen == {"keys": [1], "values": [1], "image_queries": [1], "second_keys": [3]}
+            copies = model.decode(embedding.repeat(3, 1, 1, 1), boxes=boxes, return_attention=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen["keys"] == [1, 3]  # one copy per prompt: the projections run per prompt, as before
+    assert shared.attention is not None and copies.attention is not None
+    torch.testing.assert_close(shared.logits, copies.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.iou, copies.iou, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(shared.attention, copies.attention, atol=1e-7, rtol=1e-5)
+    assert float((shared.logits[0] - shared.logits[2]).abs().mean()) > 0.01  # the prompts still differ
+
+
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_the_decoder_in_two_parts_gives_what_it_gives_whole(model: MedSAMLite, spleen_case: dict) -> None:

@@ -21,6 +21,11 @@ from torch import Tensor, nn
 from .tiny_vit import LayerNorm2d
 
 
+def _same_for_all(x: Tensor) -> bool:
+    """Whether every batch item of ``x`` is the same tensor (batch of one, or expanded along the batch)."""
+    return x.shape[0] == 1 or x.stride(0) == 0
+
+
 class Attention(nn.Module):
     """Multi-head attention whose q/k/v projections may shrink the width by ``downsample_rate``."""
 
@@ -192,9 +197,16 @@ class MaskDecoder(nn.Module):
         bs = sparse.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(bs, -1, -1), sparse], dim=1)
-        if image_embeddings.shape[0] != bs:
-            image_embeddings = image_embeddings.expand(bs, -1, -1, -1)
-        src = image_embeddings + dense
+        if _same_for_all(image_embeddings) and _same_for_all(dense):
+            # Prompts on one slice: the image tokens enter the transformer once and broadcast over the
+            # prompts until the first image→token attention makes them prompt-specific (the first block's
+            # key/value projections of the token→image attention and the query projection of the
+            # image→token attention are computed once, not once per prompt).
+            src = image_embeddings[:1] + dense[:1]
+        else:
+            if image_embeddings.shape[0] != bs:
+                image_embeddings = image_embeddings.expand(bs, -1, -1, -1)
+            src = image_embeddings + dense
         pos = image_pe.expand(src.shape[0], -1, -1, -1)
         return self.transformer(src, pos, tokens, need_weights=need_weights)
 

@@ -1,0 +1,208 @@
+"""LiteMedSAM on a CPU: the seconds of a first click (every slice encoded then), of the next refine and of
+the decoder, with PyTorch's default CPU allocator against huge pages (``AttentionSegLib.cpu_allocator``).
+
+    python benchmarks/medsam_speed.py                       # the 10 CT organs, whole CT in view, ~12 min
+    python benchmarks/medsam_speed.py --view crop --limit 1 # the organ crops of one CT
+
+Protocol: the targets of ``benchmarks/interactive.py`` (``ct_organs``; ``--view whole`` by default: the user
+has the whole CT open). For each target and each allocator setting a fresh process (PyTorch reads
+``THP_MEM_ALLOC_ENABLE`` once; an empty embedding cache) loads LiteMedSAM, takes the click protocol's frame
+background, then:
+
+* the robot's first click (``benchmarks/robot.py``: the deepest voxel of the structure): its seconds, the
+  slices it encoded, the encoder's seconds per slice, the prompts decoded and the decoder's seconds per prompt
+  (the model's own accounting, ``MedSAMFamily.timings``), its Dice;
+* one refine on the robot's correction scribble for that answer (its seconds: the issue's "per refine
+  round, embeddings included after the first");
+* the decoder on three boxes of the clicked slice, in one batch: the image tokens shared by the prompts
+  (``MaskDecoder.tokens_and_keys``: the embedding expanded over the batch, as the session passes it) against
+  one copy per prompt (the embedding repeated: the path every batch took before), alternating, medians of 10.
+
+The processes of the two settings alternate target by target, so the machine's noise falls on both. Threads:
+``--threads`` (default: PyTorch's default, one per core), the same in every process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+#: allocator settings compared: name -> value of PyTorch's THP_MEM_ALLOC_ENABLE in the child process
+ALLOCATORS = {"default": "0", "huge_pages": "1"}
+
+
+def _child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One target under one allocator setting (runs in its own process; torch is imported here)."""
+    import numpy as np
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(int(spec["threads"]))
+    from interactive import SessionSegmenter, ct_targets, frame_background, model_timings
+    from robot import correction_scribble, next_click
+
+    from AttentionSegLib.metrics import dice
+
+    target = next(t for t in ct_targets(Path(spec["data"]), None, spec["view"]) if t.name == spec["target"])
+    segmenter = SessionSegmenter(target.image, "medsam_lite", label=1, device="cpu", time_budget_s=10.0)
+    segmenter.add_background(frame_background(target))
+    click = next_click(np.zeros(target.truth.shape, dtype=bool), target.truth, target.image.spacing)
+    assert click is not None
+    started = time.perf_counter()
+    mask = np.asarray(segmenter.click(click), dtype=bool)
+    click_s = time.perf_counter() - started
+    timings = model_timings(segmenter) or {}
+    result: dict[str, Any] = {
+        "click_s": click_s,
+        "click_dice": dice(mask, target.truth),
+        "slices": int(target.truth.any(axis=(1, 2)).sum()),
+        **{f"click_{key}": value for key, value in timings.items()},
+    }
+    strokes = correction_scribble(mask, target.truth)
+    if strokes is not None:
+        started = time.perf_counter()
+        segmenter.scribble(strokes)
+        result["refine_s"] = time.perf_counter() - started
+
+    family = segmenter.session.family
+    k = family._to_grid(click.point_ijk)[0]
+    embedding = family._encode(k).to(torch.float32)[None]
+    boxes = torch.tensor([[128.0 - r, 128.0 - r, 128.0 + r, 128.0 + r] for r in (20.0, 40.0, 60.0)])
+    times: dict[str, list[float]] = {"shared": [], "per_prompt": []}
+    with torch.no_grad():
+        for _ in range(11):
+            for name, batch in (
+                ("shared", embedding.expand(3, -1, -1, -1)),
+                ("per_prompt", embedding.repeat(3, 1, 1, 1)),
+            ):
+                started = time.perf_counter()
+                family.network.decode(batch, boxes=boxes, return_attention=True)
+                times[name].append(time.perf_counter() - started)
+    for name, values in times.items():
+        result[f"decoder_{name}_s"] = statistics.median(values[1:])  # the first of each is a warm-up
+    return result
+
+
+def _run_child(spec: dict[str, Any], allocator: str) -> dict[str, Any]:
+    env = dict(os.environ, THP_MEM_ALLOC_ENABLE=ALLOCATORS[allocator])
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{spec['target']} ({allocator}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(REPO_ROOT.parent / "shared" / "data"), help="../shared/data")
+    parser.add_argument("--view", choices=("whole", "crop", "roi"), default="whole")
+    parser.add_argument("--limit", type=int, default=None, help="the first N CTs (default: both)")
+    parser.add_argument("--structures", nargs="*", default=None, help="only these organs")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "medsam_speed.json"))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(_child(json.loads(args.child))))
+        return 0
+    from common import machine_info, markdown_table, write_results
+    from interactive import ct_targets
+
+    names = [
+        t.name
+        for t in ct_targets(Path(args.data), args.limit, args.view)
+        if not args.structures or t.structure in args.structures
+    ]
+    per_target: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for name in names:
+        for allocator in ALLOCATORS:
+            spec = {"data": args.data, "view": args.view, "target": name, "threads": args.threads}
+            row = {"target": name, "allocator": allocator, **_run_child(spec, allocator)}
+            per_target.append(row)
+            print(
+                f"{name:28s} {allocator:10s} click {row['click_s']:6.2f} s ({row['click_encoded_slices']} "
+                f"slices, {row['click_encode_s_per_slice']:.3f} s each; {row['click_decoded_prompts']} "
+                f"prompts, {row['click_decode_s']:.3f} s each) Dice {row['click_dice']:.3f}; refine "
+                f"{row.get('refine_s', float('nan')):.2f} s; decoder x3 shared {row['decoder_shared_s']:.3f} "
+                f"/ per prompt {row['decoder_per_prompt_s']:.3f} s",
+                flush=True,
+            )
+
+    records: list[dict[str, Any]] = []
+    rows = []
+    columns = {
+        "click_s": "s/click",
+        "click_encode_s_per_slice": "encoder s/slice",
+        "click_decode_s": "decoder s/prompt",
+        "refine_s": "s/refine",
+        "decoder_shared_s": "decoder x3, shared s",
+        "decoder_per_prompt_s": "decoder x3, per prompt s",
+    }
+    default = {r["target"]: r for r in per_target if r["allocator"] == "default"}
+    for allocator in ALLOCATORS:
+        mine = [r for r in per_target if r["allocator"] == allocator]
+        medians = {key: _median([r[key] for r in mine if key in r]) for key in columns}
+        ratio = _median([default[r["target"]]["click_s"] / r["click_s"] for r in mine])
+        dice = statistics.fmean(r["click_dice"] for r in mine)
+        for key, value in {**medians, "click_speedup_over_default": ratio, "click_dice": dice}.items():
+            records.append(
+                {"method": "attentionseg_medsam", "dataset": f"ct_organs/{args.view}", "metric": key,
+                 "value": value, "allocator": allocator}
+            )
+        rows.append([allocator, *medians.values(), ratio, dice])
+    header = ["CPU allocator", *columns.values(), "click speed-up (median ratio)", "click Dice"]
+    slices = [r["click_encoded_slices"] for r in per_target]
+    machine = machine_info("cpu")
+    table = (
+        f"**LiteMedSAM on the CPU** — first click (slices encoded: median {statistics.median(slices):.0f}, "
+        f"{min(slices)}-{max(slices)}) and one refine on the {len(names)} `ct_organs` targets, view "
+        f"`{args.view}`, medians; {machine.get('cpu_count', '?')} CPU threads available, torch threads "
+        f"{args.threads or 'default'}\n\n" + markdown_table(header, rows)
+    )
+    command = "python benchmarks/medsam_speed.py " + " ".join(a for a in (argv or sys.argv[1:]))
+    write_results(
+        "medsam_speed",
+        records,
+        args.out,
+        table,
+        extra={
+            "machine": machine,
+            "command": command.strip(),
+            "settings": {"view": args.view, "limit": args.limit, "threads": args.threads},
+            "per_target": per_target,
+            "total_seconds": time.perf_counter() - started,
+        },
+    )
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
