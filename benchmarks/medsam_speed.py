@@ -1,24 +1,23 @@
 """LiteMedSAM on a CPU: the seconds of a first click (every slice encoded then), of the next refine and of
-the decoder, with PyTorch's default CPU allocator against huge pages (``AttentionSegLib.cpu_allocator``).
+the decoder; the engine before and after sharing the decoder's image tokens between the prompts of a slice and
+asking PyTorch for huge pages (``AttentionSegLib.cpu_allocator``).
 
     python benchmarks/medsam_speed.py                       # the 10 CT organs, whole CT in view, ~12 min
     python benchmarks/medsam_speed.py --view crop --limit 1 # the organ crops of one CT
 
 Protocol: the targets of ``benchmarks/interactive.py`` (``ct_organs``; ``--view whole`` by default: the user
-has the whole CT open). For each target and each allocator setting a fresh process (PyTorch reads
-``THP_MEM_ALLOC_ENABLE`` once; an empty embedding cache) loads LiteMedSAM, takes the click protocol's frame
-background, then:
+has the whole CT open). For each target and each setting (``SETTINGS``: ``before``, ``shared_tokens``,
+``now``) a fresh process (PyTorch reads ``THP_MEM_ALLOC_ENABLE`` once; an empty embedding cache) loads
+LiteMedSAM, takes the click protocol's frame background, then:
 
 * the robot's first click (``benchmarks/robot.py``: the deepest voxel of the structure): its seconds, the
   slices it encoded, the encoder's seconds per slice, the prompts decoded and the decoder's seconds per prompt
   (the model's own accounting, ``MedSAMFamily.timings``), its Dice;
 * one refine on the robot's correction scribble for that answer (its seconds: the issue's "per refine
-  round, embeddings included after the first");
-* the decoder on three boxes of the clicked slice, in one batch: the image tokens shared by the prompts
-  (``MaskDecoder.tokens_and_keys``: the embedding expanded over the batch, as the session passes it) against
-  one copy per prompt (the embedding repeated: the path every batch took before), alternating, medians of 10.
+  round, embeddings included after the first").
 
-The processes of the two settings alternate target by target, so the machine's noise falls on both. Threads:
+The settings' processes alternate target by target, so the machine's noise falls on all alike; the answers are
+the same in all (the click's Dice column shows it). Threads:
 ``--threads`` (default: PyTorch's default, one per core), the same in every process.
 """
 
@@ -40,12 +39,14 @@ for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-#: allocator settings compared: name -> value of PyTorch's THP_MEM_ALLOC_ENABLE in the child process
-ALLOCATORS = {"default": "0", "huge_pages": "1"}
+#: settings compared: name -> (PyTorch's THP_MEM_ALLOC_ENABLE in the child process, whether the prompts of a
+#: slice share the decoder's image tokens). ``before`` is the engine before both (the decoder's per-prompt
+#: path is what a batch of copied embeddings takes), ``shared_tokens`` adds the decoder's change alone.
+SETTINGS = {"before": ("0", False), "shared_tokens": ("0", True), "now": ("1", True)}
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
-    """One target under one allocator setting (runs in its own process; torch is imported here)."""
+    """One target under one setting (runs in its own process; torch is imported here)."""
     import numpy as np
     import torch
 
@@ -55,7 +56,17 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from robot import correction_scribble, next_click
 
     from AttentionSegLib.metrics import dice
+    from AttentionSegLib.networks.medsam_lite.mask_decoder import MaskDecoder
 
+    if not spec["shared_tokens"]:  # one copy of the embedding per prompt: the decoder's path before
+        shared = MaskDecoder.tokens_and_keys
+
+        def per_prompt(self: Any, image_embeddings: Any, *args: Any, **kwargs: Any) -> Any:
+            batch = args[1].shape[0]  # (image_pe, sparse, dense, ...)
+            copies = image_embeddings.expand(batch, -1, -1, -1).contiguous()
+            return shared(self, copies, *args, **kwargs)
+
+        MaskDecoder.tokens_and_keys = per_prompt  # type: ignore[method-assign]
     target = next(t for t in ct_targets(Path(spec["data"]), None, spec["view"]) if t.name == spec["target"])
     segmenter = SessionSegmenter(target.image, "medsam_lite", label=1, device="cpu", time_budget_s=10.0)
     segmenter.add_background(frame_background(target))
@@ -77,27 +88,13 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         segmenter.scribble(strokes)
         result["refine_s"] = time.perf_counter() - started
 
-    family = segmenter.session.family
-    k = family._to_grid(click.point_ijk)[0]
-    embedding = family._encode(k).to(torch.float32)[None]
-    boxes = torch.tensor([[128.0 - r, 128.0 - r, 128.0 + r, 128.0 + r] for r in (20.0, 40.0, 60.0)])
-    times: dict[str, list[float]] = {"shared": [], "per_prompt": []}
-    with torch.no_grad():
-        for _ in range(11):
-            for name, batch in (
-                ("shared", embedding.expand(3, -1, -1, -1)),
-                ("per_prompt", embedding.repeat(3, 1, 1, 1)),
-            ):
-                started = time.perf_counter()
-                family.network.decode(batch, boxes=boxes, return_attention=True)
-                times[name].append(time.perf_counter() - started)
-    for name, values in times.items():
-        result[f"decoder_{name}_s"] = statistics.median(values[1:])  # the first of each is a warm-up
     return result
 
 
-def _run_child(spec: dict[str, Any], allocator: str) -> dict[str, Any]:
-    env = dict(os.environ, THP_MEM_ALLOC_ENABLE=ALLOCATORS[allocator])
+def _run_child(spec: dict[str, Any], setting: str) -> dict[str, Any]:
+    huge_pages, shared_tokens = SETTINGS[setting]
+    env = dict(os.environ, THP_MEM_ALLOC_ENABLE=huge_pages)
+    spec = {**spec, "shared_tokens": shared_tokens}
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
         env=env,
@@ -106,7 +103,7 @@ def _run_child(spec: dict[str, Any], allocator: str) -> dict[str, Any]:
         check=False,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"{spec['target']} ({allocator}) failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{spec['target']} ({setting}) failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -142,16 +139,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_target: list[dict[str, Any]] = []
     started = time.perf_counter()
     for name in names:
-        for allocator in ALLOCATORS:
+        for setting in SETTINGS:
             spec = {"data": args.data, "view": args.view, "target": name, "threads": args.threads}
-            row = {"target": name, "allocator": allocator, **_run_child(spec, allocator)}
+            row = {"target": name, "setting": setting, **_run_child(spec, setting)}
             per_target.append(row)
             print(
-                f"{name:28s} {allocator:10s} click {row['click_s']:6.2f} s ({row['click_encoded_slices']} "
+                f"{name:28s} {setting:13s} click {row['click_s']:6.2f} s ({row['click_encoded_slices']} "
                 f"slices, {row['click_encode_s_per_slice']:.3f} s each; {row['click_decoded_prompts']} "
                 f"prompts, {row['click_decode_s']:.3f} s each) Dice {row['click_dice']:.3f}; refine "
-                f"{row.get('refine_s', float('nan')):.2f} s; decoder x3 shared {row['decoder_shared_s']:.3f} "
-                f"/ per prompt {row['decoder_per_prompt_s']:.3f} s",
+                f"{row.get('refine_s', float('nan')):.2f} s",
                 flush=True,
             )
 
@@ -162,22 +158,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "click_encode_s_per_slice": "encoder s/slice",
         "click_decode_s": "decoder s/prompt",
         "refine_s": "s/refine",
-        "decoder_shared_s": "decoder x3, shared s",
-        "decoder_per_prompt_s": "decoder x3, per prompt s",
     }
-    default = {r["target"]: r for r in per_target if r["allocator"] == "default"}
-    for allocator in ALLOCATORS:
-        mine = [r for r in per_target if r["allocator"] == allocator]
+    before = {r["target"]: r for r in per_target if r["setting"] == "before"}
+    for setting, (huge_pages, shared_tokens) in SETTINGS.items():
+        mine = [r for r in per_target if r["setting"] == setting]
         medians = {key: _median([r[key] for r in mine if key in r]) for key in columns}
-        ratio = _median([default[r["target"]]["click_s"] / r["click_s"] for r in mine])
+        ratio = _median([before[r["target"]]["click_s"] / r["click_s"] for r in mine])
         dice = statistics.fmean(r["click_dice"] for r in mine)
-        for key, value in {**medians, "click_speedup_over_default": ratio, "click_dice": dice}.items():
+        for key, value in {**medians, "click_speedup_over_before": ratio, "click_dice": dice}.items():
             records.append(
-                {"method": "attentionseg_medsam", "dataset": f"ct_organs/{args.view}", "metric": key,
-                 "value": value, "allocator": allocator}
+                {
+                    "method": "attentionseg_medsam",
+                    "dataset": f"ct_organs/{args.view}",
+                    "metric": key,
+                    "value": value,
+                    "setting": setting,
+                }
             )
-        rows.append([allocator, *medians.values(), ratio, dice])
-    header = ["CPU allocator", *columns.values(), "click speed-up (median ratio)", "click Dice"]
+        label = f"{setting} ({'huge pages' if huge_pages == '1' else 'default allocator'}, " + (
+            "shared image tokens)" if shared_tokens else "image tokens per prompt)"
+        )
+        rows.append([label, *medians.values(), ratio, dice])
+    header = ["setting", *columns.values(), "click speed-up over before (median ratio)", "click Dice"]
     slices = [r["click_encoded_slices"] for r in per_target]
     machine = machine_info("cpu")
     table = (
