@@ -48,16 +48,6 @@ CONNECTION_TIMEOUT_S = 5.0
 SCRIBBLE_EDITOR_NODE_TAG = "AttentionSegScribbleEditor"
 
 
-def _prefer_huge_pages() -> None:
-    """PyTorch's large CPU buffers on huge pages (``AttentionSegLib.cpu_allocator``), asked for while Slicer
-    starts, before anything imports torch; nothing when the engine is not installed yet or torch is loaded."""
-    try:
-        from AttentionSegLib.cpu_allocator import prefer_huge_pages
-    except ImportError:
-        return
-    prefer_huge_pages()
-
-
 #
 # AttentionSeg
 #
@@ -68,7 +58,6 @@ class AttentionSeg(ScriptedLoadableModule):
 
     def __init__(self, parent: Any) -> None:
         ScriptedLoadableModule.__init__(self, parent)
-        _prefer_huge_pages()
         self.parent.title = _("AttentionSeg")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []

@@ -27,8 +27,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cpu_allocator import prefer_huge_pages
-
 REFINE_STRATEGIES = ("auto", "online_head", "finetune")
 """``RefineSettings.strategy`` values (kept here so that building the parser does not import torch)."""
 
@@ -825,10 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_BAD_INPUT
         command = f"attentionseg {args.command}"
-        if args.command in TORCH_COMMANDS:
-            prefer_huge_pages()  # before torch's first allocation (AttentionSegLib.cpu_allocator)
-            if threading_is_main():
-                _import_torch_holding_interrupts()
+        if args.command in TORCH_COMMANDS and threading_is_main():
+            _import_torch_holding_interrupts()
         if getattr(args, "model", "unset") is None and args.command in {"segment"}:
             from .model_zoo import DEFAULT_MODEL
 

@@ -71,10 +71,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # run from a checkout (``cd benchmarks; python interactive.py``)
 
-from AttentionSegLib.cpu_allocator import prefer_huge_pages  # noqa: E402
-
-prefer_huge_pages()  # as ``attentionseg`` and the Slicer module do, before torch's first allocation
-
 import torch  # noqa: E402
 
 from AttentionSegLib import (  # noqa: E402

@@ -1,14 +1,14 @@
-"""LiteMedSAM on a CPU: the seconds of a first click (every slice encoded then), of the next refine and of
-the decoder; the engine before and after sharing the decoder's image tokens between the prompts of a slice and
-asking PyTorch for huge pages (``AttentionSegLib.cpu_allocator``).
+"""LiteMedSAM on a CPU: the seconds of a first click (every slice encoded then) and of the next refine; the
+decoder before and after the prompts of a slice share its image tokens, and PyTorch's allocator with huge
+pages.
 
     python benchmarks/medsam_speed.py                       # the 10 CT organs, whole CT in view, ~12 min
     python benchmarks/medsam_speed.py --view crop --limit 1 # the organ crops of one CT
 
 Protocol: the targets of ``benchmarks/interactive.py`` (``ct_organs``; ``--view whole`` by default: the user
-has the whole CT open). For each target and each setting (``SETTINGS``: ``before``, ``shared_tokens``,
-``now``) a fresh process (PyTorch reads ``THP_MEM_ALLOC_ENABLE`` once; an empty embedding cache) loads
-LiteMedSAM, takes the click protocol's frame background, then:
+has the whole CT open). For each target and each setting (``SETTINGS``: ``before``, ``now``,
+``now_huge_pages``) a fresh process (PyTorch reads ``THP_MEM_ALLOC_ENABLE`` once; an empty embedding cache)
+loads LiteMedSAM, takes the click protocol's frame background, then:
 
 * the robot's first click (``benchmarks/robot.py``: the deepest voxel of the structure): its seconds, the
   slices it encoded, the encoder's seconds per slice, the prompts decoded and the decoder's seconds per prompt
@@ -40,9 +40,10 @@ for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
         sys.path.insert(0, str(_path))
 
 #: settings compared: name -> (PyTorch's THP_MEM_ALLOC_ENABLE in the child process, whether the prompts of a
-#: slice share the decoder's image tokens). ``before`` is the engine before both (the decoder's per-prompt
-#: path is what a batch of copied embeddings takes), ``shared_tokens`` adds the decoder's change alone.
-SETTINGS = {"before": ("0", False), "shared_tokens": ("0", True), "now": ("1", True)}
+#: slice share the decoder's image tokens). ``before``: the decoder as it was (the per-prompt path, which a
+#: batch of copied embeddings takes); ``now``: the engine; ``now_huge_pages``: with PyTorch's transparent huge
+#: pages for its CPU buffers of 2 MiB and more (PyTorch >= 2.2), measured and not adopted (see the results).
+SETTINGS = {"before": ("0", False), "now": ("0", True), "now_huge_pages": ("1", True)}
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
