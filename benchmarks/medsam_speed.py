@@ -2,7 +2,7 @@
 decoder before and after the prompts of a slice share its image tokens, and PyTorch's allocator with huge
 pages.
 
-    python benchmarks/medsam_speed.py                       # the 10 CT organs, whole CT in view, ~12 min
+    python benchmarks/medsam_speed.py                       # the 10 CT organs, whole CT in view, ~8 min
     python benchmarks/medsam_speed.py --view crop --limit 1 # the organ crops of one CT
 
 Protocol: the targets of ``benchmarks/interactive.py`` (``ct_organs``; ``--view whole`` by default: the user
@@ -88,7 +88,6 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         segmenter.scribble(strokes)
         result["refine_s"] = time.perf_counter() - started
-
     return result
 
 
@@ -137,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for t in ct_targets(Path(args.data), args.limit, args.view)
         if not args.structures or t.structure in args.structures
     ]
+    if not names:
+        print(f"medsam_speed.py: error: no ct_organs organ is one of {args.structures}", file=sys.stderr)
+        return 2
     per_target: list[dict[str, Any]] = []
     started = time.perf_counter()
     for name in names:
@@ -189,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"`{args.view}`, medians; {machine.get('cpu_count', '?')} CPU threads available, torch threads "
         f"{args.threads or 'default'}\n\n" + markdown_table(header, rows)
     )
-    command = "python benchmarks/medsam_speed.py " + " ".join(a for a in (argv or sys.argv[1:]))
+    command = "python benchmarks/medsam_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_results(
         "medsam_speed",
         records,
