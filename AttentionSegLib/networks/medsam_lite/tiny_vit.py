@@ -9,8 +9,11 @@ TinyViT it keeps full resolution in the stem (two 1x1 Conv-BN, no stride) and it
     stem 64@256² → MBConv ×2 → merge 128@128² → TinyViT ×2 → merge 160@64²
     → TinyViT ×6 → merge (stride 1) 320@64² → TinyViT ×2 → neck 256@64²
 
-Every stage here works on (B, C, H, W) maps; the attention blocks switch to channels-last internally.
-Submodule names follow the published state dict so the released weights load strictly.
+Every stage here works on (B, C, H, W) maps held channels-last in memory (``torch.channels_last``): oneDNN's
+convolutions run 2-5x faster on that layout on a CPU than on the contiguous one (the 256² stage with its 256
+hidden channels most), and the attention blocks, which work on (B, H, W, C) tokens, then permute without
+copying. The embedding comes back contiguous. Submodule names follow the published state dict so the released
+weights load strictly.
 """
 
 from __future__ import annotations
@@ -208,7 +211,7 @@ class TinyViTBlock(nn.Module):
         t = t + self._windowed_attention(t)
         t = self.local_conv(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         t = t + self.mlp(t)
-        return t.permute(0, 3, 1, 2).contiguous()
+        return t.permute(0, 3, 1, 2)  # channels-last (B, C, H, W), no copy
 
 
 class ConvLayer(nn.Module):
@@ -290,7 +293,7 @@ class TinyViT(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.patch_embed(x)
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         for layer in self.layers:
             x = layer(x)
-        return self.neck(x)
+        return self.neck(x).contiguous()
