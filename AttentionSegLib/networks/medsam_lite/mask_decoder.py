@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tiny_vit import LayerNorm2d
+from .tiny_vit import LayerNorm2d, TemporaryGELU
 
 
 def _same_for_all(x: Tensor) -> bool:
@@ -156,9 +156,9 @@ class MaskDecoder(nn.Module):
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(dim, dim // 4, kernel_size=2, stride=2),
             LayerNorm2d(dim // 4),
-            nn.GELU(),
+            TemporaryGELU(),
             nn.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2),
-            nn.GELU(),
+            TemporaryGELU(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(
             MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens)
