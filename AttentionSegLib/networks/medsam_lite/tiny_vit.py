@@ -12,8 +12,10 @@ TinyViT it keeps full resolution in the stem (two 1x1 Conv-BN, no stride) and it
 Every stage here works on (B, C, H, W) maps held channels-last in memory (``torch.channels_last``): oneDNN's
 convolutions run 2-5x faster on that layout on a CPU than on the contiguous one (the 256² stage with its 256
 hidden channels most), and the attention blocks, which work on (B, H, W, C) tokens, then permute without
-copying. The embedding comes back contiguous. Submodule names follow the published state dict so the released
-weights load strictly.
+copying. The activations (when no gradient is recorded, :class:`TemporaryGELU`) and the MBConv and MLP
+residual sums overwrite the fresh outputs they act on: the values are the same, the large maps are not
+allocated twice. The embedding comes
+back contiguous. Submodule names follow the published state dict so the released weights load strictly.
 """
 
 from __future__ import annotations
