@@ -15,6 +15,7 @@ import json
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -366,6 +367,33 @@ def test_correction_rounds_do_not_undo_the_right_kidney(right_kidney: tuple[Volu
     assert slices.max() <= reference.max() + 1 and slices.min() >= reference.min() - 1  # no run-away
 
 
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_a_background_stroke_on_a_run_away_cuts_it_where_the_decoder_doubted(totalseg_dir: Path) -> None:
+    """The pancreas of ``example_ct`` with the whole CT in view, no bounds: the robot's round 0 (its thin
+    cross-section leaves a 2-voxel stroke) propagates from the pancreas's 19 slices to the pelvis; its
+    background stroke on that run-away (slice 17) cuts the propagation where the decoder's predicted IoU was
+    lowest, near the pancreas (0.56 against a median of 0.87). Before (``refuted_dip=None``) the stroke
+    removed that slice's part alone: the structure still spanned the CT, Dice 0.002."""
+    _weights_or_skip()
+    names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
+    value = next(int(v) for v, name in names.items() if name == "pancreas")
+    image = read_image(totalseg_dir / "example_ct.nii.gz")
+    truth = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array == value
+    session = InteractiveSession(image, "medsam_lite", device="cpu")
+    session.add_scribbles(initial_scribbles(truth))
+    mask = session.refine(time_budget_s=10.0) == 1
+    reference = np.nonzero(truth.reshape(truth.shape[0], -1).any(axis=1))[0]
+    reached = np.nonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0]
+    assert reached.min() < reference.min() - 20 and dice(mask, truth) < 0.1  # round 0 ran away
+    strokes = correction_scribble(mask, truth)
+    assert strokes is not None and not (strokes == 1).any()  # a background stroke on the run-away
+    session.add_scribbles(strokes)
+    mask = session.refine(time_budget_s=10.0) == 1
+    reached = np.nonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0]
+    assert reached.min() >= reference.min() - 3 and dice(mask, truth) >= 0.2
+
+
 def test_encoder_precisions_give_the_same_spleen(spleen: tuple[Volume, np.ndarray]) -> None:
     """bfloat16 (``auto`` on a CPU with it in hardware, and on CUDA) against float32: the reference box on the
     largest slice decodes to the same spleen, and the shared cache keeps the two embeddings apart."""
@@ -463,6 +491,23 @@ def test_prior_trust_is_youdens_j_of_the_prior_on_the_strokes() -> None:
     assert prior_trust(inside, targets, credit=26.0) == pytest.approx(26 / 39)
     with pytest.raises(ValueError, match="walker_trust_credit"):
         MedSAMSettings(walker_trust_credit=-1.0)
+
+
+def test_a_refuted_propagation_is_cut_at_its_trough_of_doubt_only() -> None:
+    """``MedSAMFamily._cut``: the slice of lowest predicted IoU since the seed when it lies ``refuted_dip``
+    below the stretch's median; a confident chain (a stroke on its leak) is not cut; ``None`` never cuts."""
+    family = SimpleNamespace(options=MedSAMSettings())
+    # a pancreas (0.68-0.71), the trough where the chain left it (0.56), then something the decoder is sure of
+    sure = [(k, 0.85 + 0.001 * k) for k in range(91, 70, -1)]
+    trough = [(95, 0.68), (94, 0.71), (93, 0.70), (92, 0.56), *sure]
+    assert MedSAMFamily._cut(family, trough, 70, 0.9) == 92
+    confident = [(20, 0.95), (21, 0.94), (22, 0.90), (23, 0.84), (24, 0.93)]
+    assert MedSAMFamily._cut(family, confident, 25, 0.92) is None
+    assert MedSAMFamily._cut(family, [], 30, 0.4) is None  # the refuted slice alone: nothing to compare
+    family = SimpleNamespace(options=MedSAMSettings(refuted_dip=None))
+    assert MedSAMFamily._cut(family, trough, 70, 0.9) is None
+    with pytest.raises(ValueError, match="refuted_dip"):
+        MedSAMSettings(refuted_dip=-0.1)
 
 
 def test_box_needs_a_box_prompted_model() -> None:
