@@ -14,8 +14,8 @@ convolutions run 2-5x faster on that layout on a CPU than on the contiguous one 
 hidden channels most), and the attention blocks, which work on (B, H, W, C) tokens, then permute without
 copying. The activations (when no gradient is recorded, :class:`TemporaryGELU`) and the MBConv and MLP
 residual sums overwrite the fresh outputs they act on: the values are the same, the large maps are not
-allocated twice. The embedding comes
-back contiguous. Submodule names follow the published state dict so the released weights load strictly.
+allocated twice. The embedding comes back contiguous. Submodule names follow the published state dict so the
+released weights load strictly.
 """
 
 from __future__ import annotations
