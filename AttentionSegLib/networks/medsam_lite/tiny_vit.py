@@ -107,8 +107,19 @@ class PatchEmbed(nn.Module):
         return self.seq(x)
 
 
+#: Largest hidden map (bytes) an MBConv makes at once without gradients. glibc serves a larger block with
+#: fresh pages that are faulted in on every slice (in a worker thread's arena even within
+#: :func:`~AttentionSegLib.heap.reuse_freed_memory`); the 256-channel maps of the 256² stage in float32 are
+#: 64 MiB, so that stage runs in two strips of 128 rows (same values: the depthwise 3x3 gets one row more on
+#: each side).
+MAX_HIDDEN_BYTES = 32 * 1024 * 1024
+
+
 class MBConv(nn.Module):
-    """Inverted residual (TinyViT stage 1): 1x1 expand, depthwise 3x3, 1x1 project; GELU after the sum."""
+    """Inverted residual (TinyViT stage 1): 1x1 expand, depthwise 3x3, 1x1 project; GELU after the sum.
+
+    Without gradients a map whose hidden expansion would exceed :data:`MAX_HIDDEN_BYTES` runs in strips of
+    rows."""
 
     def __init__(self, dim: int, expand_ratio: float = 4.0) -> None:
         super().__init__()
@@ -119,8 +130,31 @@ class MBConv(nn.Module):
         self.act = TemporaryGELU()
 
     def forward(self, x: Tensor) -> Tensor:
+        rows = self.strip_rows(x)
+        if rows >= x.shape[-2]:
+            return self._block(x)
+        out = torch.empty_like(x)  # channels-last as x
+        h = x.shape[-2]
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            a0, a1 = max(0, r0 - 1), min(h, r1 + 1)  # one row more on each side for the depthwise 3x3
+            y = self.act(self.conv2(self.act(self.conv1(x[:, :, a0:a1]))))[:, :, r0 - a0 : r1 - a0]
+            out[:, :, r0:r1] = self.act(self.conv3(y).add_(x[:, :, r0:r1]))
+        return out
+
+    def _block(self, x: Tensor) -> Tensor:
         y = self.act(self.conv2(self.act(self.conv1(x))))
         return self.act(self.conv3(y).add_(x))  # the residual added to the fresh output, in place
+
+    def strip_rows(self, x: Tensor) -> int:
+        """Rows of ``x`` per strip, so that a hidden map stays within :data:`MAX_HIDDEN_BYTES` (all of
+        them when a gradient is recorded: training keeps the plain graph)."""
+        if self.training or torch.is_grad_enabled():
+            return x.shape[-2]
+        hidden = self.conv1.c.out_channels
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        row_bytes = x.shape[0] * x.shape[-1] * hidden * torch.finfo(dtype).bits // 8
+        return max(1, MAX_HIDDEN_BYTES // row_bytes)
 
 
 class PatchMerging(nn.Module):

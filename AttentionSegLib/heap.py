@@ -1,0 +1,103 @@
+"""Keep freed memory for reuse while a network runs slice after slice on the CPU (glibc's malloc).
+
+PyTorch's CPU tensors come from ``malloc``. glibc serves a block above its mmap threshold (at most 32 MiB)
+with fresh pages from the kernel and gives them back on ``free``, so every large activation of a network is
+page-faulted in anew, 4 KiB at a time; in a virtual machine each fault is a trap to the hypervisor. The
+LiteMedSAM encoder makes maps of 16-64 MiB per slice (float32, 256 x 256, 64-256 channels): on 2 cores of an
+AMD EPYC VM one slice cost 71,000-79,000 page faults (0.2-0.3 s of system time), 0-400 within this block
+once the first slices have mapped the heap (the heap then holds a few times its largest block).
+
+While :func:`reuse_freed_memory` is active, malloc takes every block from its heaps (``M_MMAP_MAX`` 0), keeps
+what is freed there (``M_TRIM_THRESHOLD``) and keeps a worker thread's emptied heap for the next block
+(``M_TOP_PAD``), so the next slice's maps land on pages already mapped. On leaving the outermost block, mmap
+is allowed again for blocks above 32 MiB (glibc's ceiling for its adaptive threshold, which any ``mallopt``
+freezes) and the free pages go back to the system (``malloc_trim``): the process holds its peak only while
+the work runs. A worker thread's arena still maps a block above 64 MiB afresh (glibc's heap size), which is
+why the encoder keeps its maps within 32 MiB (:data:`~AttentionSegLib.networks.medsam_lite.tiny_vit.
+MAX_HIDDEN_BYTES`). Elsewhere (macOS, Windows, musl) this does nothing; ``ATTENTIONSEG_REUSE_MEMORY=0`` turns
+it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import platform
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# mallopt parameters (glibc <malloc.h>)
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+
+#: Within the block: no mmap, no trimming, 64 MiB kept on top of a heap (a worker arena's heap size).
+TRIM_THRESHOLD_KEEP = 2**31 - 1  # mallopt takes an int
+TOP_PAD_KEEP = 64 * 1024 * 1024
+#: On leaving: glibc's defaults (``mallopt(3)``), with the mmap threshold where glibc's adaptive rule takes it
+#: under a tensor workload (its maximum) and the trim threshold twice that, as the rule sets it.
+MMAP_MAX_DEFAULT = 65536
+TOP_PAD_DEFAULT = 128 * 1024
+MMAP_THRESHOLD_AFTER = 32 * 1024 * 1024
+TRIM_THRESHOLD_AFTER = 2 * MMAP_THRESHOLD_AFTER
+
+_lock = threading.Lock()
+_depth = 0
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (whose ``mallopt`` parameters these are), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def available() -> bool:
+    """Whether :func:`reuse_freed_memory` changes anything here (glibc, and not turned off)."""
+    return _glibc() is not None and os.environ.get("ATTENTIONSEG_REUSE_MEMORY", "1") != "0"
+
+
+def active() -> bool:
+    """Whether a :func:`reuse_freed_memory` block is open in this process."""
+    return _depth > 0
+
+
+@contextmanager
+def reuse_freed_memory() -> Iterator[bool]:
+    """Within the block, freed memory stays mapped for the next allocation (see the module).
+
+    Nests, and may be entered from several threads: the outermost exit restores. Yields whether it acts.
+    """
+    global _depth
+    libc = _glibc() if available() else None
+    if libc is None:
+        yield False
+        return
+    with _lock:
+        if _depth == 0:
+            libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_KEEP)
+            libc.mallopt(M_TOP_PAD, TOP_PAD_KEEP)
+        _depth += 1
+    try:
+        yield True
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                libc.mallopt(M_TOP_PAD, TOP_PAD_DEFAULT)
+                libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_AFTER)
+                libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_AFTER)
+                libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
+                libc.malloc_trim(0)
