@@ -18,13 +18,17 @@ embedding cache) loads LiteMedSAM, takes the click protocol's frame background, 
 
 Both settings run this checkout's robot and protocol. Their processes alternate target by target, so the
 machine's noise falls on both alike; the click's Dice column shows whether the answers stayed the same.
-Threads: ``--threads`` (default: PyTorch's default, one per core), the same in every process.
+Threads: ``--threads`` (default: PyTorch's default, one per core), the same in every process;
+``--worker-thread`` runs the click and the refine in a worker thread, as the Slicer module's jobs run (glibc
+gives such a thread its own malloc arena). The encoder's precision is the session's ``auto``: bfloat16 on a
+CPU that has it in hardware, float32 elsewhere; the table's title says which.
 
-The default baseline, ca1e462, is the engine before its image encoder kept channels-last maps throughout and
-ran its activations and residual sums in place. Earlier comparisons with this protocol (their results are in
-the git history of ``benchmarks/results/medsam_speed.md``, commit d7b9981): the decoder's image tokens per
-prompt against shared by the prompts of a slice (1.12x, adopted), PyTorch's huge pages
-(``THP_MEM_ALLOC_ENABLE=1``; within the noise, not adopted).
+The default baseline, b527a1b, is the engine before a session step kept freed memory for reuse
+(``AttentionSegLib/heap.py``) and the encoder's 256² stage ran in strips of rows. Earlier comparisons with
+this protocol (their results are in the git history of ``benchmarks/results/medsam_speed.md``): against
+ca1e462, the encoder's channels-last maps and in-place activations (1.21x, commit 127250f); the decoder's
+image tokens per prompt against shared by the prompts of a slice (1.12x, adopted), PyTorch's huge pages
+(``THP_MEM_ALLOC_ENABLE=1``; within the noise, not adopted) (commit d7b9981).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,25 +53,40 @@ for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
 
 #: the engine each setting imports: ``before`` the baseline commit's, ``now`` this checkout's.
 SETTINGS = ("before", "now")
-DEFAULT_BASELINE = "ca1e462"
+DEFAULT_BASELINE = "b527a1b"
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """One target under one setting (runs in its own process; torch is imported here)."""
     sys.path.insert(0, spec["engine"])  # AttentionSegLib from there; robot and protocol from this checkout
-    import numpy as np
     import torch
 
     if spec["threads"]:
         torch.set_num_threads(int(spec["threads"]))
-    from interactive import SessionSegmenter, ct_targets, frame_background, model_timings
-    from robot import correction_scribble, next_click
+    from interactive import ct_targets
 
-    from AttentionSegLib.metrics import dice
+    import AttentionSegLib
 
-    if not str(Path(sys.modules["AttentionSegLib"].__file__ or "").resolve()).startswith(spec["engine"]):
+    if not str(Path(AttentionSegLib.__file__ or "").resolve()).startswith(spec["engine"]):
         raise RuntimeError(f"AttentionSegLib was not imported from {spec['engine']}")
     target = next(t for t in ct_targets(Path(spec["data"]), None, spec["view"]) if t.name == spec["target"])
+    if spec.get("worker_thread"):  # as the Slicer module runs its jobs: one worker thread (JobWorker)
+        with ThreadPoolExecutor(max_workers=1) as worker:
+            return worker.submit(_measure, spec, target).result()
+    return _measure(spec, target)
+
+
+def _measure(spec: dict[str, Any], target: Any) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from interactive import SessionSegmenter, frame_background, model_timings
+    from robot import correction_scribble, next_click
+
+    from AttentionSegLib.devices import inference_precision
+    from AttentionSegLib.metrics import dice
+
+    if spec["threads"]:
+        torch.set_num_threads(int(spec["threads"]))  # per thread: OpenMP's setting is the calling thread's
     segmenter = SessionSegmenter(target.image, "medsam_lite", label=1, device="cpu", time_budget_s=10.0)
     segmenter.add_background(frame_background(target))
     click = next_click(np.zeros(target.truth.shape, dtype=bool), target.truth, target.image.spacing)
@@ -78,6 +98,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "click_s": click_s,
         "click_dice": dice(mask, target.truth),
+        "encoder_precision": str(inference_precision(torch.device("cpu"))).removeprefix("torch."),
         "slices": int(target.truth.any(axis=(1, 2)).sum()),
         **{f"click_{key}": value for key, value in timings.items()},
     }
@@ -113,6 +134,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="the first N CTs (default: both)")
     parser.add_argument("--structures", nargs="*", default=None, help="only these organs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    parser.add_argument(
+        "--worker-thread",
+        action="store_true",
+        help="run each click and refine in a worker thread, as the Slicer module does (default: the main "
+        "thread)",
+    )
     parser.add_argument(
         "--baseline",
         default=DEFAULT_BASELINE,
@@ -164,7 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         engines = {"before": baseline_tree, "now": str(REPO_ROOT)}
         for name in names:
             for setting in SETTINGS:
-                spec = {"data": args.data, "view": args.view, "target": name, "threads": args.threads}
+                spec = {
+                    "data": args.data,
+                    "view": args.view,
+                    "target": name,
+                    "threads": args.threads,
+                    "worker_thread": args.worker_thread,
+                }
                 row = {"target": name, "setting": setting, **_run_child(spec, setting, engines)}
                 per_target.append(row)
                 print(
@@ -208,7 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"**LiteMedSAM on the CPU** — first click (slices encoded: median {statistics.median(slices):.0f}, "
         f"{min(slices)}-{max(slices)}) and one refine on the {len(names)} `ct_organs` targets, view "
         f"`{args.view}`, medians; {machine.get('cpu_count', '?')} CPU threads available, torch threads "
-        f"{args.threads or 'default'}\n\n" + markdown_table(header, rows)
+        f"{args.threads or 'default'}, encoder in {per_target[0].get('encoder_precision', '?')}, "
+        f"{'in a worker thread' if args.worker_thread else 'in the main thread'}\n\n"
+        + markdown_table(header, rows)
     )
     command = "python benchmarks/medsam_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_results(
@@ -223,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "view": args.view,
                 "limit": args.limit,
                 "threads": args.threads,
+                "worker_thread": args.worker_thread,
                 "baseline": baseline_commit,
             },
             "per_target": per_target,
