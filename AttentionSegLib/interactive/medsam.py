@@ -65,11 +65,12 @@ process's sessions and keyed by the slice's content (:data:`SHARED_CACHE`), boun
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,53 @@ class Track:
     points: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)
     boxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
     parts: list[Track] = field(default_factory=list)
+
+
+@dataclass
+class SliceSteps:
+    """Progress and cancel slice by slice while structures are propagated (:meth:`MedSAMFamily._chain`):
+    every slice costs an encoding (0.25-1 s on 2 cores), and a structure may span 100 slices.
+
+    :meth:`step`, before each slice is decoded, raises :class:`~AttentionSegLib.progress.Cancelled` once
+    ``cancel`` is set (the session then restores its state) and reports ``progress`` from ``start`` toward
+    ``end``, one ``slices``-th of the way per slice (the volume's slices, or the label's bounds'; a
+    propagation that stops early leaves the rest to the next report)."""
+
+    progress: RefineProgress | None
+    cancel: CancelToken | None
+    start: float
+    end: float
+    what: str = "propagating through the slices"
+    slices: int = 0  # set by the propagation
+    done: int = 0
+
+    def step(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"cancelled while {self.what}")
+        self.done += 1
+        if self.progress is not None:
+            share = min(self.done / max(self.slices, 1), 1.0)
+            self.progress(
+                self.start + (self.end - self.start) * share, f"LiteMedSAM: {self.what} ({self.done} done)"
+            )
+
+
+def _keeps_answers_on_failure(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A step of :class:`MedSAMFamily` that fails or is cancelled (say on the 20th slice of a propagation)
+    leaves the family's answers (structures, probabilities, attention, the walker's) as they were; the
+    session restores the rest (prompts, decoder weights) from its snapshot. The answers' arrays are replaced,
+    never written into, so copies of the dicts suffice."""
+
+    @functools.wraps(method)
+    def step(self: MedSAMFamily, *args: Any, **kwargs: Any) -> Any:
+        kept = dict(self.structures), dict(self.probabilities), dict(self.attention), dict(self.refined)
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self.structures, self.probabilities, self.attention, self.refined = kept
+            raise
+
+    return step
 
 
 def is_medsam_model(model: Any) -> bool:
@@ -839,7 +887,11 @@ class MedSAMFamily:
         )
 
     def _propagate(
-        self, label: int, view: SessionView | None = None, grid_scribbles: np.ndarray | None = None
+        self,
+        label: int,
+        view: SessionView | None = None,
+        grid_scribbles: np.ndarray | None = None,
+        steps: SliceSteps | None = None,
     ) -> None:
         """The structure of ``label`` in 3D from its track (and from foreground scribbles it does not
         reach), joined with its parts (:meth:`_add_part`), inside the label's bounds (:meth:`_limits`).
@@ -853,15 +905,18 @@ class MedSAMFamily:
         decoder's answer to the same prompt does.
 
         ``grid_scribbles``: the view's scribbles already on the reoriented grid (a refine maps them once).
+        ``steps``: progress and cancel slice by slice (nothing is changed when it cancels).
         """
         track = self.tracks[label]
         fg_marks, bg_marks = self._marks(label, view, grid_scribbles)
         limits = self._limits(label, view, fg_marks)
+        if steps is not None:
+            steps.slices = self.slices.shape[0] if limits is None else limits[1] - limits[0] + 1
         structure, probability, maps = self._chain(
-            track, limits, fg_marks, bg_marks, self._scribbled_slices(fg_marks)
+            track, limits, fg_marks, bg_marks, self._scribbled_slices(fg_marks), steps
         )
         for part in track.parts:
-            more, more_probability, more_maps = self._chain(part, limits, fg_marks, bg_marks, {})
+            more, more_probability, more_maps = self._chain(part, limits, fg_marks, bg_marks, {}, steps)
             structure |= more
             np.maximum(probability, more_probability, out=probability)
             for k, amap in more_maps.items():
@@ -877,9 +932,11 @@ class MedSAMFamily:
         fg_marks: np.ndarray | None,
         bg_marks: np.ndarray | None,
         scribbled: dict[int, tuple[float, float, float, float]],
+        steps: SliceSteps | None = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
         """One track's propagation from its anchor (then from ``scribbled`` slices it did not reach): the
-        structure, its probability and attention maps; ``track.boxes`` becomes the boxes it used."""
+        structure, its probability and attention maps; ``track.boxes`` becomes the boxes it used (only once
+        it is complete: ``steps`` may cancel it on any slice)."""
         stored = dict(track.boxes)
         n = self.slices.shape[0]
         first_k, last_k = (0, n - 1) if limits is None else limits[:2]
@@ -908,6 +965,8 @@ class MedSAMFamily:
                     if box0 is None
                     else candidates_in([self._grown(box0, f, 0.0) for f in self.options.anchor_margins])
                 )
+            if steps is not None:
+                steps.step()
             first, prob, amap, chosen, _ = self._best(
                 k0, candidates, track.points.get(k0, []), marks=self._strokes_on(fg_marks, bg_marks, k0)
             )
@@ -925,6 +984,8 @@ class MedSAMFamily:
                 previous, k = first, k0 + step
                 walked: list[tuple[int, float]] = []  # this direction's slices and their predicted IoU
                 while first_k <= k <= last_k and k not in done:
+                    if steps is not None:
+                        steps.step()
                     box = bounding_box(previous)
                     assert box is not None
                     before = float(previous.sum())
@@ -1119,6 +1180,7 @@ class MedSAMFamily:
 
     # ------------------------------------------------------------------------------------------- the family
 
+    @_keeps_answers_on_failure
     def click(
         self, view: SessionView, click: Click, progress: RefineProgress | None, cancel: CancelToken | None
     ) -> Proposal:
@@ -1166,9 +1228,8 @@ class MedSAMFamily:
                 raise Cancelled("click cancelled")
             grid_scribbles = self._grid_labels(view.scribbles)
             if click.positive and not inside and self._add_part(track, k, x, y, label):
-                if progress is not None:
-                    progress(0.2, "LiteMedSAM: propagating the part at the click")
-                self._propagate(label, view, grid_scribbles)
+                steps = SliceSteps(progress, cancel, 0.1, 0.3, "propagating the part at the click")
+                self._propagate(label, view, grid_scribbles, steps)
             if progress is not None:
                 progress(0.3, "LiteMedSAM: the walker on the clicks and strokes")
             credit = self.options.walker_trust_credit
@@ -1178,9 +1239,7 @@ class MedSAMFamily:
             track.points.setdefault(k, []).append((x, y, 1 if click.positive else 0))
         if cancel is not None and cancel.is_set():
             raise Cancelled("click cancelled")
-        if progress is not None:
-            progress(0.3, "LiteMedSAM: propagating through the slices")
-        self._propagate(label, view)
+        self._propagate(label, view, steps=self._steps(label, progress, cancel, 0.2))
         self._walk_again(view, label, progress, cancel)
         return self._proposal(view, [label])
 
@@ -1214,9 +1273,22 @@ class MedSAMFamily:
         if label in self.refined:
             self._walk(view, self._grid_labels(view.scribbles), [label], progress, cancel)
 
+    def _steps(
+        self,
+        label: int,
+        progress: RefineProgress | None,
+        cancel: CancelToken | None,
+        start: float,
+        what: str = "propagating through the slices",
+    ) -> SliceSteps:
+        """Progress from ``start`` to where the walker takes over (0.5) when it will walk ``label`` again,
+        else to 0.95."""
+        return SliceSteps(progress, cancel, start, 0.5 if label in self.refined else 0.95, what)
+
     def _labels_at(self, k: int) -> set[int]:
         return {label for label, s in self.structures.items() if s[k].any()}
 
+    @_keeps_answers_on_failure
     def box(
         self,
         view: SessionView,
@@ -1232,10 +1304,11 @@ class MedSAMFamily:
         self.tracks[label] = Track(k, (min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)))
         if cancel is not None and cancel.is_set():
             raise Cancelled("box cancelled")
-        self._propagate(label, view)
+        self._propagate(label, view, steps=self._steps(label, progress, cancel, 0.05))
         self._walk_again(view, label, progress, cancel)
         return self._proposal(view, [label])
 
+    @_keeps_answers_on_failure
     def bound(
         self, view: SessionView, label: int, progress: RefineProgress | None, cancel: CancelToken | None
     ) -> Proposal:
@@ -1245,15 +1318,15 @@ class MedSAMFamily:
             return Proposal(view.mask)
         if cancel is not None and cancel.is_set():
             raise Cancelled("bounds cancelled")
-        if progress is not None:
-            progress(0.3, "LiteMedSAM: propagating inside the bounds")
-        self._propagate(label, view)
+        steps = self._steps(label, progress, cancel, 0.05, "propagating inside the bounds")
+        self._propagate(label, view, steps=steps)
         self._walk_again(view, label, progress, cancel)
         return self._proposal(view, [label])
 
     def segment(self, view: SessionView, progress: Any, cancel: CancelToken | None) -> Proposal:
         raise ValueError("LiteMedSAM segments what it is shown: click on a structure or draw a box first")
 
+    @_keeps_answers_on_failure
     def refine(
         self,
         view: SessionView,
@@ -1278,7 +1351,8 @@ class MedSAMFamily:
                 if progress is not None:
                     progress(0.05, "LiteMedSAM: the box the scribbles stand for")
                 self.tracks[label] = Track(k, self.box_from_scribbles(k, fg[k], bg))
-                self._propagate(label, view, grid_scribbles)
+                steps = SliceSteps(progress, cancel, 0.05, 0.1, f"propagating the strokes of {label}")
+                self._propagate(label, view, grid_scribbles, steps)
         walker = self.options.refine_mode == "walker"
         report = RefineReport(strategy="medsam_walker")
         if not walker:
@@ -1286,11 +1360,14 @@ class MedSAMFamily:
                 view, grid_scribbles, [lb for lb in labels if lb in self.tracks], time_budget_s, progress,
                 cancel
             )
-        for label in self.tracks:
+        start, end = (0.1, 0.5) if walker else (0.95, 1.0)  # the walker reports from 0.5, the tuning to 0.95
+        for index, label in enumerate(self.tracks):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("refine cancelled")
             # with the boxes kept: the head alone, unless the decoder changed
-            self._propagate(label, view, grid_scribbles)
+            share = (end - start) / len(self.tracks)
+            steps = SliceSteps(progress, cancel, start + index * share, start + (index + 1) * share)
+            self._propagate(label, view, grid_scribbles, steps)
         if walker:
             report.steps = self._walk(view, grid_scribbles, sorted(self.tracks), progress, cancel)
         self.last_strategy = report.strategy

@@ -182,6 +182,49 @@ def test_refine_honours_scribbles_and_cancel_and_undo_keep_state(
     assert np.array_equal(session.mask, mask)
 
 
+def test_a_propagation_reports_every_slice_and_a_cancel_stops_it_between_two(
+    spleen: tuple[Volume, np.ndarray],
+) -> None:
+    """A click's propagation (one encoding per slice: up to a second on 2 cores) reports each slice and
+    checks the cancel token before each; a click or a refine cancelled on its third slice leaves the session
+    and the family's answers as they were."""
+    image, truth = spleen
+    session = InteractiveSession(image, "medsam_lite", device="cpu")
+    click = next_click(np.zeros_like(truth), truth, image.spacing)
+    reports: list[tuple[float, str]] = []
+    token = threading.Event()
+
+    def progress(fraction: float, message: str) -> None:
+        reports.append((fraction, message))
+        if message.endswith("(3 done)"):
+            token.set()
+
+    before = _state(session)
+    with pytest.raises(Cancelled):
+        session.click(click.point_ijk, label=1, progress=progress, cancel=token)
+    assert [m for _, m in reports if m.endswith("done)")][-1].endswith("(3 done)")  # no 4th slice
+    assert _same(_state(session), before) and not session.can_undo
+    assert not session.family.tracks and not session.family.structures
+
+    reports.clear()
+    mask = session.click(click.point_ijk, label=1, progress=lambda f, m: reports.append((f, m)))
+    steps = [f for f, m in reports if m.endswith("done)")]
+    assert len(steps) >= int(truth.any(axis=(1, 2)).sum())  # every slice of the structure, and the anchor
+    assert steps == sorted(steps) and 0.2 <= steps[0] and steps[-1] <= 0.95
+    assert dice(mask == 1, truth) >= 0.8
+
+    session.add_scribbles(correction_scribble(mask == 1, truth))
+    answers = dict(session.family.structures), dict(session.family.probabilities)
+    before = _state(session)
+    token.clear()
+    reports.clear()
+    with pytest.raises(Cancelled):
+        session.refine(time_budget_s=2.0, progress=progress, cancel=token)
+    assert _same(_state(session), before)
+    assert all(session.family.structures[k] is v for k, v in answers[0].items())
+    assert all(session.family.probabilities[k] is v for k, v in answers[1].items())
+
+
 def test_a_click_after_a_walked_refine_keeps_the_strokes(spleen: tuple[Volume, np.ndarray]) -> None:
     """A click re-prompts LiteMedSAM; on a structure the walker refined, the walker runs again on the new
     answer, so the strokes drawn before keep their effect (the click's answer is not LiteMedSAM's alone)."""
