@@ -56,6 +56,7 @@ class _MallInfo2(ctypes.Structure):
                      "fordblks", "keepcost")
     ]
 
+
 _lock = threading.Lock()
 _depth = 0
 

@@ -293,7 +293,7 @@ def _keeps_answers_on_failure(method: Callable[..., Any]) -> Callable[..., Any]:
     never written into, so copies of the dicts suffice."""
 
     @functools.wraps(method)
-    def step(self: MedSAMFamily, *args: Any, **kwargs: Any) -> Any:
+    def atomic(self: MedSAMFamily, *args: Any, **kwargs: Any) -> Any:
         kept = dict(self.structures), dict(self.probabilities), dict(self.attention), dict(self.refined)
         try:
             return method(self, *args, **kwargs)
@@ -301,7 +301,7 @@ def _keeps_answers_on_failure(method: Callable[..., Any]) -> Callable[..., Any]:
             self.structures, self.probabilities, self.attention, self.refined = kept
             raise
 
-    return step
+    return atomic
 
 
 def is_medsam_model(model: Any) -> bool:
@@ -905,7 +905,8 @@ class MedSAMFamily:
         decoder's answer to the same prompt does.
 
         ``grid_scribbles``: the view's scribbles already on the reoriented grid (a refine maps them once).
-        ``steps``: progress and cancel slice by slice (nothing is changed when it cancels).
+        ``steps``: progress and cancel slice by slice (a cancelled propagation assigns no structure; the
+        session restores the tracks).
         """
         track = self.tracks[label]
         fg_marks, bg_marks = self._marks(label, view, grid_scribbles)

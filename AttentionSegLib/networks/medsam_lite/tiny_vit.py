@@ -147,9 +147,9 @@ class MBConv(nn.Module):
         return self.act(self.conv3(y).add_(x))  # the residual added to the fresh output, in place
 
     def strip_rows(self, x: Tensor) -> int:
-        """Rows of ``x`` per strip, so that a hidden map stays within :data:`MAX_HIDDEN_BYTES` (all of
-        them when a gradient is recorded: training keeps the plain graph)."""
-        if self.training or torch.is_grad_enabled():
+        """Rows of ``x`` per strip, so that a hidden map stays within :data:`MAX_HIDDEN_BYTES` on a CPU (all
+        of them when a gradient is recorded, training keeps the plain graph, and on other devices)."""
+        if self.training or torch.is_grad_enabled() or x.device.type != "cpu":
             return x.shape[-2]
         hidden = self.conv1.c.out_channels
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
