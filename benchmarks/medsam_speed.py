@@ -1,7 +1,8 @@
 """LiteMedSAM on a CPU: the seconds of a first click (every slice encoded then) and of the next refine, with
 this checkout's engine against the engine of an earlier commit (``--baseline``), in the same run.
 
-    python benchmarks/medsam_speed.py                       # the 10 CT organs, whole CT in view, ~5 min
+    python benchmarks/medsam_speed.py                       # the 10 CT organs, whole CT in view (5-13 min)
+    python benchmarks/medsam_speed.py --worker-thread       # ... as the Slicer module runs them
     python benchmarks/medsam_speed.py --view crop --limit 1 # the organ crops of one CT
     python benchmarks/medsam_speed.py --baseline HEAD~3     # against another commit
 
