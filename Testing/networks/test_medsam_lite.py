@@ -22,10 +22,10 @@ from AttentionSegLib.networks.medsam_lite import (
     load_medsam_lite,
     medsam_weights_path,
     normalise_slice,
+    tiny_vit,
     verify_weights,
 )
 from AttentionSegLib.networks.medsam_lite import weights as weights_mod
-from AttentionSegLib.networks.medsam_lite import tiny_vit
 from AttentionSegLib.networks.medsam_lite.tiny_vit import (
     Conv2dBN,
     MBConv,
