@@ -85,7 +85,7 @@ from ..devices import PRECISIONS, autocast_to, inference_precision
 from ..losses import IGNORE_INDEX, masked_crf_loss
 from ..networks.medsam_lite import MedSAMLite, SliceTransform, normalise_slice
 from ..networks.medsam_lite.weights import SHA256, WEIGHTS_INFO, load_medsam_lite
-from ..progress import Cancelled, CancelToken
+from ..progress import Cancelled, CancelToken, progress_part
 from ..volume import Volume
 from .family import Proposal, SessionView
 from .history import Click
@@ -263,14 +263,13 @@ class SliceSteps:
     every slice costs an encoding (0.25-1 s on 2 cores), and a structure may span 100 slices.
 
     :meth:`step`, before each slice is decoded, raises :class:`~AttentionSegLib.progress.Cancelled` once
-    ``cancel`` is set (the session then restores its state) and reports ``progress`` from ``start`` toward
-    ``end``, one ``slices``-th of the way per slice (the volume's slices, or the label's bounds'; a
-    propagation that stops early leaves the rest to the next report)."""
+    ``cancel`` is set (the session then restores its state) and reports to ``progress`` (the step's part of
+    the whole, :func:`~AttentionSegLib.progress.progress_part`) one ``slices``-th more per slice (the
+    volume's slices, or the label's bounds'; a propagation that stops early leaves the rest to the next
+    report)."""
 
     progress: RefineProgress | None
     cancel: CancelToken | None
-    start: float
-    end: float
     what: str = "propagating through the slices"
     slices: int = 0  # set by the propagation
     done: int = 0
@@ -280,10 +279,7 @@ class SliceSteps:
             raise Cancelled(f"cancelled while {self.what}")
         self.done += 1
         if self.progress is not None:
-            share = min(self.done / max(self.slices, 1), 1.0)
-            self.progress(
-                self.start + (self.end - self.start) * share, f"LiteMedSAM: {self.what} ({self.done} done)"
-            )
+            self.progress(self.done / max(self.slices, 1), f"LiteMedSAM: {self.what} ({self.done} done)")
 
 
 def _keeps_answers_on_failure(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -1229,7 +1225,8 @@ class MedSAMFamily:
                 raise Cancelled("click cancelled")
             grid_scribbles = self._grid_labels(view.scribbles)
             if click.positive and not inside and self._add_part(track, k, x, y, label):
-                steps = SliceSteps(progress, cancel, 0.1, 0.3, "propagating the part at the click")
+                part = progress_part(progress, 0.1, 0.3)
+                steps = SliceSteps(part, cancel, "propagating the part at the click")
                 self._propagate(label, view, grid_scribbles, steps)
             if progress is not None:
                 progress(0.3, "LiteMedSAM: the walker on the clicks and strokes")
@@ -1284,7 +1281,8 @@ class MedSAMFamily:
     ) -> SliceSteps:
         """Progress from ``start`` to where the walker takes over (0.5) when it will walk ``label`` again,
         else to 0.95."""
-        return SliceSteps(progress, cancel, start, 0.5 if label in self.refined else 0.95, what)
+        end = 0.5 if label in self.refined else 0.95
+        return SliceSteps(progress_part(progress, start, end), cancel, what)
 
     def _labels_at(self, k: int) -> set[int]:
         return {label for label, s in self.structures.items() if s[k].any()}
@@ -1352,7 +1350,8 @@ class MedSAMFamily:
                 if progress is not None:
                     progress(0.05, "LiteMedSAM: the box the scribbles stand for")
                 self.tracks[label] = Track(k, self.box_from_scribbles(k, fg[k], bg))
-                steps = SliceSteps(progress, cancel, 0.05, 0.1, f"propagating the strokes of {label}")
+                part = progress_part(progress, 0.05, 0.1)
+                steps = SliceSteps(part, cancel, f"propagating the strokes of {label}")
                 self._propagate(label, view, grid_scribbles, steps)
         walker = self.options.refine_mode == "walker"
         report = RefineReport(strategy="medsam_walker")
@@ -1367,7 +1366,8 @@ class MedSAMFamily:
                 raise Cancelled("refine cancelled")
             # with the boxes kept: the head alone, unless the decoder changed
             share = (end - start) / len(self.tracks)
-            steps = SliceSteps(progress, cancel, start + index * share, start + (index + 1) * share)
+            part = progress_part(progress, start + index * share, start + (index + 1) * share)
+            steps = SliceSteps(part, cancel)
             self._propagate(label, view, grid_scribbles, steps)
         if walker:
             report.steps = self._walk(view, grid_scribbles, sorted(self.tracks), progress, cancel)
