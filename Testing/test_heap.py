@@ -59,8 +59,6 @@ def run(out):
         out["held_mib"] = resident_mib()
     out["active_after"] = heap.active()
     out["kept_mib"] = resident_mib()  # 192 MiB free: kept for the next step
-    with heap.reuse_freed_memory():
-        out["next_step"] = faults(warm_up=0)
     heap.KEEP_FREE_BYTES = 64 * 2**20
     with heap.reuse_freed_memory():
         blocks = [torch.ones({BLOCK // 4}) for _ in range(4)]
@@ -100,7 +98,6 @@ def test_within_the_block_a_freed_large_block_is_reused_without_page_faults(wher
 def test_leaving_the_block_keeps_the_free_memory_for_the_next_step_up_to_a_bound() -> None:
     out = _probe("main")
     assert abs(out["held_mib"] - out["kept_mib"]) <= 0.1 * 4 * BLOCK / 2**20
-    assert out["next_step"] <= REPEATS * PAGES * 0.05  # the next step finds its pages mapped
     assert out["held_again_mib"] - out["released_mib"] >= 0.8 * 4 * BLOCK / 2**20
 
 
