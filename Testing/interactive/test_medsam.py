@@ -465,6 +465,68 @@ def test_encoder_precisions_give_the_same_spleen(spleen: tuple[Volume, np.ndarra
         MedSAMSettings(encoder_precision="half")
 
 
+def test_a_propagation_decodes_slices_6_mm_apart_and_fills_those_between(
+    spleen: tuple[Volume, np.ndarray], totalseg_dir: Path
+) -> None:
+    """On the spleen's 3 mm slices the propagation decodes every other slice (``slice_gap_mm`` 6) and fills
+    the slice between by shape-based interpolation where the two answers agree; a slice with a stroke beside
+    the structure is decoded, one with a stroke far from it (in a corner) is filled; the spleen still ends
+    on the slices it ends on. (The slices decoded are those of the 6 mm volume of the other tests: their
+    embeddings are cached.)"""
+    names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
+    ids = {name: int(value) for value, name in names.items()}
+    image, truth = organ_slices(
+        read_image(totalseg_dir / "example_ct.nii.gz"),
+        read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array,
+        ids["spleen"],
+        step=1,
+    )
+    (x0, y0, k), (x1, y1, _) = largest_slice_box(spleen[1])
+    k = 2 * k - 1  # the 6 mm volume starts two 3 mm slices before the spleen, this one a single slice
+    assert truth[k].any() and truth[k + 3].any()
+    strokes = np.full(truth.shape, 255, dtype=np.uint8)
+    rows, cols = np.nonzero(truth[k + 1])
+    strokes[k + 1, int(rows.mean()), cols.max() + 1 : cols.max() + 4] = 0  # beside the spleen
+    strokes[k + 3, 1, 1:4] = 0  # in a corner of the slice
+    session = InteractiveSession(image, "medsam_lite", device="cpu")
+    assert session.family._stride() == 2
+    session.add_scribbles(strokes)
+    mask = session.box((x0, y0, k), (x1, y1, k), label=1) == 1
+
+    family = session.family
+
+    def grid_slice(k_image: int) -> int:  # the slice of LiteMedSAM's (reoriented) grid
+        marker = np.zeros(truth.shape, dtype=np.uint8)
+        marker[k_image] = 1
+        return int(np.nonzero(family._grid_labels(marker).any(axis=(1, 2)))[0][0])
+
+    near, far = grid_slice(k + 1), grid_slice(k + 3)
+    decoded = set(family.tracks[1].boxes)
+    structure = family.structures[1]
+    slices = set(np.nonzero(structure.any(axis=(1, 2)))[0].tolist())
+    assert near in decoded and far not in decoded and structure[far].any()
+    assert len(decoded) <= 0.7 * len(slices)
+    assert set(family.attention[1]) == slices  # the filled slices' attention blends their neighbours'
+    assert dice(mask, truth) >= 0.9
+    ends = np.nonzero(truth.any(axis=(1, 2)))[0]
+    found = np.nonzero(mask.any(axis=(1, 2)))[0]
+    assert abs(int(found.min()) - int(ends.min())) <= 1 and abs(int(found.max()) - int(ends.max())) <= 1
+
+
+def test_the_next_decoded_slice_stops_before_what_must_be_decoded_or_is_done() -> None:
+    nxt = MedSAMFamily._next_decoded
+    assert nxt(10, 1, 3, (0, 20), set(), lambda k: False) == 13
+    assert nxt(10, -1, 3, (0, 20), set(), lambda k: False) == 7
+    assert nxt(10, 1, 3, (0, 20), set(), lambda k: k == 11) == 11  # a marked slice is decoded
+    assert nxt(10, 1, 3, (0, 20), {13}, lambda k: False) == 12  # the slice before one another seed reached
+    assert nxt(10, 1, 3, (0, 11), set(), lambda k: False) == 11  # the last slice of the extent
+    assert nxt(10, 1, 1, (0, 20), set(), lambda k: False) == 11
+    with pytest.raises(ValueError, match="slice_gap_mm"):
+        MedSAMSettings(slice_gap_mm=-1.0)
+    with pytest.raises(ValueError, match="fill_min_iou"):
+        MedSAMSettings(fill_min_iou=1.5)
+
+
 @pytest.mark.shared_data
 def test_a_ct_crop_without_air_is_still_a_ct_and_the_mr_is_not(totalseg_dir: Path) -> None:
     """CT detection (the window and the field of view follow it) on real crops: each organ of
