@@ -118,16 +118,19 @@ class MedSAMSettings:
             mask a little smaller, and propagation would shrink the structure slice after slice).
         anchor_margins: the given box grown by each of these fractions is decoded (one batch) and the answer
             with the highest predicted IoU is kept (MedSAM saw slightly loose boxes in training: on the
-            example
-            CT a 5-10 % margin beats the tight box).
+            example CT a 5-10 % margin beats the tight box).
         margins: the same for the boxes propagated from the previous slice's mask.
         grow_iterations: at most this many re-centrings of the chosen box on its mask.
         jump_ratio: propagation stops where the area changes by more than this factor between slices.
         grow_ratio: of the candidate boxes of a slice, those whose mask grows by more than this factor over
-        the
-            previous slice's are taken only when no other fits (a loose box must not let the structure swell).
+            the previous slice's are taken only when no other fits (a loose box must not let the structure
+            swell).
         min_overlap: ... or where the new mask shares less than this fraction of the smaller one's area.
         min_pixels: ... or where the mask has fewer pixels.
+        min_consistent: ... or where fewer than this fraction (relative to the anchor slice's) of the mask's
+            pixels have the structure's intensity (within 3 robust standard deviations of the anchor mask's
+            median): the box then holds something else (fat, gas, a neighbouring organ) and the model, which
+            always finds *something* in a box, has left the structure.
         slice_gap_mm: a propagation decodes slices up to this far apart (as many slices as fit, at least
             one) and fills the slices between by shape-based interpolation (:mod:`.slice_fill`) when the two
             answers agree (``fill_min_iou``); elsewhere, and where a check above ends the propagation, it
@@ -136,10 +139,11 @@ class MedSAMSettings:
             decoded slice costs an encoding (0.25-1 s on 2 CPU cores); ``0`` decodes every slice.
             MEASURED_GAP
         fill_min_iou: ... the least IoU of two decoded slices' masks for the slices between to be filled.
-        min_consistent: ... or where fewer than this fraction (relative to the anchor slice's) of the mask's
-            pixels have the structure's intensity (within 3 robust standard deviations of the anchor mask's
-            median): the box then holds something else (fat, gas, a neighbouring organ) and the model, which
-            always finds *something* in a box, has left the structure.
+        fill_max_growth: ... and the most the second mask may grow over the first (a fraction of its area):
+            where a structure shrinks away from its anchor, the box from a mask two slices back is loose, and
+            LiteMedSAM fills a loose box with the structure's neighbour. MEASURED_GROWTH
+        fill_min_field: ... and only on slices at least this fraction of the field of view wide
+            (``min_field_of_view_mm``): on a crop around the structure every slice is decoded. MEASURED_CROP
         cache_mib: bound of the embedding cache (CPU memory).
         encoder_precision: the image encoder's precision (``auto``, ``float32``, ``bfloat16``, ``float16``;
             :func:`..devices.inference_precision`). ``auto`` takes bfloat16 on CUDA and on a CPU with
@@ -213,9 +217,11 @@ class MedSAMSettings:
     jump_ratio: float = 2.5
     min_overlap: float = 0.3
     min_pixels: int = 4
+    min_consistent: float = 0.6
     slice_gap_mm: float = 6.0
     fill_min_iou: float = 0.5
-    min_consistent: float = 0.6
+    fill_max_growth: float = 0.1
+    fill_min_field: float = 0.75
     grow_ratio: float = 1.5
     cache_mib: int = 512
     encoder_precision: str = "auto"
@@ -251,6 +257,10 @@ class MedSAMSettings:
             raise ValueError(f"slice_gap_mm must be >= 0 mm, got {self.slice_gap_mm!r}")
         if not 0 <= self.fill_min_iou <= 1:
             raise ValueError(f"fill_min_iou must lie in [0, 1], got {self.fill_min_iou!r}")
+        if not 0 <= self.fill_min_field <= 1:
+            raise ValueError(f"fill_min_field must lie in [0, 1], got {self.fill_min_field!r}")
+        if not self.fill_max_growth >= 0:
+            raise ValueError(f"fill_max_growth must be >= 0, got {self.fill_max_growth!r}")
         if self.refuted_dip is not None and not self.refuted_dip >= 0:
             raise ValueError(f"refuted_dip must be >= 0 or None, got {self.refuted_dip!r}")
         if self.min_field_of_view_mm is not None and not self.min_field_of_view_mm > 0:
@@ -1051,7 +1061,10 @@ class MedSAMFamily:
                     between = range(at + step, k, step)
                     fills = (
                         fill_between(previous, mask, gap, self._in_plane_spacing)
-                        if gap and fits and _iou(mask, previous) >= self.options.fill_min_iou
+                        if gap
+                        and fits
+                        and area <= (1.0 + self.options.fill_max_growth) * before
+                        and _iou(mask, previous) >= self.options.fill_min_iou
                         else []
                     )
                     if len(fills) < gap or any(
@@ -1094,6 +1107,8 @@ class MedSAMFamily:
         spacing = self.grid.context.model.spacing
         if not self.options.slice_gap_mm or len(spacing) < 3:
             return 1
+        if max(self.transform.shape) < self.options.fill_min_field * self.transform.min_side:
+            return 1  # a crop around the structure (see ``fill_min_field``)
         return max(1, int(np.floor(self.options.slice_gap_mm / max(float(spacing[2]), 1e-6) + 1e-6)))
 
     @property
@@ -1879,6 +1894,7 @@ class MedSAMFamily:
             "device": str(self.device),
             "encoder_precision": str(self.encoder_dtype).removeprefix("torch."),
             "field_of_view_mm": self.field_of_view_mm,
+            "propagation_stride": self._stride(),  # slices from one decoded slice to the next (slice_gap_mm)
             "strategy": self.options.refine_mode,
             "last_strategy": self.last_strategy,
             "classes": "any 1..254",

@@ -489,7 +489,7 @@ def test_a_propagation_decodes_slices_6_mm_apart_and_fills_those_between(
     strokes[k + 1, int(rows.mean()), cols.max() + 1 : cols.max() + 4] = 0  # beside the spleen
     strokes[k + 3, 1, 1:4] = 0  # in a corner of the slice
     session = InteractiveSession(image, "medsam_lite", device="cpu")
-    assert session.family._stride() == 2
+    assert session.family.describe()["propagation_stride"] == 2
     session.add_scribbles(strokes)
     mask = session.box((x0, y0, k), (x1, y1, k), label=1) == 1
 
