@@ -1,5 +1,5 @@
-"""LiteMedSAM on a CPU: the seconds of a first click (every slice encoded then) and of the next refine, with
-this checkout's engine against the engine of an earlier commit (``--baseline``), in the same run.
+"""LiteMedSAM on a CPU: the seconds of a first click (each slice it decodes is encoded then) and of the next
+refine, with this checkout's engine against the engine of an earlier commit (``--baseline``), in the same run.
 
     python benchmarks/medsam_speed.py                       # the 10 CT organs, whole CT in view (5-13 min)
     python benchmarks/medsam_speed.py --worker-thread       # ... as the Slicer module runs them
@@ -24,10 +24,12 @@ Threads: ``--threads`` (default: PyTorch's default, one per core), the same in e
 gives such a thread its own malloc arena). The encoder's precision is the session's ``auto``: bfloat16 on a
 CPU that has it in hardware, float32 elsewhere; the table's title says which.
 
-The default baseline, b527a1b, is the engine before a session step kept freed memory for reuse
-(``AttentionSegLib/heap.py``) and the encoder's 256² stage ran in strips of rows. Earlier comparisons with
-this protocol (their results are in the git history of ``benchmarks/results/medsam_speed.md``): against
-ca1e462, the encoder's channels-last maps and in-place activations (1.21x, commit 127250f); the decoder's
+The default baseline, 84cff88, is the engine before a propagation decoded slices up to
+``MedSAMSettings.slice_gap_mm`` apart and filled those between (``interactive/slice_fill.py``). Earlier
+comparisons with this protocol (their results are in the git history of ``benchmarks/results/``): against
+b527a1b, freed memory kept for reuse in a session step (``AttentionSegLib/heap.py``) and the encoder's 256²
+stage in strips of rows (1.16x, 1.22x in a worker thread, commit da3f741); against ca1e462, the encoder's
+channels-last maps and in-place activations (1.21x, commit 127250f); the decoder's
 image tokens per prompt against shared by the prompts of a slice (1.12x, adopted), PyTorch's huge pages
 (``THP_MEM_ALLOC_ENABLE=1``; within the noise, not adopted) (commit d7b9981).
 """
@@ -54,7 +56,7 @@ for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
 
 #: the engine each setting imports: ``before`` the baseline commit's, ``now`` this checkout's.
 SETTINGS = ("before", "now")
-DEFAULT_BASELINE = "b527a1b"
+DEFAULT_BASELINE = "84cff88"
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -211,8 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     records: list[dict[str, Any]] = []
     rows = []
+    for row in per_target:  # the click's seconds per slice of the structure: x 40 for the issue's organ
+        row["click_s_per_structure_slice"] = row["click_s"] / max(row["slices"], 1)
     columns = {
         "click_s": "s/click",
+        "click_encoded_slices": "slices encoded",
+        "click_s_per_structure_slice": "click s per slice of the structure",
         "click_encode_s_per_slice": "encoder s/slice",
         "click_decode_s": "decoder s/prompt",
         "refine_s": "s/refine",
@@ -236,11 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         rows.append([labels[setting], *medians.values(), ratio, dice])
     header = ["setting", *columns.values(), "click speed-up over before (median ratio)", "click Dice"]
-    slices = [r["click_encoded_slices"] for r in per_target]
+    slices = [r["slices"] for r in per_target]
     machine = machine_info("cpu")
     table = (
-        f"**LiteMedSAM on the CPU** — first click (slices encoded: median {statistics.median(slices):.0f}, "
-        f"{min(slices)}-{max(slices)}) and one refine on the {len(names)} `ct_organs` targets, view "
+        f"**LiteMedSAM on the CPU** — first click (structures of {min(slices)}-{max(slices)} slices, median "
+        f"{statistics.median(slices):.0f}) and one refine on the {len(names)} `ct_organs` targets, view "
         f"`{args.view}`, medians; {machine.get('cpu_count', '?')} CPU threads available, torch threads "
         f"{args.threads or 'default'}, encoder in {per_target[0].get('encoder_precision', '?')}, "
         f"{'in a worker thread' if args.worker_thread else 'in the main thread'}\n\n"

@@ -525,6 +525,10 @@ def test_the_next_decoded_slice_stops_before_what_must_be_decoded_or_is_done() -
         MedSAMSettings(slice_gap_mm=-1.0)
     with pytest.raises(ValueError, match="fill_min_iou"):
         MedSAMSettings(fill_min_iou=1.5)
+    with pytest.raises(ValueError, match="fill_max_growth"):
+        MedSAMSettings(fill_max_growth=-0.1)
+    with pytest.raises(ValueError, match="fill_min_field"):
+        MedSAMSettings(fill_min_field=2.0)
 
 
 @pytest.mark.shared_data
@@ -547,7 +551,7 @@ def test_a_ct_crop_without_air_is_still_a_ct_and_the_mr_is_not(totalseg_dir: Pat
 def test_a_crop_is_padded_to_the_field_of_view_of_its_modality() -> None:
     """``min_field_of_view_mm=None`` pads a CT crop (Hounsfield units, with air or without) to 360 mm and
     anything else to 300 mm before the resize to 256; an explicit width applies to both and a non-positive one
-    is refused."""
+    is refused. A crop's propagation decodes every slice."""
     _weights_or_skip()
     rng = np.random.default_rng(0)
     ct = Volume((rng.random((2, 60, 80)) * 1400 - 1000).astype(np.float32), spacing=(1.5, 1.5, 3.0))
@@ -574,6 +578,11 @@ def test_a_crop_is_padded_to_the_field_of_view_of_its_modality() -> None:
         assert found.transform.scale == pytest.approx(256 / (width / 1.5))  # 80 px = 120 mm < width
     explicit = family(ct, min_field_of_view_mm=90.0)  # narrower than the slice: no padding
     assert explicit.transform.scale == pytest.approx(256 / 80)
+    # propagation: every other 3 mm slice decoded (slice_gap_mm 6), except on a crop (120 of 360 mm)
+    assert explicit.describe()["propagation_stride"] == 2 and family(ct).describe()["propagation_stride"] == 1
+    assert family(ct, fill_min_field=0.0).describe()["propagation_stride"] == 2
+    assert family(ct, min_field_of_view_mm=90.0, slice_gap_mm=9.0).describe()["propagation_stride"] == 3
+    assert family(ct, min_field_of_view_mm=90.0, slice_gap_mm=0.0).describe()["propagation_stride"] == 1
     with pytest.raises(ValueError, match="min_field_of_view_mm"):
         MedSAMSettings(min_field_of_view_mm=0.0)
 
