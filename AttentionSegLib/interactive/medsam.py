@@ -19,11 +19,11 @@ Here a click or a box on one slice becomes the structure in 3D:
   structure: fewer of its pixels have the anchor mask's intensity (a box always holds *something*; without
   this test the liver "continued" from the liver into the bowel down to the pelvis).
   A background scribble across a part that does not continue the previous slice removes it; foreground
-  scribbles on slices the structure did not reach start a propagation of their own. On slices thinner than
-  ``slice_gap_mm`` / 2 (a 3 mm CT) it steps over slices: the slices between two decoded ones that agree are
-  filled by shape-based interpolation (:mod:`.slice_fill`), and decoded one by one where the answers differ,
-  where the structure ends, where strokes lie on the filled answer, and on crops (1.5x faster clicks on the
-  whole example CTs).
+  scribbles on slices the structure did not reach start a propagation of their own. On slices no thicker
+  than ``slice_gap_mm`` / 2 (a 3 mm CT) it steps over slices: the slices between two decoded ones that
+  agree are filled by shape-based interpolation (:mod:`.slice_fill`), and decoded one by one where the
+  answers differ, where the structure ends, where strokes lie on the filled answer, and on crops (1.5x
+  faster clicks on the whole example CTs).
 * **Bounds.** The user can say where a structure lies (:meth:`.InteractiveSession.set_bounds`, a markups
   ROI in Slicer): the propagation stops at the box's first and last slice and its boxes are cut to its extent
   in the plane (the label's own foreground strokes widen it). With the whole CT in view none of LiteMedSAM's

@@ -19,14 +19,11 @@ from scipy import ndimage
 def signed_distance(mask: np.ndarray, sampling: Sequence[float] | None = None) -> np.ndarray:
     """Distance (in ``sampling`` units, pixels by default) to the other side of ``mask``'s boundary:
     positive inside, negative outside, no zero (a boundary lies between two pixels). An empty mask is
-    outside everywhere, by more than the slice's diagonal."""
+    outside everywhere, a full one inside, by more than the slice's diagonal."""
     mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
+    if mask.all() or not mask.any():  # no boundary: farther than the slice's diagonal from one
         extent = float(np.hypot(*(np.asarray(mask.shape) * np.asarray(sampling or (1.0,) * mask.ndim))))
-        return np.full(mask.shape, -(extent + 1.0), dtype=np.float32)
-    if mask.all():
-        extent = float(np.hypot(*(np.asarray(mask.shape) * np.asarray(sampling or (1.0,) * mask.ndim))))
-        return np.full(mask.shape, extent + 1.0, dtype=np.float32)
+        return np.full(mask.shape, (extent + 1.0) * (1.0 if mask.all() else -1.0), dtype=np.float32)
     inside = ndimage.distance_transform_edt(mask, sampling=sampling)
     outside = ndimage.distance_transform_edt(~mask, sampling=sampling)
     return (inside - outside).astype(np.float32)
