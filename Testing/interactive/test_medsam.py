@@ -465,6 +465,7 @@ def test_encoder_precisions_give_the_same_spleen(spleen: tuple[Volume, np.ndarra
         MedSAMSettings(encoder_precision="half")
 
 
+@pytest.mark.shared_data
 def test_a_propagation_decodes_slices_6_mm_apart_and_fills_those_between(
     spleen: tuple[Volume, np.ndarray], totalseg_dir: Path
 ) -> None:
@@ -517,7 +518,7 @@ def test_the_next_decoded_slice_stops_before_what_must_be_decoded_or_is_done() -
     nxt = MedSAMFamily._next_decoded
     assert nxt(10, 1, 3, (0, 20), set(), lambda k: False) == 13
     assert nxt(10, -1, 3, (0, 20), set(), lambda k: False) == 7
-    assert nxt(10, 1, 3, (0, 20), set(), lambda k: k == 11) == 11  # a marked slice is decoded
+    assert nxt(10, 1, 3, (0, 20), set(), lambda k: k == 11) == 11  # a prompted slice is decoded
     assert nxt(10, 1, 3, (0, 20), {13}, lambda k: False) == 12  # the slice before one another seed reached
     assert nxt(10, 1, 3, (0, 11), set(), lambda k: False) == 11  # the last slice of the extent
     assert nxt(10, 1, 1, (0, 20), set(), lambda k: False) == 11
