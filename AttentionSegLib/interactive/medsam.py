@@ -91,6 +91,7 @@ from ..networks.medsam_lite import MedSAMLite, SliceTransform, normalise_slice
 from ..networks.medsam_lite.weights import SHA256, WEIGHTS_INFO, load_medsam_lite
 from ..progress import Cancelled, CancelToken, progress_part
 from ..volume import Volume
+from .cropped import Cropped
 from .family import Proposal, SessionView
 from .history import Click
 from .roi import ModelGrid
@@ -293,6 +294,19 @@ class Track:
     points: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)
     boxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
     parts: list[Track] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MedSAMState:
+    """What undo brings back of a :class:`MedSAMFamily` (:meth:`MedSAMFamily.state`): the decoder and prompt
+    encoder weights, the structures' prompts, and per label LiteMedSAM's answer (structure and foreground
+    probability, cut to its slab: :class:`.Cropped`) with its attention maps, and the walker's answer."""
+
+    weights: dict[str, torch.Tensor]
+    tracks: dict[int, Track]
+    answers: dict[int, Cropped]
+    attention: dict[int, dict[int, np.ndarray]]
+    walked: dict[int, Cropped]
 
 
 @dataclass
@@ -536,6 +550,7 @@ class MedSAMFamily:
         self.decoded = 0
         self._version = 0
         self._state_cache: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._kept_copies: dict[tuple[str, int], tuple[tuple[np.ndarray, ...], Cropped]] = {}
         self._tokens: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
         self._tokens_bytes = 0
         self.head_only = 0
@@ -1806,27 +1821,55 @@ class MedSAMFamily:
         state = {k: v for k, v in self.network.state_dict().items() if not k.startswith("image_encoder.")}
         return {k: v.detach().cpu().clone() for k, v in state.items()} if clone else state
 
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[int, Track], dict[int, np.ndarray]]:
+    def state(self) -> MedSAMState:
         """The decoder and prompt encoder weights (shared while unchanged), the structures' prompts and the
-        walker's answers (arrays are replaced, never written into, so the snapshot shares them)."""
+        answers: LiteMedSAM's and the walker's. Without the answers an undone step came back: the next
+        correction click walked on the undone structure's probability (a part added on the left kidney and
+        undone was back whole at the next click). The answers' arrays are replaced, never written into, so a
+        snapshot's cropped copy is made once per array and shared while it stands."""
         if self._state_cache is None or self._state_cache[0] != self._version:
             self._state_cache = (self._version, self._trainable_state(clone=True))
-        return self._state_cache[1], copy.deepcopy(self.tracks), dict(self.refined)
+        answers = {
+            label: self._kept(("answer", label), structure, self.probabilities[label])
+            for label, structure in self.structures.items()
+        }
+        walked = {label: self._kept(("walker", label), mask) for label, mask in self.refined.items()}
+        current = {("answer", label) for label in answers} | {("walker", label) for label in walked}
+        self._kept_copies = {key: kept for key, kept in self._kept_copies.items() if key in current}
+        attention = {label: dict(self.attention.get(label, {})) for label in answers}
+        return MedSAMState(self._state_cache[1], copy.deepcopy(self.tracks), answers, attention, walked)
 
-    def restore(
-        self, state: tuple[dict[str, torch.Tensor], dict[int, Track], dict[int, np.ndarray]]
-    ) -> None:
-        weights, tracks, refined = state
-        self.network.load_state_dict(weights, strict=False)
+    def _kept(self, key: tuple[str, int], *arrays: np.ndarray) -> Cropped:
+        """``arrays`` cropped (:class:`.Cropped`), made again only when one of them was replaced."""
+        cached = self._kept_copies.get(key)
+        if cached is not None and len(cached[0]) == len(arrays):
+            if all(a is b for a, b in zip(cached[0], arrays, strict=True)):
+                return cached[1]
+        kept = Cropped.of(*arrays)
+        self._kept_copies[key] = (arrays, kept)
+        return kept
+
+    def restore(self, state: MedSAMState) -> None:
+        """Back to ``state``; an answer whose arrays are still the ones its copy was made from stays as it
+        is, the others come back from their copies."""
+        self.network.load_state_dict(state.weights, strict=False)
         self._version += 1
-        self._state_cache = (self._version, weights)
-        self.tracks = copy.deepcopy(tracks)
-        self.refined = dict(refined)
-        for label in list(self.structures):
-            if label not in self.tracks:
-                self.structures.pop(label, None)
-                self.probabilities.pop(label, None)
-                self.attention.pop(label, None)
+        self._state_cache = (self._version, state.weights)
+        self.tracks = copy.deepcopy(state.tracks)
+        current, self._kept_copies = self._kept_copies, {}
+
+        def arrays(key: tuple[str, int], kept: Cropped) -> tuple[np.ndarray, ...]:
+            cached = current.get(key)
+            found = cached[0] if cached is not None and cached[1] is kept else kept.expand()
+            self._kept_copies[key] = (found, kept)
+            return found
+
+        self.structures, self.probabilities, self.attention, self.refined = {}, {}, {}, {}
+        for label, kept in state.answers.items():
+            self.structures[label], self.probabilities[label] = arrays(("answer", label), kept)
+            self.attention[label] = dict(state.attention.get(label, {}))
+        for label, kept in state.walked.items():
+            (self.refined[label],) = arrays(("walker", label), kept)
 
     # ------------------------------------------------------------------------------------------- views
 

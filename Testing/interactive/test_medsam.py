@@ -306,7 +306,8 @@ def test_a_positive_click_off_the_structure_adds_a_part(spleen: tuple[Volume, np
     """A positive correction click on something the structure never reached (here the left kidney, on the
     spleen's slices, for the same label) adds a part: LiteMedSAM's answer there, propagated on its own over
     several slices and joined to the structure; a click on the structure itself adds none; undo takes the
-    part back. With parts turned off (``part_max_overlap=0``) the click is only a stroke for the walker."""
+    part back, and with it LiteMedSAM's answer (the next correction does not bring the part back). With parts
+    turned off (``part_max_overlap=0``) the click is only a stroke for the walker."""
     image, truth = spleen
     names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
     ids = {name: int(value) for value, name in names.items()}
@@ -335,6 +336,16 @@ def test_a_positive_click_off_the_structure_adds_a_part(spleen: tuple[Volume, np
     assert covered[0.5][0] >= 0.2 and covered[0.5][1] >= 5  # propagated over several slices
     session.undo()
     assert session.family.tracks[1].parts == []
+    grid_kidney = session.family._grid_labels(kidney.astype(np.uint8)) == 1
+    assert not (session.family.structures[1] & grid_kidney).any()  # LiteMedSAM's answer is undone too
+    session.redo()
+    assert (session.mask[kidney] == 1).mean() >= 0.2 and (session.family.structures[1] & grid_kidney).any()
+    session.undo()
+    # The next correction walks on the structure from before the part: the undone part does not come back.
+    correction = next_click(session.mask == 1, truth, image.spacing)
+    assert correction is not None
+    mask = session.click(correction.point_ijk, label=1, positive=correction.positive)
+    assert (mask[kidney] == 1).mean() < 0.05 and (mask[truth] == 1).mean() >= 0.85
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,38 @@
+"""Arrays kept by the undo history cut to their support (:mod:`AttentionSegLib.interactive.cropped`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from AttentionSegLib.interactive.cropped import Cropped
+
+
+def test_a_structure_and_its_probability_come_back_exactly_from_their_slab() -> None:
+    rng = np.random.default_rng(0)
+    structure = np.zeros((40, 32, 30), dtype=bool)
+    structure[12:20, 5:9, 20:26] = True
+    probability = np.zeros(structure.shape, dtype=np.float32)
+    probability[10:21] = rng.random((11, 32, 30), dtype=np.float32)  # whole slices, as a decoder's answer
+    kept = Cropped.of(structure, probability)
+    assert kept.region == (slice(10, 21), slice(0, 32), slice(0, 30))
+    assert kept.nbytes == 11 * 32 * 30 * (1 + 4)
+    back_structure, back_probability = kept.expand()
+    assert back_structure.dtype == bool and back_probability.dtype == np.float32
+    assert np.array_equal(back_structure, structure) and np.array_equal(back_probability, probability)
+    structure[15, 6, 22] = False  # a copy: the kept values do not follow the array
+    assert kept.expand()[0][15, 6, 22]
+
+
+def test_an_empty_answer_keeps_nothing_and_comes_back_empty() -> None:
+    kept = Cropped.of(np.zeros((4, 5, 6), dtype=bool))
+    assert kept.nbytes == 0
+    (back,) = kept.expand()
+    assert back.shape == (4, 5, 6) and not back.any()
+
+
+def test_arrays_of_different_shapes_or_none_are_refused() -> None:
+    with pytest.raises(ValueError, match="one shape"):
+        Cropped.of(np.zeros((2, 3), bool), np.zeros((3, 2), bool))
+    with pytest.raises(ValueError, match="at least one"):
+        Cropped.of()
