@@ -331,7 +331,8 @@ class SliceSteps:
             raise Cancelled(f"cancelled while {self.what}")
         self.done += count
         if self.progress is not None:
-            self.progress(self.done / max(self.slices, 1), f"LiteMedSAM: {self.what} ({self.done} done)")
+            fraction = min(self.done / max(self.slices, 1), 1.0)  # parts and slices decoded again count too
+            self.progress(fraction, f"LiteMedSAM: {self.what} ({self.done} done)")
 
 
 def _keeps_answers_on_failure(method: Callable[..., Any]) -> Callable[..., Any]:

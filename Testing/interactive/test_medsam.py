@@ -24,7 +24,13 @@ import torch
 
 from AttentionSegLib import InteractiveSession, read_image
 from AttentionSegLib.interactive import RefineSettings
-from AttentionSegLib.interactive.medsam import MedSAMFamily, MedSAMSettings, looks_like_ct, prior_trust
+from AttentionSegLib.interactive.medsam import (
+    MedSAMFamily,
+    MedSAMSettings,
+    SliceSteps,
+    looks_like_ct,
+    prior_trust,
+)
 from AttentionSegLib.networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
 from AttentionSegLib.progress import Cancelled
 from AttentionSegLib.volume import Volume
@@ -523,6 +529,22 @@ def test_a_propagation_decodes_slices_6_mm_apart_and_fills_those_between(
     ends = np.nonzero(truth.any(axis=(1, 2)))[0]
     found = np.nonzero(mask.any(axis=(1, 2)))[0]
     assert abs(int(found.min()) - int(ends.min())) <= 1 and abs(int(found.max()) - int(ends.max())) <= 1
+
+
+def test_slice_steps_report_at_most_the_whole_and_cancel_before_a_slice() -> None:
+    """A part's propagation and slices decoded again count beyond the label's slices: the fraction stays
+    at 1 (the bar of the module never runs past its step), the count goes on."""
+    reports: list[tuple[float, str]] = []
+    token = threading.Event()
+    steps = SliceSteps(lambda f, m: reports.append((f, m)), token, "propagating")
+    steps.slices = 4
+    steps.step(2)
+    steps.step(3)
+    assert [f for f, _ in reports] == [0.5, 1.0] and reports[-1][1] == "LiteMedSAM: propagating (5 done)"
+    token.set()
+    with pytest.raises(Cancelled, match="propagating"):
+        steps.step()
+    assert steps.done == 5 and len(reports) == 2
 
 
 def test_the_next_decoded_slice_stops_before_what_must_be_decoded_or_is_done() -> None:
