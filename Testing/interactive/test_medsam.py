@@ -275,6 +275,26 @@ def test_a_correction_click_walks_and_keeps_the_prompts(spleen: tuple[Volume, np
     assert np.array_equal(session.mask, before) and 1 not in session.family.refined
 
 
+def test_a_correction_of_one_kind_only_adds_or_only_takes_away(spleen: tuple[Volume, np.ndarray]) -> None:
+    """Correction clicks of one kind only near the structure (no frame here): the walker adds to
+    LiteMedSAM's answer (positive) or takes from it (negative), never both, and changes it where clicked."""
+    image, truth = spleen
+    click = next_click(np.zeros_like(truth), truth, image.spacing)
+    k, i, j = int(click.point_ijk[2]), int(click.point_ijk[0]), int(click.point_ijk[1])
+    for positive in (True, False):
+        session = InteractiveSession(image, "medsam_lite", device="cpu")
+        session.click(click.point_ijk, label=1)
+        mask = session.click(click.point_ijk, label=1, positive=positive)
+        family = session.family
+        before = family._to_image(family.structures[1].astype(np.uint8), labels=True) > 0.5
+        assert 1 in family.refined
+        if positive:
+            assert (mask[before] == 1).all() and mask[k, j, i] == 1
+        else:
+            assert not (mask[~before] == 1).any() and mask[k, j, i] == 0
+            assert (mask == 1).sum() < before.sum()
+
+
 def test_bounds_end_the_propagation_and_strokes_outside_them_still_count(
     spleen: tuple[Volume, np.ndarray],
 ) -> None:
