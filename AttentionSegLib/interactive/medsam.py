@@ -1349,6 +1349,10 @@ class MedSAMFamily:
         (:attr:`MedSAMSettings.walker_trust_credit`), so that the first negative click on a well-found organ
         is a local correction: at the second click, spleens
         0.90 / 0.87 -> 0.95 / 0.94 and right kidneys 0.89 / 0.81 -> 0.96 / 0.94 (whole CT, boxes given).
+        Where the strokes near the structure are all of one kind, a positive correction only adds to
+        LiteMedSAM's answer and a negative one only takes from it (:meth:`_walk`, ``one_sided``): Dice after 3
+        clicks on the whole CT 0.860 -> 0.869 (pancreases 0.52 / 0.56 -> 0.58 / 0.59), on 6 whole ACDC
+        volumes 0.507 -> 0.531, on 15 ACDC crops 0.667 -> 0.674, on the CT crops 0.850 both.
         With ``refine_mode="decoder"`` a correction click still becomes a point prompt.
         """
         k, x, y = self._to_grid(click.point_ijk)
@@ -1380,7 +1384,7 @@ class MedSAMFamily:
             if progress is not None:
                 progress(0.3, "LiteMedSAM: the walker on the clicks and strokes")
             credit = self.options.walker_trust_credit
-            self._walk(view, grid_scribbles, [label], progress, cancel, credit=credit)
+            self._walk(view, grid_scribbles, [label], progress, cancel, credit=credit, one_sided=True)
             return self._proposal(view, [label])
         else:
             track.points.setdefault(k, []).append((x, y, 1 if click.positive else 0))
@@ -1533,6 +1537,7 @@ class MedSAMFamily:
         cancel: CancelToken | None,
         *,
         credit: float = 0.0,
+        one_sided: bool = False,
     ) -> int:
         """Each scribbled structure again by the random walker with LiteMedSAM's answer as its prior model.
 
@@ -1540,13 +1545,14 @@ class MedSAMFamily:
         2005; :func:`.adapt.online_head.random_walker`): the scribbles are the boundary values (the
         structure's strokes 1, every other stroke 0), ``p`` is LiteMedSAM's foreground probability on every
         slice it reached and 0 elsewhere, ``L`` the image's graph Laplacian on the windowed slices. Where no
-        stroke is near, LiteMedSAM's answer stands; with strokes of one kind only the walker only adds to it
-        (foreground) or only takes from it (background); a correction pulls its neighbourhood along the
-        image's edges, across slices too, which the decoder could not learn from a few strokes (the pancreas,
+        stroke is near, LiteMedSAM's answer stands; a correction pulls its neighbourhood along the image's
+        edges, across slices too, which the decoder could not learn from a few strokes (the pancreas,
         whose boxes hold as much bowel as pancreas). On a grid fine enough for a band (2 mm), the online
         head decides the band at the walker's edge, with LiteMedSAM's probability among its features
         (:func:`.adapt.online_head.fit_online_head`). ``credit``: :func:`prior_trust`'s (a correction click
-        passes ``walker_trust_credit``). Returns how many structures were walked.
+        passes ``walker_trust_credit``). ``one_sided`` (a correction click): with strokes of one kind only
+        near the structure the walker only adds to LiteMedSAM's answer (foreground) or only takes from it
+        (background). Returns how many structures were walked.
         """
         from .adapt.online_head import OnlineHeadSettings, fit_online_head
 
@@ -1592,15 +1598,17 @@ class MedSAMFamily:
                 device=self.device,
             )
             answer = result.labels == 1
-            # Marks of one kind only (correction clicks on a whole volume: the frame is far away): the walker
-            # only adds (foreground marks) or only takes away (background marks). Its smoothing otherwise
-            # shaved LiteMedSAM's answer far from any mark: on a whole ACDC volume a positive click on the
-            # apex took the left ventricle from 0.96 to 0.91, every slice losing its rim (0.95 now).
-            before = structure[region] if volume_like else structure[region][0]
-            if not (targets == 0).any():
-                answer |= before
-            elif not (targets == 1).any():
-                answer &= before
+            # Correction clicks of one kind only (on a whole volume the frame is far away): a positive click
+            # only adds, a negative one only takes away. The walker's smoothing otherwise shaved LiteMedSAM's
+            # answer far from any click: on a whole ACDC volume a positive click on the apex took the left
+            # ventricle from 0.96 to 0.91, every slice losing its rim (0.95 now). Not for scribbles: there
+            # that smoothing also took back leaks (round 0 of two right ventricles, 0.79 -> 0.77 with it).
+            if one_sided:
+                before = structure[region] if volume_like else structure[region][0]
+                if not (targets == 0).any():
+                    answer |= before
+                elif not (targets == 1).any():
+                    answer &= before
             mask = np.zeros_like(structure)
             mask[region] = answer if volume_like else answer[None]
             self.refined[label] = self._within(mask, self._limits(label, view, fg))
