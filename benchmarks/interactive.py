@@ -415,6 +415,17 @@ def model_timings(segmenter: Any) -> dict[str, Any] | None:
     return dict(timings()) if callable(timings) else None
 
 
+def timing_notes(methods: Sequence[str]) -> list[str]:
+    """What the tables' seconds mean where a method's cost depends on what ran before it in the process."""
+    if "attentionseg_medsam" not in methods:
+        return []
+    return ["attentionseg_medsam's seconds are with warm image embeddings: LiteMedSAM caches them for the "
+            "process (`AttentionSegLib.interactive.medsam.SHARED_CACHE`), so a target's click run reuses the "
+            "slices its scribble run encoded, and the organs of one scan share slices. A user's first click "
+            "encodes its slices (0.3-1 s each on 2 cores): `benchmarks/medsam_speed.py` times that in fresh "
+            "processes."]
+
+
 def plan_methods(dataset: str, methods: Sequence[str], args: argparse.Namespace) -> dict[str, MethodPlan]:
     """The methods for one data set, each with its setting string (and a skip reason where it cannot run)."""
     plans: dict[str, MethodPlan] = {}
@@ -696,7 +707,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     limit = args.limit or None
     loaders = {"acdc_val": acdc_targets, "ct_organs": ct_targets, "mr_organs": mr_targets}
     records: list[dict[str, Any]] = []
-    notes: list[str] = []
+    notes: list[str] = timing_notes(args.methods)
     per_target: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     started_all = time.perf_counter()
