@@ -13,6 +13,26 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def support_box(*arrays: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box (array order) of the voxels where any of ``arrays`` (one shape) is not zero; ``None``
+    when all are zero. Axis by axis, each on the slab the axes before left."""
+    if not arrays:
+        raise ValueError("support_box needs at least one array")
+    shape = arrays[0].shape
+    if any(a.shape != shape for a in arrays):
+        raise ValueError(f"support_box needs arrays of one shape, got {[a.shape for a in arrays]}")
+    box: list[slice] = [slice(None)] * len(shape)
+    views = arrays
+    for axis in range(len(shape)):
+        others = tuple(a for a in range(len(shape)) if a != axis)
+        along = np.nonzero(np.logical_or.reduce([np.asarray(v.any(axis=others)) for v in views]))[0]
+        if not along.size:
+            return None
+        box[axis] = slice(int(along[0]), int(along[-1]) + 1)
+        views = tuple(a[tuple(box)] for a in arrays)
+    return tuple(box)
+
+
 @dataclass(frozen=True)
 class Cropped:
     """Arrays of one ``shape``, kept as their values in ``region`` (zero everywhere else)."""
@@ -23,25 +43,12 @@ class Cropped:
 
     @classmethod
     def of(cls, *arrays: np.ndarray) -> Cropped:
-        """The bounding box of the voxels where any of ``arrays`` is not zero, and copies of them there."""
-        if not arrays:
-            raise ValueError("Cropped.of needs at least one array")
-        shape = arrays[0].shape
-        if any(a.shape != shape for a in arrays):
-            raise ValueError(f"Cropped.of needs arrays of one shape, got {[a.shape for a in arrays]}")
-        box: list[slice] = [slice(None)] * len(shape)
-        views = arrays
-        for axis in range(len(shape)):  # axis by axis, each on the slab the axes before left
-            others = tuple(a for a in range(len(shape)) if a != axis)
-            hit = np.logical_or.reduce([np.asarray(v.any(axis=others)) for v in views])
-            along = np.nonzero(hit)[0]
-            if not along.size:
-                box = [slice(0, 0)] * len(shape)
-                break
-            box[axis] = slice(int(along[0]), int(along[-1]) + 1)
-            views = tuple(a[tuple(box)] for a in arrays)
-        region = tuple(box)
-        return cls(tuple(shape), region, tuple(np.array(a[region], copy=True) for a in arrays))
+        """The bounding box of the voxels where any of ``arrays`` is not zero (:func:`support_box`), and
+        copies of them there."""
+        box = support_box(*arrays)  # checks the arrays
+        shape = tuple(arrays[0].shape)
+        region = box if box is not None else tuple(slice(0, 0) for _ in shape)
+        return cls(shape, region, tuple(np.array(a[region], copy=True) for a in arrays))
 
     def expand(self) -> tuple[np.ndarray, ...]:
         """New full-size arrays: the kept values in ``region``, zero elsewhere."""

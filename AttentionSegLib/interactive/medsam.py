@@ -91,7 +91,7 @@ from ..networks.medsam_lite import MedSAMLite, SliceTransform, normalise_slice
 from ..networks.medsam_lite.weights import SHA256, WEIGHTS_INFO, load_medsam_lite
 from ..progress import Cancelled, CancelToken, progress_part
 from ..volume import Volume
-from .cropped import Cropped
+from .cropped import Cropped, support_box
 from .family import Proposal, SessionView
 from .history import Click
 from .roi import ModelGrid
@@ -1617,13 +1617,13 @@ class MedSAMFamily:
 
     def _walk_region(self, mask: np.ndarray, spacing: Sequence[float]) -> tuple[slice, ...] | None:
         """The box of ``mask`` grown by ``walker_margin_mm`` (at least one slice across), clipped."""
-        if not mask.any():
+        box = support_box(mask)
+        if box is None:
             return None
         region = []
-        for axis, h in enumerate(spacing):
-            along = np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        for axis, (along, h) in enumerate(zip(box, spacing, strict=True)):
             pad = max(int(np.ceil(self.options.walker_margin_mm / max(h, 1e-6))), 1)
-            region.append(slice(max(int(along[0]) - pad, 0), min(int(along[-1]) + pad + 1, mask.shape[axis])))
+            region.append(slice(max(along.start - pad, 0), min(along.stop + pad, mask.shape[axis])))
         return tuple(region)
 
     def _samples(
@@ -1855,7 +1855,7 @@ class MedSAMFamily:
         walked = {label: self._kept(("walker", label), mask) for label, mask in self.refined.items()}
         current = {("answer", label) for label in answers} | {("walker", label) for label in walked}
         self._kept_copies = {key: kept for key, kept in self._kept_copies.items() if key in current}
-        attention = {label: dict(self.attention.get(label, {})) for label in answers}
+        attention = {label: self.attention.get(label, {}) for label in answers}  # replaced, never written
         return MedSAMState(self._state_cache[1], copy.deepcopy(self.tracks), answers, attention, walked)
 
     def _kept(self, key: tuple[str, int], *arrays: np.ndarray) -> Cropped:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from AttentionSegLib.interactive.cropped import Cropped
+from AttentionSegLib.interactive.cropped import Cropped, support_box
 
 
 def test_a_structure_and_its_probability_come_back_exactly_from_their_slab() -> None:
@@ -36,3 +36,13 @@ def test_arrays_of_different_shapes_or_none_are_refused() -> None:
         Cropped.of(np.zeros((2, 3), bool), np.zeros((3, 2), bool))
     with pytest.raises(ValueError, match="at least one"):
         Cropped.of()
+
+
+def test_the_support_box_is_the_bounding_box_of_any_non_zero_voxel() -> None:
+    a = np.zeros((6, 7, 8), dtype=np.float32)
+    b = np.zeros((6, 7, 8), dtype=bool)
+    a[2, 3, 4] = 0.5
+    b[4, 1, 6] = True
+    assert support_box(a) == (slice(2, 3), slice(3, 4), slice(4, 5))
+    assert support_box(a, b) == (slice(2, 5), slice(1, 4), slice(4, 7))
+    assert support_box(np.zeros((3, 3), bool)) is None
