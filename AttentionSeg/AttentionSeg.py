@@ -40,6 +40,7 @@ from AttentionSegRemoteBackend import RemoteBackend
 CHECKPOINT_ENTRY = "Checkpoint file"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 POLL_INTERVAL_MS = 100
+PREFETCH_DELAY_MS = 600  # a slice view that rests this long is prepared for a click (LiteMedSAM)
 THIS_COMPUTER, SERVER = "This computer", "Server"
 DEFAULT_SERVER_URL = "http://127.0.0.1:8765"
 #: the server token lives in this computer's Slicer settings, never in the scene (scenes are shared)
@@ -126,6 +127,8 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode: AttentionSegParameterNode | None = None
         self._parameterNodeGuiTag: Any = None
         self._pollTimer: Any = None
+        self._prefetchTimer: Any = None
+        self._watchedSliceNode: Any = None  # the red view, whose slice is prepared for a click
         self._onSuccess: dict[Job, Callable[[Job], None]] = {}
         self._observedPointLists: list[Any] = []
         self._boxNode: Any = None
@@ -145,6 +148,10 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self.onPoll)
+        self._prefetchTimer = qt.QTimer()
+        self._prefetchTimer.setSingleShot(True)
+        self._prefetchTimer.setInterval(PREFETCH_DELAY_MS)
+        self._prefetchTimer.connect("timeout()", self.onPrefetch)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -186,6 +193,8 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self._pollTimer is not None:
             self._pollTimer.stop()
+        if self._prefetchTimer is not None:
+            self._prefetchTimer.stop()
         if self.logic is not None:
             self.logic.close()
 
@@ -422,6 +431,33 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setSegmentationNode(controller.scribble_node)
         editor.setSourceVolumeNode(controller.volume_node)
         slicer.util.setSliceViewerLayers(background=controller.volume_node, fit=True)
+        self._watchSliceView()
+
+    # -- preparing the slice in view for a click (LiteMedSAM) ------------------------------------------------
+    def _watchSliceView(self) -> None:
+        """With a model that prepares for clicks, prepare the slice the red (axial) view shows whenever the
+        view rests on one (:meth:`SegmentationController.prefetch_slice`)."""
+        if self._watchedSliceNode is not None:
+            self.removeObserver(self._watchedSliceNode, vtk.vtkCommand.ModifiedEvent,
+                                self.onSliceViewModified)
+            self._watchedSliceNode = None
+        sliceWidget = slicer.app.layoutManager().sliceWidget("Red")
+        if not self.logic.controller.prefetches or sliceWidget is None:
+            return
+        self._watchedSliceNode = sliceWidget.mrmlSliceNode()
+        self.addObserver(self._watchedSliceNode, vtk.vtkCommand.ModifiedEvent, self.onSliceViewModified)
+        self._prefetchTimer.start()
+
+    def onSliceViewModified(self, caller: Any, event: Any) -> None:
+        self._prefetchTimer.start()  # (re)started: the slice is prepared once the view rests
+
+    def onPrefetch(self) -> None:
+        if self._watchedSliceNode is None or not self.logic.hasController:
+            return
+        try:
+            self.logic.controller.prefetch_slice(self._watchedSliceNode)
+        except Exception:  # preparing is a courtesy to the next click: it never interrupts the user
+            logging.exception("AttentionSeg: could not prepare the slice in view")
 
     def onSegment(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not segment the volume.")):

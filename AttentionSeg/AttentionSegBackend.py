@@ -80,6 +80,11 @@ class SessionCall:
         return cls("clear_bounds", (), {"label": int(label)})
 
     @classmethod
+    def prefetch(cls, point_ijk: Sequence[float]) -> SessionCall:
+        # LiteMedSAM encodes the slices around the point; cancelled, it stops quietly at the next slice
+        return cls("prefetch", (tuple(point_ijk),), reports_progress=True)
+
+    @classmethod
     def add_scribbles(cls, scribble_map: np.ndarray, *, replace: bool = False) -> SessionCall:
         return cls("add_scribbles", (scribble_map,), {"replace": bool(replace)})
 

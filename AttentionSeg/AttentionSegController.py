@@ -68,6 +68,8 @@ class SegmentationController:
         self._started = False
         self.model_labels: dict[int, str] = {}
         self.session_facts: dict[str, Any] = {}
+        self._prefetch: Job | None = None  # the running "Prepare slices" job (prefetch_slice)
+        self._prefetch_voxel: tuple[int, int, int] | None = None
 
     # -- session ---------------------------------------------------------------------------------------------
     @property
@@ -115,6 +117,8 @@ class SegmentationController:
             self.session_facts = dict(description.get("facts") or {})
             self._started = True
 
+        self.cancel_prefetch()
+        self._prefetch = self._prefetch_voxel = None
         job = self.backend.open_session(volume, model, device=device, **session_options)
         self._pending.append((job, opened))
         return job
@@ -152,6 +156,42 @@ class SegmentationController:
         label = mrml.label_for_segment(self.segmentation_node, segment_id)
         call = SessionCall.click(point_ijk, label=label, positive=positive)
         return self._submit("Click", [call], self._write_mask)
+
+    # -- preparing for a click (LiteMedSAM) ------------------------------------------------------------------
+    @property
+    def prefetches(self) -> bool:
+        """Whether the session's model prepares for clicks while the user looks (LiteMedSAM: it encodes the
+        slices around the one shown, 0.25-1 s each on a CPU, which a first click would otherwise wait for)."""
+        return self._started and float(self.session_facts.get("prefetch_mm") or 0) > 0
+
+    def prefetch_slice(self, slice_node: Any) -> Job | None:
+        """Let the engine prepare for a click on the slice a slice view shows (the Widget calls this when the
+        view has settled on a slice). Returns the job, or ``None`` when there is nothing to do: the model
+        prepares nothing, other work is pending, the plane misses the volume, or that slice is being (or has
+        been) prepared already.
+
+        The job changes no node and is not pending work: it does not hold up :attr:`busy`, and the next
+        job submitted (a click) cancels it; what it encoded stays in the engine's cache.
+        """
+        if not self.prefetches or self._pending:
+            return None
+        try:
+            voxel = mrml.slice_voxel(slice_node, self.volume_node)
+        except ValueError:
+            return None
+        previous = self._prefetch
+        if previous is not None and self._prefetch_voxel == voxel and not previous.cancel_requested and \
+                previous.state in (JobState.PENDING, JobState.RUNNING, JobState.SUCCEEDED):
+            return None
+        self.cancel_prefetch()
+        self._prefetch = self.backend.run("Prepare slices", [SessionCall.prefetch(voxel)])
+        self._prefetch_voxel = voxel
+        return self._prefetch
+
+    def cancel_prefetch(self) -> None:
+        """Stop preparing slices (the engine stops at its next slice)."""
+        if self._prefetch is not None and not self._prefetch.done():
+            self._prefetch.cancel()
 
     # -- boxes (box-prompted models such as medsam_lite) -----------------------------------------------------
     def box(self, corner_a_ras: Sequence[float], corner_b_ras: Sequence[float], *, segment_id: str) -> Job:
@@ -374,6 +414,7 @@ class SegmentationController:
             raise RuntimeError("no AttentionSeg session is open: choose a volume and a model, then start one")
 
     def _submit(self, name: str, calls: Sequence[SessionCall], apply: ApplyResult | None) -> Job:
+        self.cancel_prefetch()  # the user's work goes first: the engine leaves the slice it prepares
         job = self.backend.run(name, calls)
         self._pending.append((job, apply))
         return job

@@ -181,6 +181,23 @@ def voxel_index(volume_node: Any, point_ras: Sequence[float]) -> tuple[int, int,
     return index  # type: ignore[return-value]
 
 
+def slice_voxel(slice_node: Any, volume_node: Any) -> tuple[int, int, int]:
+    """The voxel ``(i, j, k)`` where a slice view's plane crosses the line through the volume's centre along
+    the plane's normal: the middle of what the view shows of the volume, on the slice it shows.
+
+    Raises:
+        ValueError: when the plane misses the volume.
+    """
+    matrix = slice_node.GetSliceToRAS()
+    origin = np.array([matrix.GetElement(row, 3) for row in range(3)])
+    normal = np.array([matrix.GetElement(row, 2) for row in range(3)])
+    normal /= max(float(np.linalg.norm(normal)), 1e-12)
+    bounds = [0.0] * 6
+    volume_node.GetRASBounds(bounds)
+    centre = np.array([(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2])
+    return voxel_index(volume_node, centre + float(np.dot(origin - centre, normal)) * normal)
+
+
 def control_point_voxel(markups_node: Any, index: int, volume_node: Any) -> tuple[int, int, int]:
     """The voxel ``(i, j, k)`` of control point ``index`` of a markups node (world position)."""
     count = markups_node.GetNumberOfControlPoints()

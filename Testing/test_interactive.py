@@ -168,6 +168,15 @@ def test_bad_inputs_are_refused_with_clear_messages():
         session.refine(time_budget_s=0)
     with pytest.raises(ValueError, match="outside"):
         session.click((100, 0, 0))
+    with pytest.raises(ValueError, match="outside"):
+        session.prefetch((100, 0, 0))
+
+
+def test_prefetch_leaves_a_unet_session_as_it_was():
+    """The U-Nets have nothing to prepare for a click: no undo step, nothing computed."""
+    session, truth = _session()
+    assert session.prefetch((32, 32, 1)) == {"slices": 0, "encoded": 0, "cached": 0}
+    assert not session.can_undo and not session.mask.any()
 
 
 def test_attention_and_uncertainty_maps_are_in_the_image_grid():

@@ -5,6 +5,7 @@ refine, with this checkout's engine against the engine of an earlier commit (``-
     python benchmarks/medsam_speed.py --worker-thread       # ... as the Slicer module runs them
     python benchmarks/medsam_speed.py --view crop --limit 1 # the organ crops of one CT
     python benchmarks/medsam_speed.py --baseline HEAD~3     # against another commit
+    python benchmarks/medsam_speed.py --dwell 10 --baseline 49bf65a  # the user looks 10 s before clicking
 
 Protocol: the targets of ``benchmarks/interactive.py`` (``ct_organs``; ``--view whole`` by default: the user
 has the whole CT open). For each target and each setting (``before``: ``AttentionSegLib`` of the baseline
@@ -16,6 +17,13 @@ embedding cache) loads LiteMedSAM, takes the click protocol's frame background, 
   (the model's own accounting, ``MedSAMFamily.timings``), its Dice;
 * one refine on the robot's correction scribble for that answer (its seconds: the issue's "per refine
   round, embeddings included after the first").
+
+``--dwell S``: the user looks at the click's slice for ``S`` seconds before clicking, and an engine that
+prepares slices (``InteractiveSession.prefetch``, what the Slicer module runs while its red view rests on a
+slice) encodes the slices around it meanwhile, in a thread of its own; at the click the prefetch is cancelled,
+and the click's seconds count from then, the wait for the slice the prefetch was encoding included (as a
+module's click waits behind it in the worker). An engine without ``prefetch`` (a baseline before it) clicks
+cold after the same pause.
 
 Both settings run this checkout's robot and protocol. Their processes alternate target by target, so the
 machine's noise falls on both alike; the click's Dice column shows whether the answers stayed the same.
@@ -94,7 +102,8 @@ def _measure(spec: dict[str, Any], target: Any) -> dict[str, Any]:
     segmenter.add_background(frame_background(target))
     click = next_click(np.zeros(target.truth.shape, dtype=bool), target.truth, target.image.spacing)
     assert click is not None
-    started = time.perf_counter()
+    prefetched = _dwell(segmenter.session, click.point_ijk, float(spec.get("dwell") or 0), spec["threads"])
+    started = time.perf_counter() - prefetched.pop("wait_s")
     mask = np.asarray(segmenter.click(click), dtype=bool)
     click_s = time.perf_counter() - started
     timings = model_timings(segmenter) or {}
@@ -103,6 +112,7 @@ def _measure(spec: dict[str, Any], target: Any) -> dict[str, Any]:
         "click_dice": dice(mask, target.truth),
         "encoder_precision": str(inference_precision(torch.device("cpu"))).removeprefix("torch."),
         "slices": int(target.truth.any(axis=(1, 2)).sum()),
+        "prefetched_slices": prefetched["encoded"],
         **{f"click_{key}": value for key, value in timings.items()},
     }
     strokes = correction_scribble(mask, target.truth)
@@ -111,6 +121,34 @@ def _measure(spec: dict[str, Any], target: Any) -> dict[str, Any]:
         segmenter.scribble(strokes)
         result["refine_s"] = time.perf_counter() - started
     return result
+
+
+def _dwell(session: Any, point_ijk: Sequence[float], seconds: float, threads: int) -> dict[str, float]:
+    """The user looks at the slice of ``point_ijk`` for ``seconds`` while the session prefetches in another
+    thread; then the prefetch is cancelled. Returns the slices it encoded and the seconds its cancel took
+    (``wait_s``, part of the click's time)."""
+    import threading
+
+    import torch
+
+    prefetch = getattr(session, "prefetch", None)
+    if not seconds or prefetch is None:
+        time.sleep(seconds)
+        return {"encoded": 0, "wait_s": 0.0}
+    token = threading.Event()
+
+    def work() -> dict[str, int]:
+        if threads:
+            torch.set_num_threads(int(threads))
+        return prefetch(point_ijk, cancel=token)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(work)
+        time.sleep(seconds)
+        token.set()
+        cancelled = time.perf_counter()
+        encoded = future.result()["encoded"]
+    return {"encoded": encoded, "wait_s": time.perf_counter() - cancelled}
 
 
 def _run_child(spec: dict[str, Any], setting: str, engines: dict[str, str]) -> dict[str, Any]:
@@ -142,6 +180,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run each click and refine in a worker thread, as the Slicer module does (default: the main "
         "thread)",
+    )
+    parser.add_argument(
+        "--dwell",
+        type=float,
+        default=0.0,
+        help="seconds the user looks at the click's slice before clicking; an engine that prefetches "
+        "encodes slices meanwhile (default 0: a cold click)",
     )
     parser.add_argument(
         "--baseline",
@@ -200,11 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "target": name,
                     "threads": args.threads,
                     "worker_thread": args.worker_thread,
+                    "dwell": args.dwell,
                 }
                 row = {"target": name, "setting": setting, **_run_child(spec, setting, engines)}
                 per_target.append(row)
                 print(
-                    f"{name:28s} {setting:7s} click {row['click_s']:6.2f} s ({row['click_encoded_slices']} "
+                    f"{name:28s} {setting:7s} click {row['click_s']:6.2f} s after {row['prefetched_slices']} "
+                    f"prefetched ({row['click_encoded_slices']} "
                     f"slices, {row['click_encode_s_per_slice']:.3f} s each; {row['click_decoded_prompts']} "
                     f"prompts, {row['click_decode_s']:.3f} s each) Dice {row['click_dice']:.3f}; refine "
                     f"{row.get('refine_s', float('nan')):.2f} s",
@@ -217,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row["click_s_per_structure_slice"] = row["click_s"] / max(row["slices"], 1)
     columns = {
         "click_s": "s/click",
+        "prefetched_slices": "slices prefetched",
         "click_encoded_slices": "slices encoded",
         "click_s_per_structure_slice": "click s per slice of the structure",
         "click_encode_s_per_slice": "encoder s/slice",
@@ -249,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{statistics.median(slices):.0f}) and one refine on the {len(names)} `ct_organs` targets, view "
         f"`{args.view}`, medians; {machine.get('cpu_count', '?')} CPU threads available, torch threads "
         f"{args.threads or 'default'}, encoder in {per_target[0].get('encoder_precision', '?')}, "
-        f"{'in a worker thread' if args.worker_thread else 'in the main thread'}\n\n"
+        f"{'in a worker thread' if args.worker_thread else 'in the main thread'}"
+        f"{f'; the user looks at the slice {args.dwell:g} s before clicking' if args.dwell else ''}\n\n"
         + markdown_table(header, rows)
     )
     command = "python benchmarks/medsam_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -266,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "limit": args.limit,
                 "threads": args.threads,
                 "worker_thread": args.worker_thread,
+                "dwell_s": args.dwell,
                 "baseline": baseline_commit,
             },
             "per_target": per_target,

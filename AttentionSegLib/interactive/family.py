@@ -71,6 +71,11 @@ class ModelFamily(Protocol):
     #
     #     def bound(self, view, label, progress, cancel) -> Proposal:
     #         """The structure of ``label`` again, inside ``view.bounds[label]``."""
+    #
+    # Optional: families that can prepare for a click while the user looks (LiteMedSAM encodes slices):
+    #
+    #     def prefetch(self, point_ijk, progress, cancel) -> dict[str, int]:
+    #         """Work a click near ``point_ijk`` would do, done ahead; no state the user sees changes."""
 
     def refine(self, view: SessionView, time_budget_s: float, progress: RefineProgress | None,
                cancel: CancelToken | None) -> tuple[Proposal, RefineReport]:

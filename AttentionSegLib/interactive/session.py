@@ -320,6 +320,22 @@ class InteractiveSession:
         self._apply(proposal)
         return self.mask
 
+    def prefetch(self, point_ijk: Sequence[float], progress: RefineProgress | None = None,
+                 cancel: CancelToken | None = None) -> dict[str, int]:
+        """Prepare for a click near ``point_ijk`` while the user looks at it: LiteMedSAM encodes the slices
+        around it (:meth:`~.medsam.MedSAMFamily.prefetch`; a first click then encodes only those it reaches
+        beyond them); families with nothing to prepare do nothing.
+
+        Changes nothing of the session's state (no undo step). Meant to be cancelled: ``cancel`` ends it
+        quietly at the next slice, keeping what is prepared. Returns ``{"slices", "encoded", "cached"}``.
+        """
+        point = check_point(self.volume, point_ijk)
+        hook = getattr(self.family, "prefetch", None)
+        if hook is None:
+            return {"slices": 0, "encoded": 0, "cached": 0}
+        with reuse_freed_memory():
+            return hook(point, progress, cancel)
+
     # ---------------------------------------------------------------------------------------------- inference
 
     def set_bounds(self, corner_a_ijk: Sequence[float], corner_b_ijk: Sequence[float], label: int = 1,

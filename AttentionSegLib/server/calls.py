@@ -56,6 +56,7 @@ METHODS: dict[str, MethodSpec] = {
     "set_bounds": _spec(
         [("corner_a_ijk", "point", ...), ("corner_b_ijk", "point", ...), ("label", "label", 1)], True),
     "clear_bounds": _spec([("label", "label", ...)]),
+    "prefetch": _spec([("point_ijk", "point", ...)], True),
     "add_scribbles": _spec([("scribble_map", SCRIBBLES, ...), ("replace", "bool", False)]),
     "clear_scribbles": _spec([]),
     "refine": _spec([("time_budget_s", "seconds", 10.0), ("scribbles", SCRIBBLES, None),

@@ -25,6 +25,7 @@ import torch
 from AttentionSegLib import InteractiveSession, read_image
 from AttentionSegLib.interactive import RefineSettings
 from AttentionSegLib.interactive.medsam import (
+    EmbeddingCache,
     MedSAMFamily,
     MedSAMSettings,
     SliceSteps,
@@ -111,6 +112,41 @@ def test_a_click_gives_the_organ(clicked: InteractiveSession, spleen: tuple[Volu
     image, truth = spleen
     assert dice(clicked.mask == 1, truth) >= 0.8
     assert clicked.family.timings()["encoded_slices"] == 0  # the box test encoded these slices already
+
+
+def test_prefetch_encodes_the_slices_a_click_decodes_first(
+    clicked: InteractiveSession, spleen: tuple[Volume, np.ndarray]
+) -> None:
+    """While the user looks at a slice the session encodes the slices around it (``prefetch_mm`` each side,
+    nearest first): the click there then encodes only the slices beyond them and answers as a cold click
+    does. The prefetch changes nothing the user sees and stops at the next slice when cancelled. (A cache of
+    its own, so that the embeddings of the other tests do not count.)"""
+    image, truth = spleen
+    session = InteractiveSession(image, "medsam_lite", device="cpu")
+    family = session.family
+    family.options.prefetch_mm = 12.0
+    family.cache = EmbeddingCache(64 << 20)
+    click = next_click(np.zeros_like(truth), truth, image.spacing)
+    k = family._to_grid(click.point_ijk)[0]
+    assert family.prefetch_order(k) == [k, k + 1, k - 1, k + 2, k - 2]  # 6 mm slices: stride 1, 2 each side
+
+    token = threading.Event()
+    reports: list[float] = []
+
+    def stop_after_one(fraction: float, message: str) -> None:
+        reports.append(fraction)
+        token.set()
+
+    first = session.prefetch(click.point_ijk, stop_after_one, token)
+    assert first == {"slices": 5, "encoded": 1, "cached": 0}
+    assert reports == [0.0] and len(family.cache) == 1
+    assert session.prefetch(click.point_ijk) == {"slices": 5, "encoded": 4, "cached": 1}
+    assert not session.can_undo and not session.mask.any() and not family.tracks
+    encoded_before = family.encoded
+    session.click(click.point_ijk, label=1)
+    assert set(family.prefetch_order(k)) <= set(family.tracks[1].boxes)  # the click decoded them all ...
+    assert family.encoded - encoded_before == len(family.cache) - 5  # ... and encoded only the others
+    np.testing.assert_array_equal(session.mask, clicked.mask)  # the answer of a click without prefetch
 
 
 def test_attention_maps_are_volumes_on_the_input_grid(

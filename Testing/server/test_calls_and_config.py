@@ -62,6 +62,13 @@ def test_bounds_are_calls_with_two_points_and_a_label() -> None:
         parse_call({"method": "set_bounds", "args": [[1, 2, 3]], "kwargs": {"label": 2}})
 
 
+def test_prefetch_is_a_cancellable_call_with_one_point() -> None:
+    call = parse_call({"method": "prefetch", "args": [[10, 20, 3]]})
+    assert call.arguments == {"point_ijk": (10, 20, 3)} and call.spec.reports_progress
+    with pytest.raises(CallError, match="point_ijk"):
+        parse_call({"method": "prefetch", "args": [[10, 20, "3"]]})
+
+
 def test_no_callable_method_takes_a_path() -> None:
     for name, spec in METHODS.items():
         assert not {"path", "filename", "file"} & set(spec.signature.parameters), name

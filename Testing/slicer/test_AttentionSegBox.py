@@ -1,5 +1,5 @@
-"""A box from a markups ROI or from two clicks, and bounds from an ROI, on the real Slicer core and the real
-CT.
+"""A box from a markups ROI or from two clicks, bounds from an ROI, and the slice a view shows prepared for a
+click, on the real Slicer core and the real CT.
 
 The MRML side (corners in world RAS -> voxel corners of an axial box) and the controller's calls are checked
 with a recording backend; one test runs the real engine with LiteMedSAM (skipped without its weights).
@@ -187,6 +187,63 @@ def test_the_controller_sends_a_box_from_an_roi_or_two_clicks_and_writes_the_ans
     assert len(backend.calls) == calls  # nothing submitted
 
 
+class PrefetchingBackend(RecordingBackend):
+    """A session that prepares slices (its facts say ``prefetch_mm``); a prefetch job keeps running until
+    it is cancelled, as the engine's does while it encodes."""
+
+    def open_session(self, volume: Any, model: Any, **options: Any) -> Job:
+        facts = {"family": "medsam_lite", "prefetch_mm": 75.0}
+        description = {"num_classes": 2, "labels": {}, "facts": facts}
+        return self._done("Start session", description)
+
+    def run(self, name: str, calls: Any) -> Job:
+        calls = list(calls)
+        if calls[-1].method != "prefetch":
+            return super().run(name, calls)
+        self.calls.extend(calls)
+        job = Job(name)
+        job.mark_running()
+        return job
+
+
+def axial_view(scene: Any, ct_node: Any, k: float) -> Any:
+    """A slice node showing the axial plane through voxel slice ``k`` of the CT."""
+    view = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+    view.SetSliceOffset(float(ras(ct_node, (0, 0, k))[2]))
+    return view
+
+
+@pytest.mark.shared_data
+def test_the_slice_a_view_shows_is_prepared_until_the_next_job(scene: Any, ct_node: Any) -> None:
+    """A view settled on a slice asks the engine to prepare it (the voxel at the volume's centre on that
+    slice); the job is not pending work, is not sent twice for one slice, and the next job (a click) cancels
+    it. Nothing is asked of a model that prepares nothing, nor for a plane beside the volume."""
+    backend = PrefetchingBackend(mrml.volume_from_node(ct_node).shape)
+    controller = SegmentationController(scene, backend)
+    controller.wait(controller.start(ct_node, "medsam_lite", device="cpu"), 10)
+    assert controller.prefetches
+    size = ct_node.GetImageData().GetDimensions()
+    view = axial_view(scene, ct_node, 50)
+    job = controller.prefetch_slice(view)
+    assert job is not None and not controller.busy
+    call = backend.calls[-1]
+    assert (call.method, call.reports_progress, call.args[0][2]) == ("prefetch", True, 50)
+    assert all(abs(c - (n - 1) / 2) <= 0.5 for c, n in zip(call.args[0][:2], size[:2]))  # the middle voxel
+    assert controller.prefetch_slice(view) is None and len(backend.calls) == 1  # the same slice: once
+    view.SetSliceOffset(float(ras(ct_node, (0, 0, 52))[2]))
+    moved = controller.prefetch_slice(view)
+    assert moved is not None and job.cancel_requested and backend.calls[-1].args[0][2] == 52
+    segments = mrml.labelled_segments(controller.segmentation_node)
+    controller.wait(controller.click(ras(ct_node, (60, 60, 52)), segment_id=segments[1]), 10)
+    assert moved.cancel_requested and backend.calls[-1].method == "click"
+    view.SetSliceOffset(float(ras(ct_node, (0, 0, 52))[2]) + 1000.0)
+    assert controller.prefetch_slice(view) is None  # beside the volume
+
+    plain = SegmentationController(scene, RecordingBackend(mrml.volume_from_node(ct_node).shape))
+    plain.wait(plain.start(ct_node, "any", device="cpu"), 10)
+    assert not plain.prefetches and plain.prefetch_slice(axial_view(scene, ct_node, 50)) is None
+
+
 @pytest.mark.shared_data
 @pytest.mark.slow
 def test_a_roi_on_the_spleen_gives_the_spleen_in_3d_with_litemedsam(scene: Any, totalseg_dir: Path) -> None:
@@ -215,6 +272,16 @@ def test_a_roi_on_the_spleen_gives_the_spleen_in_3d_with_litemedsam(scene: Any, 
         segments = mrml.labelled_segments(controller.segmentation_node)
         assert list(segments) == [1], "a class-agnostic model is offered one segment, not 254"
         k = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(axis=1)))
+        # while the user looks at that slice the engine prepares it and the slices around (75 mm each side)
+        view = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+        view.SetSliceOffset(float(volume.ijk_to_ras(np.array([0.0, 0.0, k]))[2]))
+        prepared = controller.prefetch_slice(view)
+        assert prepared is not None and controller.wait(prepared, WAIT_S).state is JobState.SUCCEEDED
+        reach = int(75.0 / volume.spacing[2])
+        in_reach = min(truth.shape[0] - 1, k + reach) - max(0, k - reach) + 1
+        found = prepared.result()
+        assert found["slices"] == in_reach == found["encoded"] + found["cached"]
+        assert not mrml.read_segment(controller.segmentation_node, segments[1], node).any()
         rows, cols = np.nonzero(truth[k])
         low = volume.ijk_to_ras(np.array([cols.min(), rows.min(), k - 0.4]))
         high = volume.ijk_to_ras(np.array([cols.max(), rows.max(), k + 0.4]))
