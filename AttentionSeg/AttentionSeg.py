@@ -449,6 +449,10 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._prefetchTimer.start()
 
     def onSliceViewModified(self, caller: Any, event: Any) -> None:
+        # The view moves: the slices around its last rest may not be the ones to prepare any more, and the
+        # cores are the view's meanwhile.
+        if self.logic.hasController:
+            self.logic.controller.cancel_prefetch()
         self._prefetchTimer.start()  # (re)started: the slice is prepared once the view rests
 
     def onPrefetch(self) -> None:
