@@ -22,7 +22,7 @@ slicer = pytest.importorskip("slicer", reason="the Slicer core is not installed 
 import vtk  # noqa: E402
 
 import AttentionSegMRML as mrml  # noqa: E402
-from AttentionSegBackend import JobState  # noqa: E402
+from AttentionSegBackend import JobState, SessionCall  # noqa: E402
 from AttentionSegController import SegmentationController  # noqa: E402
 from AttentionSegLib import load_checkpoint, read_image  # noqa: E402
 from AttentionSegLib.interactive import RefineSettings  # noqa: E402
@@ -171,6 +171,12 @@ def test_the_whole_workflow_runs_on_the_server(controller: SegmentationControlle
     clicked = mrml.read_segment(controller.segmentation_node, segment_id, ct_node)
     np.testing.assert_array_equal(clicked, click.result() == 1)
     assert clicked[voxel[2], voxel[1], voxel[0]]
+
+    # prefetch is a call the server runs (a U-Net has nothing to prepare, so the module sends none for it)
+    assert not controller.prefetches
+    prepared = controller.backend.run("Prepare slices", [SessionCall.prefetch(voxel)])
+    assert prepared.wait(WAIT_S) and prepared.state is JobState.SUCCEEDED, prepared.error_message
+    assert prepared.result() == {"slices": 0, "encoded": 0, "cached": 0}
 
     # scribbles -> refine: the segment changes, honours the scribbles, and the scribbles stay as painted
     painted = paint_scribbles(controller, segment_id, pancreas, voxel)
