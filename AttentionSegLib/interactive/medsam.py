@@ -543,6 +543,7 @@ class MedSAMFamily:
         self.cache.max_bytes = max(self.cache.max_bytes, self.options.cache_mib << 20)
         self.network.image_encoder.to(memory_format=torch.channels_last)  # ~1.3x faster convolutions on CPU
         self.encoded = 0
+        self.prefetched = 0  # of the slices encoded, those prefetch() encoded
         self.encode_seconds = 0.0
         self.tracks: dict[int, Track] = {}
         self.structures: dict[int, np.ndarray] = {}  # label -> bool (slices, H, W)
@@ -1381,6 +1382,7 @@ class MedSAMFamily:
                 continue
             self._encode(kk)
             encoded += 1
+            self.prefetched += 1
         return {"slices": len(order), "encoded": encoded, "cached": cached}
 
     def click(
@@ -1968,11 +1970,13 @@ class MedSAMFamily:
         return self._to_image(total, labels=False).astype(np.float32)
 
     def timings(self) -> dict[str, float]:
-        """Mean CPU/GPU seconds per slice of the encoder and per decoding, so far."""
+        """Mean CPU/GPU seconds per slice of the encoder and per decoding, so far; the slices encoded (those
+        :meth:`prefetch` encoded ahead of a click included) and decoded prompts."""
         return {
             "encode_s_per_slice": self.encode_seconds / max(self.encoded, 1),
             "decode_s": self.decode_seconds / max(self.decoded, 1),
             "encoded_slices": self.encoded,
+            "prefetched_slices": self.prefetched,
             "decoded_prompts": self.decoded,
             "head_only_decodings": self.head_only,
             "head_s": self.head_seconds / max(self.head_only, 1),

@@ -142,6 +142,7 @@ def test_prefetch_encodes_the_slices_a_click_decodes_first(
     assert reports == [0.0] and len(family.cache) == 1
     assert session.prefetch(click.point_ijk) == {"slices": 5, "encoded": 4, "cached": 1}
     assert not session.can_undo and not session.mask.any() and not family.tracks
+    assert family.timings()["prefetched_slices"] == 5
     encoded_before = family.encoded
     session.click(click.point_ijk, label=1)
     assert set(family.prefetch_order(k)) <= set(family.tracks[1].boxes)  # the click decoded them all ...
