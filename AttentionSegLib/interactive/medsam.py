@@ -1338,7 +1338,6 @@ class MedSAMFamily:
 
     # ------------------------------------------------------------------------------------------- the family
 
-    @_keeps_answers_on_failure
     def prefetch_order(self, k: int) -> list[int]:
         """The slices a click on slice ``k`` would encode, in the order worth preparing them: ``k``, then
         ``k ± stride``, ``k ± 2 stride`` ... (the slices its propagation decodes, :meth:`_stride`) out to
@@ -1385,6 +1384,7 @@ class MedSAMFamily:
             self.prefetched += 1
         return {"slices": len(order), "encoded": encoded, "cached": cached}
 
+    @_keeps_answers_on_failure
     def click(
         self, view: SessionView, click: Click, progress: RefineProgress | None, cancel: CancelToken | None
     ) -> Proposal:
