@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from AttentionSegLib.networks.medsam_lite import (
     WEIGHTS_INFO,
@@ -26,6 +27,7 @@ from AttentionSegLib.networks.medsam_lite import (
     verify_weights,
 )
 from AttentionSegLib.networks.medsam_lite import weights as weights_mod
+from AttentionSegLib.networks.medsam_lite.mask_decoder import Attention
 from AttentionSegLib.networks.medsam_lite.tiny_vit import (
     Conv2dBN,
     MBConv,
@@ -337,6 +339,23 @@ def test_the_encoder_convolves_channels_last_maps_and_gives_the_same_embedding(m
             h = layer.downsample(h).contiguous() if layer.downsample is not None else h
         contiguous = encoder.neck(h)
     torch.testing.assert_close(embedding, contiguous, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("queries", "keys"), [(4096, 7), (7, 4096), (12, 12)])
+def test_attention_gives_scaled_dot_product_attention_whichever_side_is_long(queries: int, keys: int) -> None:
+    """The image→token attention (4096 queries, 7 keys) lays its logits out keys first; every shape gives
+    PyTorch's own attention, and the weights on request are (B, heads, queries, keys) rows summing to 1."""
+    torch.manual_seed(0)
+    attention = Attention(64, num_heads=4, downsample_rate=2).eval()
+    q, k, v = torch.randn(2, queries, 64), torch.randn(2, keys, 64), torch.randn(2, keys, 64)
+    with torch.no_grad():
+        out, weights = attention(q, k, v, need_weights=True)
+        heads = [attention._heads(p(x)) for p, x in ((attention.q_proj, q), (attention.k_proj, k),
+                                                     (attention.v_proj, v))]
+        expected = attention.out_proj(F.scaled_dot_product_attention(*heads).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert weights is not None and weights.shape == (2, 4, queries, keys)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, queries))
 
 
 def test_temporary_gelu_overwrites_only_what_no_gradient_needs() -> None:
