@@ -95,6 +95,8 @@ class AttentionSegParameterNode:
     scribbleSegmentation - the scribble segments (created at session start when empty).
     targetSegmentID - the segment clicks and scribbles edit (set by the Widget, not bound).
     timeBudgetS - how long a refinement may fine-tune.
+    prepareSlices - whether the slice the red view rests on is prepared for a click (medsam_lite encodes it
+        and the slices around it in the background).
     overlayColorMap, overlayOpacity - how attention and uncertainty overlays are shown.
     """
 
@@ -108,6 +110,7 @@ class AttentionSegParameterNode:
     scribbleSegmentation: vtkMRMLSegmentationNode
     targetSegmentID: str = ""
     timeBudgetS: Annotated[float, WithinRange(1.0, 120.0)] = 10.0
+    prepareSlices: bool = True
     overlayColorMap: Annotated[str, Choice(list(mrml.OVERLAY_COLOR_MAPS))] = "Inferno"
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
@@ -169,6 +172,7 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.positivePointButton.connect("clicked(bool)", lambda: self.onPlacePoints(True))
         self.ui.negativePointButton.connect("clicked(bool)", lambda: self.onPlacePoints(False))
         self.ui.clearPointsButton.connect("clicked(bool)", self.onClearPoints)
+        self.ui.prepareSlicesCheckBox.connect("toggled(bool)", self.onPrepareSlicesToggled)
         self.ui.boxButton.connect("clicked(bool)", self.onDrawBox)
         self.ui.boundsButton.connect("clicked(bool)", self.onDrawBounds)
         self.ui.foregroundScribbleButton.connect("clicked(bool)", lambda: self.onPaintScribbles(True))
@@ -455,8 +459,16 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.controller.cancel_prefetch()
         self._prefetchTimer.start()  # (re)started: the slice is prepared once the view rests
 
+    def onPrepareSlicesToggled(self, checked: bool) -> None:
+        if not checked and self.logic.hasController:
+            self.logic.controller.cancel_prefetch()
+        elif checked and self._watchedSliceNode is not None:
+            self._prefetchTimer.start()
+
     def onPrefetch(self) -> None:
         if self._watchedSliceNode is None or not self.logic.hasController:
+            return
+        if self._parameterNode is not None and not self._parameterNode.prepareSlices:
             return
         try:
             self.logic.controller.prefetch_slice(self._watchedSliceNode)

@@ -25,6 +25,7 @@ BINDABLE = {
     "ctkPathLineEdit": "pathlib.Path",
     "QComboBox": "Choice",
     "ctkSliderWidget": "WithinRange",
+    "QCheckBox": "bool",
 }
 QT_CLASSES = {"QWidget", "QLabel", "QPushButton", "QComboBox", "QProgressBar", "QCheckBox", "QLineEdit"}
 
