@@ -395,6 +395,8 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if current is None:
             self._pollTimer.stop()
             self.ui.progressBar.value = 0
+            if self._watchedSliceNode is not None:
+                self._prefetchTimer.start()  # a job stopped the preparing: go on with the slices left
         else:
             self.ui.progressBar.value = int(round(100 * current.progress))
             if current.message:
