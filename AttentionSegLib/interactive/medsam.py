@@ -1376,10 +1376,11 @@ class MedSAMFamily:
                 break
             if progress is not None:
                 progress(done / len(order), f"LiteMedSAM: preparing slice {done + 1} of {len(order)}")
-            if self.cache.lookup(self._encoder_input(kk)[1]) is not None:
+            before = self.encoded
+            self._encode(kk)  # from the cache when it holds the slice
+            if self.encoded == before:
                 cached += 1
                 continue
-            self._encode(kk)
             encoded += 1
             self.prefetched += 1
         return {"slices": len(order), "encoded": encoded, "cached": cached}
