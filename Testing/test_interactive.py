@@ -175,7 +175,7 @@ def test_bad_inputs_are_refused_with_clear_messages():
 def test_prefetch_leaves_a_unet_session_as_it_was():
     """The U-Nets have nothing to prepare for a click: no undo step, nothing computed."""
     session, truth = _session()
-    assert session.prefetch((32, 32, 1)) == {"slices": 0, "encoded": 0, "cached": 0}
+    assert session.prefetch((32, 32, 1)) == {"slices": 0, "encoded": 0, "cached": 0, "cache_full": 0}
     assert not session.can_undo and not session.mask.any()
 
 

@@ -60,10 +60,10 @@ Here a click or a box on one slice becomes the structure in 3D:
 * **Attention.** The mask token's attention over the image embedding in the decoder's last token-to-image
   attention, per slice, mapped back onto the image grid.
 
-Image embeddings are computed once per slice, lazily, and kept in a least-recently-used cache shared by the
-process's sessions and keyed by the slice's content (:data:`SHARED_CACHE`), bounded by
-``MedSAMSettings.cache_mib`` (a slice's embedding is 256x64x64 float16 on the CPU = 2 MiB, so the default
-512 MiB holds 256 slices). Refinement and re-propagation then cost decoder passes only.
+Image embeddings are computed once per slice, lazily, and kept in a cache shared by the process's sessions
+and keyed by the slice's content (:data:`SHARED_CACHE`; least recently used out, slices only a prefetch asked
+for first), bounded by ``MedSAMSettings.cache_mib`` (a slice's embedding is 256x64x64 float16 on the CPU =
+2 MiB, so the default 512 MiB holds 256 slices). Refinement and re-propagation then cost decoder passes only.
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ class MedSAMSettings:
             organ crops (120-250 mm wide, padded to 360 mm) filled propagations ran off the structure in round
             0 of the scribble protocol (spleen of ``example_ct`` 0.94 -> 0.74, right kidney 0.92 -> 0.76);
             the whole CT gave that spleen's round 0 at 0.941 both ways.
-        cache_mib: bound of the embedding cache (CPU memory).
+        cache_mib: bound of the embedding cache (CPU memory; the slices only a prefetch asked for go first,
+            :class:`EmbeddingCache`).
         prefetch_mm: :meth:`MedSAMFamily.prefetch` prepares the slices up to this far (mm) on each side of
             the slice the user looks at (75 mm: the slices a click on a 40-slice organ of a 3 mm CT decodes
             when it lands near the organ's middle; 51 slices, 102 MiB of cache at 3 mm).
@@ -447,44 +448,81 @@ def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 class EmbeddingCache:
     """Image embeddings keyed by the encoder's input (a digest of the 256x256 slice), computed on first use
-    and
-    kept (float16, CPU) in least-recently-used order up to ``max_bytes``.
+    and kept (float16, CPU) up to ``max_bytes``.
 
     One cache is shared by every session of the process (:data:`SHARED_CACHE`): a session opened again on the
     same image, or a click and a scribble session on the same crop, find their slices already encoded.
+
+    An entry is *speculative* while only a prefetch has asked for it (:meth:`MedSAMFamily.prefetch`, stored
+    with ``speculative=True``) and *used* once a decoding looked it up. Speculative entries take only the room
+    the used ones leave and go first, oldest first; used entries go in least-recently-used order when used
+    entries alone exceed the bound. So scrolling through a long CT, which prefetches at every rest, never
+    pushes out the slices of the structures the user made (a refine would otherwise encode them again).
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = int(max_bytes)
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._speculative: OrderedDict[str, None] = OrderedDict()  # keys in the order they were stored
         self._nbytes = 0
+        self._entry_bytes = 0  # the largest entry stored so far
 
     @property
     def nbytes(self) -> int:
         return self._nbytes
 
+    @property
+    def speculative_count(self) -> int:
+        """Entries only a prefetch has asked for."""
+        return len(self._speculative)
+
     def __len__(self) -> int:
         return len(self._items)
 
-    def lookup(self, key: str) -> torch.Tensor | None:
+    def lookup(self, key: str, *, speculative: bool = False) -> torch.Tensor | None:
+        """The entry of ``key`` (``None`` when absent). A lookup that is not ``speculative`` (a decoding)
+        makes it the most recently used, and used."""
         value = self._items.get(key)
-        if value is not None:
+        if value is not None and not speculative:
             self._items.move_to_end(key)
+            self._speculative.pop(key, None)
         return value
 
-    def store(self, key: str, value: torch.Tensor) -> torch.Tensor:
+    def has_room_for_speculative(self) -> bool:
+        """Whether a speculative entry would be kept: the used entries leave room for one more."""
+        used = self._nbytes - sum(self._bytes(self._items[key]) for key in self._speculative)
+        return used + self._entry_bytes <= self.max_bytes
+
+    def store(self, key: str, value: torch.Tensor, *, speculative: bool = False) -> torch.Tensor:
+        """Keep ``value`` under ``key`` (float16, CPU) and return the kept tensor; a speculative entry is not
+        kept when the used entries leave no room for it."""
         value = value.detach().to("cpu", torch.float16).contiguous()
-        if key not in self._items:
-            self._nbytes += value.numel() * value.element_size()
+        self._entry_bytes = max(self._entry_bytes, self._bytes(value))
+        speculative = speculative and (key not in self._items or key in self._speculative)  # used stays used
+        if key in self._items:
+            self._nbytes -= self._bytes(self._items.pop(key))
         self._items[key] = value
-        self._items.move_to_end(key)
+        self._nbytes += self._bytes(value)
+        if speculative:
+            self._speculative[key] = None
+            self._speculative.move_to_end(key)
+        else:
+            self._speculative.pop(key, None)
         while len(self._items) > 1 and self._nbytes > self.max_bytes:
-            _, dropped = self._items.popitem(last=False)
-            self._nbytes -= dropped.numel() * dropped.element_size()
+            if self._speculative:
+                dropped, _ = self._speculative.popitem(last=False)
+            else:
+                dropped = next(iter(self._items))
+            self._nbytes -= self._bytes(self._items.pop(dropped))
         return value
+
+    @staticmethod
+    def _bytes(value: torch.Tensor) -> int:
+        return value.numel() * value.element_size()
 
     def clear(self) -> None:
         self._items.clear()
+        self._speculative.clear()
         self._nbytes = 0
 
 
@@ -616,17 +654,17 @@ class MedSAMFamily:
         digest.update(str(self.encoder_dtype).encode())
         return x, digest.hexdigest()
 
-    def _encode(self, k: int) -> torch.Tensor:
+    def _encode(self, k: int, *, speculative: bool = False) -> torch.Tensor:
         """Slice ``k``'s image embedding (256, 64, 64) float16, from the shared cache or encoded now (in
-        ``encoder_precision``)."""
+        ``encoder_precision``); ``speculative``: for a prefetch, not a decoding (:class:`EmbeddingCache`)."""
         x, key = self._encoder_input(k)
-        cached = self.cache.lookup(key)
+        cached = self.cache.lookup(key, speculative=speculative)
         if cached is not None:
             return cached
         started = time.perf_counter()
         with torch.no_grad(), autocast_to(self.device, self.encoder_dtype):
             image = x[None].to(self.device).contiguous(memory_format=torch.channels_last)
-            value = self.cache.store(key, self.network.encode(image)[0])
+            value = self.cache.store(key, self.network.encode(image)[0], speculative=speculative)
         self.encode_seconds += time.perf_counter() - started
         self.encoded += 1
         return value
@@ -1366,24 +1404,31 @@ class MedSAMFamily:
         0.25-1 s, and a first click on a 40-slice organ encodes about 20. Nothing the user sees changes (no
         undo step); ``cancel`` ends it quietly at the next slice, and what is encoded stays cached.
 
-        Returns ``{"slices": slices in reach, "encoded": encoded now, "cached": found already encoded}``.
+        What it encodes is speculative in the embedding cache (:class:`EmbeddingCache`): it never pushes out
+        the slices of a structure, and it stops where those leave no room.
+
+        Returns ``{"slices": slices in reach, "encoded": encoded now, "cached": found already encoded,
+        "cache_full": 1 when it stopped for want of room, else 0}``.
         """
         k, _, _ = self._to_grid(point_ijk)
         order = self.prefetch_order(k)
-        encoded = cached = 0
+        encoded = cached = full = 0
         for done, kk in enumerate(order):
             if cancel is not None and cancel.is_set():
+                break
+            if not self.cache.has_room_for_speculative():
+                full = 1
                 break
             if progress is not None:
                 progress(done / len(order), f"LiteMedSAM: preparing slice {done + 1} of {len(order)}")
             before = self.encoded
-            self._encode(kk)  # from the cache when it holds the slice
+            self._encode(kk, speculative=True)  # from the cache when it holds the slice
             if self.encoded == before:
                 cached += 1
                 continue
             encoded += 1
             self.prefetched += 1
-        return {"slices": len(order), "encoded": encoded, "cached": cached}
+        return {"slices": len(order), "encoded": encoded, "cached": cached, "cache_full": full}
 
     @_keeps_answers_on_failure
     def click(

@@ -327,12 +327,13 @@ class InteractiveSession:
         beyond them); families with nothing to prepare do nothing.
 
         Changes nothing of the session's state (no undo step). Meant to be cancelled: ``cancel`` ends it
-        quietly at the next slice, keeping what is prepared. Returns ``{"slices", "encoded", "cached"}``.
+        quietly at the next slice, keeping what is prepared. Returns ``{"slices", "encoded", "cached",
+        "cache_full"}``.
         """
         point = check_point(self.volume, point_ijk)
         hook = getattr(self.family, "prefetch", None)
         if hook is None:
-            return {"slices": 0, "encoded": 0, "cached": 0}
+            return {"slices": 0, "encoded": 0, "cached": 0, "cache_full": 0}
         with reuse_freed_memory():
             return hook(point, progress, cancel)
 

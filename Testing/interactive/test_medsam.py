@@ -138,9 +138,9 @@ def test_prefetch_encodes_the_slices_a_click_decodes_first(
         token.set()
 
     first = session.prefetch(click.point_ijk, stop_after_one, token)
-    assert first == {"slices": 5, "encoded": 1, "cached": 0}
+    assert first == {"slices": 5, "encoded": 1, "cached": 0, "cache_full": 0}
     assert reports == [0.0] and len(family.cache) == 1
-    assert session.prefetch(click.point_ijk) == {"slices": 5, "encoded": 4, "cached": 1}
+    assert session.prefetch(click.point_ijk) == {"slices": 5, "encoded": 4, "cached": 1, "cache_full": 0}
     assert not session.can_undo and not session.mask.any() and not family.tracks
     assert family.timings()["prefetched_slices"] == 5
     encoded_before = family.encoded
@@ -148,6 +148,13 @@ def test_prefetch_encodes_the_slices_a_click_decodes_first(
     assert set(family.prefetch_order(k)) <= set(family.tracks[1].boxes)  # the click decoded them all ...
     assert family.encoded - encoded_before == len(family.cache) - 5  # ... and encoded only the others
     np.testing.assert_array_equal(session.mask, clicked.mask)  # the answer of a click without prefetch
+
+    # A cache that the structure's slices fill: the prefetch stops there and pushes none of them out.
+    used = set(family.cache._items)
+    family.cache.max_bytes = family.cache.nbytes
+    other = (click.point_ijk[0], click.point_ijk[1], 0)
+    assert session.prefetch(other)["cache_full"] == 1
+    assert set(family.cache._items) == used and family.cache.speculative_count == 0
 
 
 def test_attention_maps_are_volumes_on_the_input_grid(
@@ -586,6 +593,34 @@ def test_a_propagation_decodes_slices_6_mm_apart_and_fills_those_between(
     ends = np.nonzero(truth.any(axis=(1, 2)))[0]
     found = np.nonzero(mask.any(axis=(1, 2)))[0]
     assert abs(int(found.min()) - int(ends.min())) <= 1 and abs(int(found.max()) - int(ends.max())) <= 1
+
+
+def test_the_embedding_cache_gives_up_prefetched_slices_before_used_ones() -> None:
+    """Slices only a prefetch asked for take the room the used ones leave and go first; a decoding's lookup
+    makes a slice used; used slices go least recently used first (a cache of 4 entries of 1 KiB)."""
+    cache = EmbeddingCache(4 << 10)
+    entry = torch.zeros(512)  # float16: 1 KiB
+
+    for key in "ab":
+        cache.store(key, entry)
+    for key in "pqrs":  # four prefetched slices beside two used ones: the oldest prefetched go
+        cache.store(key, entry, speculative=True)
+    assert sorted(cache._items) == ["a", "b", "r", "s"] and cache.speculative_count == 2
+    assert cache.lookup("r", speculative=True) is not None  # a prefetch finds it: still speculative
+    assert cache.speculative_count == 2
+    assert cache.lookup("s") is not None and cache.speculative_count == 1  # a decoding used it
+    cache.store("c", entry)  # a used slice pushes out the prefetched one, not a used one
+    assert sorted(cache._items) == ["a", "b", "c", "s"] and cache.speculative_count == 0
+    assert not cache.has_room_for_speculative()
+    cache.store("t", entry, speculative=True)  # no room left by the used slices: not kept
+    assert "t" not in cache._items and len(cache) == 4
+    cache.lookup("a")
+    cache.store("d", entry)  # used slices alone: least recently used first
+    assert sorted(cache._items) == ["a", "c", "d", "s"]
+    cache.store("a", entry, speculative=True)  # a used slice stays used
+    assert cache.speculative_count == 0 and cache.nbytes == 4 << 10
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes == 0 and cache.has_room_for_speculative()
 
 
 def test_slice_steps_report_at_most_the_whole_and_cancel_before_a_slice() -> None:

@@ -176,7 +176,7 @@ def test_the_whole_workflow_runs_on_the_server(controller: SegmentationControlle
     assert not controller.prefetches
     prepared = controller.backend.run("Prepare slices", [SessionCall.prefetch(voxel)])
     assert prepared.wait(WAIT_S) and prepared.state is JobState.SUCCEEDED, prepared.error_message
-    assert prepared.result() == {"slices": 0, "encoded": 0, "cached": 0}
+    assert prepared.result() == {"slices": 0, "encoded": 0, "cached": 0, "cache_full": 0}
 
     # scribbles -> refine: the segment changes, honours the scribbles, and the scribbles stay as painted
     painted = paint_scribbles(controller, segment_id, pancreas, voxel)
