@@ -112,7 +112,7 @@ def available_models() -> dict[str, ModelEntry]:
     return found
 
 
-#: The pretrained medical prior: LiteMedSAM, prompted by clicks and boxes (see ``interactive/medsam.py``).
+#: The pretrained medical prior: LiteMedSAM, prompted by clicks and boxes (see ``interactive/medsam/``).
 MEDSAM_LITE = "medsam_lite"
 
 

@@ -1,0 +1,199 @@
+"""How LiteMedSAM is prompted, propagated and adapted: :class:`MedSAMSettings` and the constants of its
+preprocessing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...devices import PRECISIONS
+
+MEDSAM_MODEL_NAME = "medsam_lite"
+ADAPTED_FORMAT = "attentionseg.medsam_lite.adapted/1"
+CT_WINDOW = (-160.0, 240.0)  # abdomen window (level 40, width 400), as MedSAM's CT preprocessing
+CT_FIELD_OF_VIEW_MM = 360.0  # a CT crop is padded to this width (MedSAMSettings.min_field_of_view_mm)
+OTHER_FIELD_OF_VIEW_MM = 300.0  # ... and any other image to this one
+LABELS = 255  # class-agnostic: any label 1..254 (255 marks unscribbled voxels)
+REFINE_MODES = ("walker", "decoder")
+
+
+@dataclass
+class MedSAMSettings:
+    """How LiteMedSAM is prompted and adapted (config as data: every field is JSON-able).
+
+    Attributes:
+        window: intensity window ``[lower, upper]`` for every slice; ``None`` = ``auto``: the abdomen CT
+            window for a CT (:func:`looks_like_ct`), per-slice min-max (0.5-99.5 percentiles) otherwise.
+        click_prompt: ``grow_box`` (a click grows a box) or ``point`` (a point prompt).
+        click_box_mm: half-sizes (mm) of the boxes a click tries around itself (decoded in one batch; up to
+            180 mm, so that a click near a liver's edge still has a box holding the whole liver).
+        box_margin: pixels of the 256 frame added around a mask to make the next box (MedSAM trained with
+            boxes perturbed by up to 5 pixels).
+        box_margin_fraction: ... or this fraction of the box's side, when larger (a tight box makes the next
+            mask a little smaller, and propagation would shrink the structure slice after slice).
+        anchor_margins: the given box grown by each of these fractions is decoded (one batch) and the answer
+            with the highest predicted IoU is kept (MedSAM saw slightly loose boxes in training: on the
+            example CT a 5-10 % margin beats the tight box).
+        margins: the same for the boxes propagated from the previous slice's mask.
+        grow_iterations: at most this many re-centrings of the chosen box on its mask.
+        jump_ratio: propagation stops where the area changes by more than this factor between slices.
+        grow_ratio: of the candidate boxes of a slice, those whose mask grows by more than this factor over
+            the previous slice's are taken only when no other fits (a loose box must not let the structure
+            swell).
+        min_overlap: ... or where the new mask shares less than this fraction of the smaller one's area.
+        min_pixels: ... or where the mask has fewer pixels.
+        min_consistent: ... or where fewer than this fraction (relative to the anchor slice's) of the mask's
+            pixels have the structure's intensity (within 3 robust standard deviations of the anchor mask's
+            median): the box then holds something else (fat, gas, a neighbouring organ) and the model, which
+            always finds *something* in a box, has left the structure.
+        slice_gap_mm: a propagation decodes slices up to this far apart (as many slices as fit, at least
+            one) and fills the slices between by shape-based interpolation (:mod:`.slice_fill`) when the two
+            answers agree (``fill_min_iou``); elsewhere, and where a check above ends the propagation, it
+            decodes the slices between one by one, so that a structure ends on the slice it ends. Slices with
+            the user's points, or strokes on or beside the filled answer (``box_margin``), are decoded. Every
+            decoded slice costs an encoding (0.25-1 s on 2 CPU cores); ``0`` decodes every slice. On the
+            10 organs of the whole example CTs (3 mm slices; ``benchmarks/medsam_speed.py --worker-thread``,
+            float32 encoder, 2 cores) a first click encoded 17.5 slices instead of 30 (medians) and took
+            22.2 s instead of 32.9 s (1.5x), one-click Dice 0.816 against 0.807; in
+            ``benchmarks/interactive.py --views whole`` 5 scribble rounds ended at 0.911 against 0.909 and
+            three clicks at 0.860 against 0.842; on the whole example MR (3 mm) at 0.861 against 0.869 (the
+            right kidney 0.88 against 0.92), one click 0.539 against 0.534.
+        fill_min_iou: ... the least IoU of two decoded slices' masks for the slices between to be filled.
+        fill_max_growth: ... and the most the second mask may grow over the first (a fraction of its area):
+            where a structure shrinks away from its anchor, the box from a mask two slices back is loose, and
+            LiteMedSAM fills a loose box with the structure's neighbour (on the spleen crop of ``example_ct``
+            slice 25 took 635 pixels from slice 27's box, the spleen has 380 there).
+        fill_min_field: ... and only on slices at least this fraction of the field of view wide
+            (``min_field_of_view_mm``): on a crop around the structure every slice is decoded. On the CT
+            organ crops (120-250 mm wide, padded to 360 mm) filled propagations ran off the structure in round
+            0 of the scribble protocol (spleen of ``example_ct`` 0.94 -> 0.74, right kidney 0.92 -> 0.76);
+            the whole CT gave that spleen's round 0 at 0.941 both ways.
+        cache_mib: bound of the embedding cache (CPU memory; the slices only a prefetch asked for go first,
+            :class:`EmbeddingCache`).
+        prefetch_mm: :meth:`MedSAMFamily.prefetch` prepares the slices up to this far (mm) on each side of
+            the slice the user looks at (75 mm: the slices a click on a 40-slice organ of a 3 mm CT decodes
+            when it lands near the organ's middle; 51 slices, 102 MiB of cache at 3 mm).
+        encoder_precision: the image encoder's precision (``auto``, ``float32``, ``bfloat16``, ``float16``;
+            :func:`..devices.inference_precision`). ``auto`` takes bfloat16 on CUDA and on a CPU with
+            bfloat16 in hardware (AVX512-BF16, AMX), float32 elsewhere. Measured by
+            ``benchmarks/medsam_precision.py`` (the reference box of every slice of the 10 CT organ crops,
+            one CPU thread): 3D Dice 0.757 in bfloat16 against 0.755 in float32, the masks agreeing at Dice
+            0.979, the encoder 1.9x faster (1.36 s against 2.59 s per slice on shared cores).
+        token_cache_mib: bound of the cache of the decoder transformer's output per (slice, prompt) (2 MiB
+            each, float16), which lets a refine decode a slice again with its head alone.
+        min_field_of_view_mm: a slice narrower than this (a crop) is zero-padded to it before the resize to
+            256, so that a small crop is not blown up (on a crop around a kidney, a click gave Dice 0.49 when
+            the crop filled the 256 frame). ``None`` = ``auto``: ``CT_FIELD_OF_VIEW_MM`` (360) for a CT (the
+            CT window applies), ``OTHER_FIELD_OF_VIEW_MM`` (300) otherwise. A CT crop then shows its organs
+            at about the scale of a whole abdominal slice, as MedSAM saw them in training (the example CT is
+            366 mm wide). Measured on the 10 CT organ crops, reference box on every slice: 3D Dice 0.799
+            at 300 mm, 0.846 at 360 mm, 0.837 at 400 mm, 0.832 at 450 mm, 0.728 at 200 mm; in
+            ``benchmarks/interactive.py`` 300 -> 360 mm took one click from 0.740 to 0.775 and round 5 from
+            0.887 to 0.904. On the ACDC crops (MR) one click gave 0.553 at 300 mm and 0.499 at 360 mm.
+        learning_rate: Adam step size for the decoder's fine-tuning.
+        refine_seconds: cap of a refine's fine-tuning time (within the refine's own budget).
+        max_refine_steps: at most this many fine-tuning steps per refine.
+        slices_per_step: unused (every scribbled slice takes part in every step of the head's tuning).
+        distill_weight: weight of the distillation to the decoder's answers before the refine (unscribbled
+            pixels around each box, and the replayed slices).
+        replay_slices: slices of each structure without scribbles (evenly spread) held to their answers.
+        trust_dice: the tuning stops before a state whose masks on the replayed slices agree with the
+            earlier ones (Dice) less than this.
+        skip_when_satisfied: no tuning when the decoder already answers every scribbled pixel right.
+        refine_mode: what a refine does with the scribbles: ``walker`` (default: the random walker with
+            LiteMedSAM's answer as its prior model, Grady 2005, the scribbles as boundary values; see
+            :meth:`MedSAMFamily._walk`) or ``decoder`` (fine-tune the decoder's head, then propagate again).
+        walker_gamma: weight of LiteMedSAM's probability in the walker, ``(L + γ I) x = γ p``, when the
+            strokes agree with it everywhere: ``γ = γ_min + (walker_gamma - γ_min) J ** walker_trust``, ``J``
+            the agreement of its answer with the strokes (:func:`prior_trust`).
+        walker_gamma_min: ``γ_min``, the weight when the strokes contradict LiteMedSAM (above 0: with a few
+            strokes, one of them against LiteMedSAM, the plain walker would have nothing else to go by).
+        walker_trust: the exponent above (0: ``walker_gamma`` whatever the strokes say).
+        walker_trust_credit: in the walker a correction click runs, voxels of each kind of stroke LiteMedSAM's
+            answer is counted right on before any is drawn (:func:`prior_trust`'s ``credit``; 26 = two click
+            disks of radius 2), so that one click's disk no longer takes all the trust at once. A refine on
+            scribbles gives none: with it, the pancreas of ``example_ct`` (whole CT, its box given) ended the
+            5 scribble rounds at 0.42 instead of 0.65, its trust falling too slowly.
+        part_max_overlap: a positive correction click off the structure adds a part (LiteMedSAM's answer to
+            the box the click stands for, propagated on its own) when less than this fraction of that answer
+            lies on the structure's slice (0: never; the click is then only a stroke for the walker).
+        walker_margin_mm: the walker works in the box of the structure and the foreground scribbles grown by
+            this much in the slice plane (and by the slices this spans, at least one, across them).
+        refuted_dip: a propagated slice whose mask holds most of that slice's background strokes (and which
+            has no foreground stroke) says the propagation left the structure somewhere between its seed and
+            that slice. When the decoder's predicted IoU on that stretch fell at least this far below its
+            median, the propagation is cut at the slice where it was lowest (``None``: never). Without
+            bounds, the pancreas of ``example_ct`` (whole CT, scribbles) ran from its 19 slices to the pelvis
+            (100 slices, round 0 Dice 0.004): the chain left the pancreas where the predicted IoU fell to
+            0.56 and followed another structure the decoder was surer of (median 0.87); with the robot's
+            background strokes on it, 5 rounds ended at Dice 0.005, and with the cut at 0.707. Without the
+            dip condition the cut also took a background stroke on a leak of a confident chain for a
+            run-away (liver, spleen, kidney crops: round 1 fell from 0.92-0.95 to 0.59-0.68); the chains of
+            the 10 CT organs dipped 0.00-0.12 below their median (the small pancreases 0.15-0.21).
+    """
+
+    window: list[float] | None = None
+    click_prompt: str = "grow_box"
+    click_box_mm: list[float] = field(
+        default_factory=lambda: [5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 80.0, 110.0, 140.0, 180.0]
+    )
+    box_margin: float = 5.0
+    box_margin_fraction: float = 0.1
+    anchor_margins: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1])
+    margins: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
+    grow_iterations: int = 2
+    jump_ratio: float = 2.5
+    min_overlap: float = 0.3
+    min_pixels: int = 4
+    min_consistent: float = 0.6
+    slice_gap_mm: float = 6.0
+    fill_min_iou: float = 0.5
+    fill_max_growth: float = 0.1
+    fill_min_field: float = 0.75
+    grow_ratio: float = 1.5
+    cache_mib: int = 512
+    prefetch_mm: float = 75.0
+    encoder_precision: str = "auto"
+    token_cache_mib: int = 256
+    min_field_of_view_mm: float | None = None
+    learning_rate: float = 1e-4
+    refine_seconds: float = 3.0
+    max_refine_steps: int = 60
+    slices_per_step: int = 4
+    distill_weight: float = 1.0
+    replay_slices: int = 6
+    trust_dice: float = 0.9
+    skip_when_satisfied: bool = True
+    refine_mode: str = "walker"
+    walker_gamma: float = 0.02
+    walker_gamma_min: float = 0.003
+    walker_trust: float = 2.0
+    walker_trust_credit: float = 26.0
+    part_max_overlap: float = 0.5
+    walker_margin_mm: float = 15.0
+    refuted_dip: float | None = 0.2
+
+    def __post_init__(self) -> None:
+        if self.refine_mode not in REFINE_MODES:
+            raise ValueError(f"refine_mode must be one of {list(REFINE_MODES)}, got {self.refine_mode!r}")
+        if self.encoder_precision not in PRECISIONS:
+            raise ValueError(
+                f"encoder_precision must be one of {list(PRECISIONS)}, got {self.encoder_precision!r}"
+            )
+        if not self.walker_trust_credit >= 0:
+            raise ValueError(f"walker_trust_credit must be >= 0 voxels, got {self.walker_trust_credit!r}")
+        if not self.prefetch_mm >= 0:
+            raise ValueError(f"prefetch_mm must be >= 0 mm, got {self.prefetch_mm!r}")
+        if not self.slice_gap_mm >= 0:
+            raise ValueError(f"slice_gap_mm must be >= 0 mm, got {self.slice_gap_mm!r}")
+        if not 0 <= self.fill_min_iou <= 1:
+            raise ValueError(f"fill_min_iou must lie in [0, 1], got {self.fill_min_iou!r}")
+        if not 0 <= self.fill_min_field <= 1:
+            raise ValueError(f"fill_min_field must lie in [0, 1], got {self.fill_min_field!r}")
+        if not self.fill_max_growth >= 0:
+            raise ValueError(f"fill_max_growth must be >= 0, got {self.fill_max_growth!r}")
+        if self.refuted_dip is not None and not self.refuted_dip >= 0:
+            raise ValueError(f"refuted_dip must be >= 0 or None, got {self.refuted_dip!r}")
+        if self.min_field_of_view_mm is not None and not self.min_field_of_view_mm > 0:
+            raise ValueError(
+                f"min_field_of_view_mm must be positive or None, got {self.min_field_of_view_mm}"
+            )

@@ -1,0 +1,65 @@
+"""What a LiteMedSAM session keeps per structure (:class:`Track`), what undo brings back
+(:class:`MedSAMState`) and the progress of a propagation (:class:`SliceSteps`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...progress import Cancelled, CancelToken
+from ..cropped import Cropped
+from ..settings import RefineProgress
+
+
+@dataclass
+class Track:
+    """One structure's prompts: where it was anchored (slice, box in slice pixels), its point prompts, the
+    box each slice was decoded with in the last propagation (``boxes``; empty until the first) and the parts
+    that correction clicks added, each a track of its own, propagated on its own and joined to it."""
+
+    anchor: int
+    box: tuple[float, float, float, float] | None
+    points: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)
+    boxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
+    parts: list[Track] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MedSAMState:
+    """What undo brings back of a :class:`MedSAMFamily` (:meth:`MedSAMFamily.state`): the decoder and prompt
+    encoder weights, the structures' prompts, and per label LiteMedSAM's answer (structure and foreground
+    probability, cut to its slab: :class:`.Cropped`) with its attention maps, and the walker's answer."""
+
+    weights: dict[str, torch.Tensor]
+    tracks: dict[int, Track]
+    answers: dict[int, Cropped]
+    attention: dict[int, dict[int, np.ndarray]]
+    walked: dict[int, Cropped]
+
+
+@dataclass
+class SliceSteps:
+    """Progress and cancel slice by slice while structures are propagated (:meth:`MedSAMFamily._chain`):
+    every slice costs an encoding (0.25-1 s on 2 cores), and a structure may span 100 slices.
+
+    :meth:`step`, before each slice is decoded, raises :class:`~AttentionSegLib.progress.Cancelled` once
+    ``cancel`` is set (the session then restores its state) and reports to ``progress`` (the step's part of
+    the whole, :func:`~AttentionSegLib.progress.progress_part`) one ``slices``-th more per slice (the
+    volume's slices, or the label's bounds'; a propagation that stops early leaves the rest to the next
+    report)."""
+
+    progress: RefineProgress | None
+    cancel: CancelToken | None
+    what: str = "propagating through the slices"
+    slices: int = 0  # set by the propagation
+    done: int = 0
+
+    def step(self, count: int = 1) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"cancelled while {self.what}")
+        self.done += count
+        if self.progress is not None:
+            fraction = min(self.done / max(self.slices, 1), 1.0)  # parts and slices decoded again count too
+            self.progress(fraction, f"LiteMedSAM: {self.what} ({self.done} done)")
