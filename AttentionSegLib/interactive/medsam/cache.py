@@ -14,7 +14,7 @@ class EmbeddingCache:
     One cache is shared by every session of the process (:data:`SHARED_CACHE`): a session opened again on the
     same image, or a click and a scribble session on the same crop, find their slices already encoded.
 
-    An entry is *speculative* while only a prefetch has asked for it (:meth:`MedSAMFamily.prefetch`, stored
+    An entry is *speculative* while only a prefetch has asked for it (:meth:`.MedSAMFamily.prefetch`, stored
     with ``speculative=True``) and *used* once a decoding looked it up. Speculative entries take only the room
     the used ones leave and go first, oldest first; used entries go in least-recently-used order when used
     entries alone exceed the bound. So scrolling through a long CT, which prefetches at every rest, never

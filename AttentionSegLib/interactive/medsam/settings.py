@@ -69,7 +69,7 @@ class MedSAMSettings:
             the whole CT gave that spleen's round 0 at 0.941 both ways.
         cache_mib: bound of the embedding cache (CPU memory; the slices only a prefetch asked for go first,
             :class:`EmbeddingCache`).
-        prefetch_mm: :meth:`MedSAMFamily.prefetch` prepares the slices up to this far (mm) on each side of
+        prefetch_mm: :meth:`.MedSAMFamily.prefetch` prepares the slices up to this far (mm) on each side of
             the slice the user looks at (75 mm: the slices a click on a 40-slice organ of a 3 mm CT decodes
             when it lands near the organ's middle; 51 slices, 102 MiB of cache at 3 mm).
         encoder_precision: the image encoder's precision (``auto``, ``float32``, ``bfloat16``, ``float16``;
@@ -101,7 +101,7 @@ class MedSAMSettings:
         skip_when_satisfied: no tuning when the decoder already answers every scribbled pixel right.
         refine_mode: what a refine does with the scribbles: ``walker`` (default: the random walker with
             LiteMedSAM's answer as its prior model, Grady 2005, the scribbles as boundary values; see
-            :meth:`MedSAMFamily._walk`) or ``decoder`` (fine-tune the decoder's head, then propagate again).
+            :meth:`.MedSAMFamily._walk`) or ``decoder`` (fine-tune the decoder's head, then propagate again).
         walker_gamma: weight of LiteMedSAM's probability in the walker, ``(L + γ I) x = γ p``, when the
             strokes agree with it everywhere: ``γ = γ_min + (walker_gamma - γ_min) J ** walker_trust``, ``J``
             the agreement of its answer with the strokes (:func:`prior_trust`).

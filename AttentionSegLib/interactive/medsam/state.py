@@ -28,7 +28,7 @@ class Track:
 
 @dataclass(frozen=True)
 class MedSAMState:
-    """What undo brings back of a :class:`MedSAMFamily` (:meth:`MedSAMFamily.state`): the decoder and prompt
+    """What undo brings back of a :class:`.MedSAMFamily` (:meth:`.MedSAMFamily.state`): the decoder and prompt
     encoder weights, the structures' prompts, and per label LiteMedSAM's answer (structure and foreground
     probability, cut to its slab: :class:`.Cropped`) with its attention maps, and the walker's answer."""
 
@@ -41,7 +41,7 @@ class MedSAMState:
 
 @dataclass
 class SliceSteps:
-    """Progress and cancel slice by slice while structures are propagated (:meth:`MedSAMFamily._chain`):
+    """Progress and cancel slice by slice while structures are propagated (:meth:`.MedSAMFamily._chain`):
     every slice costs an encoding (0.25-1 s on 2 cores), and a structure may span 100 slices.
 
     :meth:`step`, before each slice is decoded, raises :class:`~AttentionSegLib.progress.Cancelled` once
