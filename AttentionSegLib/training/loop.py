@@ -4,6 +4,10 @@ The loop owns what all regimes share: device and AMP, DistributedDataParallel th
 polynomial learning-rate decay of nnU-Net (``lr * (1 - it / total) ** 0.9``), validation Dice on whole cases,
 checkpoints (``model_last.pt``, ``model_best.pt`` and a ``training_state.pt`` for resume), a progress bar, and
 cancellation (the state is saved so that ``--resume`` continues).
+
+Training runs with freed memory kept for reuse (:func:`~AttentionSegLib.heap.reuse_freed_memory`): every step
+allocates the same activations again, which glibc would otherwise page-fault in afresh from the kernel on a
+CPU (``benchmarks/training_speed.py`` measures the steps both ways).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..atomic import write_text_atomically
 from ..checkpoint import atomic_torch_save, save_checkpoint, state_digest
 from ..datasets import Case, list_cases, load_case, read_labels, split_cases
 from ..devices import autocast_for, resolve_device
+from ..heap import reuse_freed_memory
 from ..metrics import dice
 from ..networks import build_network
 from ..progress import CancelToken, ProgressBar
@@ -162,8 +167,9 @@ def train(config: TrainConfig, *, progress: bool = True, cancel: CancelToken | N
     context = init_distributed(device)
     device = device_for_rank(device, context)
     try:
-        return _train(config, device, context, progress=progress, cancel=cancel,
-                      command=command or command_line())
+        with reuse_freed_memory():  # every step allocates the same maps again (see the module)
+            return _train(config, device, context, progress=progress, cancel=cancel,
+                          command=command or command_line())
     finally:
         shutdown(context)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from AttentionSegLib import heap
 from AttentionSegLib.checkpoint import load_checkpoint
 from AttentionSegLib.phantom import make_phantom_dataset
 from AttentionSegLib.training import TrainConfig, train
@@ -67,6 +68,33 @@ def test_training_changes_the_weights_and_reduces_the_loss(phantoms, tmp_path):
         opt.step()
         losses.append(float(loss.detach()))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+@pytest.mark.skipif(not heap.available(), reason="glibc's malloc is not this process's allocator")
+def test_the_steps_keep_freed_memory_for_reuse(phantoms, tmp_path, monkeypatch):
+    """Every step allocates the same maps again: training runs within ``heap.reuse_freed_memory`` (the steps
+    are timed both ways by ``benchmarks/training_speed.py``), and leaves it when it ends."""
+    from AttentionSegLib.training import loop
+
+    seen: list[bool] = []
+    make_regime = loop.make_regime
+
+    def recording(*args, **kwargs):
+        regime = make_regime(*args, **kwargs)
+        loss = regime.loss
+
+        def recorded(*a, **k):
+            seen.append(heap.active())
+            return loss(*a, **k)
+
+        regime.loss = recorded
+        return regime
+
+    monkeypatch.setattr(loop, "make_regime", recording)
+    assert not heap.active()
+    train(_config(phantoms, tmp_path / "run", iterations=2, validate_every=1000), progress=False)
+    assert seen == [True, True]
+    assert not heap.active()
 
 
 def test_resume_continues_from_the_saved_iteration(phantoms, tmp_path):
