@@ -164,6 +164,26 @@ def test_medsam_needs_a_prompt(kidney, tmp_path: Path, capsys: pytest.CaptureFix
     assert not out.exists() and "--point-ras" in capsys.readouterr().err
 
 
+def test_a_click_where_litemedsam_finds_nothing_exits_2_and_writes_nothing(
+    kidney, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A point where the answer to no box holds it (found along the middle row: the body's edge) is refused
+    with LiteMedSAM's message; nothing is written."""
+    from AttentionSegLib import InteractiveSession
+
+    path, volume, _ = kidney
+    family, k = InteractiveSession(volume, "medsam_lite", device="cpu").family, volume.shape[0] // 2
+    j = volume.shape[1] // 2
+    i = next((i for i in range(1, volume.shape[2], 4)
+              if family.box_from_click(*family._to_grid((i, j, k))) is None), None)
+    assert i is not None, "LiteMedSAM found something at every point tried"
+    out = tmp_path / "seg.nii.gz"
+    code = main(["segment", str(path), "-o", str(out), "--model", "medsam_lite",
+                 "--point-ijk", f"{i},{j},{k}", "--attention-dir", str(tmp_path / "att"), "--quiet"])
+    assert code == 2 and not out.exists() and not (tmp_path / "att").exists()
+    assert "finds no structure at the click" in capsys.readouterr().err
+
+
 def test_missing_weights_exit_2_and_write_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -82,6 +82,7 @@ from AttentionSegLib import (  # noqa: E402
     read_image,  # noqa: E402
 )
 from AttentionSegLib.interactive import RefineSettings  # noqa: E402
+from AttentionSegLib.interactive.medsam import NoStructureAtClick  # noqa: E402
 from AttentionSegLib.interactive.settings import STRATEGIES  # noqa: E402
 from AttentionSegLib.metrics import dice  # noqa: E402
 from benchmarks.common import machine_info, markdown_table, write_results  # noqa: E402
@@ -323,7 +324,11 @@ class SessionSegmenter:
         return self.session.refine(time_budget_s=self.time_budget_s) == self.label
 
     def click(self, click: RobotClick) -> np.ndarray:
-        return self.session.click(click.point_ijk, label=self.label, positive=click.positive) == self.label
+        try:
+            mask = self.session.click(click.point_ijk, label=self.label, positive=click.positive)
+        except NoStructureAtClick:  # LiteMedSAM refuses a click where it finds nothing: the mask stays
+            return self.session.mask == self.label
+        return mask == self.label
 
 
 class SeedSegmenter:
@@ -423,7 +428,8 @@ def timing_notes(methods: Sequence[str]) -> list[str]:
             "process (`AttentionSegLib.interactive.medsam.SHARED_CACHE`), so a target's click run reuses the "
             "slices its scribble run encoded, and the organs of one scan share slices. A user's first click "
             "encodes its slices (0.3-1 s each on 2 cores): `benchmarks/medsam_speed.py` times that in fresh "
-            "processes."]
+            "processes. A click where LiteMedSAM finds no structure (`NoStructureAtClick`: no box's answer "
+            "holds the point) is refused and leaves the mask as it was, as a user sees it."]
 
 
 def plan_methods(dataset: str, methods: Sequence[str], args: argparse.Namespace) -> dict[str, MethodPlan]:

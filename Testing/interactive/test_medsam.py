@@ -28,6 +28,7 @@ from AttentionSegLib.interactive.medsam import (
     EmbeddingCache,
     MedSAMFamily,
     MedSAMSettings,
+    NoStructureAtClick,
     SliceSteps,
     looks_like_ct,
     prior_trust,
@@ -317,6 +318,40 @@ def test_a_correction_click_walks_and_keeps_the_prompts(spleen: tuple[Volume, np
     assert dice(mask == 1, truth) >= 0.93
     session.undo()
     assert np.array_equal(session.mask, before) and 1 not in session.family.refined
+
+
+def test_a_click_where_litemedsam_finds_nothing_is_refused_and_changes_nothing(
+    spleen: tuple[Volume, np.ndarray],
+) -> None:
+    """A click whose point the answer to no box holds (at the body's edge here; the myocardium of a whole
+    cine MR in the benchmarks) is refused with a message, the session as it was: before, the largest
+    box's answer, which did not hold the point, was propagated through the slices. As a correction click off
+    the structure it adds no part and stays a stroke for the walker."""
+    image, truth = spleen
+    session = InteractiveSession(image, "medsam_lite", device="cpu")
+    family, k = session.family, image.shape[0] // 2
+
+    def finds_nothing(i: int, j: int) -> bool:
+        return family.box_from_click(*family._to_grid((i, j, k))) is None
+
+    # Such points lie at the body's edge (fat, skin; found along rows through the middle of the slice).
+    rows, columns = image.shape[1], image.shape[2]
+    point = next(
+        ((i, j, k) for j in (rows // 2, rows // 3, 2 * rows // 3) for i in range(1, columns, 4)
+         if finds_nothing(i, j)),
+        None,
+    )
+    assert point is not None, "LiteMedSAM found something at every point tried"
+    with pytest.raises(NoStructureAtClick, match="finds no structure at the click"):
+        session.click(point, label=1)
+    assert not session.mask.any() and not session.can_undo and not family.tracks
+
+    session.click(next_click(np.zeros_like(truth), truth, image.spacing).point_ijk, label=1)
+    before = session.mask.copy()
+    mask = session.click(point, label=1)  # a positive correction: the walker, no part
+    assert not family.tracks[1].parts and 1 in family.refined
+    assert mask[point[2], point[1], point[0]] == 1  # the click's disk is honoured ...
+    assert (mask[before == 1] == 1).all()  # ... and a positive click only adds: the spleen is kept
 
 
 def test_a_correction_of_one_kind_only_adds_or_only_takes_away(spleen: tuple[Volume, np.ndarray]) -> None:

@@ -77,6 +77,7 @@ from __future__ import annotations
 from .cache import SHARED_CACHE, EmbeddingCache
 from .family import MedSAMFamily, is_medsam_model
 from .masks import bounding_box, looks_like_ct, prior_trust, stroke_agreement
+from .prompts import NoStructureAtClick
 from .settings import (
     ADAPTED_FORMAT,
     CT_FIELD_OF_VIEW_MM,
@@ -102,6 +103,7 @@ __all__ = [
     "MedSAMFamily",
     "MedSAMSettings",
     "MedSAMState",
+    "NoStructureAtClick",
     "SliceSteps",
     "Track",
     "bounding_box",

@@ -30,7 +30,7 @@ from ..settings import RefineProgress, RefineReport, RefineSettings
 from .cache import SHARED_CACHE
 from .decoding import Decoding
 from .masks import looks_like_ct
-from .prompts import Prompts
+from .prompts import NoStructureAtClick, Prompts
 from .propagation import Propagation
 from .settings import (
     ADAPTED_FORMAT,
@@ -306,7 +306,16 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         ):
             if progress is not None:
                 progress(0.1, "LiteMedSAM: finding the box at the click")
-            box = self.box_from_click(k, x, y) if self.options.click_prompt == "grow_box" else None
+            box = None
+            if self.options.click_prompt == "grow_box":
+                box = self.box_from_click(k, x, y)
+                if box is None:
+                    sizes = self.options.click_box_mm
+                    raise NoStructureAtClick(
+                        f"LiteMedSAM finds no structure at the click (voxel {tuple(click.point_ijk)}): the "
+                        f"answer to no box around it ({min(sizes):g}-{max(sizes):g} mm) holds the point. "
+                        "Draw a box around the structure, or paint scribbles on it and refine"
+                    )
             self.tracks[label] = Track(k, box, {k: [(x, y, 1)]} if box is None else {})
         elif track is None:
             return Proposal(view.mask)  # a negative click on a label LiteMedSAM has not segmented
@@ -340,6 +349,8 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         if self.options.part_max_overlap <= 0:
             return False
         box = self.box_from_click(k, x, y)
+        if box is None:
+            return False  # LiteMedSAM finds nothing there: the click stays a stroke for the walker
         mask, *_ = self._best(k, [self._grown(box, f, 0.0) for f in self.options.anchor_margins])
         if mask.sum() < self.options.min_pixels:
             return False
