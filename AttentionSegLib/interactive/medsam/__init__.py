@@ -6,7 +6,9 @@ Here a click or a box on one slice becomes the structure in 3D:
 * **Click → box.** The model was trained with boxes, so a click stands for a box: boxes of several sizes
   centred on the click are decoded in one batch; each whose mask holds the click and does not fill its box is
   re-centred on its mask, and of the re-centred boxes the one whose answer has the highest predicted IoU is
-  kept (``click_prompt="grow_box"``, the default; :meth:`MedSAMFamily.box_from_click`).
+  kept (``click_prompt="grow_box"``, the default; :meth:`MedSAMFamily.box_from_click`). Where the answer to
+  no box holds the click, LiteMedSAM finds nothing there and the click is refused
+  (:class:`NoStructureAtClick`).
   ``click_prompt="point"`` decodes the click as a point prompt instead: measured on ``example_ct`` (one
   click at the deepest voxel of each organ), point prompts gave Dice 0.00 on liver, spleen, kidneys and
   pancreas (LiteMedSAM hardly answers points), the box from the click 0.84 / 0.96 / 0.94-0.95 / 0.46
