@@ -25,6 +25,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+PREVIEW_EVERY_S = 1.0
+"""How often the local engine shows an answer that grows (:attr:`Job.preview`): about once a second, each a
+copy of the mask on the worker thread and a segment written on the GUI thread."""
+
 
 class JobState(enum.Enum):
     """Life cycle of a job: PENDING -> RUNNING -> one of the three final states."""
@@ -49,12 +53,15 @@ class SessionCall:
         args, kwargs: its arguments (plain data only).
         reports_progress: the method takes ``progress=`` and ``cancel=`` keywords (long work such as
             ``refine``); the backend supplies them.
+        previews: the method takes ``preview=`` (a click or a box, which LiteMedSAM propagates over seconds);
+            a backend that can show the answer as it grows supplies it (:attr:`Job.preview`).
     """
 
     method: str
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     reports_progress: bool = False
+    previews: bool = False
 
     # One constructor per method of ``AttentionSegLib.InteractiveSession``, with its signature: callers never
     # spell a method name, and a backend that forwards calls elsewhere sends ``method`` as the call's name.
@@ -62,12 +69,12 @@ class SessionCall:
     def click(cls, point_ijk: Sequence[float], *, label: int, positive: bool = True) -> SessionCall:
         # a click may fine-tune briefly when the network misses the structure, so it reports progress too
         return cls("click", (tuple(point_ijk),), {"label": int(label), "positive": bool(positive)},
-                   reports_progress=True)
+                   reports_progress=True, previews=True)
 
     @classmethod
     def box(cls, corner_a_ijk: Sequence[float], corner_b_ijk: Sequence[float], *, label: int) -> SessionCall:
         return cls("box", (tuple(corner_a_ijk), tuple(corner_b_ijk)), {"label": int(label)},
-                   reports_progress=True)
+                   reports_progress=True, previews=True)
 
     @classmethod
     def set_bounds(cls, corner_a_ijk: Sequence[float], corner_b_ijk: Sequence[float], *,
@@ -149,6 +156,7 @@ class Job:
         self._result: Any = None
         self._error: BaseException | None = None
         self._traceback = ""
+        self._preview: tuple[int, int, np.ndarray] | None = None
         self.submitted_at = time.monotonic()
 
     # -- read from any thread --------------------------------------------------------------------------------
@@ -167,6 +175,15 @@ class Job:
     def message(self) -> str:
         with self._lock:
             return self._message
+
+    @property
+    def preview(self) -> tuple[int, int, np.ndarray] | None:
+        """The engine's last look at the answer it is computing, ``(version, label, mask)``: ``label``'s
+        structure so far as a boolean mask on the volume's grid (LiteMedSAM's propagation of a click or a box,
+        :meth:`show_preview`); ``version`` counts the previews, so that a poller writes each once. ``None``
+        before the first."""
+        with self._lock:
+            return self._preview
 
     @property
     def error(self) -> BaseException | None:
@@ -233,6 +250,14 @@ class Job:
             self._progress = min(max(float(fraction), 0.0), 1.0)
             if message:
                 self._message = str(message)
+
+    def show_preview(self, label: int, mask: np.ndarray) -> None:
+        """The engine's preview callback (``AttentionSegLib.Preview``), on the worker
+        thread: keeps a copy of ``label``'s structure so far for :attr:`preview`."""
+        mask = np.array(mask, dtype=bool)  # a copy: the engine goes on with its own array
+        with self._lock:
+            version = 1 if self._preview is None else self._preview[0] + 1
+            self._preview = (version, int(label), mask)
 
     def mark_running(self) -> bool:
         """Called by the backend as the job starts; False (and the job cancelled) when cancel came first."""
@@ -405,6 +430,10 @@ class LocalBackend(JobWorker):
                 kwargs = dict(call.kwargs)
                 if call.reports_progress:
                     kwargs.update(progress=job.report, cancel=job.cancel_event)
+                if call.previews:
+                    from AttentionSegLib import Preview
+
+                    kwargs.update(preview=Preview(job.show_preview, every_s=PREVIEW_EVERY_S))
                 result = method(*call.args, **kwargs)
             return detach(result)
 

@@ -12,6 +12,10 @@ Two rules shape it:
   succeed, both on the caller's (GUI) thread.
 * **Never lose** - a job that fails or is cancelled writes nothing, so the user's segments and scribbles stay
   as they were; scribbles are only ever read; a result rewrites only the segments whose label it changes.
+
+While a click or a box propagates (LiteMedSAM: seconds on a CPU) the structure so far is shown in a node of
+its own, :attr:`~SegmentationController.preview_node`, never in the user's segments; it leaves the scene when
+the job ends, as its result is written (or not, when it failed or was cancelled).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import AttentionSegMRML as mrml
 from AttentionSegBackend import Job, JobState, LocalBackend, SessionBackend, SessionCall
 
 NODE_PREFIX = "AttentionSeg"
+PREVIEW_NAME = f"{NODE_PREFIX} preview"
+PREVIEW_FILL_OPACITY = 0.3  # the preview's 2D fill, under a full outline: a look, not yet a segment
 UNCERTAINTY_NAME = "uncertainty"
 BACKGROUND_SCRIBBLE_COLOR = (0.25, 0.55, 1.0)
 POSITIVE_POINT_COLOR = (0.1, 0.9, 0.2)
@@ -50,6 +56,9 @@ class SegmentationController:
         segmentation_node: output segments; each carries the engine label it stands for as a tag.
         scribble_node: scribble segments (label 0 = background) painted with the Segment Editor.
         overlay_nodes: ``{map name: scalar volume node}`` of the attention / uncertainty overlays shown.
+        preview_node: while a click or a box propagates, a segmentation node showing the structure so far
+            (one segment, in the colour of the segment it goes to; not saved with the scene); ``None``
+            otherwise.
         model_labels: ``{label: name}`` the session's model segments (each offered as a segment at start).
         session_facts: the engine session's own description at start (family, network, device and
             ``strategy``, how Refine learns: ``online_head`` or ``finetune``).
@@ -62,6 +71,8 @@ class SegmentationController:
         self.segmentation_node: Any = None
         self.scribble_node: Any = None
         self.overlay_nodes: dict[str, Any] = {}
+        self.preview_node: Any = None
+        self._previewed: tuple[Job, int] | None = None  # the job and version of the preview shown
         self._points: dict[bool, Any] = {}
         self._mask: np.ndarray | None = None  # the session's mask as last written into the segments
         self._pending: deque[tuple[Job, ApplyResult | None]] = deque()
@@ -362,7 +373,8 @@ class SegmentationController:
 
     # -- jobs ------------------------------------------------------------------------------------------------
     def poll(self) -> list[Job]:
-        """Apply the results of the jobs that finished, in submission order; returns those jobs.
+        """Apply the results of the jobs that finished, in submission order; returns those jobs. Then show the
+        running job's preview, if it has a new one (:attr:`preview_node`).
 
         Call this from the thread that owns the scene (the GUI thread): results are written into MRML here.
         A job whose result cannot be written is marked failed.
@@ -376,6 +388,7 @@ class SegmentationController:
                 except Exception as error:  # shown to the user like any engine failure
                     job.fail(error)
             finished.append(job)
+        self._show_preview()
         return finished
 
     def wait(self, job: Job, timeout: float | None = None, idle: Callable[[], None] | None = None) -> Job:
@@ -403,10 +416,11 @@ class SegmentationController:
         self.backend.cancel_all()
 
     def close(self) -> None:
-        """Cancel everything and release the engine; nodes stay in the scene."""
+        """Cancel everything and release the engine; nodes stay in the scene (but a preview)."""
         self.backend.shutdown()
         self._pending.clear()
         self._started = False
+        self._show_preview()
 
     # -- internals -------------------------------------------------------------------------------------------
     def _require_session(self) -> None:
@@ -441,6 +455,40 @@ class SegmentationController:
         changed = [k for k in sorted(labels - {0}) if not np.array_equal(mask == k, previous == k)]
         mrml.labels_to_segments(self.segmentation_node, self.volume_node, mask, labels=changed)
         self._mask = mask.astype(np.uint8, copy=True)
+
+    def _show_preview(self) -> None:
+        """Write the running job's newest preview into :attr:`preview_node` (created on the first), or take
+        the node out of the scene when no running job has one. The user's segments are never touched."""
+        job = self.current_job
+        found = job.preview if job is not None and job.state is JobState.RUNNING else None
+        if found is None:
+            node = self.preview_node
+            if node is not None and self.scene.GetNodeByID(node.GetID()) is not None:
+                self.scene.RemoveNode(node)
+            self.preview_node, self._previewed = None, None
+            return
+        version, label, mask = found
+        if self._previewed == (job, version):
+            return
+        node = self.preview_node
+        if node is None or self.scene.GetNodeByID(node.GetID()) is None:  # none yet, or the user deleted it
+            node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", PREVIEW_NAME)
+            node.SetSaveWithScene(False)
+            mrml.prepare_segmentation(node, self.volume_node)
+            display = node.GetDisplayNode()
+            display.SetOpacity2DFill(PREVIEW_FILL_OPACITY)
+            self.preview_node = node
+        target = mrml.labelled_segments(self.segmentation_node).get(label)
+        source = self.segmentation_node.GetSegmentation().GetSegment(target) if target is not None else None
+        name = f"{source.GetName() if source is not None else f'Label {label}'} (preview)"
+        color = source.GetColor() if source is not None else None
+        segmentation = node.GetSegmentation()
+        for other, segment_id in mrml.labelled_segments(node).items():
+            if other != label:  # one structure grows at a time
+                segmentation.RemoveSegment(segment_id)
+        segment_id = mrml.ensure_labelled_segment(node, label, name, color)
+        self._previewed = (job, version)  # written once, even if writing fails
+        mrml.write_segment(node, segment_id, mask, self.volume_node)
 
     def _write_overlays(self, maps: dict[str, Any], color_map: str | None) -> None:
         """Attention gates and uncertainty lie in [0, 1]; a fixed window makes their colours comparable."""

@@ -6,7 +6,8 @@ each job on one worker thread, so the Controller cannot tell where the engine ru
 job's session calls to the server with the engine's stdlib-only client (``AttentionSegLib.ServerClient``):
 the image is uploaded once, compressed with its geometry; scribbles go up and masks come back as
 changed-region patches; progress (and the job's place in the server's queue) reaches ``Job.message``;
-``Job.cancel`` cancels on the server.
+``Job.cancel`` cancels on the server. A click's or a box's structure comes back whole, when it is done: the
+server sends no previews of it as it grows (``SessionCall.previews``; ``Job.preview`` stays ``None``).
 
 A lost connection or a server that stopped fails the job with a message that says so; as for any failed job,
 the Controller then changes no segment and no scribble. ``save_model`` asks the server for the checkpoint's

@@ -44,6 +44,7 @@ _EXPORTS = {
     "Cancelled": "progress",
     "InteractiveSession": "interactive",
     "RefineSettings": "interactive",
+    "Preview": "interactive",
     "evaluate_labels": "metrics",
     "dice": "metrics",
     "hausdorff95": "metrics",

@@ -299,6 +299,10 @@ class SessionSegmenter:
         device: torch device name.
         time_budget_s: budget of every refine.
         strategy: the session's refine strategy (``auto``: the online head on a CPU, fine-tuning on a GPU).
+
+    Attributes:
+        preview: handed to every click (``InteractiveSession.click(preview=)``; ``benchmarks/medsam_speed.py``
+            times the first look with it); ``None``: none.
     """
 
     def __init__(self, image: Volume, model: Any, *, label: int, device: str, time_budget_s: float,
@@ -307,6 +311,7 @@ class SessionSegmenter:
                                           settings=RefineSettings(strategy=strategy))
         self.label = label
         self.time_budget_s = time_budget_s
+        self.preview: Any = None
 
     def _session_map(self, strokes: np.ndarray) -> np.ndarray:
         return np.where(strokes == FOREGROUND, self.label, strokes).astype(np.uint8)
@@ -325,7 +330,8 @@ class SessionSegmenter:
 
     def click(self, click: RobotClick) -> np.ndarray:
         try:
-            mask = self.session.click(click.point_ijk, label=self.label, positive=click.positive)
+            more = {} if self.preview is None else {"preview": self.preview}
+            mask = self.session.click(click.point_ijk, label=self.label, positive=click.positive, **more)
         except NoStructureAtClick:  # LiteMedSAM refuses a click where it finds nothing: the mask stays
             return self.session.mask == self.label
         return mask == self.label

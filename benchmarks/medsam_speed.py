@@ -14,7 +14,9 @@ embedding cache) loads LiteMedSAM, takes the click protocol's frame background, 
 
 * the robot's first click (``benchmarks/robot.py``: the deepest voxel of the structure): its seconds, the
   slices it encoded, the encoder's seconds per slice, the prompts decoded and the decoder's seconds per prompt
-  (the model's own accounting, ``MedSAMFamily.timings``), its Dice;
+  (the model's own accounting, ``MedSAMFamily.timings``), its Dice; and the seconds until the user sees the
+  first of it (``first look``: the click's first preview, the clicked slice's answer, as the Slicer module
+  shows it while the structure grows; an engine without previews, a baseline before them, has none);
 * one refine on the robot's correction scribble for that answer (its seconds: the issue's "per refine
   round, embeddings included after the first").
 
@@ -102,6 +104,13 @@ def _measure(spec: dict[str, Any], target: Any) -> dict[str, Any]:
     segmenter.add_background(frame_background(target))
     click = next_click(np.zeros(target.truth.shape, dtype=bool), target.truth, target.image.spacing)
     assert click is not None
+    looks: list[float] = []
+    try:
+        from AttentionSegLib.interactive.settings import Preview
+    except ImportError:  # an engine before previews
+        Preview = None  # noqa: N806
+    if Preview is not None:
+        segmenter.preview = Preview(lambda label, mask: looks.append(time.perf_counter()), every_s=1.0)
     prefetched = _dwell(segmenter.session, click.point_ijk, float(spec.get("dwell") or 0), spec["threads"])
     started = time.perf_counter() - prefetched.pop("wait_s")
     mask = np.asarray(segmenter.click(click), dtype=bool)
@@ -109,6 +118,7 @@ def _measure(spec: dict[str, Any], target: Any) -> dict[str, Any]:
     timings = model_timings(segmenter) or {}
     result: dict[str, Any] = {
         "click_s": click_s,
+        **({"first_look_s": looks[0] - started} if looks else {}),
         "click_dice": dice(mask, target.truth),
         "encoder_precision": str(inference_precision(torch.device("cpu"))).removeprefix("torch."),
         "slices": int(target.truth.any(axis=(1, 2)).sum()),
@@ -256,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"prefetched ({row['click_encoded_slices']} "
                     f"slices, {row['click_encode_s_per_slice']:.3f} s each; {row['click_decoded_prompts']} "
                     f"prompts, {row['click_decode_s']:.3f} s each) Dice {row['click_dice']:.3f}; refine "
-                    f"{row.get('refine_s', float('nan')):.2f} s",
+                    f"{row.get('refine_s', float('nan')):.2f} s; first look "
+                    f"{row.get('first_look_s', float('nan')):.2f} s",
                     flush=True,
                 )
 
@@ -266,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row["click_s_per_structure_slice"] = row["click_s"] / max(row["slices"], 1)
     columns = {
         "click_s": "s/click",
+        "first_look_s": "s to the first look",
         "prefetched_slices": "slices prefetched",
         "click_encoded_slices": "slices encoded",
         "click_s_per_structure_slice": "click s per slice of the structure",

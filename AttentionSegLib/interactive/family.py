@@ -19,7 +19,7 @@ import numpy as np
 from ..progress import CancelToken
 from ..volume import Volume
 from .history import Click
-from .settings import RefineProgress, RefineReport, RefineSettings
+from .settings import Preview, RefineProgress, RefineReport, RefineSettings
 
 
 @dataclass
@@ -56,13 +56,15 @@ class ModelFamily(Protocol):
     labels: dict[int, str]
 
     def click(self, view: SessionView, click: Click, progress: RefineProgress | None,
-              cancel: CancelToken | None) -> Proposal:
-        """The mask after ``click`` (already in ``view.clicks`` and ``view.scribbles``)."""
+              cancel: CancelToken | None, preview: Preview | None = None) -> Proposal:
+        """The mask after ``click`` (already in ``view.clicks`` and ``view.scribbles``); a family whose
+        answer grows over seconds shows it to ``preview`` as it does."""
 
     # Optional, for box-prompted families only (the session checks ``hasattr(family, "box")`` and says
     # otherwise that the model takes no boxes):
     #
-    #     def box(self, view, corner_a_ijk, corner_b_ijk, label, progress, cancel) -> Proposal:
+    #     def box(self, view, corner_a_ijk, corner_b_ijk, label, progress, cancel,
+    #             preview=None) -> Proposal:
     #         """The structure in the box (two opposite corners (i, j, k) on the first corner's slice),
     #         in 3D."""
     #

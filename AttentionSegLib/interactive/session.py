@@ -30,7 +30,7 @@ from ..volume import Volume, check_finite
 from .family import ModelFamily, Proposal, check_point
 from .history import Click, History, Snapshot
 from .roi import click_disk
-from .settings import RefineProgress, RefineReport, RefineSettings
+from .settings import Preview, RefineProgress, RefineReport, RefineSettings
 
 __all__ = ["MAX_TIME_BUDGET_S", "Click", "InteractiveSession", "RefineReport", "RefineSettings",
            "check_time_budget", "open_family"]
@@ -266,13 +266,15 @@ class InteractiveSession:
         self.scribbles[:] = IGNORE_INDEX
 
     def click(self, point_ijk: Sequence[float], label: int = 1, positive: bool = True,
-              progress: RefineProgress | None = None, cancel: CancelToken | None = None) -> np.ndarray:
+              progress: RefineProgress | None = None, cancel: CancelToken | None = None,
+              preview: Preview | None = None) -> np.ndarray:
         """A positive click adds the structure under the point to ``label``; a negative one removes it.
 
         How the structure is found is the family's: the U-Nets keep the connected component of their answer at
-        the point; LiteMedSAM turns the click into a box and propagates it through the slices. The click also
-        stays as a small scribble, so later refinements keep honouring it. A failed or cancelled click leaves
-        nothing behind (no click, no scribble, no undo step).
+        the point; LiteMedSAM turns the click into a box and propagates it through the slices (``preview``
+        shows the structure as it grows: :class:`~.settings.Preview`). The click also stays as a small
+        scribble, so later refinements keep honouring it. A failed or cancelled click leaves nothing behind
+        (no click, no scribble, no undo step).
         """
         point = check_point(self.volume, point_ijk)
         self._check_label(label, "click")
@@ -286,7 +288,7 @@ class InteractiveSession:
             patch = self.scribbles[region]
             patch[inside] = label if positive else 0
             with reuse_freed_memory():
-                proposal = self.family.click(self, click, progress, cancel)
+                proposal = self.family.click(self, click, progress, cancel, preview)
         except BaseException:
             self._rollback()
             raise
@@ -294,13 +296,14 @@ class InteractiveSession:
         return self.mask
 
     def box(self, corner_a_ijk: Sequence[float], corner_b_ijk: Sequence[float], label: int = 1,
-            progress: RefineProgress | None = None, cancel: CancelToken | None = None) -> np.ndarray:
+            progress: RefineProgress | None = None, cancel: CancelToken | None = None,
+            preview: Preview | None = None) -> np.ndarray:
         """A box on one slice (two opposite corners ``(i, j, k)``, the slice of the
         first) gives ``label`` in 3D.
 
         Only box-prompted families answer it (LiteMedSAM: the box segments its slice, then the structure is
-        propagated through the slices); the others raise ``ValueError``. A failed or cancelled box leaves
-        nothing behind.
+        propagated through the slices, shown as it grows with ``preview``); the others raise ``ValueError``.
+        A failed or cancelled box leaves nothing behind.
         """
         if not hasattr(self.family, "box"):
             raise ValueError(f"the '{self.family.name}' model takes clicks and scribbles, not boxes; a box "
@@ -313,7 +316,7 @@ class InteractiveSession:
         self._push_undo("box")
         try:
             with reuse_freed_memory():
-                proposal = self.family.box(self, corner_a, corner_b, int(label), progress, cancel)
+                proposal = self.family.box(self, corner_a, corner_b, int(label), progress, cancel, preview)
         except BaseException:
             self._rollback()
             raise

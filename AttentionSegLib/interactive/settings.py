@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ..progress import ProgressCallback
 
@@ -11,6 +14,31 @@ STRATEGIES = ("auto", "online_head", "finetune")
 
 RefineProgress = ProgressCallback
 """The engine's one progress callback, ``callback(fraction_done, message)`` (:mod:`..progress`)."""
+
+
+@dataclass(frozen=True)
+class Preview:
+    """Where an answer that takes seconds shows itself while it grows: LiteMedSAM's propagation of a click or
+    a box decodes the structure slice by slice (an encoding of 0.25-1 s each on a CPU, 15-25 s for a
+    40-slice organ not prepared ahead), and with a preview the user sees the clicked slice after about a
+    second and the structure growing from it, instead of a progress bar alone.
+
+    ``show(label, mask)``: ``label``'s structure so far, a boolean array on the image grid (as the answer's
+    mask; locks and the other labels not applied), called from the thread that computes it (return soon: the
+    work waits), first as soon as the clicked slice is decoded, then at most every ``every_s`` seconds after
+    the last call returned, never after the click or box returns. Families that answer in one step (the
+    U-Nets) never call it. The answer itself comes back as always: a preview is only something to look at,
+    and a cancelled or failed click leaves the session as it was whatever was shown.
+    """
+
+    show: Callable[[int, np.ndarray], None]
+    every_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not callable(self.show):
+            raise TypeError(f"Preview.show must be callable, got {type(self.show).__name__}")
+        if not math.isfinite(self.every_s) or self.every_s < 0:
+            raise ValueError(f"Preview.every_s must be a finite number of seconds >= 0, got {self.every_s}")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from .adapt.finetune import fine_tune_network, pad_to_divisor
 from .family import Proposal, SessionView
 from .history import Click
 from .roi import ModelGrid, interaction_box, training_targets
-from .settings import RefineProgress, RefineReport, RefineSettings
+from .settings import Preview, RefineProgress, RefineReport, RefineSettings
 
 HEAD_MAX_VOXELS = 1 << 22
 """Up to this many voxels the online head sees the whole model grid (its features are cheap), else the ROI."""
@@ -199,8 +199,9 @@ class UNetFamily:
     # ------------------------------------------------------------------------------------------- the family
 
     def click(self, view: SessionView, click: Click, progress: RefineProgress | None,
-              cancel: CancelToken | None) -> Proposal:
-        """Keep the component at the point, or learn from the marks when the network does not find it there.
+              cancel: CancelToken | None, preview: Preview | None = None) -> Proposal:
+        """Keep the component at the point, or learn from the marks when the network does not find it there
+        (one answer, nothing to ``preview`` before it).
 
         With the online head (an automatic network, ``strategy`` resolving to ``online_head``): a trained
         network's component at the point is kept when it has one; otherwise, once the marks hold the label and

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from AttentionSegLib import InteractiveSession, read_image
-from AttentionSegLib.interactive import RefineSettings
+from AttentionSegLib.interactive import Preview, RefineSettings
 from AttentionSegLib.interactive.medsam import (
     EmbeddingCache,
     MedSAMFamily,
@@ -274,6 +274,47 @@ def test_a_propagation_reports_every_slice_and_a_cancel_stops_it_between_two(
     assert _same(_state(session), before)
     assert all(session.family.structures[k] is v for k, v in answers[0].items())
     assert all(session.family.probabilities[k] is v for k, v in answers[1].items())
+
+
+def test_a_propagation_shows_the_structure_as_it_grows_and_a_cancel_there_changes_nothing(
+    spleen: tuple[Volume, np.ndarray],
+) -> None:
+    """While a click propagates, :class:`Preview` sees the structure so far on the image grid: the clicked
+    slice alone as soon as it is decoded, then (``every_s=0``) after every slice decided, the last look being
+    the answer itself; with a long interval the first look alone. A click cancelled from its third look leaves
+    the session as it was; a box shows itself the same way."""
+    image, truth = spleen
+    session = InteractiveSession(image, "medsam_lite", device="cpu")
+    click = next_click(np.zeros_like(truth), truth, image.spacing)
+    k = int(round(click.point_ijk[2]))
+    looks: list[tuple[int, np.ndarray]] = []
+    token = threading.Event()
+
+    def look(label: int, mask: np.ndarray) -> None:
+        looks.append((label, mask.copy()))
+        if len(looks) == 3:
+            token.set()
+
+    before = _state(session)
+    with pytest.raises(Cancelled):
+        session.click(click.point_ijk, label=2, cancel=token, preview=Preview(look, every_s=0.0))
+    assert len(looks) == 3 and _same(_state(session), before) and not session.can_undo
+
+    looks.clear()
+    mask = session.click(click.point_ijk, label=2, preview=Preview(look, every_s=0.0))
+    first = looks[0][1]
+    assert first.shape == image.shape and first.dtype == bool
+    assert np.nonzero(first.any(axis=(1, 2)))[0].tolist() == [k]  # the clicked slice, alone
+    assert {label for label, _ in looks} == {2}
+    assert len(looks) >= int(truth.any(axis=(1, 2)).sum()) // 2  # one look per decoded slice (6 mm apart)
+    assert np.array_equal(looks[-1][1], mask == 2) and dice(mask == 2, truth) >= 0.8
+
+    looks.clear()
+    corner_a, corner_b = largest_slice_box(truth)
+    mask = session.box(corner_a, corner_b, label=3, preview=Preview(look, every_s=3600.0))
+    assert len(looks) == 1 and looks[0][0] == 3
+    assert np.nonzero(looks[0][1].any(axis=(1, 2)))[0].tolist() == [corner_a[2]]
+    assert (looks[0][1] <= (mask == 3)).all() and (mask == 3).sum() > looks[0][1].sum()
 
 
 def test_a_click_after_a_walked_refine_keeps_the_strokes(spleen: tuple[Volume, np.ndarray]) -> None:

@@ -289,11 +289,25 @@ def test_a_roi_on_the_spleen_gives_the_spleen_in_3d_with_litemedsam(scene: Any, 
         roi.SetCenterWorld(*((low + high) / 2))
         roi.SetSizeWorld(*np.abs(high - low))
 
-        job = controller.wait(controller.box_from_roi(roi, segment_id=segments[1]), WAIT_S)
+        seen: list[tuple[np.ndarray, int]] = []  # the previews' slices, and the user's segment, as it ran
+
+        def watch() -> None:
+            preview = controller.preview_node
+            if preview is not None:
+                shown = mrml.read_segment(preview, mrml.labelled_segments(preview)[1], node)
+                slices = np.nonzero(shown.reshape(shown.shape[0], -1).any(axis=1))[0]
+                if not seen or not np.array_equal(seen[-1][0], slices):
+                    user = int(mrml.read_segment(controller.segmentation_node, segments[1], node).sum())
+                    seen.append((slices, user))
+
+        job = controller.wait(controller.box_from_roi(roi, segment_id=segments[1]), WAIT_S, idle=watch)
         assert job.state is JobState.SUCCEEDED, job.error_message
         mask = mrml.read_segment(controller.segmentation_node, segments[1], node)
         dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
         assert dice >= 0.9, f"spleen Dice {dice:.3f} from its reference box through Slicer"
         assert (mask.reshape(mask.shape[0], -1).any(axis=1)).sum() > truth.shape[0] // 2  # propagated
+        # while it propagated the structure grew in a node of its own: first the box's slice
+        assert seen and seen[0][0].tolist() == [k] and all(user == 0 for _, user in seen)
+        assert controller.preview_node is None
     finally:
         controller.close()

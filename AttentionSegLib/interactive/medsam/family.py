@@ -26,7 +26,7 @@ from ..cropped import Cropped
 from ..family import Proposal, SessionView
 from ..history import Click
 from ..roi import ModelGrid
-from ..settings import RefineProgress, RefineReport, RefineSettings
+from ..settings import Preview, RefineProgress, RefineReport, RefineSettings
 from .cache import SHARED_CACHE
 from .decoding import Decoding
 from .masks import looks_like_ct
@@ -187,9 +187,12 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         return min(max(k, 0), self.slices.shape[0] - 1), float(index[2]), float(index[1])
 
     def _to_image(self, volume_grid: np.ndarray, *, labels: bool) -> np.ndarray:
+        """A map of the reoriented grid on the image grid: ``labels`` (uint8, nearest) or values (float32)."""
         array = volume_grid if self.grid.image.ndim == 3 else volume_grid[0]
         out = self.grid.preprocessor.inverse(
-            array.astype(np.float32), self.grid.context, interpolator="nearest" if labels else "linear"
+            array.astype(np.uint8 if labels else np.float32, copy=False),
+            self.grid.context,
+            interpolator="nearest" if labels else "linear",
         ).array
         return out
 
@@ -265,11 +268,16 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
 
     @_keeps_answers_on_failure
     def click(
-        self, view: SessionView, click: Click, progress: RefineProgress | None, cancel: CancelToken | None
+        self,
+        view: SessionView,
+        click: Click,
+        progress: RefineProgress | None,
+        cancel: CancelToken | None,
+        preview: Preview | None = None,
     ) -> Proposal:
         """The first positive click on a label anchors its structure there: the box the click stands for,
-        propagated through the slices (with ``refine_mode="decoder"`` a positive click on a slice that no
-        structure crosses anchors it again there).
+        propagated through the slices, shown to ``preview`` as it grows (with ``refine_mode="decoder"`` a
+        positive click on a slice that no structure crosses anchors it again there).
 
         Any other click corrects the structure. With the walker (``refine_mode="walker"``, the default) it is
         a stroke like a scribble (the session keeps its disk in the scribbles): the walker runs again on
@@ -325,7 +333,7 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             grid_scribbles = self._grid_labels(view.scribbles)
             if click.positive and not inside and self._add_part(track, k, x, y, label):
                 part = progress_part(progress, 0.1, 0.3)
-                steps = SliceSteps(part, cancel, "propagating the part at the click")
+                steps = SliceSteps(part, cancel, "propagating the part at the click", preview=preview)
                 self._propagate(label, view, grid_scribbles, steps)
             if progress is not None:
                 progress(0.3, "LiteMedSAM: the walker on the clicks and strokes")
@@ -336,7 +344,7 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             track.points.setdefault(k, []).append((x, y, 1 if click.positive else 0))
         if cancel is not None and cancel.is_set():
             raise Cancelled("click cancelled")
-        self._propagate(label, view, steps=self._steps(label, progress, cancel, 0.2))
+        self._propagate(label, view, steps=self._steps(label, progress, cancel, 0.2, preview=preview))
         self._walk_again(view, label, progress, cancel)
         return self._proposal(view, [label])
 
@@ -379,11 +387,12 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         cancel: CancelToken | None,
         start: float,
         what: str = "propagating through the slices",
+        preview: Preview | None = None,
     ) -> SliceSteps:
         """Progress from ``start`` to where the walker takes over (0.5) when it will walk ``label`` again,
         else to 0.95."""
         end = 0.5 if label in self.refined else 0.95
-        return SliceSteps(progress_part(progress, start, end), cancel, what)
+        return SliceSteps(progress_part(progress, start, end), cancel, what, preview=preview)
 
     def _labels_at(self, k: int) -> set[int]:
         return {label for label, s in self.structures.items() if s[k].any()}
@@ -397,14 +406,16 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         label: int,
         progress: RefineProgress | None = None,
         cancel: CancelToken | None = None,
+        preview: Preview | None = None,
     ) -> Proposal:
-        """A box on one slice (two opposite corners, voxel ``(i, j, k)``; the first corner's slice) → 3D."""
+        """A box on one slice (two opposite corners, voxel ``(i, j, k)``; the first corner's slice) → 3D,
+        shown to ``preview`` as it grows."""
         k, xa, ya = self._to_grid(corner_a_ijk)
         _, xb, yb = self._to_grid(corner_b_ijk)
         self.tracks[label] = Track(k, (min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)))
         if cancel is not None and cancel.is_set():
             raise Cancelled("box cancelled")
-        self._propagate(label, view, steps=self._steps(label, progress, cancel, 0.05))
+        self._propagate(label, view, steps=self._steps(label, progress, cancel, 0.05, preview=preview))
         self._walk_again(view, label, progress, cancel)
         return self._proposal(view, [label])
 

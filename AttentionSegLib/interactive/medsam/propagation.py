@@ -38,17 +38,21 @@ class Propagation:
 
         ``grid_scribbles``: the view's scribbles already on the reoriented grid (a refine maps them once).
         ``steps``: progress and cancel slice by slice (a cancelled propagation assigns no structure; the
-        session restores the tracks).
+        session restores the tracks), and the preview of the structure so far (the track's, then with each
+        part's as it grows).
         """
         track = self.tracks[label]
         fg_marks, bg_marks = self._marks(label, view, grid_scribbles)
         limits = self._limits(label, view, fg_marks)
         if steps is not None:
             steps.slices = self.slices.shape[0] if limits is None else limits[1] - limits[0] + 1
+            steps.show = self._shows(label, steps)
         structure, probability, maps = self._chain(
             track, limits, fg_marks, bg_marks, self._scribbled_slices(fg_marks), steps
         )
         for part in track.parts:
+            if steps is not None:
+                steps.show = self._shows(label, steps, structure)
             more, more_probability, more_maps = self._chain(part, limits, fg_marks, bg_marks, {}, steps)
             structure |= more
             np.maximum(probability, more_probability, out=probability)
@@ -57,6 +61,21 @@ class Propagation:
         self.structures[label] = structure
         self.probabilities[label] = probability
         self.attention[label] = maps
+
+    def _shows(
+        self, label: int, steps: SliceSteps, joined: np.ndarray | None = None
+    ) -> Callable[[np.ndarray], None] | None:
+        """What shows a chain's structure so far (the reoriented grid, with ``joined`` added) to the preview
+        of ``steps``, as ``label`` on the image grid; ``None`` without a preview."""
+        preview = steps.preview
+        if preview is None:
+            return None
+
+        def show(structure: np.ndarray) -> None:
+            grid = structure if joined is None else structure | joined
+            preview.show(label, self._to_image(grid, labels=True) > 0)
+
+        return show
 
     def _chain(
         self,
@@ -115,6 +134,8 @@ class Propagation:
                 used[k0] = chosen
             if amap is not None:
                 maps[k0] = amap
+            if steps is not None:
+                steps.reached(structure)
             anchor_map = amap
             for step in (1, -1):
                 previous, previous_map, at = first, anchor_map, k0
@@ -197,6 +218,8 @@ class Propagation:
                         maps[k] = amap
                     done.add(k)
                     walked.append((k, iou))
+                    if steps is not None:
+                        steps.reached(structure)
             # Foreground scribbles on slices the structure did not reach start a propagation of their own.
             for k, fg_box in scribbled.items():
                 if k not in done:

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,7 +13,7 @@ import torch
 
 from ...progress import Cancelled, CancelToken
 from ..cropped import Cropped
-from ..settings import RefineProgress
+from ..settings import Preview, RefineProgress
 
 
 @dataclass
@@ -48,13 +51,20 @@ class SliceSteps:
     ``cancel`` is set (the session then restores its state) and reports to ``progress`` (the step's part of
     the whole, :func:`~AttentionSegLib.progress.progress_part`) one ``slices``-th more per slice (the
     volume's slices, or the label's bounds'; a propagation that stops early leaves the rest to the next
-    report)."""
+    report).
+
+    :meth:`reached`, once a slice's answer is decided, shows the structure so far to ``preview`` when one is
+    due (:class:`~..settings.Preview`), through ``show`` (set by the propagation: the reoriented grid's
+    structure onto the image grid)."""
 
     progress: RefineProgress | None
     cancel: CancelToken | None
     what: str = "propagating through the slices"
     slices: int = 0  # set by the propagation
     done: int = 0
+    preview: Preview | None = None
+    show: Callable[[np.ndarray], None] | None = None  # set by the propagation
+    shown_at: float = -math.inf  # time.monotonic() when the last preview returned
 
     def step(self, count: int = 1) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -63,3 +73,12 @@ class SliceSteps:
         if self.progress is not None:
             fraction = min(self.done / max(self.slices, 1), 1.0)  # parts and slices decoded again count too
             self.progress(fraction, f"LiteMedSAM: {self.what} ({self.done} done)")
+
+    def reached(self, structure: np.ndarray) -> None:
+        """``structure`` (the reoriented grid) holds one more decided slice: show it if a preview is due."""
+        if self.preview is None or self.show is None:
+            return
+        if time.monotonic() - self.shown_at < self.preview.every_s:
+            return
+        self.show(structure)
+        self.shown_at = time.monotonic()  # counted from the end of the last one: the work goes first
