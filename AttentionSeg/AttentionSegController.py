@@ -57,8 +57,8 @@ class SegmentationController:
         scribble_node: scribble segments (label 0 = background) painted with the Segment Editor.
         overlay_nodes: ``{map name: scalar volume node}`` of the attention / uncertainty overlays shown.
         preview_node: while a click or a box propagates, a segmentation node showing the structure so far
-            (one segment, in the colour of the segment it goes to; not saved with the scene); ``None``
-            otherwise.
+            (one segment, in the colour of the segment it goes to; not saved with the scene, hidden from node
+            selectors); ``None`` otherwise.
         model_labels: ``{label: name}`` the session's model segments (each offered as a segment at start).
         session_facts: the engine session's own description at start (family, network, device and
             ``strategy``, how Refine learns: ``online_head`` or ``finetune``).
@@ -474,6 +474,7 @@ class SegmentationController:
         if node is None or self.scene.GetNodeByID(node.GetID()) is None:  # none yet, or the user deleted it
             node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", PREVIEW_NAME)
             node.SetSaveWithScene(False)
+            node.SetHideFromEditors(True)  # never offered as an output or scribble segmentation
             mrml.prepare_segmentation(node, self.volume_node)
             display = node.GetDisplayNode()
             display.SetOpacity2DFill(PREVIEW_FILL_OPACITY)

@@ -91,7 +91,7 @@ def test_a_growing_structure_is_shown_apart_and_leaves_as_the_answer_is_written(
     shown = preview.GetSegmentation().GetSegment(mrml.labelled_segments(preview)[1])
     target = controller.segmentation_node.GetSegmentation().GetSegment(segment_id)
     assert shown.GetName() == f"{target.GetName()} (preview)" and shown.GetColor() == target.GetColor()
-    assert not preview.GetSaveWithScene()
+    assert not preview.GetSaveWithScene() and preview.GetHideFromEditors()
     assert not mrml.read_segment(controller.segmentation_node, segment_id, node).any()  # never the user's
 
     job.show_preview(1, slab(1, 5))
