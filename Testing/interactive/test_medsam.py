@@ -715,6 +715,36 @@ def test_slice_steps_report_at_most_the_whole_and_cancel_before_a_slice() -> Non
     assert steps.done == 5 and len(reports) == 2
 
 
+def test_slice_steps_show_the_first_slice_at_once_then_once_the_interval_has_passed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first decided slice is shown at once; the next ones once ``every_s`` has passed since the last
+    look returned (a slow look does not eat the interval); without a preview nothing is converted."""
+    import AttentionSegLib.interactive.medsam.state as state
+
+    now = [100.0]
+    monkeypatch.setattr(state.time, "monotonic", lambda: now[0])
+    shown: list[int] = []
+
+    def show(structure: np.ndarray) -> None:
+        shown.append(int(structure.sum()))
+        now[0] += 0.5  # the look itself takes half a second
+
+    steps = SliceSteps(None, None, preview=Preview(lambda label, mask: None, every_s=1.0), show=show)
+    for count in range(1, 6):
+        steps.reached(np.ones(count, dtype=bool))
+        now[0] += 0.4
+    # 1 at t=100 (back at 100.5); 2-3 at 100.9, 101.3 too soon; 4 at 101.7 (back at 102.2); 5 too soon
+    assert shown == [1, 4]
+    quiet = SliceSteps(None, None, show=show)
+    quiet.reached(np.ones(3, dtype=bool))
+    assert shown == [1, 4]
+    with pytest.raises(ValueError, match="every_s"):
+        Preview(lambda label, mask: None, every_s=-1.0)
+    with pytest.raises(TypeError, match="callable"):
+        Preview(None)  # type: ignore[arg-type]
+
+
 def test_the_next_decoded_slice_stops_before_what_must_be_decoded_or_is_done() -> None:
     nxt = MedSAMFamily._next_decoded
     assert nxt(10, 1, 3, (0, 20), set(), lambda k: False) == 13
