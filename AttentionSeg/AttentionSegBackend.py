@@ -26,8 +26,8 @@ from typing import Any, Protocol
 import numpy as np
 
 PREVIEW_EVERY_S = 1.0
-"""How often the local engine shows an answer that grows (:attr:`Job.preview`): about once a second, each a
-copy of the mask on the worker thread and a segment written on the GUI thread."""
+"""How often an answer that grows is shown (:attr:`Job.preview`, by the local engine or by a server): about
+once a second, each a copy of the mask on the worker thread and a segment written on the GUI thread."""
 
 
 class JobState(enum.Enum):

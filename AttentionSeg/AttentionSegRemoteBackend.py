@@ -6,8 +6,9 @@ each job on one worker thread, so the Controller cannot tell where the engine ru
 job's session calls to the server with the engine's stdlib-only client (``AttentionSegLib.ServerClient``):
 the image is uploaded once, compressed with its geometry; scribbles go up and masks come back as
 changed-region patches; progress (and the job's place in the server's queue) reaches ``Job.message``;
-``Job.cancel`` cancels on the server. A click's or a box's structure comes back whole, when it is done: the
-server sends no previews of it as it grows (``SessionCall.previews``; ``Job.preview`` stays ``None``).
+``Job.cancel`` cancels on the server. A click's or a box's structure is shown as it grows, as with the local
+engine (``SessionCall.previews``): the server keeps its newest preview, about once a second
+(``PREVIEW_EVERY_S``), and the next status poll brings it to ``Job.preview``.
 
 A lost connection or a server that stopped fails the job with a message that says so; as for any failed job,
 the Controller then changes no segment and no scribble. ``save_model`` asks the server for the checkpoint's
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from AttentionSegBackend import Job, JobWorker, SessionCall
+from AttentionSegBackend import PREVIEW_EVERY_S, Job, JobWorker, SessionCall
 
 
 class RemoteBackend(JobWorker):
@@ -104,7 +105,10 @@ class RemoteBackend(JobWorker):
                     remote.append(("save_model", (), {}))
                 else:
                     remote.append((call.method, tuple(call.args), dict(call.kwargs)))
-            result = session.call(remote, name=name, progress=job.report, cancel=job.cancel_event)
+            previews = any(call.previews for call in calls)
+            result = session.call(remote, name=name, progress=job.report, cancel=job.cancel_event,
+                                  preview=job.show_preview if previews else None,
+                                  preview_every_s=PREVIEW_EVERY_S)
             if save_to is not None and isinstance(result, bytes):
                 return _write_atomically(save_to, result)
             return result

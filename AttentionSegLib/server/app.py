@@ -12,7 +12,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -111,6 +111,8 @@ def create_app(config: ServerConfig, service: Service) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes)
     router = APIRouter(prefix=API_PREFIX, dependencies=[Depends(token_checker(config.token))])
     wait_query = Query(0.0, ge=0.0, le=MAX_WAIT_S, description="seconds to wait for the job to finish")
+    preview_query = Query(None, ge=0, description="send the running job's preview when newer than this "
+                                                  "version (and stop waiting when one comes)")
 
     async def packet(request: Request) -> Any:
         kind = request.headers.get("content-type", "")
@@ -155,8 +157,10 @@ def create_app(config: ServerConfig, service: Service) -> FastAPI:
         return await reply(service.render, session, job, wait)
 
     @router.get("/jobs/{job_id}")
-    async def job_status(job_id: str, wait: float = wait_query) -> Response:
-        return await reply(service.wait, job_id, wait)
+    # Optional, not "int | None": FastAPI evaluates the annotation, and Python 3.9 cannot
+    async def job_status(job_id: str, wait: float = wait_query,
+                         preview_after: Optional[int] = preview_query) -> Response:  # noqa: UP045
+        return await reply(service.wait, job_id, wait, preview_after)
 
     @router.post("/jobs/{job_id}/cancel")
     async def cancel(job_id: str) -> dict[str, Any]:

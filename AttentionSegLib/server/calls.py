@@ -34,25 +34,30 @@ class MethodSpec:
         signature: its parameters (names, defaults) as a client may pass them.
         kinds: ``{parameter: kind}``, the kind checked by :func:`_check_value`.
         reports_progress: the method takes ``progress=`` and ``cancel=``.
+        previews: the method takes ``preview=`` (a click or a box, whose structure LiteMedSAM propagates over
+            seconds).
     """
 
     signature: inspect.Signature
     kinds: dict[str, str]
     reports_progress: bool = False
+    previews: bool = False
 
 
-def _spec(parameters: list[tuple[str, str, Any]], progress: bool = False) -> MethodSpec:
+def _spec(parameters: list[tuple[str, str, Any]], progress: bool = False, previews: bool = False
+          ) -> MethodSpec:
     empty = inspect.Parameter.empty
     signature = inspect.Signature([
         inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=empty if d is ... else d)
         for name, _, d in parameters])
-    return MethodSpec(signature, {name: kind for name, kind, _ in parameters}, progress)
+    return MethodSpec(signature, {name: kind for name, kind, _ in parameters}, progress, previews)
 
 
 METHODS: dict[str, MethodSpec] = {
-    "click": _spec([("point_ijk", "point", ...), ("label", "label", 1), ("positive", "bool", True)], True),
+    "click": _spec([("point_ijk", "point", ...), ("label", "label", 1), ("positive", "bool", True)], True,
+                   previews=True),
     "box": _spec([("corner_a_ijk", "point", ...), ("corner_b_ijk", "point", ...), ("label", "label", 1)],
-                 True),
+                 True, previews=True),
     "set_bounds": _spec(
         [("corner_a_ijk", "point", ...), ("corner_b_ijk", "point", ...), ("label", "label", 1)], True),
     "clear_bounds": _spec([("label", "label", ...)]),
@@ -157,15 +162,18 @@ def resolve_scribbles(calls: list[Call], resolve: Callable[[dict[str, Any]], Any
                 call.arguments[name] = resolve(call.arguments[name])
 
 
-def invoke(session: Any, call: Call, progress: Callable[..., None], cancel: Any) -> Any:
+def invoke(session: Any, call: Call, progress: Callable[..., None], cancel: Any, preview: Any = None) -> Any:
     """Run ``call`` on the engine session; ``save_model`` returns the checkpoint's bytes (written to a
-    temporary folder of the server's own, then removed)."""
+    temporary folder of the server's own, then removed). ``preview`` (an ``AttentionSegLib.Preview``) goes to
+    the methods that show a structure as it grows."""
     if call.method == "save_model":
         with tempfile.TemporaryDirectory(prefix="attentionseg-serve-") as folder:
             return Path(session.save_model(Path(folder) / "adapted_model.pt")).read_bytes()
     arguments = dict(call.arguments)
     if call.spec.reports_progress:
         arguments.update(progress=progress, cancel=cancel)
+    if call.spec.previews and preview is not None:
+        arguments["preview"] = preview
     return getattr(session, call.method)(**arguments)
 
 

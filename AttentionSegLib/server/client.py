@@ -11,8 +11,9 @@ the Slicer module's remote backend uses::
     session.close()
 
 Calls block until the server's job finishes, reporting ``progress(fraction, message)`` (with the job's place
-in the server's queue while it waits) and asking the server to cancel when ``cancel.is_set()``. Scribble maps
-go up, and masks come back, as changed-region patches (:mod:`.patches`).
+in the server's queue while it waits) and asking the server to cancel when ``cancel.is_set()``; a click's or a
+box's structure can be shown as it grows (``preview=``). Scribble maps go up, and masks come back, as
+changed-region patches (:mod:`.patches`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 
 from . import API_PREFIX, PACKET_TYPE
 from .codec import decode, encode
-from .patches import Mirror, StalePatch
+from .patches import Mirror, StalePatch, preview_mask
 
 Progress = Callable[[float, str], None]
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -122,9 +123,13 @@ class ServerClient:
 
     # -- jobs ------------------------------------------------------------------------------------------------
     def follow(self, status: dict[str, Any], name: str, progress: Progress | None,
-               cancel: Any) -> dict[str, Any]:
-        """Poll a job until it finishes; its final status (with the result) or the job's error raised."""
+               cancel: Any, preview: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll a job until it finishes; its final status (with the result) or the job's error raised.
+
+        ``preview``: called with each newer preview packet the job's status carries
+        (:func:`.patches.preview_packet`; the job must have been submitted with ``preview_every_s``)."""
         cancel_sent = False
+        seen = 0
         while status["state"] not in FINISHED:
             if cancel is not None and cancel.is_set() and not cancel_sent:
                 self._json("POST", f"/jobs/{status['job_id']}/cancel")
@@ -132,7 +137,12 @@ class ServerClient:
             if progress is not None:
                 progress(*_progress_of(status))
             status = self._packet("GET", f"/jobs/{status['job_id']}", wait=self.poll_s,
+                                  preview_after=None if preview is None else seen,
                                   what=f"while {name} ran on the server")
+            shown = status.get("preview")
+            if preview is not None and isinstance(shown, dict) and isinstance(shown.get("version"), int):
+                seen = max(seen, shown["version"])
+                preview(shown)
         if progress is not None and status["state"] == "succeeded":
             progress(1.0, status.get("message") or "done on the server")
         if status["state"] == "cancelled":
@@ -146,9 +156,13 @@ class ServerClient:
         return json.loads(self._request(method, path))
 
     def _packet(self, method: str, path: str, *, body: bytes | None = None, wait: float | None = None,
-                timeout: float | None = None, what: str = "") -> dict[str, Any]:
-        query = {"wait": f"{wait:g}"} if wait is not None else None
-        return decode(self._request(method, path, body=body, query=query, timeout=timeout, what=what))
+                timeout: float | None = None, preview_after: int | None = None,
+                what: str = "") -> dict[str, Any]:
+        query = {"wait": f"{wait:g}"} if wait is not None else {}
+        if preview_after is not None:
+            query["preview_after"] = str(int(preview_after))
+        return decode(self._request(method, path, body=body, query=query or None, timeout=timeout,
+                                    what=what))
 
     def _request(self, method: str, path: str, *, body: bytes | None = None,
                  query: dict[str, str] | None = None, timeout: float | None = None, what: str = "") -> bytes:
@@ -194,19 +208,33 @@ class RemoteSession:
         self.mask = Mirror(shape, 0)
 
     def call(self, calls: Sequence[tuple[str, Sequence[Any], dict[str, Any]]], *, name: str = "Job",
-             progress: Progress | None = None, cancel: Any = None) -> Any:
+             progress: Progress | None = None, cancel: Any = None,
+             preview: Callable[[int, np.ndarray], None] | None = None, preview_every_s: float = 1.0) -> Any:
         """Run ``(method, args, kwargs)`` calls in order as one server job; the last call's result.
 
         Scribble maps (arrays on the image grid) travel as patches; a mask result comes back as one and is
-        returned whole; ``save_model`` returns the checkpoint's bytes.
+        returned whole; ``save_model`` returns the checkpoint's bytes. ``preview(label, mask)``: a click's or
+        a box's structure as it grows (a boolean map on the image grid), at most every ``preview_every_s``
+        seconds and only as often as the job's status is polled; a preview that does not fit the grid is
+        passed over (it is only something to look at).
         """
+        every_s = None if preview is None else preview_every_s
         try:
-            status = self._submit(calls, name, full=False)
+            status = self._submit(calls, name, full=False, preview_every_s=every_s)
         except ServerError as error:
             if error.code != "stale_patch":
                 raise
-            status = self._submit(calls, name, full=True)  # the server's copy fell behind: send it whole
-        status = self.client.follow(status, name, progress, cancel)
+            # the server's copy fell behind: send it whole
+            status = self._submit(calls, name, full=True, preview_every_s=every_s)
+
+        def show(packet: dict[str, Any]) -> None:
+            try:
+                _, label, mask = preview_mask(self.shape, packet)
+            except ValueError:
+                return
+            preview(label, mask)
+
+        status = self.client.follow(status, name, progress, cancel, None if preview is None else show)
         kind, result = status.get("result_kind"), status.get("result")
         if kind == "mask":
             try:
@@ -224,11 +252,14 @@ class RemoteSession:
                 raise
 
     def _submit(self, calls: Sequence[tuple[str, Sequence[Any], dict[str, Any]]], name: str,
-                full: bool) -> dict[str, Any]:
+                full: bool, preview_every_s: float | None = None) -> dict[str, Any]:
         encoded = [{"method": method, "args": [self._argument(a, full) for a in args],
                     "kwargs": {k: self._argument(v, full) for k, v in kwargs.items()}}
                    for method, args, kwargs in calls]
-        body = encode({"name": name, "calls": encoded})
+        job: dict[str, Any] = {"name": name, "calls": encoded}
+        if preview_every_s is not None:
+            job["preview_every_s"] = float(preview_every_s)
+        body = encode(job)
         return self.client._packet("POST", f"/sessions/{self.id}/jobs", body=body, wait=self.client.poll_s)
 
     def _argument(self, value: Any, full: bool) -> Any:

@@ -14,6 +14,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from .patches import preview_packet
+
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "pending", "running", "succeeded", "failed", "cancelled"
 FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
@@ -34,6 +38,8 @@ class ServerJob:
         self.cancel_event = threading.Event()
         self.done_event = threading.Event()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a preview came or the job finished
+        self._preview: dict[str, Any] | None = None
         self.state = PENDING
         self.progress = 0.0
         self.message = ""
@@ -56,6 +62,22 @@ class ServerJob:
             if message:
                 self.message = str(message)
 
+    def show_preview(self, label: int, mask: np.ndarray) -> None:
+        """The engine's preview callback (``AttentionSegLib.Preview``), on the device thread: keeps the
+        structure so far (the box of its voxels, :func:`.patches.preview_packet`) for the next status that
+        asks for it, and wakes a client waiting for it."""
+        with self._changed:
+            version = 1 if self._preview is None else self._preview["version"] + 1
+            self._preview = preview_packet(version, label, mask)
+            self._changed.notify_all()
+
+    def wait(self, timeout: float, preview_after: int | None = None) -> None:
+        """Wait up to ``timeout`` s for the job to finish or, with ``preview_after``, for a newer preview."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.state in FINISHED or (
+                preview_after is not None and self._preview is not None
+                and self._preview["version"] > preview_after), max(0.0, timeout))
+
     def cancel(self) -> None:
         self.cancel_event.set()
 
@@ -69,15 +91,20 @@ class ServerJob:
             if state == SUCCEEDED:
                 self.progress = 1.0
             self.finished_at = time.monotonic()
+            self._changed.notify_all()
         self.done_event.set()
 
-    def status(self, position: int | None) -> dict[str, Any]:
-        """What the client sees while it waits (no result)."""
+    def status(self, position: int | None, preview_after: int | None = None) -> dict[str, Any]:
+        """What the client sees while it waits (no result); with ``preview_after``, a running job's preview
+        when it is newer than that version."""
         with self._lock:
             status = {"job_id": self.id, "session_id": self.session_id, "name": self.name,
                       "state": self.state, "progress": self.progress, "message": self.message}
             if position is not None:
                 status["position"] = position
+            if (preview_after is not None and self.state == RUNNING and self._preview is not None
+                    and self._preview["version"] > preview_after):
+                status["preview"] = self._preview
             if self.state == FAILED:
                 status.update(error=self.error, error_type=self.error_type)
             return status

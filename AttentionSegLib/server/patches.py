@@ -11,6 +11,9 @@ A patch as it travels (inside a :mod:`.codec` packet)::
     {"kind": "patch", "base": 3, "version": 4, "start": [k0, j0, i0], "data": <uint8 array of the box>}
     {"kind": "full", "version": 4, "data": <uint8 array of the whole map>}
 
+A click's or a box's structure as it grows (:func:`preview_packet`) travels as the box of its voxels, with no
+mirror: each preview stands alone.
+
 numpy only (the client side imports it).
 """
 
@@ -97,12 +100,17 @@ class Mirror:
 def changed_box(old: np.ndarray, new: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(start, stop)`` of the smallest box holding every voxel where ``old`` and ``new`` differ (empty:
     a zero-size box at the origin)."""
-    changed = old != new
-    if not changed.any():
-        return (0,) * old.ndim, (0,) * old.ndim
+    return occupied_box(old != new)
+
+
+def occupied_box(mask: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(start, stop)`` of the smallest box holding every true voxel of ``mask`` (none: a zero-size box at
+    the origin)."""
+    if not mask.any():
+        return (0,) * mask.ndim, (0,) * mask.ndim
     start, stop = [], []
-    for axis in range(changed.ndim):
-        hit = np.flatnonzero(changed.any(axis=tuple(a for a in range(changed.ndim) if a != axis)))
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         start.append(int(hit[0]))
         stop.append(int(hit[-1]) + 1)
     return tuple(start), tuple(stop)
@@ -110,3 +118,35 @@ def changed_box(old: np.ndarray, new: np.ndarray) -> tuple[tuple[int, ...], tupl
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def preview_packet(version: int, label: int, mask: np.ndarray) -> dict[str, Any]:
+    """A structure as it grows (a click's or a box's preview), as it travels: the box of its voxels.
+
+    ``{"version": n, "label": L, "start": [k0, j0, i0], "data": <uint8 0/1 array of the box>}``; the version
+    counts a job's previews. An empty structure is a zero-size box at the origin."""
+    mask = np.asarray(mask, dtype=bool)
+    start, stop = occupied_box(mask)
+    box = tuple(slice(a, b) for a, b in zip(start, stop))
+    return {"version": int(version), "label": int(label), "start": list(start),
+            "data": mask[box].astype(np.uint8)}
+
+
+def preview_mask(shape: tuple[int, ...], packet: Any) -> tuple[int, int, np.ndarray]:
+    """``(version, label, mask)`` of a :func:`preview_packet` on the image grid ``shape``.
+
+    Raises:
+        ValueError: the packet is malformed or its box does not lie inside the grid.
+    """
+    if not isinstance(packet, dict):
+        raise ValueError("a preview must be {'version', 'label', 'start', 'data'}")
+    version, label, start, data = (packet.get(key) for key in ("version", "label", "start", "data"))
+    if not (_is_int(version) and _is_int(label) and isinstance(data, np.ndarray) and data.dtype == np.uint8
+            and isinstance(start, list) and len(start) == len(shape) == data.ndim
+            and all(map(_is_int, start))
+            and all(0 <= s and s + n <= m for s, n, m in zip(start, data.shape, shape))):
+        raise ValueError(f"a preview must hold an integer version and label and a uint8 box inside the image "
+                         f"grid {tuple(shape)}")
+    mask = np.zeros(tuple(shape), dtype=bool)
+    mask[tuple(slice(s, s + n) for s, n in zip(start, data.shape))] = data > 0
+    return int(version), int(label), mask

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import Cancelled, InteractiveSession, RefineSettings, Volume, __version__, available_models
+from .. import Cancelled, InteractiveSession, Preview, RefineSettings, Volume, __version__, available_models
 from . import API_PREFIX
 from .calls import CallError, invoke, parse_calls, resolve_scribbles
 from .config import ServerConfig
@@ -226,20 +226,24 @@ class Service:
         session = self.store.get(session_id)
         if session.engine is None:
             raise NotReady(f"session {session_id} is not open yet (wait for its start job) or failed to open")
-        if not isinstance(payload, dict) or not set(payload) <= {"name", "calls"}:
+        if not isinstance(payload, dict) or not set(payload) <= {"name", "calls", "preview_every_s"}:
             raise CallError("a job is {'name': str, 'calls': [{'method': ..., 'args': [...], "
-                            "'kwargs': {...}}]}")
+                            "'kwargs': {...}}], 'preview_every_s': seconds (optional)}")
         name = payload.get("name") or "Job"
         if not isinstance(name, str) or len(name) > 64:
             raise CallError("a job's name must be a string of at most 64 characters")
+        every_s = payload.get("preview_every_s")
+        if every_s is not None and not (_is_number(every_s) and every_s >= 0):
+            raise CallError(f"'preview_every_s' must be a number of seconds >= 0, got {every_s!r}")
         calls = parse_calls(payload.get("calls"))
         with session.lock:
             resolve_scribbles(calls, session.scribbles.apply)
 
         def run(job: ServerJob) -> Any:
+            preview = None if every_s is None else Preview(job.show_preview, every_s=float(every_s))
             result = None
             for call in calls:
-                result = invoke(session.engine, call, job.report, job.cancel_event)
+                result = invoke(session.engine, call, job.report, job.cancel_event, preview)
             return detach(result)
 
         job = ServerJob(session.id, name, run)
@@ -254,14 +258,16 @@ class Service:
         self.queue.cancel(job)
         return job.status(self.queue.position(job))
 
-    def wait(self, job_id: str, timeout: float) -> dict[str, Any]:
-        """The job's status after waiting up to ``timeout`` s for it to finish; with its result once done."""
+    def wait(self, job_id: str, timeout: float, preview_after: int | None = None) -> dict[str, Any]:
+        """The job's status after waiting up to ``timeout`` s for it to finish (or, with ``preview_after``,
+        for a preview newer than that version, which the status then carries); with its result once done."""
         session, job = self.store.job(job_id)
-        return self.render(session, job, timeout)
+        return self.render(session, job, timeout, preview_after)
 
-    def render(self, session: ServerSession, job: ServerJob, timeout: float) -> dict[str, Any]:
-        job.done_event.wait(max(0.0, min(timeout, MAX_WAIT_S)))
-        status = job.status(self.queue.position(job))
+    def render(self, session: ServerSession, job: ServerJob, timeout: float,
+               preview_after: int | None = None) -> dict[str, Any]:
+        job.wait(min(timeout, MAX_WAIT_S), preview_after)
+        status = job.status(self.queue.position(job), preview_after)
         if job.state == FAILED and session.engine is None:
             self._forget(session)  # it never opened: free its place now that the client knows why
         if job.state != SUCCEEDED:
