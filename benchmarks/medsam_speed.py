@@ -6,6 +6,7 @@ refine, with this checkout's engine against the engine of an earlier commit (``-
     python benchmarks/medsam_speed.py --view crop --limit 1 # the organ crops of one CT
     python benchmarks/medsam_speed.py --baseline HEAD~3     # against another commit
     python benchmarks/medsam_speed.py --dwell 10 --baseline 49bf65a  # the user looks 10 s before clicking
+    python benchmarks/medsam_speed.py --via server --baseline 9c10723  # through attentionseg serve
 
 Protocol: the targets of ``benchmarks/interactive.py`` (``ct_organs``; ``--view whole`` by default: the user
 has the whole CT open). For each target and each setting (``before``: ``AttentionSegLib`` of the baseline
@@ -26,6 +27,11 @@ slice) encodes the slices around it meanwhile, in a thread of its own; at the cl
 and the click's seconds count from then, the wait for the slice the prefetch was encoding included (as a
 module's click waits behind it in the worker). An engine without ``prefetch`` (a baseline before it) clicks
 cold after the same pause.
+
+``--via server``: the same click and refine through a fresh ``attentionseg serve`` on 127.0.0.1 per target and
+setting (the setting's engine on both ends), as the Slicer module's *Compute on: Server* runs them; the first
+look is then the first preview that reached the client (a server before previews sends none); the model's own
+timings stay in the server and are not reported.
 
 Both settings run this checkout's robot and protocol. Their processes alternate target by target, so the
 machine's noise falls on both alike; the click's Dice column shows whether the answers stayed the same.
@@ -83,6 +89,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     if not str(Path(AttentionSegLib.__file__ or "").resolve()).startswith(spec["engine"]):
         raise RuntimeError(f"AttentionSegLib was not imported from {spec['engine']}")
     target = next(t for t in ct_targets(Path(spec["data"]), None, spec["view"]) if t.name == spec["target"])
+    if spec.get("via") == "server":
+        return _measure_on_server(spec, target)
     if spec.get("worker_thread"):  # as the Slicer module runs its jobs: one worker thread (JobWorker)
         with ThreadPoolExecutor(max_workers=1) as worker:
             return worker.submit(_measure, spec, target).result()
@@ -133,6 +141,67 @@ def _measure(spec: dict[str, Any], target: Any) -> dict[str, Any]:
         segmenter.scribble(strokes)
         result["refine_s"] = time.perf_counter() - started
     return result
+
+
+def _measure_on_server(spec: dict[str, Any], target: Any) -> dict[str, Any]:
+    """The click and the refine of :func:`_measure` through ``attentionseg serve`` on 127.0.0.1 (a fresh
+    server of the setting's engine, its client the same engine's ``RemoteSession``), as the Slicer module's
+    *Compute on: Server* runs them: the previews (once a second) come with the status polls."""
+    import os
+    import re
+
+    import numpy as np
+    from interactive import BACKGROUND, NOT_SCRIBBLED, frame_background
+    from robot import correction_scribble, next_click
+
+    from AttentionSegLib import ServerClient
+    from AttentionSegLib.metrics import dice
+
+    env = dict(os.environ, PYTHONPATH=spec["engine"])
+    if spec["threads"]:
+        env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    command = [sys.executable, "-m", "AttentionSegLib.cli", "serve", "--port", "0", "--device", "cpu"]
+    server = subprocess.Popen(command, cwd=spec["engine"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", server.stdout.readline() or "")
+        if found is None:
+            raise RuntimeError("the server did not say where it listens")
+        session = ServerClient(found.group(1), poll_s=0.1).open_session(target.image, "medsam_lite")
+        background = np.where(frame_background(target), BACKGROUND, NOT_SCRIBBLED).astype(np.uint8)
+        session.call([("add_scribbles", (background,), {})])
+        click = next_click(np.zeros(target.truth.shape, dtype=bool), target.truth, target.image.spacing)
+        assert click is not None
+        call = [("click", (tuple(click.point_ijk),), {"label": 1})]
+        looks: list[float] = []
+        started = time.perf_counter()
+        try:
+            answer = session.call(call, preview=lambda label, mask: looks.append(time.perf_counter()))
+        except TypeError:  # a client before previews
+            started = time.perf_counter()
+            answer = session.call(call)
+        click_s = time.perf_counter() - started
+        mask = np.asarray(answer) == 1
+        result: dict[str, Any] = {
+            "click_s": click_s,
+            **({"first_look_s": looks[0] - started, "looks": len(looks)} if looks else {}),
+            "click_dice": dice(mask, target.truth),
+            "slices": int(target.truth.any(axis=(1, 2)).sum()),
+            "prefetched_slices": 0,
+        }
+        strokes = correction_scribble(mask, target.truth)
+        if strokes is not None:
+            started = time.perf_counter()
+            session.call([("refine", (), {"time_budget_s": 10.0, "scribbles": strokes})])
+            result["refine_s"] = time.perf_counter() - started
+        session.close()
+        return result
+    finally:
+        server.terminate()
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def _dwell(session: Any, point_ijk: Sequence[float], seconds: float, threads: int) -> dict[str, float]:
@@ -201,6 +270,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "encodes slices meanwhile (default 0: a cold click)",
     )
     parser.add_argument(
+        "--via",
+        choices=("engine", "server"),
+        default="engine",
+        help="engine: the session in the measuring process (default); server: through a fresh `attentionseg "
+        "serve` on 127.0.0.1 per target and setting, as the Slicer module's 'Compute on: Server' (no "
+        "--dwell, no --worker-thread; the model's own timings are not reported)",
+    )
+    parser.add_argument(
         "--baseline",
         default=DEFAULT_BASELINE,
         help=f"the git commit whose engine is 'before' (default {DEFAULT_BASELINE})",
@@ -231,6 +308,10 @@ def baseline_checkout(ref: str) -> Iterator[tuple[str, str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.via == "server" and (args.dwell or args.worker_thread):
+        print("medsam_speed.py: error: --via server takes neither --dwell nor --worker-thread (the server "
+              "runs its jobs on a thread of its own)", file=sys.stderr)
+        return 2
     if args.child is not None:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
@@ -258,16 +339,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "threads": args.threads,
                     "worker_thread": args.worker_thread,
                     "dwell": args.dwell,
+                    "via": args.via,
                 }
                 row = {"target": name, "setting": setting, **_run_child(spec, setting, engines)}
                 per_target.append(row)
+                nan = float("nan")
                 print(
                     f"{name:28s} {setting:7s} click {row['click_s']:6.2f} s after {row['prefetched_slices']} "
-                    f"prefetched ({row['click_encoded_slices']} "
-                    f"slices, {row['click_encode_s_per_slice']:.3f} s each; {row['click_decoded_prompts']} "
-                    f"prompts, {row['click_decode_s']:.3f} s each) Dice {row['click_dice']:.3f}; refine "
-                    f"{row.get('refine_s', float('nan')):.2f} s; first look "
-                    f"{row.get('first_look_s', float('nan')):.2f} s",
+                    f"prefetched ({row.get('click_encoded_slices', '?')} slices, "
+                    f"{row.get('click_encode_s_per_slice', nan):.3f} s each; "
+                    f"{row.get('click_decoded_prompts', '?')} prompts, "
+                    f"{row.get('click_decode_s', nan):.3f} s each) Dice {row['click_dice']:.3f}; refine "
+                    f"{row.get('refine_s', nan):.2f} s; first look {row.get('first_look_s', nan):.2f} s",
                     flush=True,
                 )
 
@@ -306,12 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = ["setting", *columns.values(), "click speed-up over before (median ratio)", "click Dice"]
     slices = [r["slices"] for r in per_target]
     machine = machine_info("cpu")
+    where = ("through attentionseg serve on 127.0.0.1" if args.via == "server"
+             else "in a worker thread" if args.worker_thread else "in the main thread")
     table = (
         f"**LiteMedSAM on the CPU** — first click (structures of {min(slices)}-{max(slices)} slices, median "
         f"{statistics.median(slices):.0f}) and one refine on the {len(names)} `ct_organs` targets, view "
         f"`{args.view}`, medians; {machine.get('cpu_count', '?')} CPU threads available, torch threads "
         f"{args.threads or 'default'}, encoder in {per_target[0].get('encoder_precision', '?')}, "
-        f"{'in a worker thread' if args.worker_thread else 'in the main thread'}"
+        f"{where}"
         f"{f'; the user looks at the slice {args.dwell:g} s before clicking' if args.dwell else ''}\n\n"
         + markdown_table(header, rows)
     )
@@ -330,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "threads": args.threads,
                 "worker_thread": args.worker_thread,
                 "dwell_s": args.dwell,
+                "via": args.via,
                 "baseline": baseline_commit,
             },
             "per_target": per_target,
