@@ -151,10 +151,12 @@ def _measure_on_server(spec: dict[str, Any], target: Any) -> dict[str, Any]:
     import re
 
     import numpy as np
+    import torch
     from interactive import BACKGROUND, NOT_SCRIBBLED, frame_background
     from robot import correction_scribble, next_click
 
     from AttentionSegLib import ServerClient
+    from AttentionSegLib.devices import inference_precision
     from AttentionSegLib.metrics import dice
 
     env = dict(os.environ, PYTHONPATH=spec["engine"])
@@ -186,6 +188,8 @@ def _measure_on_server(spec: dict[str, Any], target: Any) -> dict[str, Any]:
             "click_s": click_s,
             **({"first_look_s": looks[0] - started, "looks": len(looks)} if looks else {}),
             "click_dice": dice(mask, target.truth),
+            # the server's (same machine, same torch): its session's ``auto``
+            "encoder_precision": str(inference_precision(torch.device("cpu"))).removeprefix("torch."),
             "slices": int(target.truth.any(axis=(1, 2)).sum()),
             "prefetched_slices": 0,
         }

@@ -91,6 +91,7 @@ class ServerJob:
             if state == SUCCEEDED:
                 self.progress = 1.0
             self.finished_at = time.monotonic()
+            self._preview = None  # a finished job answers with its result
             self._changed.notify_all()
         self.done_event.set()
 
