@@ -100,7 +100,8 @@ class ServerClient:
         Raises:
             ServerError: refused (token, limits, unknown model ...); ServerUnreachable: no connection.
         """
-        limit = self.health().get("max_upload_bytes")
+        health = self.health()
+        limit = health.get("max_upload_bytes")
         options = dict(options or {})
         if dataclasses.is_dataclass(options.get("settings")):
             options["settings"] = dataclasses.asdict(options["settings"])
@@ -114,6 +115,7 @@ class ServerClient:
         status = self._packet("POST", "/sessions", body=body, wait=self.poll_s,
                               timeout=max(self.timeout, 300))
         session = RemoteSession(self, status["session_id"], tuple(array.shape))
+        session.features = frozenset(health.get("features") or ())
         try:
             session.description = self.follow(status, "Start session", progress, cancel)["result"]
         except BaseException:
@@ -197,6 +199,7 @@ class RemoteSession:
         id: the server's session id.
         shape: the image grid (array order).
         description: ``{"num_classes", "labels": {label: name}, "facts"}`` from the server at start.
+        features: what the server does beyond the first API (``health()["features"]``, e.g. ``previews``).
     """
 
     def __init__(self, client: ServerClient, session_id: str, shape: tuple[int, ...]) -> None:
@@ -204,6 +207,7 @@ class RemoteSession:
         self.id = session_id
         self.shape = shape
         self.description: dict[str, Any] = {}
+        self.features: frozenset[str] = frozenset()
         self.scribbles = Mirror(shape, 255)
         self.mask = Mirror(shape, 0)
 
@@ -216,9 +220,10 @@ class RemoteSession:
         returned whole; ``save_model`` returns the checkpoint's bytes. ``preview(label, mask)``: a click's or
         a box's structure as it grows (a boolean map on the image grid), at most every ``preview_every_s``
         seconds and only as often as the job's status is polled; a preview that does not fit the grid is
-        passed over (it is only something to look at).
+        passed over (it is only something to look at), and a server without the ``previews`` feature (an
+        older one) answers as before, showing nothing.
         """
-        every_s = None if preview is None else preview_every_s
+        every_s = None if preview is None or "previews" not in self.features else preview_every_s
         try:
             status = self._submit(calls, name, full=False, preview_every_s=every_s)
         except ServerError as error:
@@ -234,7 +239,7 @@ class RemoteSession:
                 return
             preview(label, mask)
 
-        status = self.client.follow(status, name, progress, cancel, None if preview is None else show)
+        status = self.client.follow(status, name, progress, cancel, None if every_s is None else show)
         kind, result = status.get("result_kind"), status.get("result")
         if kind == "mask":
             try:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import Cancelled, InteractiveSession, Preview, RefineSettings, Volume, __version__, available_models
-from . import API_PREFIX
+from . import API_PREFIX, FEATURES
 from .calls import CallError, invoke, parse_calls, resolve_scribbles
 from .config import ServerConfig
 from .jobs import FAILED, SUCCEEDED, DeviceQueue, ServerJob
@@ -97,7 +97,7 @@ class Service:
                 "queue": len(self.queue), "idle_timeout_s": self.config.idle_timeout_s,
                 "max_upload_bytes": self.config.max_upload_bytes,
                 "max_memory_bytes": self.config.max_memory_bytes,
-                "token_required": self.config.token is not None}
+                "token_required": self.config.token is not None, "features": list(FEATURES)}
 
     @staticmethod
     def models() -> list[dict[str, str]]:

@@ -14,6 +14,7 @@ import copy
 import json
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -53,30 +54,10 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
-def organ_slices(image: Volume, labels: np.ndarray, value: int, step: int = 2) -> tuple[Volume, np.ndarray]:
-    """Every ``step``-th axial slice through the organ (+ one step each side), whole slices: LiteMedSAM needs
-    the
-    slice's context (an in-plane crop around the spleen, zero-padded, gave Dice 0.73 where the whole slices
-    give
-    0.96), and the encoder's time is per slice whatever its size."""
-    ks = np.nonzero((labels == value).reshape(labels.shape[0], -1).any(axis=1))[0]
-    k = slice(max(int(ks.min()) - step, 0), min(int(ks.max()) + step + 1, labels.shape[0]), step)
-    origin = tuple(float(c) for c in np.asarray(image.ijk_to_lps([[0, 0, k.start]])).reshape(-1))
-    spacing = (image.spacing[0], image.spacing[1], image.spacing[2] * step)
-    volume = Volume(
-        np.ascontiguousarray(image.array[k]), spacing=spacing, origin=origin, direction=image.direction
-    )
-    return volume, np.ascontiguousarray(labels[k] == value)
-
-
 @pytest.fixture(scope="module")
-def spleen(totalseg_dir: Path) -> tuple[Volume, np.ndarray]:
+def spleen(ct_organ_slices: Callable[..., tuple[Volume, np.ndarray]]) -> tuple[Volume, np.ndarray]:
     _weights_or_skip()
-    names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
-    ids = {name: int(value) for value, name in names.items()}
-    image = read_image(totalseg_dir / "example_ct.nii.gz")
-    labels = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array
-    return organ_slices(image, labels, ids["spleen"])
+    return ct_organ_slices("spleen")
 
 
 @pytest.fixture(scope="module")
@@ -459,7 +440,7 @@ def test_a_positive_click_off_the_structure_adds_a_part(spleen: tuple[Volume, np
     ids = {name: int(value) for value, name in names.items()}
     labels = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array
     ks = np.nonzero((labels == ids["spleen"]).reshape(labels.shape[0], -1).any(axis=1))[0]
-    taken = slice(max(int(ks.min()) - 2, 0), min(int(ks.max()) + 3, labels.shape[0]), 2)  # as organ_slices
+    taken = slice(max(int(ks.min()) - 2, 0), min(int(ks.max()) + 3, labels.shape[0]), 2)  # as ct_organ_slices
     kidney = labels[taken] == ids["kidney_left"]
     assert kidney.shape == truth.shape and kidney.any()
     first = next_click(np.zeros_like(truth), truth, image.spacing)
@@ -624,21 +605,14 @@ def test_encoder_precisions_give_the_same_spleen(spleen: tuple[Volume, np.ndarra
 
 @pytest.mark.shared_data
 def test_a_propagation_decodes_slices_6_mm_apart_and_fills_those_between(
-    spleen: tuple[Volume, np.ndarray], totalseg_dir: Path
+    spleen: tuple[Volume, np.ndarray], ct_organ_slices: Callable[..., tuple[Volume, np.ndarray]]
 ) -> None:
     """On the spleen's 3 mm slices the propagation decodes every other slice (``slice_gap_mm`` 6) and fills
     the slice between by shape-based interpolation where the two answers agree; a slice with a stroke beside
     the structure is decoded, one with a stroke far from it (in a corner) is filled; the spleen still ends
     on the slices it ends on. (The slices decoded are those of the 6 mm volume of the other tests: their
     embeddings are cached.)"""
-    names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
-    ids = {name: int(value) for value, name in names.items()}
-    image, truth = organ_slices(
-        read_image(totalseg_dir / "example_ct.nii.gz"),
-        read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array,
-        ids["spleen"],
-        step=1,
-    )
+    image, truth = ct_organ_slices("spleen", step=1)
     (x0, y0, k), (x1, y1, _) = largest_slice_box(spleen[1])
     k = 2 * k - 1  # the 6 mm volume starts two 3 mm slices before the spleen, this one a single slice
     assert truth[k].any() and truth[k + 3].any()

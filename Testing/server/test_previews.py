@@ -7,10 +7,9 @@ LiteMedSAM on the real example CT in a real ``attentionseg serve`` process on 12
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from remote_helpers import TOKEN, ServerProcess, running_server
 
-from AttentionSegLib import ServerError, Volume, read_image
+from AttentionSegLib import ServerError, Volume
 from AttentionSegLib.server.jobs import RUNNING, SUCCEEDED, ServerJob
 from AttentionSegLib.server.patches import preview_mask
 
@@ -91,24 +90,10 @@ def test_a_preview_that_does_not_fit_the_grid_is_refused(packet: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def spleen(totalseg_dir: Path) -> tuple[Volume, np.ndarray]:
-    """Every second axial slice through the spleen of the example CT, whole slices (as ``test_medsam.py``)."""
-    from AttentionSegLib.networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
-
-    try:
-        medsam_weights_path()
-    except MedSAMWeightsMissing as exc:
-        pytest.skip(f"LiteMedSAM weights not installed: {exc}")
-    names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
-    spleen_id = next(int(value) for value, name in names.items() if name == "spleen")
-    image = read_image(totalseg_dir / "example_ct.nii.gz")
-    truth = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array == spleen_id
-    ks = np.nonzero(truth.any(axis=(1, 2)))[0]
-    k = slice(max(int(ks.min()) - 2, 0), min(int(ks.max()) + 3, truth.shape[0]), 2)
-    origin = tuple(float(c) for c in np.asarray(image.ijk_to_lps([[0, 0, k.start]])).reshape(-1))
-    volume = Volume(np.ascontiguousarray(image.array[k]), spacing=(*image.spacing[:2], image.spacing[2] * 2),
-                    origin=origin, direction=image.direction)
-    return volume, np.ascontiguousarray(truth[k])
+def spleen(medsam_weights: Path, ct_organ_slices: Callable[..., tuple[Volume, np.ndarray]]
+           ) -> tuple[Volume, np.ndarray]:
+    """Every second axial slice through the spleen of the example CT, whole slices."""
+    return ct_organ_slices("spleen")
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +166,7 @@ def test_remote_backend_shows_a_litemedsam_click_as_it_grows_and_a_cancel_there_
 
 @pytest.mark.slow
 @pytest.mark.shared_data
-def test_a_client_sees_the_previews_it_asks_for_and_a_bad_interval_is_refused(
+def test_a_client_sees_the_previews_it_asks_a_server_for_and_a_bad_interval_is_refused(
     server: ServerProcess, spleen: tuple[Volume, np.ndarray],
 ) -> None:
     image, truth = spleen
@@ -191,13 +176,18 @@ def test_a_client_sees_the_previews_it_asks_for_and_a_bad_interval_is_refused(
         with pytest.raises(ServerError, match="preview_every_s"):
             session.call([("click", (point,), {"label": 1})], preview=lambda label, mask: None,
                          preview_every_s=-1.0)
+        assert "previews" in session.features and "previews" in server.client().health()["features"]
         looks: list[tuple[int, np.ndarray]] = []
         answer = session.call([("click", (point,), {"label": 1})],
                               preview=lambda label, mask: looks.append((label, mask)), preview_every_s=0.0)
         assert looks and all(label == 1 and (mask <= (answer == 1)).all() for label, mask in looks)
         plain = server.client().open_session(image, "medsam_lite")
         try:
-            assert np.array_equal(plain.call([("click", (point,), {"label": 1})]), answer)  # no preview asked
+            plain.features = frozenset()  # as a server before previews says: the client asks for none
+            unseen: list[int] = []
+            answered = plain.call([("click", (point,), {"label": 1})], preview=lambda label, mask:
+                                  unseen.append(label), preview_every_s=0.0)
+            assert np.array_equal(answered, answer) and not unseen
         finally:
             plain.close()
     finally:

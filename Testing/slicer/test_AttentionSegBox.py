@@ -7,7 +7,7 @@ with a recording backend; one test runs the real engine with LiteMedSAM (skipped
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import vtk  # noqa: E402
 import AttentionSegMRML as mrml  # noqa: E402
 from AttentionSegBackend import Job, JobState, SessionCall  # noqa: E402
 from AttentionSegController import SegmentationController  # noqa: E402
-from AttentionSegLib import Volume, read_image  # noqa: E402
+from AttentionSegLib import Volume  # noqa: E402
 
 pytestmark = [pytest.mark.slicer]
 
@@ -246,24 +246,11 @@ def test_the_slice_a_view_shows_is_prepared_until_the_next_job(scene: Any, ct_no
 
 @pytest.mark.shared_data
 @pytest.mark.slow
-def test_a_roi_on_the_spleen_gives_the_spleen_in_3d_with_litemedsam(scene: Any, totalseg_dir: Path) -> None:
-    from AttentionSegLib.networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
-
-    try:
-        medsam_weights_path()
-    except MedSAMWeightsMissing as exc:
-        pytest.skip(f"LiteMedSAM weights not installed: {exc}")
-    names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
-    spleen_id = next(int(v) for v, name in names.items() if name == "spleen")
-    image = read_image(totalseg_dir / "example_ct.nii.gz")
-    truth = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array == spleen_id
+def test_a_roi_on_the_spleen_gives_the_spleen_in_3d_with_litemedsam(
+    scene: Any, medsam_weights: Path, ct_organ_slices: Callable[..., tuple[Volume, np.ndarray]]
+) -> None:
     # every other axial slice through the spleen (the encoder costs seconds per slice on 2 CPU cores)
-    ks = np.nonzero(truth.reshape(truth.shape[0], -1).any(axis=1))[0]
-    ks = slice(max(int(ks.min()) - 2, 0), int(ks.max()) + 3, 2)
-    origin = tuple(float(c) for c in np.asarray(image.ijk_to_lps([[0, 0, ks.start]])).reshape(-1))
-    volume = Volume(np.ascontiguousarray(image.array[ks]), spacing=(*image.spacing[:2], image.spacing[2] * 2),
-                    origin=origin, direction=image.direction)
-    truth = truth[ks]
+    volume, truth = ct_organ_slices("spleen")
     node = mrml.add_volume_node(scene, volume, "spleen slices")
     controller = SegmentationController(scene)
     try:
