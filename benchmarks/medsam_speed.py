@@ -7,6 +7,7 @@ refine, with this checkout's engine against the engine of an earlier commit (``-
     python benchmarks/medsam_speed.py --baseline HEAD~3     # against another commit
     python benchmarks/medsam_speed.py --dwell 10 --baseline 49bf65a  # the user looks 10 s before clicking
     python benchmarks/medsam_speed.py --via server --baseline 9c10723  # through attentionseg serve
+    python benchmarks/medsam_speed.py --device cuda --limit 1          # on a GPU (one CT: 5 organs)
 
 Protocol: the targets of ``benchmarks/interactive.py`` (``ct_organs``; ``--view whole`` by default: the user
 has the whole CT open). For each target and each setting (``before``: ``AttentionSegLib`` of the baseline
@@ -108,7 +109,8 @@ def _measure(spec: dict[str, Any], target: Any) -> dict[str, Any]:
 
     if spec["threads"]:
         torch.set_num_threads(int(spec["threads"]))  # per thread: OpenMP's setting is the calling thread's
-    segmenter = SessionSegmenter(target.image, "medsam_lite", label=1, device="cpu", time_budget_s=10.0)
+    device = spec.get("device") or "cpu"
+    segmenter = SessionSegmenter(target.image, "medsam_lite", label=1, device=device, time_budget_s=10.0)
     segmenter.add_background(frame_background(target))
     click = next_click(np.zeros(target.truth.shape, dtype=bool), target.truth, target.image.spacing)
     assert click is not None
@@ -128,7 +130,7 @@ def _measure(spec: dict[str, Any], target: Any) -> dict[str, Any]:
         "click_s": click_s,
         **({"first_look_s": looks[0] - started} if looks else {}),
         "click_dice": dice(mask, target.truth),
-        "encoder_precision": str(inference_precision(torch.device("cpu"))).removeprefix("torch."),
+        "encoder_precision": str(inference_precision(torch.device(device))).removeprefix("torch."),
         "slices": int(target.truth.any(axis=(1, 2)).sum()),
         "prefetched_slices": prefetched["encoded"],
         **{f"click_{key}": value for key, value in timings.items()},
@@ -162,7 +164,8 @@ def _measure_on_server(spec: dict[str, Any], target: Any) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=spec["engine"])
     if spec["threads"]:
         env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    command = [sys.executable, "-m", "AttentionSegLib.cli", "serve", "--port", "0", "--device", "cpu"]
+    device = spec.get("device") or "cpu"
+    command = [sys.executable, "-m", "AttentionSegLib.cli", "serve", "--port", "0", "--device", device]
     server = subprocess.Popen(command, cwd=spec["engine"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
     try:
@@ -189,7 +192,7 @@ def _measure_on_server(spec: dict[str, Any], target: Any) -> dict[str, Any]:
             **({"first_look_s": looks[0] - started, "looks": len(looks)} if looks else {}),
             "click_dice": dice(mask, target.truth),
             # the server's (same machine, same torch): its session's ``auto``
-            "encoder_precision": str(inference_precision(torch.device("cpu"))).removeprefix("torch."),
+            "encoder_precision": str(inference_precision(torch.device(device))).removeprefix("torch."),
             "slices": int(target.truth.any(axis=(1, 2)).sum()),
             "prefetched_slices": 0,
         }
@@ -274,6 +277,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "encodes slices meanwhile (default 0: a cold click)",
     )
     parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "mps"),
+        default="cpu",
+        help="where the sessions run (default cpu; cuda: the GPU timings, the encoder in bfloat16)",
+    )
+    parser.add_argument(
         "--via",
         choices=("engine", "server"),
         default="engine",
@@ -344,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "worker_thread": args.worker_thread,
                     "dwell": args.dwell,
                     "via": args.via,
+                    "device": args.device,
                 }
                 row = {"target": name, "setting": setting, **_run_child(spec, setting, engines)}
                 per_target.append(row)
@@ -392,13 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append([labels[setting], *medians.values(), ratio, dice])
     header = ["setting", *columns.values(), "click speed-up over before (median ratio)", "click Dice"]
     slices = [r["slices"] for r in per_target]
-    machine = machine_info("cpu")
+    machine = machine_info(args.device)
     where = ("through attentionseg serve on 127.0.0.1" if args.via == "server"
              else "in a worker thread" if args.worker_thread else "in the main thread")
     table = (
-        f"**LiteMedSAM on the CPU** — first click (structures of {min(slices)}-{max(slices)} slices, median "
-        f"{statistics.median(slices):.0f}) and one refine on the {len(names)} `ct_organs` targets, view "
-        f"`{args.view}`, medians; {machine.get('cpu_count', '?')} CPU threads available, torch threads "
+        f"**LiteMedSAM on the {args.device.upper()}** — first click (structures of {min(slices)}-"
+        f"{max(slices)} slices, median {statistics.median(slices):.0f}) and one refine on the {len(names)} "
+        f"`ct_organs` targets, view `{args.view}`, medians; {machine.get('cpu_count', '?')} CPU threads "
+        f"available, torch threads "
         f"{args.threads or 'default'}, encoder in {per_target[0].get('encoder_precision', '?')}, "
         f"{where}"
         f"{f'; the user looks at the slice {args.dwell:g} s before clicking' if args.dwell else ''}\n\n"
@@ -420,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "worker_thread": args.worker_thread,
                 "dwell_s": args.dwell,
                 "via": args.via,
+                "device": args.device,
                 "baseline": baseline_commit,
             },
             "per_target": per_target,
