@@ -2,7 +2,8 @@
 
 The same Controller the module uses, on the real Slicer core and the real CT (whose direction flips an axis),
 talks HTTP to a real ``attentionseg serve`` on 127.0.0.1: click, scribbles, refine, undo/redo, attention and
-uncertainty overlays, export, save the adapted model. Then the promises under failure: an engine error, a
+uncertainty overlays, export, save the adapted model; a LiteMedSAM click growing in the preview node. Then the
+promises under failure: an engine error, a
 cancelled refine, a server killed in the middle of a refine, an unreachable server and a wrong token all
 leave every segment and scribble as it was, with a message that says what happened.
 """
@@ -10,7 +11,7 @@ leave every segment and scribble as it was, with a message that says what happen
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ import vtk  # noqa: E402
 
 import AttentionSegMRML as mrml  # noqa: E402
 from AttentionSegBackend import JobState, SessionCall  # noqa: E402
-from AttentionSegController import SegmentationController  # noqa: E402
-from AttentionSegLib import load_checkpoint, read_image  # noqa: E402
+from AttentionSegController import PREVIEW_NAME, SegmentationController  # noqa: E402
+from AttentionSegLib import Volume, load_checkpoint, read_image  # noqa: E402
 from AttentionSegLib.interactive import RefineSettings  # noqa: E402
 from AttentionSegRemoteBackend import RemoteBackend  # noqa: E402
 
@@ -323,3 +324,41 @@ def test_an_unreachable_server_or_a_wrong_token_fails_the_start_with_a_message(
     job = with_path.wait(with_path.start(ct_node, str(server.log), device="cpu"), WAIT_S)
     with_path.close()
     assert job.state is JobState.FAILED and "is a file on this computer" in job.error_message
+
+
+def test_a_litemedsam_click_on_the_server_grows_in_the_preview_node_and_lands_in_the_segment(
+    scene: Any, server: ServerProcess, medsam_weights: Path,
+    ct_organ_slices: Callable[..., tuple[Volume, np.ndarray]],
+) -> None:
+    """*Compute on: Server* with LiteMedSAM: while the server propagates a click, the module shows the
+    structure so far in its preview node (the previews come with the status polls), never in the user's
+    segment; the answer lands in the segment and the preview node leaves the scene."""
+    volume, truth = ct_organ_slices("spleen")
+    node = mrml.add_volume_node(scene, volume, "spleen slices")
+    controller = SegmentationController(scene, backend=RemoteBackend(server.url, TOKEN))
+    try:
+        job = controller.wait(controller.start(node, "medsam_lite", device="cpu"), WAIT_S)
+        assert job.state is JobState.SUCCEEDED, job.error_message
+        segment_id = target(controller)
+        voxel = pancreas_voxel(truth)  # the most central voxel of the spleen
+        seen: list[tuple[int, int]] = []  # slices in the preview, voxels in the user's segment
+
+        def watch() -> None:
+            preview = controller.preview_node
+            if preview is not None:
+                shown = mrml.read_segment(preview, mrml.labelled_segments(preview)[1], node)
+                slices = int(shown.reshape(shown.shape[0], -1).any(axis=1).sum())
+                user = int(mrml.read_segment(controller.segmentation_node, segment_id, node).sum())
+                if not seen or seen[-1] != (slices, user):
+                    seen.append((slices, user))
+
+        job = controller.wait(click_at(controller, voxel, segment_id), WAIT_S, idle=watch)
+        assert job.state is JobState.SUCCEEDED, job.error_message
+        mask = mrml.read_segment(controller.segmentation_node, segment_id, node)
+        assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) >= 0.8
+        assert len(seen) >= 2 and seen[0][0] >= 1 and all(user == 0 for _, user in seen)
+        assert [slices for slices, _ in seen] == sorted(slices for slices, _ in seen)  # it grew
+        assert seen[-1][0] <= int(mask.reshape(mask.shape[0], -1).any(axis=1).sum())
+        assert controller.preview_node is None and not scene.GetNodesByName(PREVIEW_NAME).GetNumberOfItems()
+    finally:
+        controller.close()
