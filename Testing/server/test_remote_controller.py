@@ -2,10 +2,10 @@
 
 The same Controller the module uses, on the real Slicer core and the real CT (whose direction flips an axis),
 talks HTTP to a real ``attentionseg serve`` on 127.0.0.1: click, scribbles, refine, undo/redo, attention and
-uncertainty overlays, export, save the adapted model; a LiteMedSAM click growing in the preview node. Then the
-promises under failure: an engine error, a
-cancelled refine, a server killed in the middle of a refine, an unreachable server and a wrong token all
-leave every segment and scribble as it was, with a message that says what happened.
+uncertainty overlays, export, save the adapted model; a LiteMedSAM click growing in the preview node. Then
+the promises under failure: an engine error, a cancelled refine, a server killed in the middle of a refine,
+an unreachable server and a wrong token all leave every segment and scribble as it was, with a message that
+says what happened.
 """
 
 from __future__ import annotations
