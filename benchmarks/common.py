@@ -1,4 +1,4 @@
-"""What every benchmark shares: the machine it ran on, a results writer, and a timing helper.
+"""What every benchmark shares: the machine it ran on, a results writer, a timing helper, and a server.
 
 Results follow ``docs/benchmarks.md`` (shared docs), "Conventions": one JSON file
 ``{"benchmark", "commit", "machine", "records", ...}`` whose records are flat objects with at least
@@ -13,10 +13,13 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +171,32 @@ def markdown_table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def running_server(threads: int, device: str, *args: str,
+                   engine: str | os.PathLike = REPO_ROOT) -> Iterator[str]:
+    """``attentionseg serve`` of ``engine`` (a checkout: its ``AttentionSegLib``) on a free loopback port with
+    ``threads`` torch threads (0: PyTorch's default); its URL; stopped (and waited for) afterwards."""
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join([str(engine), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    process = subprocess.Popen([sys.executable, "-m", "AttentionSegLib.cli", "serve", "--port", "0",
+                                "--device", device, *args], cwd=engine, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = process.stdout.readline() if process.stdout is not None else ""
+        found = re.search(r"listening on (http://\S+) ", line)
+        if not found:
+            raise RuntimeError(f"the server did not start: {line!r}")
+        yield found.group(1)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()

@@ -149,11 +149,9 @@ def _measure_on_server(spec: dict[str, Any], target: Any) -> dict[str, Any]:
     """The click and the refine of :func:`_measure` through ``attentionseg serve`` on 127.0.0.1 (a fresh
     server of the setting's engine, its client the same engine's ``RemoteSession``), as the Slicer module's
     *Compute on: Server* runs them: the previews (once a second) come with the status polls."""
-    import os
-    import re
-
     import numpy as np
     import torch
+    from common import running_server
     from interactive import BACKGROUND, NOT_SCRIBBLED, frame_background
     from robot import correction_scribble, next_click
 
@@ -161,18 +159,9 @@ def _measure_on_server(spec: dict[str, Any], target: Any) -> dict[str, Any]:
     from AttentionSegLib.devices import inference_precision
     from AttentionSegLib.metrics import dice
 
-    env = dict(os.environ, PYTHONPATH=spec["engine"])
-    if spec["threads"]:
-        env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
     device = spec.get("device") or "cpu"
-    command = [sys.executable, "-m", "AttentionSegLib.cli", "serve", "--port", "0", "--device", device]
-    server = subprocess.Popen(command, cwd=spec["engine"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    try:
-        found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", server.stdout.readline() or "")
-        if found is None:
-            raise RuntimeError("the server did not say where it listens")
-        session = ServerClient(found.group(1), poll_s=0.1).open_session(target.image, "medsam_lite")
+    with running_server(spec["threads"], device, engine=spec["engine"]) as url:
+        session = ServerClient(url, poll_s=0.1).open_session(target.image, "medsam_lite")
         background = np.where(frame_background(target), BACKGROUND, NOT_SCRIBBLED).astype(np.uint8)
         session.call([("add_scribbles", (background,), {})])
         click = next_click(np.zeros(target.truth.shape, dtype=bool), target.truth, target.image.spacing)
@@ -203,12 +192,6 @@ def _measure_on_server(spec: dict[str, Any], target: Any) -> dict[str, Any]:
             result["refine_s"] = time.perf_counter() - started
         session.close()
         return result
-    finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def _dwell(session: Any, point_ijk: Sequence[float], seconds: float, threads: int) -> dict[str, float]:

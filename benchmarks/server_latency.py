@@ -29,14 +29,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +45,7 @@ for _path in (REPO_ROOT, REPO_ROOT / "AttentionSeg", REPO_ROOT / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from common import machine_info, markdown_table, write_results  # noqa: E402
+from common import machine_info, markdown_table, running_server, write_results  # noqa: E402
 
 from AttentionSegLib import InteractiveSession, Volume, make_abdominal_phantom, read_image  # noqa: E402
 from AttentionSegLib.server.codec import encode  # noqa: E402
@@ -66,30 +63,6 @@ SMALL_NETWORK = {"name": "attention_unet", "spatial_dims": 3, "in_channels": 1, 
 
 
 # -- the server ----------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def server(threads: int, device: str, *args: str) -> Iterator[str]:
-    """``attentionseg serve`` on a free loopback port; its URL; stopped (and waited for) afterwards."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    process = subprocess.Popen([sys.executable, "-m", "AttentionSegLib.cli", "serve", "--port", "0",
-                                "--device", device, *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = process.stdout.readline()
-        found = re.search(r"listening on (http://\S+) ", line)
-        if not found:
-            raise RuntimeError(f"the server did not start: {line!r}")
-        yield found.group(1)
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        process.stdout.close()
 
 
 # -- latency -------------------------------------------------------------------------------------------------
@@ -197,7 +170,7 @@ def latency(repeats: int, threads: int, margin: int,
     upload = len(encode({"image": {"array": image.array}}))
     records = []
     model = "demo_abdomen_ct"
-    with server(threads, device) as url:
+    with running_server(threads, device) as url:
         makers = {"engine": lambda: Engine(image, model, settings, device),
                   "local_backend": lambda: Backend(LocalBackend(), image, model, settings, device),
                   "remote_backend": lambda: Backend(RemoteBackend(url), image, model, settings, device)}
@@ -265,7 +238,7 @@ def load_client(url: str, index: int, calls: int, out: dict[str, Any]) -> None:
 
 def load(clients: int, calls: int, threads: int, device: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     outcomes: list[dict[str, Any]] = [{} for _ in range(clients)]
-    with server(threads, device, "--max-sessions", str(clients)) as url:
+    with running_server(threads, device, "--max-sessions", str(clients)) as url:
         workers = [threading.Thread(target=load_client, args=(url, n, calls, outcomes[n]))
                    for n in range(clients)]
         started = time.perf_counter()
@@ -283,6 +256,8 @@ def load(clients: int, calls: int, threads: int, device: str) -> tuple[list[dict
                "p95_s": float(np.percentile(every, 95)), "max_s": max(every)}
     for step in ("click", "describe", "lock", "unlock"):
         values = [t for o in outcomes for t in o.get("latencies", {}).get(step, [])]
+        if not values:  # a short run (--calls) may never reach a step
+            continue
         summary[f"{step}_p50_s"] = float(np.percentile(values, 50))
         summary[f"{step}_p95_s"] = float(np.percentile(values, 95))
     print(f"load {dataset}: {summary}", flush=True)

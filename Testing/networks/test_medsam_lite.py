@@ -40,16 +40,8 @@ ABDOMEN_WINDOW = (-160.0, 240.0)  # level 40, width 400
 
 
 @pytest.fixture(scope="module")
-def weights_path() -> Path:
-    try:
-        return medsam_weights_path()
-    except MedSAMWeightsMissing as exc:
-        pytest.skip(f"LiteMedSAM weights not installed ({PIP_COMMAND}): {exc}")
-
-
-@pytest.fixture(scope="module")
-def model(weights_path: Path) -> MedSAMLite:
-    return load_medsam_lite(weights_path)
+def model(medsam_weights: Path) -> MedSAMLite:
+    return load_medsam_lite(medsam_weights)
 
 
 # --- architecture and weights -------------------------------------------------------------------------
@@ -66,8 +58,8 @@ def test_relative_offset_index_numbers_offsets_in_order_of_first_appearance(wind
     assert len(seen) == window * window
 
 
-def test_released_weights_load_strictly_with_9_8_million_parameters(weights_path: Path) -> None:
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+def test_released_weights_load_strictly_with_9_8_million_parameters(medsam_weights: Path) -> None:
+    state = torch.load(medsam_weights, map_location="cpu", weights_only=True)
     model = MedSAMLite()
     model.load_state_dict(state, strict=True)
     n_params = sum(p.numel() for p in model.parameters())
@@ -86,9 +78,9 @@ def test_weights_info_records_provenance() -> None:
     assert "Nature Communications" in str(WEIGHTS_INFO["paper"])
 
 
-def test_a_file_with_one_byte_changed_is_refused_and_named(weights_path: Path, tmp_path: Path) -> None:
+def test_a_file_with_one_byte_changed_is_refused_and_named(medsam_weights: Path, tmp_path: Path) -> None:
     bad = tmp_path / "lite_medsam.pth"
-    shutil.copyfile(weights_path, bad)
+    shutil.copyfile(medsam_weights, bad)
     with open(bad, "r+b") as f:
         f.seek(weights_mod.SIZE // 2)
         byte = f.read(1)
@@ -102,22 +94,22 @@ def test_a_file_with_one_byte_changed_is_refused_and_named(weights_path: Path, t
         load_medsam_lite(bad)
 
 
-def test_a_truncated_file_is_refused_by_its_size(weights_path: Path, tmp_path: Path) -> None:
+def test_a_truncated_file_is_refused_by_its_size(medsam_weights: Path, tmp_path: Path) -> None:
     bad = tmp_path / "truncated.pth"
-    bad.write_bytes(weights_path.read_bytes()[: weights_mod.SIZE - 1000])
+    bad.write_bytes(medsam_weights.read_bytes()[: weights_mod.SIZE - 1000])
     with pytest.raises(MedSAMWeightsError, match="size") as info:
         verify_weights(bad)
     assert str(bad) in str(info.value)
 
 
-def test_a_verified_file_is_hashed_once(weights_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    verify_weights(weights_path)
+def test_a_verified_file_is_hashed_once(medsam_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    verify_weights(medsam_weights)
 
     def no_rehash(path: Path) -> str:
         raise AssertionError(f"{path} hashed again")
 
     monkeypatch.setattr(weights_mod, "_sha256", no_rehash)
-    verify_weights(weights_path)
+    verify_weights(medsam_weights)
 
 
 def test_missing_weights_say_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
