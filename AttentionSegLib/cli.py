@@ -158,19 +158,26 @@ def _progress_printer(label: str, enabled: bool):
 
 def points_to_ijk(volume, points_ras: Sequence[Sequence[float]], points_ijk: Sequence[Sequence[float]],
                   source: str) -> list[tuple[float, ...]]:
-    """All points as voxel indices (i, j, k); a point outside the image is an error naming it."""
+    """All points as voxel indices (i, j, k); a point outside the image is an error naming it.
+
+    A 2D image is the slice ``k = 0`` of a 3D one, 1 mm thick (:meth:`Volume.as_3d`, as Slicer shows it): its
+    points are given as ``I,J,0`` or ``R,A,S`` with ``S`` within half a millimetre of its plane, and come back
+    as ``(i, j)``.
+    """
     import numpy as np
 
+    geometry = volume.as_3d()
     out: list[tuple[float, ...]] = []
     for ras in points_ras:
-        out.append(tuple(float(v) for v in volume.ras_to_ijk(np.asarray(ras, dtype=float))))
+        out.append(tuple(float(v) for v in geometry.ras_to_ijk(np.asarray(ras, dtype=float))))
     out.extend(tuple(float(v) for v in p) for p in points_ijk)
-    size = volume.shape[::-1]  # (i, j, k) extents
+    size = geometry.size  # (i, j, k) extents
     for point in out:
         if len(point) != len(size) or not all(-0.5 <= c < s - 0.5 for c, s in zip(point, size)):
             raise CLIError(f"{source}: point (i, j, k) = {tuple(round(c, 2) for c in point)} lies outside "
-                           f"the image of size (i, j, k) = {tuple(size)}")
-    return out
+                           f"the image of size (i, j, k) = {tuple(size)}"
+                           + (" (a 2D image: k = 0)" if volume.ndim == 2 else ""))
+    return [p[: volume.ndim] for p in out]
 
 
 def _six_ras(option: str, what: str) -> Callable[[str], tuple[float, ...]]:
@@ -602,9 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model name (see 'attentionseg models') or checkpoint path")
     seg.add_argument("--point-ras", type=_ras, action="append", metavar="R,A,S",
                      help="a point in RAS mm (as Slicer shows it); repeatable; write --point-ras=-12,30,5 "
-                          "when the first number is negative")
+                          "when the first number is negative; a 2D image lies at S = 0")
     seg.add_argument("--point-ijk", type=_ijk, action="append", metavar="I,J,K",
-                     help="a point as voxel indices (i, j, k); repeatable")
+                     help="a point as voxel indices (i, j, k); repeatable; K = 0 on a 2D image")
     seg.add_argument("--roi", action="store_true",
                      help="with points: infer only a window around each point (faster on large images)")
     seg.add_argument("--attention-dir", default=None, help="also write the attention maps into this folder")

@@ -109,6 +109,23 @@ class Volume:
             )
         return Volume(array, self.spacing, self.origin, self.direction, has_channels=array.ndim > self.ndim)
 
+    def as_3d(self) -> Volume:
+        """This volume as 3D: a 2D image becomes the single slice ``k = 0`` of a 3D one, 1 mm thick, its plane
+        through the origin, as ITK and Slicer read a 2D file (a 3D volume is returned as it is).
+
+        Example:
+            >>> Volume(np.zeros((5, 6)), spacing=(0.5, 0.8)).as_3d().shape
+            (1, 5, 6)
+        """
+        if self.ndim == 3:
+            return self
+        direction = np.eye(3)
+        direction[:2, :2] = self.direction_matrix
+        array = self.array[:, None] if self.has_channels else self.array[None]
+        return Volume(
+            array, (*self.spacing, 1.0), (*self.origin, 0.0), tuple(direction.ravel()), self.has_channels
+        )
+
     def same_geometry(self, other: Volume, *, atol: float = 1e-4) -> bool:
         """Whether ``other`` has the same spatial shape, spacing, origin and direction.
 

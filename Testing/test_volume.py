@@ -112,3 +112,26 @@ def test_to_sitk_and_from_sitk_round_trip_scalars_channels_and_booleans(oblique_
     np.testing.assert_array_equal(from_sitk(image).array, channels.array)
     mask = volume.with_array(volume.array > 0)
     assert to_sitk(mask).GetPixelID() == sitk.sitkUInt8
+
+
+def test_as_3d_makes_a_2d_image_the_slice_k0_of_a_3d_one_as_itk_reads_it(tmp_path):
+    angle = np.deg2rad(30.0)
+    direction = (np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle))
+    flat = Volume(np.arange(20.0).reshape(4, 5), spacing=(0.5, 0.8), origin=(10.0, -3.0), direction=direction)
+    lifted = flat.as_3d()
+    assert lifted.shape == (1, 4, 5) and lifted.spacing == (0.5, 0.8, 1.0)
+    np.testing.assert_array_equal(lifted.array[0], flat.array)
+    ij = np.array([[1.0, 2.0], [4.0, 0.5]])
+    np.testing.assert_allclose(lifted.ijk_to_lps(np.c_[ij, [0.0, 0.0]])[:, :2], flat.ijk_to_lps(ij))
+    np.testing.assert_allclose(lifted.ijk_to_lps([[0.0, 0.0, 1.0]])[0], (10.0, -3.0, 1.0))
+    # the geometry ITK gives the same file written as a 2D image and read into 3D
+    path = tmp_path / "flat.nrrd"
+    sitk.WriteImage(to_sitk(flat), str(path))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    as_itk_3d = sitk.JoinSeries([reader.Execute()])
+    np.testing.assert_allclose(as_itk_3d.GetOrigin(), lifted.origin, atol=1e-6)
+    np.testing.assert_allclose(as_itk_3d.GetDirection(), lifted.direction, atol=1e-6)
+    assert Volume(np.zeros((2, 3, 4))).as_3d().shape == (2, 3, 4)  # 3D stays as it is
+    channels = Volume(np.zeros((3, 4, 5)), spacing=(1.0, 1.0), has_channels=True).as_3d()
+    assert channels.array.shape == (3, 1, 4, 5) and channels.has_channels
