@@ -253,10 +253,7 @@ def _segment_medsam(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     session = InteractiveSession(volume, args.model, device=args.device)
 
-    def report(fraction: float, message: str) -> None:
-        if not args.quiet:
-            print(f"  {message}", file=sys.stderr, flush=True)
-
+    report = _progress_printer("segment", not args.quiet)
     if bounds is not None:
         session.set_bounds(*bounds, label=args.label, progress=report)
     for corner_a, corner_b in boxes:

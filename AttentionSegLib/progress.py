@@ -105,7 +105,8 @@ class ProgressBar:
 
 def progress_printer(label: str, enabled: bool) -> ProgressCallback | None:
     """A :data:`ProgressCallback` that draws a percent :class:`ProgressBar` per run of work (None when
-    disabled); the message shows after the bar."""
+    disabled); the message shows after the bar. A run ends at its first report of 1.0; a report of 1.0 with
+    no run under way (a call's closing report after its work's own) draws nothing."""
     if not enabled:
         return None
     state: dict[str, Any] = {}
@@ -113,6 +114,8 @@ def progress_printer(label: str, enabled: bool) -> ProgressCallback | None:
     def report(fraction: float, message: str) -> None:
         bar = state.get("bar")
         if bar is None:
+            if fraction >= 1.0:
+                return
             bar = state["bar"] = ProgressBar(100, label)
         bar.update(max(int(round(min(max(fraction, 0.0), 1.0) * 100)) - bar.n, 0))
         if message:

@@ -134,12 +134,21 @@ def test_cancel_raises_and_leaves_the_session_as_it_was():
     assert (session.scribbles != 255).any()
 
 
-def test_progress_is_reported_as_a_fraction():
-    session, truth = _session(max_steps=4)
+def test_progress_is_reported_as_a_fraction_and_ends_at_one():
+    """Every call that takes a progress callback ends with a report of 1.0 (a bar drawn for it closes)."""
+    session, truth = _session(max_steps=4, click_budget_s=0)
     session.add_scribbles(_scribbles(truth))
-    seen = []
-    session.refine(time_budget_s=0, progress=lambda f, msg: seen.append((f, msg)))
-    assert seen and seen[-1][0] == 1.0 and all(0 <= f <= 1 for f, _ in seen)
+    calls = {
+        "refine": lambda report: session.refine(time_budget_s=0, progress=report),
+        "click": lambda report: session.click((22, 24, 1), label=1, progress=report),
+        "bounds": lambda report: session.set_bounds((0, 0, 0), (30, 63, 2), label=1, progress=report),
+        "segment": lambda report: session.segment(progress=report),
+    }
+    for name, call in calls.items():
+        seen: list[tuple[float, str]] = []
+        call(lambda f, msg, seen=seen: seen.append((f, msg)))
+        assert seen and seen[-1][0] == 1.0 and all(0 <= f <= 1 for f, _ in seen), name
+    assert seen[-1][1] == "segment done"
 
 
 def test_clicks_leave_scribbles_and_negative_clicks_remove_components():

@@ -293,6 +293,7 @@ class InteractiveSession:
             self._rollback()
             raise
         self._apply(proposal)
+        _done(progress, "click")
         return self.mask
 
     def box(self, corner_a_ijk: Sequence[float], corner_b_ijk: Sequence[float], label: int = 1,
@@ -321,6 +322,7 @@ class InteractiveSession:
             self._rollback()
             raise
         self._apply(proposal)
+        _done(progress, "box")
         return self.mask
 
     def prefetch(self, point_ijk: Sequence[float], progress: RefineProgress | None = None,
@@ -369,6 +371,7 @@ class InteractiveSession:
             self._rollback()
             raise
         self._apply(proposal)
+        _done(progress, "bounds")
         return self.mask
 
     def clear_bounds(self, label: int) -> np.ndarray:
@@ -389,6 +392,7 @@ class InteractiveSession:
             self._rollback()
             raise
         self._apply(proposal)
+        _done(progress, "segment")
         return self.mask
 
     def refine(self, time_budget_s: float = 10.0, progress: RefineProgress | None = None,
@@ -442,3 +446,9 @@ class InteractiveSession:
     def save_model(self, path: str | os.PathLike) -> Path:
         """Save the adapted model as a checkpoint (its provenance says what it was adapted from)."""
         return self.family.save(path, self)
+
+
+def _done(progress: ProgressCallback | None, what: str) -> None:
+    """The last report of a call that took a progress callback: all done (a bar drawn for it closes)."""
+    if progress is not None:
+        progress(1.0, f"{what} done")
