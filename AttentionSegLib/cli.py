@@ -206,6 +206,38 @@ def _wants_medsam(args: argparse.Namespace) -> bool:
     return bool(args.box_ras) or bool(args.bounds_ras) or is_medsam_model(args.model)
 
 
+def model_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--model-options``: LiteMedSAM's settings as a JSON object, inline or as a ``.json`` file, checked
+    before any work (:meth:`~.interactive.medsam.MedSAMSettings.from_dict`); ``None`` when not given."""
+    from .interactive.medsam import MedSAMSettings, is_medsam_model
+
+    text = getattr(args, "model_options", None)
+    if text is None:
+        return None
+    source = "--model-options"
+    path = Path(text)
+    if path.suffix.lower() == ".json" or path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CLIError(f"--model-options {path}: cannot read it ({exc})") from None
+        source = f"--model-options {path}"
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{source}: not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise CLIError(f"{source}: must be a JSON object of settings, e.g. '{{\"slice_gap_mm\": 0}}'")
+    if not is_medsam_model(args.model):
+        model = "the default network" if args.model is None else f"'{args.model}'"
+        raise CLIError(f"{source}: only --model medsam_lite takes model options (not {model})")
+    try:
+        MedSAMSettings.from_dict(values)
+    except ValueError as exc:
+        raise CLIError(f"{source}: {exc}") from None
+    return values
+
+
 def _segment_medsam(args: argparse.Namespace) -> int:
     """``segment --model medsam_lite``: LiteMedSAM (Ma et al., Nat. Commun. 2024) from clicks and boxes.
 
@@ -228,6 +260,7 @@ def _segment_medsam(args: argparse.Namespace) -> int:
                        "medsam_lite only looks at the prompted slices")
     if not 0 < args.label < 255:
         raise CLIError(f"--label {args.label}: must be 1..254")
+    options = model_options(args)
     from .networks.medsam_lite.weights import medsam_weights_path, verify_weights
 
     # missing or wrong weights: one message saying how to install, no output
@@ -251,7 +284,7 @@ def _segment_medsam(args: argparse.Namespace) -> int:
         raise CLIError("--model medsam_lite segments what it is shown: give a click (--point-ras R,A,S or "
                        "--point-ijk I,J,K) or a box (--box-ras R1,A1,S1,R2,A2,S2)")
     started = time.perf_counter()
-    session = InteractiveSession(volume, args.model, device=args.device)
+    session = InteractiveSession(volume, args.model, device=args.device, model_options=options)
 
     report = _progress_printer("segment", not args.quiet)
     if bounds is not None:
@@ -292,6 +325,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     if _wants_medsam(args):
         return _segment_medsam(args)
+    model_options(args)  # refused: only LiteMedSAM takes model options
     image_path = Path(args.image)
     output = Path(args.output)
     outputs = [("-o", output)] + ([("--uncertainty", Path(args.uncertainty))] if args.uncertainty else [])
@@ -357,6 +391,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     outputs = [("-o", output)] + ([("--save-model", Path(args.save_model))] if args.save_model else [])
     if args.save_model and Path(args.save_model).suffix.lower() not in (".pt", ".pth"):
         raise CLIError(f"{args.save_model}: --save-model must end in .pt or .pth (a checkpoint)")
+    options = model_options(args)
     check_paths(inputs, outputs, image_outputs=["-o"])
     volume = read_image(image_path)
     scribbles = read_image(scribble_path)
@@ -373,7 +408,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     else:
         model = args.model
     session = InteractiveSession(volume, model, device=args.device,
-                                 settings=RefineSettings(strategy=args.strategy))
+                                 settings=RefineSettings(strategy=args.strategy), model_options=options)
     try:
         session.add_scribbles(values.astype(np.uint8))
     except ValueError as exc:
@@ -497,8 +532,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------- models
 
 
+def _medsam_info() -> dict[str, Any]:
+    """What ``models info medsam_lite`` says: the weights' provenance, where they are installed (or how to
+    install them), and the options ``--model-options`` takes with their defaults."""
+    from .interactive.medsam import MEDSAM_MODEL_NAME, MedSAMSettings
+    from .networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
+    from .networks.medsam_lite.weights import WEIGHTS_INFO
+
+    try:
+        installed: str = str(medsam_weights_path())
+    except MedSAMWeightsMissing as exc:
+        installed = f"not installed: {exc}"
+    return {"model": MEDSAM_MODEL_NAME, **WEIGHTS_INFO, "weights": installed,
+            "prompts": "a click (--point-ras/--point-ijk) or a box on one slice (--box-ras), propagated "
+                       "through the slices; refine learns from scribbles",
+            "model_options": MedSAMSettings().to_dict()}
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .inference import model_summary
+    from .interactive.medsam import MEDSAM_MODEL_NAME
     from .model_zoo import available_models, load_model, register_model
 
     action = args.action or "list"
@@ -511,6 +564,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif action == "info":
         if not args.name:
             raise CLIError("models info needs a model name or checkpoint path")
+        if args.name == MEDSAM_MODEL_NAME:
+            print(json.dumps(_medsam_info(), indent=2))
+            return 0
         model = load_model(args.name)
         print(json.dumps({**model_summary(model), "provenance": model.provenance}, indent=2, default=str))
     elif action == "import":
@@ -626,6 +682,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "slice (on a whole CT, a click on the pancreas can otherwise follow the bowel)")
     seg.add_argument("--label", type=int, default=1,
                      help="with --model medsam_lite: the label value of the prompted structure (default: 1)")
+    seg.add_argument("--model-options", default=None, metavar="JSON",
+                     help="with --model medsam_lite: its settings as a JSON object or a .json file, e.g. "
+                          "'{\"slice_gap_mm\": 0, \"encoder_precision\": \"bfloat16\"}' (the fields of "
+                          "MedSAMSettings; unknown keys are refused)")
     _device_arg(seg)
     _quiet_arg(seg)
     seg.set_defaults(func=cmd_segment)
@@ -655,6 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--save-model",
                     help="also save the adapted network here (use it as --model next round; only "
                                          "finetune changes the network)")
+    rf.add_argument("--model-options", default=None, metavar="JSON",
+                    help="with --model medsam_lite: its settings as a JSON object or a .json file, e.g. "
+                         "'{\"slice_gap_mm\": 0, \"encoder_precision\": \"bfloat16\"}' (the fields of "
+                         "MedSAMSettings; unknown keys are refused)")
     _device_arg(rf)
     _quiet_arg(rf)
     rf.set_defaults(func=cmd_refine)

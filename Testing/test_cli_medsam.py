@@ -95,7 +95,10 @@ def test_click_writes_the_organ_with_the_input_geometry(kidney, tmp_path: Path) 
 
 
 def test_box_on_one_slice_writes_the_organ(kidney, tmp_path: Path) -> None:
+    """With LiteMedSAM's settings from a ``--model-options`` file (every slice decoded: no gap)."""
     path, volume, truth = kidney
+    options = tmp_path / "medsam.json"
+    options.write_text(json.dumps({"slice_gap_mm": 0, "prefetch_mm": 0}))
     k = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(axis=1)))
     rows, cols = np.nonzero(truth[k])
     corner_a = _ras(volume, (float(cols.min()), float(rows.min()), float(k)))
@@ -110,6 +113,8 @@ def test_box_on_one_slice_writes_the_organ(kidney, tmp_path: Path) -> None:
             "--model",
             "medsam_lite",
             f"--box-ras={corner_a},{corner_b}",
+            "--model-options",
+            str(options),
             "--device",
             "cpu",
             "--quiet",

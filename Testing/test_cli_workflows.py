@@ -15,6 +15,7 @@ from AttentionSegLib.imageio import read_image, write_image
 from AttentionSegLib.metrics import dice
 from AttentionSegLib.model_zoo import available_models
 from AttentionSegLib.networks import build_network
+from AttentionSegLib.volume import Volume
 
 TINY = '{"filters": [4, 8, 16, 32, 64]}'
 
@@ -193,8 +194,6 @@ def test_refine_bad_inputs_fail_cleanly(round0, tmp_path, capsys):
     image, scribbles, _ = round0
     out = tmp_path / "out.nii.gz"
     volume = read_image(scribbles)
-    from AttentionSegLib.volume import Volume
-
     other_grid = write_image(Volume(volume.array[:, :-1], volume.spacing, volume.origin, volume.direction),
                              tmp_path / "other_grid.nii.gz")
     _refuses(capsys, "refine", image, "--scribbles", other_grid, "-o", out, output=out,
@@ -236,6 +235,48 @@ def test_models_import_list_and_info(tmp_path, monkeypatch, capsys):
     corrupt.write_bytes(b"nope")
     assert _run("models", "import", "broken", corrupt) == 2
     assert "broken" not in available_models()
+
+
+def test_models_info_medsam_lite_says_its_provenance_and_its_options(capsys):
+    """Without its weights too: the entry then says how to install them."""
+    from AttentionSegLib.interactive.medsam import MedSAMSettings
+    from AttentionSegLib.networks.medsam_lite.weights import SHA256
+
+    capsys.readouterr()
+    assert _run("models", "info", "medsam_lite") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"] == "medsam_lite" and info["sha256"] == SHA256 and info["licence"] == "Apache-2.0"
+    assert info["model_options"] == MedSAMSettings().to_dict()
+    assert info["weights"].endswith("lite_medsam.pth") or "--no-deps" in info["weights"]
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    ('{"slice_gap": 0}', "unknown LiteMedSAM option(s) ['slice_gap']"),
+    ('{"slice_gap_mm": "six"}', "'slice_gap_mm' must be a number"),
+    ("[1, 2]", "must be a JSON object of settings"),
+    ("{slice_gap_mm: 0}", "not valid JSON"),
+    ("absent.json", "cannot read it"),
+])
+def test_bad_model_options_are_refused_before_any_work(tmp_path, capsys, options, says):
+    image = write_image(Volume(np.zeros((4, 16, 16), np.int16)), tmp_path / "ct.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    if options.endswith(".json"):
+        options = str(tmp_path / options)
+    capsys.readouterr()
+    code = _run("segment", image, "-o", out, "--model", "medsam_lite", "--point-ijk", "8,8,2",
+                "--model-options", options, "-q")
+    err = capsys.readouterr().err
+    assert code == 2 and "--model-options" in err and says in err, err
+    assert not out.exists()
+
+
+def test_model_options_are_litemedsams_alone(tmp_path, capsys):
+    image = write_image(Volume(np.zeros((4, 16, 16), np.int16)), tmp_path / "ct.nii.gz")
+    capsys.readouterr()
+    code = _run("segment", image, "-o", tmp_path / "seg.nii.gz", "--model", "demo_abdomen_ct",
+                "--model-options", '{"slice_gap_mm": 0}', "-q")
+    assert code == 2 and "only --model medsam_lite takes model options" in capsys.readouterr().err
+    assert not (tmp_path / "seg.nii.gz").exists()
 
 
 # ------------------------------------------------------------------------------------------------------- demo

@@ -15,7 +15,7 @@ Conventions: arrays ``(k, j, i)``, points ``(i, j, k)``; scribble maps uint8 wit
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,24 @@ def check_time_budget(seconds: Any) -> float:
 
 
 def open_family(model: Any, volume: Volume, *, device: torch.device, settings: RefineSettings,
-                generator: torch.Generator) -> ModelFamily:
+                generator: torch.Generator, model_options: Mapping[str, Any] | None = None) -> ModelFamily:
     """The family that serves ``model``: LiteMedSAM for its name (or a model that names that family), else the
-    engine's own networks."""
-    from .medsam import MedSAMFamily, is_medsam_model
+    engine's own networks. ``model_options``: LiteMedSAM's settings as data
+    (:meth:`~.medsam.MedSAMSettings.from_dict`); the U-Nets take none."""
+    from .medsam import MedSAMFamily, MedSAMSettings, is_medsam_model
 
     if is_medsam_model(model):
-        return MedSAMFamily(model, volume, device=device, settings=settings, generator=generator)
+        medsam = None
+        if model_options:
+            values = dict(model_options)
+            # the session's strategy names the refine mode unless the options do
+            values.setdefault("refine_mode", "decoder" if settings.strategy == "finetune" else "walker")
+            medsam = MedSAMSettings.from_dict(values)
+        return MedSAMFamily(model, volume, device=device, settings=settings, generator=generator,
+                            medsam=medsam)
+    if model_options:
+        raise ValueError(f"model options {sorted(model_options)} are LiteMedSAM's ('medsam_lite'); the "
+                         "engine's own networks take none (their refine settings are RefineSettings)")
     from .unet import UNetFamily
 
     return UNetFamily(model, volume, device=device, settings=settings, generator=generator)
@@ -77,6 +88,9 @@ class InteractiveSession:
         settings: :class:`RefineSettings` (``strategy`` chooses how ``refine`` learns).
         max_history: undo depth.
         seed: seed of the adaptation's randomness.
+        model_options: LiteMedSAM's settings as JSON-able data, e.g. ``{"slice_gap_mm": 0,
+            "encoder_precision": "bfloat16"}`` (:class:`~.medsam.MedSAMSettings`; unknown keys are refused);
+            the other models take none.
 
     Example::
 
@@ -88,7 +102,8 @@ class InteractiveSession:
     """
 
     def __init__(self, volume: Volume, model: Any, *, device: str | torch.device = "auto",
-                 settings: RefineSettings | None = None, max_history: int = 20, seed: int = 0) -> None:
+                 settings: RefineSettings | None = None, max_history: int = 20, seed: int = 0,
+                 model_options: Mapping[str, Any] | None = None) -> None:
         check_finite(volume.array, "InteractiveSession: the image")  # NaN would empty every answer silently
         self.volume = volume
         torch.manual_seed(seed)  # an untrained network's initial weights are part of the session's randomness
@@ -96,7 +111,7 @@ class InteractiveSession:
         self.settings = settings or RefineSettings()
         self.generator = torch.Generator().manual_seed(seed)
         self.family: ModelFamily = open_family(model, volume, device=self.device, settings=self.settings,
-                                               generator=self.generator)
+                                               generator=self.generator, model_options=model_options)
         self.num_classes = int(self.family.num_classes)
         self.mask = np.zeros(volume.shape, dtype=np.uint8)
         self.scribbles = np.full(volume.shape, IGNORE_INDEX, dtype=np.uint8)

@@ -19,4 +19,4 @@ DEFAULT_PORT = 8765
 PACKET_TYPE = "application/x-attentionseg"
 #: what this server does beyond the first API (``GET /v1/health``'s ``features``): a client asks only for
 #: those its server lists, so that a newer client still works with an older server
-FEATURES = ("previews",)
+FEATURES = ("previews", "model_options")

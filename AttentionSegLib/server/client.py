@@ -95,7 +95,8 @@ class ServerClient:
 
         Args:
             model: the name of one of the server's models, or a network config (an untrained network).
-            options: ``settings`` (a ``RefineSettings`` or a dict), ``max_history``, ``seed``.
+            options: ``settings`` (a ``RefineSettings`` or a dict), ``max_history``, ``seed``, and for
+                LiteMedSAM ``model_options`` (a ``MedSAMSettings`` or a dict of some of its fields).
 
         Raises:
             ServerError: refused (token, limits, unknown model ...); ServerUnreachable: no connection.
@@ -103,8 +104,9 @@ class ServerClient:
         health = self.health()
         limit = health.get("max_upload_bytes")
         options = dict(options or {})
-        if dataclasses.is_dataclass(options.get("settings")):
-            options["settings"] = dataclasses.asdict(options["settings"])
+        for key in ("settings", "model_options"):
+            if dataclasses.is_dataclass(options.get(key)):
+                options[key] = dataclasses.asdict(options[key])
         array = np.asarray(volume.array)
         image = {"array": array, "spacing": list(volume.spacing), "origin": list(volume.origin),
                  "direction": list(volume.direction)}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .. import Cancelled, InteractiveSession, Preview, RefineSettings, Volume, __version__, available_models
+from ..interactive.medsam import MEDSAM_MODEL_NAME, MedSAMSettings, is_medsam_model
 from . import API_PREFIX, FEATURES
 from .calls import CallError, invoke, parse_calls, resolve_scribbles
 from .config import ServerConfig
@@ -25,7 +26,7 @@ from .jobs import FAILED, SUCCEEDED, DeviceQueue, ServerJob
 from .store import ServerSession, SessionStore, StoreError
 
 MAX_WAIT_S = 30.0
-OPTIONS = frozenset({"settings", "max_history", "seed"})
+OPTIONS = frozenset({"settings", "max_history", "seed", "model_options"})
 
 
 class NotReady(StoreError):
@@ -127,7 +128,7 @@ class Service:
                             "'options': {...}}")
         volume = self._volume(payload["image"])
         model = self._model(payload["model"])
-        options = self._options(payload.get("options") or {})
+        options = self._options(payload.get("options") or {}, model)
         session = self.store.reserve(volume.shape, volume.array.dtype.itemsize, options["max_history"])
 
         def open_engine(job: ServerJob) -> dict[str, Any]:
@@ -180,7 +181,7 @@ class Service:
                             "import NAME FILE` on the server adds one)")
         raise CallError("'model' must be the name of one of the server's models or a network config object")
 
-    def _options(self, options: Any) -> dict[str, Any]:
+    def _options(self, options: Any, model: Any) -> dict[str, Any]:
         if not isinstance(options, dict) or not set(options) <= OPTIONS:
             raise CallError(f"'options' may hold {sorted(OPTIONS)} only, got {sorted(options)}")
         history = options.get("max_history", min(20, self.config.max_history))
@@ -189,7 +190,22 @@ class Service:
         seed = options.get("seed", 0)
         if not _is_int(seed):
             raise CallError(f"seed must be an integer, got {seed!r}")
-        return {"settings": self._settings(options.get("settings")), "max_history": history, "seed": seed}
+        return {"settings": self._settings(options.get("settings")), "max_history": history, "seed": seed,
+                "model_options": self._model_options(options.get("model_options"), model)}
+
+    @staticmethod
+    def _model_options(values: Any, model: Any) -> dict[str, Any] | None:
+        """LiteMedSAM's settings (``MedSAMSettings`` fields), checked before the session starts."""
+        if values is None:
+            return None
+        if not is_medsam_model(model):
+            raise CallError(f"model_options are LiteMedSAM's ('{MEDSAM_MODEL_NAME}'); the model {model!r} "
+                            "takes none")
+        try:
+            MedSAMSettings.from_dict(values)
+        except ValueError as error:
+            raise CallError(f"model_options: {error}") from None
+        return dict(values)
 
     @staticmethod
     def _settings(settings: Any) -> RefineSettings | None:

@@ -151,6 +151,12 @@ def test_a_body_that_is_not_a_packet_is_refused_with_its_reason(server: ServerPr
       "options": {"max_history": 10_000}}, "max_history must be an integer 1..20"),
     ({"image": {"array": np.zeros((4, 4, 4), np.int16)}, "model": "demo_abdomen_ct",
       "options": {"device": "cuda"}}, "'options' may hold"),
+    ({"image": {"array": np.zeros((4, 4, 4), np.int16)}, "model": "demo_abdomen_ct",
+      "options": {"model_options": {"slice_gap_mm": 0}}}, "model_options are LiteMedSAM's"),
+    ({"image": {"array": np.zeros((4, 4, 4), np.int16)}, "model": "medsam_lite",
+      "options": {"model_options": {"slice_gap": 0}}}, "unknown LiteMedSAM option(s) ['slice_gap']"),
+    ({"image": {"array": np.zeros((4, 4, 4), np.int16)}, "model": "medsam_lite",
+      "options": {"model_options": {"encoder_precision": "int4"}}}, "encoder_precision must be one of"),
 ])
 def test_a_bad_session_request_is_refused_with_422_naming_what_is_wrong(server: ServerProcess, payload: dict,
                                                                         message: str) -> None:

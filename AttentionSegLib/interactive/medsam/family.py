@@ -627,6 +627,7 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             "propagation_stride": self._stride(),  # slices from one decoded slice to the next (slice_gap_mm)
             "prefetch_mm": self.options.prefetch_mm,  # prefetch() prepares the slices this far each side
             "strategy": self.options.refine_mode,
+            "options": self.options.to_dict(),  # the settings in effect (MedSAMSettings; model_options)
             "last_strategy": self.last_strategy,
             "classes": "any 1..254",
             "structures": sorted(self.tracks),

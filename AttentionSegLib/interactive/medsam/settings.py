@@ -3,7 +3,11 @@ preprocessing."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from ...devices import PRECISIONS
 
@@ -14,6 +18,7 @@ CT_FIELD_OF_VIEW_MM = 360.0  # a CT crop is padded to this width (MedSAMSettings
 OTHER_FIELD_OF_VIEW_MM = 300.0  # ... and any other image to this one
 LABELS = 255  # class-agnostic: any label 1..254 (255 marks unscribbled voxels)
 REFINE_MODES = ("walker", "decoder")
+CLICK_PROMPTS = ("grow_box", "point")
 
 
 @dataclass
@@ -92,7 +97,6 @@ class MedSAMSettings:
         learning_rate: Adam step size for the decoder's fine-tuning.
         refine_seconds: cap of a refine's fine-tuning time (within the refine's own budget).
         max_refine_steps: at most this many fine-tuning steps per refine.
-        slices_per_step: unused (every scribbled slice takes part in every step of the head's tuning).
         distill_weight: weight of the distillation to the decoder's answers before the refine (unscribbled
             pixels around each box, and the replayed slices).
         replay_slices: slices of each structure without scribbles (evenly spread) held to their answers.
@@ -158,7 +162,6 @@ class MedSAMSettings:
     learning_rate: float = 1e-4
     refine_seconds: float = 3.0
     max_refine_steps: int = 60
-    slices_per_step: int = 4
     distill_weight: float = 1.0
     replay_slices: int = 6
     trust_dice: float = 0.9
@@ -175,6 +178,14 @@ class MedSAMSettings:
     def __post_init__(self) -> None:
         if self.refine_mode not in REFINE_MODES:
             raise ValueError(f"refine_mode must be one of {list(REFINE_MODES)}, got {self.refine_mode!r}")
+        if self.click_prompt not in CLICK_PROMPTS:
+            raise ValueError(f"click_prompt must be one of {list(CLICK_PROMPTS)}, got {self.click_prompt!r}")
+        if self.window is not None and not (len(self.window) == 2 and self.window[1] > self.window[0]):
+            raise ValueError(f"window must be [lower, upper] with upper > lower or null, got {self.window!r}")
+        if not self.click_box_mm or min(self.click_box_mm) <= 0:
+            raise ValueError(f"click_box_mm must be positive half-sizes (mm), got {self.click_box_mm!r}")
+        if not self.anchor_margins or not self.margins:
+            raise ValueError("anchor_margins and margins must each hold at least one margin")
         if self.encoder_precision not in PRECISIONS:
             raise ValueError(
                 f"encoder_precision must be one of {list(PRECISIONS)}, got {self.encoder_precision!r}"
@@ -197,3 +208,55 @@ class MedSAMSettings:
             raise ValueError(
                 f"min_field_of_view_mm must be positive or None, got {self.min_field_of_view_mm}"
             )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> MedSAMSettings:
+        """Settings from JSON-able ``values`` (the model options of a session, ``--model-options`` of the
+        CLI, ``options.model_options`` of the server); the fields not given keep their defaults.
+
+        Raises ``ValueError`` naming an unknown key (with the known ones), a value of the wrong type or out
+        of range."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"LiteMedSAM options must be an object of settings, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown LiteMedSAM option(s) {unknown}; the options are {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            _check_json_value(key, value, hints[key])
+        return cls(**{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-able values (``from_dict`` gives them back)."""
+        return asdict(self)
+
+
+def _check_json_value(key: str, value: Any, hint: Any) -> None:
+    """``value`` fits the field's type: ``float`` (any finite number), ``int``, ``bool``, ``str``, a list of
+    numbers, or ``None`` where the field allows it."""
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return
+        raise ValueError(f"LiteMedSAM option {key!r} may not be null")
+    if type(None) in args:
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    if origin is list:
+        fine = isinstance(value, (list, tuple)) and all(_is_number(v) for v in value)
+        expected = "a list of numbers"
+    elif hint is bool:
+        fine, expected = isinstance(value, bool), "true or false"
+    elif hint is int:
+        fine, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif hint is float:
+        fine, expected = _is_number(value), "a number"
+    else:
+        fine, expected = isinstance(value, hint), hint.__name__
+    if not fine:
+        raise ValueError(f"LiteMedSAM option {key!r} must be {expected}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
