@@ -82,7 +82,7 @@ from AttentionSegLib import (  # noqa: E402
     read_image,  # noqa: E402
 )
 from AttentionSegLib.interactive import RefineSettings  # noqa: E402
-from AttentionSegLib.interactive.medsam import NoStructureAtClick  # noqa: E402
+from AttentionSegLib.interactive.medsam import MedSAMSettings, NoStructureAtClick  # noqa: E402
 from AttentionSegLib.interactive.settings import STRATEGIES  # noqa: E402
 from AttentionSegLib.metrics import dice  # noqa: E402
 from benchmarks.common import machine_info, markdown_table, write_results  # noqa: E402
@@ -299,6 +299,7 @@ class SessionSegmenter:
         device: torch device name.
         time_budget_s: budget of every refine.
         strategy: the session's refine strategy (``auto``: the online head on a CPU, fine-tuning on a GPU).
+        model_options: LiteMedSAM's settings (``InteractiveSession(model_options=)``; ``--medsam-options``).
 
     Attributes:
         preview: handed to every click (``InteractiveSession.click(preview=)``; ``benchmarks/medsam_speed.py``
@@ -306,9 +307,11 @@ class SessionSegmenter:
     """
 
     def __init__(self, image: Volume, model: Any, *, label: int, device: str, time_budget_s: float,
-                 seed: int = 0, strategy: str = "auto") -> None:
+                 seed: int = 0, strategy: str = "auto",
+                 model_options: Mapping[str, Any] | None = None) -> None:
         self.session = InteractiveSession(image, model, device=device, seed=seed,
-                                          settings=RefineSettings(strategy=strategy))
+                                          settings=RefineSettings(strategy=strategy),
+                                          model_options=model_options)
         self.label = label
         self.time_budget_s = time_budget_s
         self.preview: Any = None
@@ -457,11 +460,13 @@ def plan_methods(dataset: str, methods: Sequence[str], args: argparse.Namespace)
         elif method == "attentionseg_medsam":
             refine = ("decoder fine-tune on the scribbles" if args.strategy == "finetune"
                       else "random walker with LiteMedSAM's answer as prior (Grady 2005)")
+            options = args.medsam_options
             setting = (f"medsam_lite (LiteMedSAM, Ma et al. 2024) click/box + axial propagation, refine = "
-                       f"{refine}, budget {budget:g} s, device {args.device}")
-            plans[method] = MethodPlan(method, setting, lambda t: SessionSegmenter(
+                       f"{refine}, budget {budget:g} s, device {args.device}"
+                       + (f", options {json.dumps(options, sort_keys=True)}" if options else ""))
+            plans[method] = MethodPlan(method, setting, lambda t, o=options: SessionSegmenter(
                 t.image, "medsam_lite", label=1, device=args.device, time_budget_s=budget, seed=args.seed,
-                strategy=args.strategy))
+                strategy=args.strategy, model_options=o))
         elif method == "grow_from_seeds":
             plans[method] = MethodPlan(method, "itk.FastGrowCut (itk-growcut), distance penalty 0",
                                        lambda t: SeedSegmenter(t.image, grow_from_seeds))
@@ -669,6 +674,17 @@ def results_table(records: Sequence[Mapping[str, Any]], rounds: int, clicks: int
 # ------------------------------------------------------------------------------------------------------- main
 
 
+def _medsam_options(text: str) -> dict[str, Any]:
+    """``--medsam-options``: a JSON object (inline or a ``.json`` file) of ``MedSAMSettings`` fields."""
+    path = Path(text)
+    try:
+        values = json.loads(path.read_text() if path.suffix.lower() == ".json" else text)
+        MedSAMSettings.from_dict(values)
+    except (OSError, ValueError) as exc:  # a JSONDecodeError is a ValueError
+        raise argparse.ArgumentTypeError(f"{text}: {exc}") from None
+    return values
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -698,6 +714,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--structures", nargs="+", default=None,
                         help="only these structures (e.g. kidney_right pancreas; default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--medsam-options", type=_medsam_options, default=None, metavar="JSON",
+                        help="LiteMedSAM's settings for attentionseg_medsam, a JSON object or a .json file, "
+                             "e.g. '{\"slice_gap_mm\": 0}' (attentionseg models info medsam_lite lists them)")
     args = parser.parse_args(argv)
     for name in ("rounds", "clicks", "limit"):
         if getattr(args, name) < 0:
@@ -783,7 +802,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine,
         "command": command,
         "settings": {"rounds": args.rounds, "clicks": args.clicks, "time_budget_s": args.time_budget,
-                     "strategy": args.strategy,
+                     "strategy": args.strategy, "medsam_options": args.medsam_options,
                      "limit": args.limit, "datasets": args.datasets, "methods": args.methods,
                      "views": args.views, "structures": args.structures,
                      "acdc_validation_patients": [ACDC_VALIDATION.start, ACDC_VALIDATION.stop - 1],

@@ -1,0 +1,38 @@
+"""``benchmarks/interactive.py --medsam-options``: LiteMedSAM's settings for ``attentionseg_medsam``, checked
+when parsed, said in the method's setting and given to its sessions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("skimage",
+                    reason="the benchmark needs scikit-image (the test extra: pip install -e '.[test]')")
+
+from AttentionSegLib import make_abdominal_phantom  # noqa: E402
+from benchmarks.interactive import Target, parse_args, plan_methods  # noqa: E402
+
+
+def test_bad_options_stop_the_run_before_it_starts(tmp_path: Path, capsys) -> None:
+    for options in ('{"slice_gap": 0}', "{not json", str(tmp_path / "absent.json")):
+        with pytest.raises(SystemExit) as stopped:
+            parse_args(["--medsam-options", options])
+        assert stopped.value.code == 2
+        assert "--medsam-options" in capsys.readouterr().err
+    assert parse_args([]).medsam_options is None
+
+
+def test_the_options_are_in_the_setting_and_in_every_session(tmp_path: Path, medsam_weights: Path) -> None:
+    options = tmp_path / "medsam.json"
+    options.write_text(json.dumps({"prefetch_mm": 12.5, "min_field_of_view_mm": 200.0}))
+    args = parse_args(["--methods", "attentionseg_medsam", "--medsam-options", str(options)])
+    plan = plan_methods("ct_organs", ["attentionseg_medsam"], args)["attentionseg_medsam"]
+    assert 'options {"min_field_of_view_mm": 200.0, "prefetch_mm": 12.5}' in plan.setting
+    image, labels, _ = make_abdominal_phantom(shape=(8, 32, 32), seed=1)
+    target = Target("ct_organs", "phantom", "organ", image, np.asarray(labels.array) > 0)
+    assert plan.build is not None
+    family = plan.build(target).session.family
+    assert (family.options.prefetch_mm, family.options.min_field_of_view_mm) == (12.5, 200.0)
