@@ -250,7 +250,7 @@ def _segment_medsam(args: argparse.Namespace) -> int:
     from .atomic import staged_outputs
     from .imageio import _extension, read_image, write_image
     from .interactive import InteractiveSession
-    from .interactive.medsam import is_medsam_model
+    from .interactive.medsam import NoStructureAtClick, is_medsam_model
 
     if not is_medsam_model(args.model):
         option = "--box-ras" if args.box_ras else "--bounds-ras"
@@ -292,7 +292,10 @@ def _segment_medsam(args: argparse.Namespace) -> int:
     for corner_a, corner_b in boxes:
         session.box(corner_a, corner_b, label=args.label, progress=report)
     for point in points:
-        session.click(point, label=args.label, progress=report)
+        try:
+            session.click(point, label=args.label, progress=report)
+        except NoStructureAtClick as exc:
+            raise CLIError(f"{image_path}: {exc}") from None
     labels = session.mask
     written = [output]
     with staged_outputs() as stage:  # every output or none

@@ -173,7 +173,7 @@ def test_a_click_where_litemedsam_finds_nothing_exits_2_and_writes_nothing(
     kidney, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A point where the answer to no box holds it (found along the middle row: the body's edge) is refused
-    with LiteMedSAM's message; nothing is written."""
+    with LiteMedSAM's message after the file's name; nothing is written."""
     from AttentionSegLib import InteractiveSession
 
     path, volume, _ = kidney
@@ -186,7 +186,8 @@ def test_a_click_where_litemedsam_finds_nothing_exits_2_and_writes_nothing(
     code = main(["segment", str(path), "-o", str(out), "--model", "medsam_lite",
                  "--point-ijk", f"{i},{j},{k}", "--attention-dir", str(tmp_path / "att"), "--quiet"])
     assert code == 2 and not out.exists() and not (tmp_path / "att").exists()
-    assert "finds no structure at the click" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{path}: LiteMedSAM finds no structure at the click" in err, err  # the file named first
 
 
 def test_missing_weights_exit_2_and_write_nothing(
