@@ -453,3 +453,29 @@ def test_erased_scribbles_stop_counting_and_one_undo_takes_back_a_whole_refine(
     undo = controller.wait(controller.undo(), WAIT_S)
     assert undo.state is JobState.SUCCEEDED, undo.error_message
     assert_engine_unchanged(before_second, engine_state(controller) | {"depth": before_second["depth"]})
+
+
+def test_litemedsam_opens_with_the_model_options_given_to_start(scene: Any, medsam_weights: Path) -> None:
+    """``start(..., model_options=...)`` reaches the engine (LiteMedSAM's settings, as ``InteractiveSession``
+    takes them): with ``prefetch_mm`` 0 the module prepares no slice while a view rests; an unknown option
+    fails the start with the engine's message, naming it."""
+    from AttentionSegLib import make_abdominal_phantom
+
+    image, _, _ = make_abdominal_phantom(shape=(8, 32, 32), seed=1)
+    node = mrml.add_volume_node(scene, image, "phantom")
+    plain = SegmentationController(scene)
+    tuned = SegmentationController(scene)
+    refused = SegmentationController(scene)
+    try:
+        job = plain.wait(plain.start(node, "medsam_lite", device="cpu"), WAIT_S)
+        assert job.state is JobState.SUCCEEDED, job.error_message
+        assert plain.prefetches and plain.session_facts["prefetch_mm"] > 0
+        no_prefetch = {"prefetch_mm": 0}
+        job = tuned.wait(tuned.start(node, "medsam_lite", device="cpu", model_options=no_prefetch), WAIT_S)
+        assert job.state is JobState.SUCCEEDED, job.error_message
+        assert tuned.session_facts["options"]["prefetch_mm"] == 0 and not tuned.prefetches
+        job = refused.wait(refused.start(node, "medsam_lite", device="cpu", model_options={"gap": 1}), WAIT_S)
+        assert job.state is JobState.FAILED and "unknown LiteMedSAM option(s) ['gap']" in job.error_message
+    finally:
+        for controller in (plain, tuned, refused):
+            controller.close()
