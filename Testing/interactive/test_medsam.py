@@ -376,6 +376,19 @@ def test_a_click_where_litemedsam_finds_nothing_is_refused_and_changes_nothing(
     assert (mask[before == 1] == 1).all()  # ... and a positive click only adds: the spleen is kept
 
 
+def test_a_click_on_a_uniform_image_is_refused_before_anything_is_encoded() -> None:
+    """LiteMedSAM always finds something in a box: on an all-zero volume a click answered a blob (715 of its
+    5,120 voxels). Where the image is uniform within the largest click box (after the window) the click is
+    refused, nothing encoded and the session as it was; a part is not added there either."""
+    _weights_or_skip()
+    blank = Volume(np.full((5, 32, 32), -1000, np.int16), spacing=(1.0, 1.0, 3.0))
+    session = InteractiveSession(blank, "medsam_lite", device="cpu")
+    with pytest.raises(NoStructureAtClick, match="the image is uniform within 180 mm of it"):
+        session.click((5, 5, 1), label=1)
+    assert not session.mask.any() and not session.can_undo and session.family.encoded == 0
+    assert session.family.box_from_click(2, 16.0, 16.0) is None
+
+
 def test_a_correction_of_one_kind_only_adds_or_only_takes_away(spleen: tuple[Volume, np.ndarray]) -> None:
     """Correction clicks of one kind only near the structure (no frame here): the walker adds to
     LiteMedSAM's answer (positive) or takes from it (negative), never both, and changes it where clicked."""

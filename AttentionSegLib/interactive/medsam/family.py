@@ -315,6 +315,11 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             if progress is not None:
                 progress(0.1, "LiteMedSAM: finding the box at the click")
             box = None
+            if self.uniform_around(k, x, y):
+                raise NoStructureAtClick(
+                    f"LiteMedSAM finds no structure at the click (voxel {tuple(click.point_ijk)}): the image "
+                    f"is uniform within {max(self.options.click_box_mm):g} mm of it. Click on the structure"
+                )
             if self.options.click_prompt == "grow_box":
                 box = self.box_from_click(k, x, y)
                 if box is None:

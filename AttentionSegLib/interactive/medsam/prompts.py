@@ -43,13 +43,9 @@ class Prompts:
         ventricle; even the reference box of the slice gives Dice 0.04-0.44), where the largest box (180 mm)
         answered 9,000-29,000 pixels across the slice before.
         """
-        h, w = self.slices.shape[1:]
-        spacing = self.grid.context.model.spacing  # (x, y[, z]) mm of the reoriented grid
-        sx, sy = float(spacing[0]), float(spacing[1])
-        boxes = [
-            (max(x - r / sx, 0.0), max(y - r / sy, 0.0), min(x + r / sx, w - 1.0), min(y + r / sy, h - 1.0))
-            for r in self.options.click_box_mm
-        ]
+        if self.uniform_around(k, x, y):
+            return None
+        boxes = self._click_boxes(k, x, y)
         masks, _ = self._decode_batch(k, boxes)
         recentred = []
         for box, mask in zip(boxes, masks):
@@ -83,6 +79,24 @@ class Prompts:
             box, mask, score = new, new_mask, new_score
         return box
 
+    def _click_boxes(self, k: int, x: float, y: float) -> list[tuple[float, float, float, float]]:
+        """The boxes of ``click_box_mm`` half-sizes centred on ``(x, y)`` of slice ``k``, cut to the slice."""
+        h, w = self.slices.shape[1:]
+        spacing = self.grid.context.model.spacing  # (x, y[, z]) mm of the reoriented grid
+        sx, sy = float(spacing[0]), float(spacing[1])
+        return [
+            (max(x - r / sx, 0.0), max(y - r / sy, 0.0), min(x + r / sx, w - 1.0), min(y + r / sy, h - 1.0))
+            for r in self.options.click_box_mm
+        ]
+
+    def uniform_around(self, k: int, x: float, y: float) -> bool:
+        """Whether the image LiteMedSAM would see in the largest click box is uniform (after the window):
+        nothing there to segment, and LiteMedSAM, which always finds something in a box, would answer a
+        blob (on an all-zero volume 715 of its 5,120 voxels)."""
+        x0, y0, x1, y1 = self._click_boxes(k, x, y)[-1]
+        region = self._normalised(k)[int(y0) : int(np.ceil(y1)) + 1, int(x0) : int(np.ceil(x1)) + 1]
+        return bool(region.size == 0 or float(region.max() - region.min()) < 1e-3)
+
     def box_from_scribbles(self, k: int, fg: np.ndarray, bg: np.ndarray) -> tuple[float, float, float, float]:
         """The box that the scribbles of slice ``k`` stand for: of boxes around the foreground strokes (their
         bounding box grown by 10 %..150 %, the click boxes at their centre, and the box just inside the
@@ -90,19 +104,9 @@ class Prompts:
         (foreground inside, background outside; the predicted IoU breaks ties)."""
         box = bounding_box(fg)
         assert box is not None
-        h, w = fg.shape
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        spacing = self.grid.context.model.spacing
         candidates = [self._grown(box, f, 0.0) for f in (0.1, 0.3, 0.6, 1.0, 1.5)]
-        candidates += [
-            (
-                max(cx - r / float(spacing[0]), 0.0),
-                max(cy - r / float(spacing[1]), 0.0),
-                min(cx + r / float(spacing[0]), w - 1.0),
-                min(cy + r / float(spacing[1]), h - 1.0),
-            )
-            for r in self.options.click_box_mm
-        ]
+        candidates += self._click_boxes(k, cx, cy)
         outer = bounding_box(bg)
         if (
             outer is not None
