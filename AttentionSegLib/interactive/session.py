@@ -60,8 +60,10 @@ def open_family(model: Any, volume: Volume, *, device: torch.device, settings: R
 
     if is_medsam_model(model):
         medsam = None
-        if model_options:
-            values = dict(model_options)
+        values = dict(model_options or {})
+        if settings.learning_rate is not None:  # the session's step size tunes LiteMedSAM's decoder too
+            values.setdefault("learning_rate", settings.learning_rate)
+        if values:
             # the session's strategy names the refine mode unless the options do
             values.setdefault("refine_mode", "decoder" if settings.strategy == "finetune" else "walker")
             medsam = MedSAMSettings.from_dict(values)

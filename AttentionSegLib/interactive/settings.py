@@ -53,7 +53,8 @@ class RefineSettings:
             the others as "the random walker with its answer as prior" (``MedSAMSettings.refine_mode``).
         head_seconds: the online head's training budget per round (capped by the refine's time budget).
         learning_rate: Adam step size for fine-tuning; ``None`` picks 1e-2 for an untrained network (it has
-            everything to learn) and 3e-4 for a trained one (adapt it, do not overwrite it).
+            everything to learn) and 3e-4 for a trained one (adapt it, do not overwrite it). LiteMedSAM tunes
+            its decoder with it (``finetune``) unless its model options set ``learning_rate`` (default 1e-4).
         crf_weight: weight of the masked CRF term; higher than in training (0.1) because a handful of
             scribbles must be propagated over the whole ROI within seconds.
         attention_weight: weight of the attentive similarity term (used when the network has self-attention).

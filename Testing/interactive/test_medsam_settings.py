@@ -54,7 +54,7 @@ def test_the_engines_own_networks_refuse_model_options() -> None:
         InteractiveSession(image, "demo_abdomen_ct", device="cpu", model_options={"slice_gap_mm": 0})
 
 
-def test_model_options_reach_litemedsam_and_the_strategy_names_the_refine_mode_unless_they_do(
+def test_model_options_reach_litemedsam_and_the_session_names_refine_mode_and_step_unless_they_do(
     medsam_weights: Path,
 ) -> None:
     image, _, _ = make_abdominal_phantom(shape=(8, 32, 32), seed=1)
@@ -71,5 +71,12 @@ def test_model_options_reach_litemedsam_and_the_strategy_names_the_refine_mode_u
     walked = InteractiveSession(image, "medsam_lite", device="cpu", settings=finetune,
                                 model_options={"refine_mode": "walker"})
     assert walked.family.options.refine_mode == "walker"
+    step = RefineSettings(learning_rate=3e-5)
+    stepped = InteractiveSession(image, "medsam_lite", device="cpu", settings=step)
+    assert stepped.family.options.learning_rate == 3e-5  # the session's step size tunes the decoder ...
+    own = InteractiveSession(image, "medsam_lite", device="cpu", settings=step,
+                             model_options={"learning_rate": 2e-4})
+    assert own.family.options.learning_rate == 2e-4  # ... unless the model options say otherwise
+    assert session.family.options.learning_rate == MedSAMSettings().learning_rate
     with pytest.raises(ValueError, match="unknown LiteMedSAM option"):
         InteractiveSession(image, "medsam_lite", device="cpu", model_options={"slices": 3})
