@@ -33,7 +33,7 @@ from slicer.util import VTKObservationMixin
 
 import AttentionSegMRML as mrml
 from AttentionSegBackend import Job, JobState
-from AttentionSegController import SegmentationController
+from AttentionSegController import SegmentationController, parse_model_options
 from AttentionSegRemoteBackend import RemoteBackend
 
 #: the model combo box entry that means "use the checkpoint file chosen below"
@@ -413,9 +413,11 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._onServer() and not self._serverModels and not self.onTestConnection():
                 return  # the server's models are not known yet, and it cannot be reached: said already
             self.onServerURLChanged()
+            options = parse_model_options(self.ui.modelOptionsLineEdit.text)
             job = self.logic.startSession(pn.inputVolume, self._selectedModel(), device=pn.device,
                                           segmentationNode=pn.outputSegmentation,
-                                          scribbleNode=pn.scribbleSegmentation, server=self._server())
+                                          scribbleNode=pn.scribbleSegmentation, server=self._server(),
+                                          **({"model_options": options} if options else {}))
             if job is None:
                 self.ui.statusLabel.text = _("AttentionSeg needs PyTorch; the session was not started.")
                 return

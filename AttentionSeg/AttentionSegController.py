@@ -20,6 +20,7 @@ the job ends, as its result is written (or not, when it failed or was cancelled)
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import deque
@@ -42,6 +43,24 @@ NEGATIVE_POINT_COLOR = (1.0, 0.2, 0.2)
 
 ApplyResult = Callable[[Any], None]
 MAX_UNNAMED_LABELS = 32  # a model with more classes and no names segments whatever it is shown
+
+
+def parse_model_options(text: str) -> dict[str, Any] | None:
+    """The *Model options* field: a JSON object of the model's settings (LiteMedSAM's ``MedSAMSettings``
+    fields, which the engine checks when the session starts), or ``None`` when empty. ``ValueError`` with
+    what is wrong otherwise."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"Model options are not valid JSON ({exc}); write e.g. "
+                         '{"slice_gap_mm": 0}') from None
+    if not isinstance(values, dict):
+        raise ValueError(f"Model options must be a JSON object of settings, e.g. {{\"slice_gap_mm\": 0}}, "
+                         f"not {type(values).__name__}")
+    return values
 
 
 class SegmentationController:

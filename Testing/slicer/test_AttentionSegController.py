@@ -479,3 +479,17 @@ def test_litemedsam_opens_with_the_model_options_given_to_start(scene: Any, meds
     finally:
         for controller in (plain, tuned, refused):
             controller.close()
+
+
+def test_the_model_options_field_is_a_json_object_or_empty() -> None:
+    """The *Model options* line of the panel: empty gives the defaults; anything but a JSON object is refused
+    with what is wrong before the session starts (its keys are the engine's to check)."""
+    from AttentionSegController import parse_model_options
+
+    assert parse_model_options("") is None and parse_model_options("   ") is None
+    assert parse_model_options(' {"prefetch_mm": 0, "window": [-160, 240]} ') == {"prefetch_mm": 0,
+                                                                                   "window": [-160, 240]}
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_model_options("{prefetch_mm: 0}")
+    with pytest.raises(ValueError, match="must be a JSON object of settings.*not list"):
+        parse_model_options("[0]")
