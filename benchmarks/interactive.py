@@ -309,9 +309,9 @@ class SessionSegmenter:
     def __init__(self, image: Volume, model: Any, *, label: int, device: str, time_budget_s: float,
                  seed: int = 0, strategy: str = "auto",
                  model_options: Mapping[str, Any] | None = None) -> None:
+        more = {"model_options": model_options} if model_options else {}  # an older engine takes none
         self.session = InteractiveSession(image, model, device=device, seed=seed,
-                                          settings=RefineSettings(strategy=strategy),
-                                          model_options=model_options)
+                                          settings=RefineSettings(strategy=strategy), **more)
         self.label = label
         self.time_budget_s = time_budget_s
         self.preview: Any = None

@@ -110,7 +110,8 @@ def _measure(spec: dict[str, Any], target: Any) -> dict[str, Any]:
     if spec["threads"]:
         torch.set_num_threads(int(spec["threads"]))  # per thread: OpenMP's setting is the calling thread's
     device = spec.get("device") or "cpu"
-    segmenter = SessionSegmenter(target.image, "medsam_lite", label=1, device=device, time_budget_s=10.0)
+    segmenter = SessionSegmenter(target.image, "medsam_lite", label=1, device=device, time_budget_s=10.0,
+                                 model_options=spec.get("medsam_options"))
     segmenter.add_background(frame_background(target))
     click = next_click(np.zeros(target.truth.shape, dtype=bool), target.truth, target.image.spacing)
     assert click is not None
@@ -161,7 +162,8 @@ def _measure_on_server(spec: dict[str, Any], target: Any) -> dict[str, Any]:
 
     device = spec.get("device") or "cpu"
     with running_server(spec["threads"], device, engine=spec["engine"]) as url:
-        session = ServerClient(url, poll_s=0.1).open_session(target.image, "medsam_lite")
+        options = {"model_options": spec["medsam_options"]} if spec.get("medsam_options") else {}
+        session = ServerClient(url, poll_s=0.1).open_session(target.image, "medsam_lite", options=options)
         background = np.where(frame_background(target), BACKGROUND, NOT_SCRIBBLED).astype(np.uint8)
         session.call([("add_scribbles", (background,), {})])
         click = next_click(np.zeros(target.truth.shape, dtype=bool), target.truth, target.image.spacing)
@@ -239,6 +241,13 @@ def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _medsam_options(text: str) -> dict[str, Any]:
+    """``--medsam-options``, parsed and checked as ``interactive.py`` does (imported only when given)."""
+    from interactive import _medsam_options as parse
+
+    return parse(text)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(REPO_ROOT.parent / "shared" / "data"), help="../shared/data")
@@ -277,6 +286,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--baseline",
         default=DEFAULT_BASELINE,
         help=f"the git commit whose engine is 'before' (default {DEFAULT_BASELINE})",
+    )
+    parser.add_argument(
+        "--medsam-options",
+        type=_medsam_options,
+        default=None,
+        metavar="JSON",
+        help="LiteMedSAM's settings for 'now' (this checkout), a JSON object or a .json file, e.g. "
+        "'{\"slice_gap_mm\": 9}'; the baseline engine keeps its defaults",
     )
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "medsam_speed.json"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -338,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "via": args.via,
                     "device": args.device,
                 }
+                if setting == "now" and args.medsam_options:  # the baseline engine keeps its defaults
+                    spec["medsam_options"] = args.medsam_options
                 row = {"target": name, "setting": setting, **_run_child(spec, setting, engines)}
                 per_target.append(row)
                 nan = float("nan")
@@ -366,7 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "refine_s": "s/refine",
     }
     before = {r["target"]: r for r in per_target if r["setting"] == "before"}
-    labels = {"before": f"before (engine at {baseline_commit[:7]})", "now": "now (this checkout)"}
+    options = f", options {json.dumps(args.medsam_options, sort_keys=True)}" if args.medsam_options else ""
+    labels = {"before": f"before (engine at {baseline_commit[:7]})", "now": f"now (this checkout{options})"}
     for setting in SETTINGS:
         mine = [r for r in per_target if r["setting"] == setting]
         medians = {key: _median([r[key] for r in mine if key in r]) for key in columns}
@@ -416,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "via": args.via,
                 "device": args.device,
                 "baseline": baseline_commit,
+                "medsam_options": args.medsam_options,
             },
             "per_target": per_target,
             "total_seconds": time.perf_counter() - started,

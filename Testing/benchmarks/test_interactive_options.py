@@ -1,5 +1,6 @@
-"""``benchmarks/interactive.py --medsam-options``: LiteMedSAM's settings for ``attentionseg_medsam``, checked
-when parsed, said in the method's setting and given to its sessions."""
+"""``--medsam-options`` of ``benchmarks/interactive.py`` (LiteMedSAM's settings for ``attentionseg_medsam``,
+checked when parsed, said in the method's setting and given to its sessions) and of
+``benchmarks/medsam_speed.py``."""
 
 from __future__ import annotations
 
@@ -36,3 +37,15 @@ def test_the_options_are_in_the_setting_and_in_every_session(tmp_path: Path, med
     assert plan.build is not None
     family = plan.build(target).session.family
     assert (family.options.prefetch_mm, family.options.min_field_of_view_mm) == (12.5, 200.0)
+
+
+def test_medsam_speed_takes_the_same_options_for_this_checkout_alone(capsys) -> None:
+    """``benchmarks/medsam_speed.py --medsam-options``: checked as ``interactive.py`` checks them (its runs
+    give them to the 'now' engine only: the baseline commit's engine keeps its defaults)."""
+    from benchmarks.medsam_speed import parse_args as speed_args
+
+    assert speed_args(["--medsam-options", '{"slice_gap_mm": 9}']).medsam_options == {"slice_gap_mm": 9}
+    assert speed_args([]).medsam_options is None
+    with pytest.raises(SystemExit) as stopped:
+        speed_args(["--medsam-options", '{"gap": 1}'])
+    assert stopped.value.code == 2 and "unknown LiteMedSAM option(s) ['gap']" in capsys.readouterr().err
