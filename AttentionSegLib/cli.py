@@ -686,9 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--label", type=int, default=1,
                      help="with --model medsam_lite: the label value of the prompted structure (default: 1)")
     seg.add_argument("--model-options", default=None, metavar="JSON",
-                     help="with --model medsam_lite: its settings as a JSON object or a .json file, e.g. "
-                          "'{\"slice_gap_mm\": 0, \"encoder_precision\": \"bfloat16\"}' (the fields of "
-                          "MedSAMSettings; unknown keys are refused)")
+                     help="with --model medsam_lite: some of its settings as a JSON object or a .json file, "
+                          "e.g. '{\"slice_gap_mm\": 0, \"encoder_precision\": \"bfloat16\"}' ('attentionseg "
+                          "models info medsam_lite' lists them, with defaults; unknown keys are refused)")
     _device_arg(seg)
     _quiet_arg(seg)
     seg.set_defaults(func=cmd_segment)
@@ -719,9 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also save the adapted network here (use it as --model next round; only "
                                          "finetune changes the network)")
     rf.add_argument("--model-options", default=None, metavar="JSON",
-                    help="with --model medsam_lite: its settings as a JSON object or a .json file, e.g. "
-                         "'{\"slice_gap_mm\": 0, \"encoder_precision\": \"bfloat16\"}' (the fields of "
-                         "MedSAMSettings; unknown keys are refused)")
+                    help="with --model medsam_lite: some of its settings as a JSON object or a .json file, "
+                         "e.g. '{\"slice_gap_mm\": 0, \"encoder_precision\": \"bfloat16\"}' ('attentionseg "
+                         "models info medsam_lite' lists them with their defaults; unknown keys are refused)")
     _device_arg(rf)
     _quiet_arg(rf)
     rf.set_defaults(func=cmd_refine)
