@@ -206,36 +206,47 @@ def _wants_medsam(args: argparse.Namespace) -> bool:
     return bool(args.box_ras) or bool(args.bounds_ras) or is_medsam_model(args.model)
 
 
-def model_options(args: argparse.Namespace) -> dict[str, Any] | None:
-    """``--model-options``: LiteMedSAM's settings as a JSON object, inline or as a ``.json`` file, checked
-    before any work (:meth:`~.interactive.medsam.MedSAMSettings.from_dict`); ``None`` when not given."""
-    from .interactive.medsam import MedSAMSettings, is_medsam_model
+def read_model_options(text: str) -> dict[str, Any]:
+    """LiteMedSAM's settings as a JSON object, inline or in a ``.json`` file, checked
+    (:meth:`~.interactive.medsam.MedSAMSettings.from_dict`); ``ValueError`` saying what is wrong (and in which
+    file)."""
+    from .interactive.medsam import MedSAMSettings
 
-    text = getattr(args, "model_options", None)
-    if text is None:
-        return None
-    source = "--model-options"
+    source = ""
     path = Path(text)
     if path.suffix.lower() == ".json" or path.is_file():
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise CLIError(f"--model-options {path}: cannot read it ({exc})") from None
-        source = f"--model-options {path}"
+            raise ValueError(f"{path}: cannot read it ({exc})") from None
+        source = f"{path}: "
     try:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CLIError(f"{source}: not valid JSON ({exc})") from None
+        raise ValueError(f"{source}not valid JSON ({exc})") from None
     if not isinstance(values, dict):
-        raise CLIError(f"{source}: must be a JSON object of settings, e.g. '{{\"slice_gap_mm\": 0}}'")
-    if not is_medsam_model(args.model):
-        model = "the default network" if args.model is None else f"'{args.model}'"
-        raise CLIError(f"{source}: only --model medsam_lite takes model options (not {model})")
+        raise ValueError(f"{source}must be a JSON object of settings, e.g. '{{\"slice_gap_mm\": 0}}'")
     try:
         MedSAMSettings.from_dict(values)
     except ValueError as exc:
-        raise CLIError(f"{source}: {exc}") from None
+        raise ValueError(f"{source}{exc}") from None
     return values
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--model-options`` (:func:`read_model_options`), checked before any work; ``None`` when not given."""
+    from .interactive.medsam import is_medsam_model
+
+    text = getattr(args, "model_options", None)
+    if text is None:
+        return None
+    if not is_medsam_model(args.model):
+        model = "the default network" if args.model is None else f"'{args.model}'"
+        raise CLIError(f"--model-options: only --model medsam_lite takes model options (not {model})")
+    try:
+        return read_model_options(text)
+    except ValueError as exc:
+        raise CLIError(f"--model-options: {exc}") from None
 
 
 def _segment_medsam(args: argparse.Namespace) -> int:

@@ -81,8 +81,9 @@ from AttentionSegLib import (  # noqa: E402
     load_model,
     read_image,  # noqa: E402
 )
+from AttentionSegLib.cli import read_model_options  # noqa: E402
 from AttentionSegLib.interactive import RefineSettings  # noqa: E402
-from AttentionSegLib.interactive.medsam import MedSAMSettings, NoStructureAtClick  # noqa: E402
+from AttentionSegLib.interactive.medsam import NoStructureAtClick  # noqa: E402
 from AttentionSegLib.interactive.settings import STRATEGIES  # noqa: E402
 from AttentionSegLib.metrics import dice  # noqa: E402
 from benchmarks.common import machine_info, markdown_table, write_results  # noqa: E402
@@ -675,14 +676,12 @@ def results_table(records: Sequence[Mapping[str, Any]], rounds: int, clicks: int
 
 
 def _medsam_options(text: str) -> dict[str, Any]:
-    """``--medsam-options``: a JSON object (inline or a ``.json`` file) of ``MedSAMSettings`` fields."""
-    path = Path(text)
+    """``--medsam-options``: a JSON object (inline or a ``.json`` file) of ``MedSAMSettings`` fields, read and
+    checked as ``attentionseg segment --model-options`` reads them."""
     try:
-        values = json.loads(path.read_text() if path.suffix.lower() == ".json" else text)
-        MedSAMSettings.from_dict(values)
-    except (OSError, ValueError) as exc:  # a JSONDecodeError is a ValueError
-        raise argparse.ArgumentTypeError(f"{text}: {exc}") from None
-    return values
+        return read_model_options(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -9,12 +9,13 @@ scribble maps arrive as :mod:`.patches`.
 from __future__ import annotations
 
 import inspect
-import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..json_fields import is_int, is_number
 
 #: a scribble map argument (a patch against the session's scribble mirror), resolved by the store
 SCRIBBLES = "scribbles"
@@ -134,21 +135,21 @@ def _check_value(method: str, name: str, kind: str, value: Any) -> Any:
             raise CallError(f"{where} must be true or false, got {value!r}")
         return value
     if kind == "label":
-        if not _is_int(value) or not 0 <= value <= MAX_LABELS:
+        if not is_int(value) or not 0 <= value <= MAX_LABELS:
             raise CallError(f"{where} must be an integer label 0..{MAX_LABELS}, got {value!r}")
         return int(value)
     if kind == "labels":
-        labels = [value] if _is_int(value) else value
+        labels = [value] if is_int(value) else value
         if not isinstance(labels, list) or len(labels) > MAX_LABELS or \
-                not all(_is_int(v) and 0 <= v <= MAX_LABELS for v in labels):
+                not all(is_int(v) and 0 <= v <= MAX_LABELS for v in labels):
             raise CallError(f"{where} must be a label or a list of labels 0..{MAX_LABELS}, got {value!r}")
         return [int(v) for v in labels]
     if kind == "point":
-        if not isinstance(value, list) or len(value) not in (2, 3) or not all(map(_is_number, value)):
+        if not isinstance(value, list) or len(value) not in (2, 3) or not all(map(is_number, value)):
             raise CallError(f"{where} must be 2 or 3 finite numbers (i, j, k), got {value!r}")
         return tuple(float(v) if isinstance(v, float) else int(v) for v in value)
     if kind == "seconds":
-        if not _is_number(value):
+        if not is_number(value):
             raise CallError(f"{where} must be a finite number of seconds, got {value!r}")
         return float(value)
     raise AssertionError(f"unknown argument kind {kind}")  # pragma: no cover - a typo in METHODS
@@ -175,11 +176,3 @@ def invoke(session: Any, call: Call, progress: Callable[..., None], cancel: Any,
     if call.spec.previews and preview is not None:
         arguments["preview"] = preview
     return getattr(session, call.method)(**arguments)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)

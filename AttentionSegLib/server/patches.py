@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ..json_fields import is_int
+
 
 class StalePatch(ValueError):
     """A patch based on a version the receiver does not hold; the sender must send the whole map."""
@@ -74,7 +76,7 @@ class Mirror:
         if not isinstance(patch, dict) or patch.get("kind") not in ("patch", "full"):
             raise ValueError("a label map must be sent as {'kind': 'patch' | 'full', ...}")
         version, data = patch.get("version"), patch.get("data")
-        if not _is_int(version) or not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        if not is_int(version) or not isinstance(data, np.ndarray) or data.dtype != np.uint8:
             raise ValueError("a label map patch needs an integer 'version' and uint8 'data'")
         if patch["kind"] == "full":
             if data.shape != self.array.shape:
@@ -83,10 +85,10 @@ class Mirror:
             self.array = data.copy()
         else:
             base, start = patch.get("base"), patch.get("start")
-            if not _is_int(base) or base != self.version:
+            if not is_int(base) or base != self.version:
                 raise StalePatch(f"the patch is based on version {base!r} but version {self.version} is "
                                  "held; send the whole map")
-            if not (isinstance(start, list) and len(start) == self.array.ndim and all(map(_is_int, start))
+            if not (isinstance(start, list) and len(start) == self.array.ndim and all(map(is_int, start))
                     and data.ndim == self.array.ndim
                     and all(0 <= s and s + n <= m for s, n, m in zip(start, data.shape, self.array.shape))):
                 raise ValueError(f"a patch of shape {data.shape} at {start!r} does not lie inside the image "
@@ -116,10 +118,6 @@ def occupied_box(mask: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(start), tuple(stop)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def preview_packet(version: int, label: int, mask: np.ndarray) -> dict[str, Any]:
     """A structure as it grows (a click's or a box's preview), as it travels: the box of its voxels.
 
@@ -141,9 +139,9 @@ def preview_mask(shape: tuple[int, ...], packet: Any) -> tuple[int, int, np.ndar
     if not isinstance(packet, dict):
         raise ValueError("a preview must be {'version', 'label', 'start', 'data'}")
     version, label, start, data = (packet.get(key) for key in ("version", "label", "start", "data"))
-    if not (_is_int(version) and _is_int(label) and isinstance(data, np.ndarray) and data.dtype == np.uint8
+    if not (is_int(version) and is_int(label) and isinstance(data, np.ndarray) and data.dtype == np.uint8
             and isinstance(start, list) and len(start) == len(shape) == data.ndim
-            and all(map(_is_int, start))
+            and all(map(is_int, start))
             and all(0 <= s and s + n <= m for s, n, m in zip(start, data.shape, shape))):
         raise ValueError(f"a preview must hold an integer version and label and a uint8 box inside the image "
                          f"grid {tuple(shape)}")

@@ -10,7 +10,6 @@ The engine is used through its public API only (``AttentionSegLib``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 
 from .. import Cancelled, InteractiveSession, Preview, RefineSettings, Volume, __version__, available_models
 from ..interactive.medsam import MEDSAM_MODEL_NAME, MedSAMSettings, is_medsam_model
+from ..json_fields import check_fields, is_int, is_number
 from . import API_PREFIX, FEATURES
 from .calls import CallError, invoke, parse_calls, resolve_scribbles
 from .config import ServerConfig
@@ -160,7 +160,7 @@ class Service:
         geometry = {}
         for key in ("spacing", "origin", "direction"):
             value = image.get(key, [])
-            if not isinstance(value, list) or not all(_is_number(v) for v in value):
+            if not isinstance(value, list) or not all(is_number(v) for v in value):
                 raise CallError(f"image {key} must be a list of finite numbers, got {value!r}")
             geometry[key] = tuple(float(v) for v in value)
         try:
@@ -185,10 +185,10 @@ class Service:
         if not isinstance(options, dict) or not set(options) <= OPTIONS:
             raise CallError(f"'options' may hold {sorted(OPTIONS)} only, got {sorted(options)}")
         history = options.get("max_history", min(20, self.config.max_history))
-        if not _is_int(history) or not 1 <= history <= self.config.max_history:
+        if not is_int(history) or not 1 <= history <= self.config.max_history:
             raise CallError(f"max_history must be an integer 1..{self.config.max_history}, got {history!r}")
         seed = options.get("seed", 0)
-        if not _is_int(seed):
+        if not is_int(seed):
             raise CallError(f"seed must be an integer, got {seed!r}")
         return {"settings": self._settings(options.get("settings")), "max_history": history, "seed": seed,
                 "model_options": self._model_options(options.get("model_options"), model)}
@@ -217,6 +217,7 @@ class Service:
             raise CallError(f"unknown refine settings {unknown!r}; the settings are {sorted(fields)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
         try:
+            check_fields(RefineSettings, values, "refine setting")
             return RefineSettings(**values)
         except (TypeError, ValueError) as error:
             raise CallError(f"refine settings: {error}") from None
@@ -249,7 +250,7 @@ class Service:
         if not isinstance(name, str) or len(name) > 64:
             raise CallError("a job's name must be a string of at most 64 characters")
         every_s = payload.get("preview_every_s")
-        if every_s is not None and not (_is_number(every_s) and every_s >= 0):
+        if every_s is not None and not (is_number(every_s) and every_s >= 0):
             raise CallError(f"'preview_every_s' must be a number of seconds >= 0, got {every_s!r}")
         calls = parse_calls(payload.get("calls"))
         with session.lock:
@@ -306,12 +307,3 @@ class Service:
             self.store.close(session.id, "failed to open")
         except StoreError:
             pass
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-

@@ -315,20 +315,12 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             if progress is not None:
                 progress(0.1, "LiteMedSAM: finding the box at the click")
             box = None
-            if self.uniform_around(k, x, y):
-                raise NoStructureAtClick(
-                    f"LiteMedSAM finds no structure at the click (voxel {tuple(click.point_ijk)}): the image "
-                    f"is uniform within {max(self.options.click_box_mm):g} mm of it. Click on the structure"
-                )
             if self.options.click_prompt == "grow_box":
-                box = self.box_from_click(k, x, y)
+                box = self.box_from_click(k, x, y)  # None also where the image is uniform
                 if box is None:
-                    sizes = self.options.click_box_mm
-                    raise NoStructureAtClick(
-                        f"LiteMedSAM finds no structure at the click (voxel {tuple(click.point_ijk)}): the "
-                        f"answer to no box around it ({min(sizes):g}-{max(sizes):g} mm) holds the point. "
-                        "Draw a box around the structure, or paint scribbles on it and refine"
-                    )
+                    raise NoStructureAtClick(self._nothing_at(click, k, x, y))
+            elif self.uniform_around(k, x, y):
+                raise NoStructureAtClick(self._nothing_at(click, k, x, y))
             self.tracks[label] = Track(k, box, {k: [(x, y, 1)]} if box is None else {})
         elif track is None:
             return Proposal(view.mask)  # a negative click on a label LiteMedSAM has not segmented
@@ -352,6 +344,16 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         self._propagate(label, view, steps=self._steps(label, progress, cancel, 0.2, preview=preview))
         self._walk_again(view, label, progress, cancel)
         return self._proposal(view, [label])
+
+    def _nothing_at(self, click: Click, k: int, x: float, y: float) -> str:
+        """Why LiteMedSAM finds no structure at ``click`` (slice ``k``, ``(x, y)``): a uniform image around
+        it, or no box's answer that holds it."""
+        sizes = self.options.click_box_mm
+        where = f"LiteMedSAM finds no structure at the click (voxel {tuple(click.point_ijk)}): the"
+        if self.uniform_around(k, x, y):
+            return f"{where} image is uniform within {max(sizes):g} mm of it. Click on the structure"
+        return (f"{where} answer to no box around it ({min(sizes):g}-{max(sizes):g} mm) holds the point. "
+                "Draw a box around the structure, or paint scribbles on it and refine")
 
     def _add_part(self, track: Track, k: int, x: float, y: float, label: int) -> bool:
         """A positive correction click off the structure: when LiteMedSAM's answer to the box the click

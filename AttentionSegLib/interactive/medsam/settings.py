@@ -3,13 +3,12 @@ preprocessing."""
 
 from __future__ import annotations
 
-import math
-import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ...devices import PRECISIONS
+from ...json_fields import check_fields
 
 MEDSAM_MODEL_NAME = "medsam_lite"
 ADAPTED_FORMAT = "attentionseg.medsam_lite.adapted/1"
@@ -222,41 +221,9 @@ class MedSAMSettings:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown LiteMedSAM option(s) {unknown}; the options are {sorted(known)}")
-        hints = typing.get_type_hints(cls)
-        for key, value in values.items():
-            _check_json_value(key, value, hints[key])
+        check_fields(cls, values, "LiteMedSAM option")
         return cls(**{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-able values (``from_dict`` gives them back)."""
         return asdict(self)
-
-
-def _check_json_value(key: str, value: Any, hint: Any) -> None:
-    """``value`` fits the field's type: ``float`` (any finite number), ``int``, ``bool``, ``str``, a list of
-    numbers, or ``None`` where the field allows it."""
-    args = typing.get_args(hint)
-    if value is None:
-        if type(None) in args:
-            return
-        raise ValueError(f"LiteMedSAM option {key!r} may not be null")
-    if type(None) in args:
-        hint = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(hint)
-    if origin is list:
-        fine = isinstance(value, (list, tuple)) and all(_is_number(v) for v in value)
-        expected = "a list of numbers"
-    elif hint is bool:
-        fine, expected = isinstance(value, bool), "true or false"
-    elif hint is int:
-        fine, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    elif hint is float:
-        fine, expected = _is_number(value), "a number"
-    else:
-        fine, expected = isinstance(value, hint), hint.__name__
-    if not fine:
-        raise ValueError(f"LiteMedSAM option {key!r} must be {expected}, got {value!r}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
