@@ -8,6 +8,7 @@ refine, with this checkout's engine against the engine of an earlier commit (``-
     python benchmarks/medsam_speed.py --dwell 10 --baseline 49bf65a  # the user looks 10 s before clicking
     python benchmarks/medsam_speed.py --via server --baseline 9c10723  # through attentionseg serve
     python benchmarks/medsam_speed.py --device cuda --limit 1          # on a GPU (one CT: 5 organs)
+    python benchmarks/medsam_speed.py --slice-mm 1.5 --limit 1 --baseline 8561e77  # thin slices (emulated)
 
 Protocol: the targets of ``benchmarks/interactive.py`` (``ct_organs``; ``--view whole`` by default: the user
 has the whole CT open). For each target and each setting (``before``: ``AttentionSegLib`` of the baseline
@@ -28,6 +29,10 @@ slice) encodes the slices around it meanwhile, in a thread of its own; at the cl
 and the click's seconds count from then, the wait for the slice the prefetch was encoding included (as a
 module's click waits behind it in the worker). An engine without ``prefetch`` (a baseline before it) clicks
 cold after the same pause.
+
+``--slice-mm MM``: the CTs resampled to slices ``MM`` thick first (``interactive.thinner_slices``: linear,
+the labels nearest), a thin-slice acquisition emulated from the 3 mm examples: the slices a click encodes
+depend on their count.
 
 ``--via server``: the same click and refine through a fresh ``attentionseg serve`` on 127.0.0.1 per target and
 setting (the setting's engine on both ends), as the Slicer module's *Compute on: Server* runs them; the first
@@ -89,7 +94,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
     if not str(Path(AttentionSegLib.__file__ or "").resolve()).startswith(spec["engine"]):
         raise RuntimeError(f"AttentionSegLib was not imported from {spec['engine']}")
-    target = next(t for t in ct_targets(Path(spec["data"]), None, spec["view"]) if t.name == spec["target"])
+    targets = ct_targets(Path(spec["data"]), None, spec["view"], spec.get("slice_mm"))
+    target = next(t for t in targets if t.name == spec["target"])
     if spec.get("via") == "server":
         return _measure_on_server(spec, target)
     if spec.get("worker_thread"):  # as the Slicer module runs its jobs: one worker thread (JobWorker)
@@ -295,9 +301,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="LiteMedSAM's settings for 'now' (this checkout), a JSON object or a .json file, e.g. "
         "'{\"slice_gap_mm\": 9}'; the baseline engine keeps its defaults",
     )
+    parser.add_argument(
+        "--slice-mm",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="resample the CTs to slices this thick first (a thin-slice acquisition emulated from the 3 mm "
+        "examples; default: as they are)",
+    )
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "medsam_speed.json"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.slice_mm is not None and not args.slice_mm > 0:
+        parser.error("--slice-mm must be > 0")
+    return args
 
 
 @contextlib.contextmanager
@@ -333,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     names = [
         t.name
-        for t in ct_targets(Path(args.data), args.limit, args.view)
+        for t in ct_targets(Path(args.data), args.limit, args.view, args.slice_mm)
         if not args.structures or t.structure in args.structures
     ]
     if not names:
@@ -354,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "dwell": args.dwell,
                     "via": args.via,
                     "device": args.device,
+                    "slice_mm": args.slice_mm,
                 }
                 if setting == "now" and args.medsam_options:  # the baseline engine keeps its defaults
                     spec["medsam_options"] = args.medsam_options
@@ -408,11 +426,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_info(args.device)
     where = ("through attentionseg serve on 127.0.0.1" if args.via == "server"
              else "in a worker thread" if args.worker_thread else "in the main thread")
+    thin = f", resampled to {args.slice_mm:g} mm slices" if args.slice_mm else ""
     table = (
         f"**LiteMedSAM on the {args.device.upper()}** — first click (structures of {min(slices)}-"
         f"{max(slices)} slices, median {statistics.median(slices):.0f}) and one refine on the {len(names)} "
-        f"`ct_organs` targets, view `{args.view}`, medians; {machine.get('cpu_count', '?')} CPU threads "
-        f"available, torch threads "
+        f"`ct_organs` targets, view `{args.view}`{thin}, medians; {machine.get('cpu_count', '?')} CPU "
+        f"threads available, torch threads "
         f"{args.threads or 'default'}, encoder in {per_target[0].get('encoder_precision', '?')}, "
         f"{where}"
         f"{f'; the user looks at the slice {args.dwell:g} s before clicking' if args.dwell else ''}\n\n"
@@ -437,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "device": args.device,
                 "baseline": baseline_commit,
                 "medsam_options": args.medsam_options,
+                "slice_mm": args.slice_mm,
             },
             "per_target": per_target,
             "total_seconds": time.perf_counter() - started,

@@ -26,6 +26,17 @@ def test_bad_options_stop_the_run_before_it_starts(tmp_path: Path, capsys) -> No
     assert parse_args([]).medsam_options is None
 
 
+def test_slice_mm_must_be_positive(capsys) -> None:
+    from benchmarks.medsam_speed import parse_args as speed_args
+
+    for parse in (parse_args, speed_args):
+        assert parse(["--slice-mm", "1.5"]).slice_mm == 1.5 and parse([]).slice_mm is None
+        for bad in ("0", "-1", "nan"):
+            with pytest.raises(SystemExit) as stopped:
+                parse(["--slice-mm", bad])
+            assert stopped.value.code == 2 and "--slice-mm must be > 0" in capsys.readouterr().err
+
+
 def test_the_options_are_in_the_setting_and_in_every_session(tmp_path: Path, medsam_weights: Path) -> None:
     options = tmp_path / "medsam.json"
     options.write_text(json.dumps({"prefetch_mm": 12.5, "min_field_of_view_mm": 200.0}))

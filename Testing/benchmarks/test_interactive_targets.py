@@ -39,3 +39,36 @@ def test_ct_organs_keep_their_two_scans(shared_data: Path) -> None:
     targets = list(ct_targets(shared_data, None, "whole"))
     assert [t.name for t in targets[:1]] == ["example_ct/liver"]
     assert len(targets) == 2 * len(ORGANS) and {t.dataset for t in targets} == {"ct_organs"}
+
+
+@pytest.mark.shared_data
+def test_thinner_slices_keep_each_organ_where_it_is_and_as_large(shared_data: Path) -> None:
+    """``--slice-mm 1.5``: the 3 mm example CT on 1.5 mm slices, same in-plane grid and centre; each organ
+    keeps its volume (mL) and its extent along the slices; a new slice's intensities lie between the two
+    real slices around it; a crop still holds the whole organ."""
+    thick = {t.structure: t for t in ct_targets(shared_data, 1, "whole")}
+    thin = {t.structure: t for t in ct_targets(shared_data, 1, "whole", slice_mm=1.5)}
+    assert list(thin) == list(ORGANS)
+    for organ, target in thin.items():
+        before = thick[organ]
+        assert target.image.spacing == (*before.image.spacing[:2], 1.5)
+        assert target.image.shape == (2 * before.image.shape[0], *before.image.shape[1:])
+        assert target.truth.shape == target.image.shape
+        ml = [float(t.truth.sum() * np.prod(t.image.spacing)) / 1000 for t in (before, target)]
+        assert ml[1] == pytest.approx(ml[0], rel=0.02), organ
+        ends = []
+        for t in (before, target):
+            ks = np.nonzero(t.truth.any(axis=(1, 2)))[0]
+            ends.append(t.image.ijk_to_lps([[0, 0, ks[0]], [0, 0, ks[-1]]])[:, 2])
+        assert np.allclose(ends[0], ends[1], atol=1.6), organ
+    image, thin_image = thick["liver"].image, thin["liver"].image
+    k = image.shape[0] // 2
+    z_k, z_next = image.ijk_to_lps([[0, 0, k], [0, 0, k + 1]])[:, 2]
+    z_thin = thin_image.ijk_to_lps([[0, 0, kk] for kk in range(thin_image.shape[0])])[:, 2]
+    new = int(np.argmin(np.abs(z_thin - (z_k + 0.25 * (z_next - z_k)))))  # a slice between k and k + 1
+    assert abs(z_thin[new] - z_k) == pytest.approx(0.75, abs=1e-3)
+    low = np.minimum(image.array[k], image.array[k + 1]) - 1e-3
+    high = np.maximum(image.array[k], image.array[k + 1]) + 1e-3
+    assert ((thin_image.array[new] >= low) & (thin_image.array[new] <= high)).all()
+    crops = list(ct_targets(shared_data, 1, "crop", slice_mm=1.5))
+    assert [int(t.truth.sum()) for t in crops] == [int(thin[t.structure].truth.sum()) for t in crops]

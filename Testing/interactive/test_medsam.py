@@ -34,7 +34,6 @@ from AttentionSegLib.interactive.medsam import (
     looks_like_ct,
     prior_trust,
 )
-from AttentionSegLib.interactive.medsam.propagation import Reach
 from AttentionSegLib.networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
 from AttentionSegLib.progress import Cancelled
 from AttentionSegLib.volume import Volume
@@ -749,27 +748,6 @@ def test_the_next_decoded_slice_stops_before_what_must_be_decoded_or_is_done() -
         MedSAMSettings(fill_max_growth=-0.1)
     with pytest.raises(ValueError, match="fill_min_field"):
         MedSAMSettings(fill_min_field=2.0)
-
-
-def test_where_decoded_slices_disagree_the_slices_between_are_bisected() -> None:
-    """Stride 4 (``slice_gap_mm`` 6 on 1.5 mm slices): slices 10 and 14 disagree, so 12 is decoded next,
-    then 11 where 10 and 12 disagree too; past 12 the pair (12, 14) is decoded 2 apart, and past 14 the
-    stride comes back. Both directions; stride 2 falls back to one by one, as before the bisection."""
-    reach = Reach(4)
-    assert reach.from_slice(10, 1) == 4
-    reach.disagree(10, 14)
-    assert reach.from_slice(10, 1) == 2
-    reach.disagree(10, 12)
-    assert reach.from_slice(10, 1) == 1 and reach.from_slice(11, 1) == 1
-    assert reach.from_slice(12, 1) == 4  # (10, 12) settled; (12, 16) is a new pair
-    reach.disagree(12, 16)
-    assert [reach.from_slice(k, 1) for k in (12, 14, 16)] == [2, 2, 4]
-    down = Reach(5)
-    down.disagree(20, 15)
-    assert [down.from_slice(k, -1) for k in (20, 18, 16, 15)] == [2, 2, 1, 5]
-    two = Reach(2)
-    two.disagree(7, 9)
-    assert two.from_slice(7, 1) == 1 and two.from_slice(8, 1) == 1 and two.from_slice(9, 1) == 2
 
 
 @pytest.mark.shared_data

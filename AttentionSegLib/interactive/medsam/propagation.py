@@ -15,31 +15,6 @@ from .masks import _iou, bounding_box
 from .state import SliceSteps, Track
 
 
-class Reach:
-    """How many slices apart one direction of a propagation decodes: ``stride`` (``slice_gap_mm``); where
-    two decoded slices disagree (their masks may not be filled between), the slices up to the farther one are
-    decoded half as far apart, and again half where those disagree, down to one by one (a bisection).
-
-    Before, a disagreement sent the propagation one slice at a time up to the farther slice; on 1.5 mm
-    slices (stride 4; ``example_ct`` resampled from 3 mm, ``benchmarks/medsam_speed.py``) a first click
-    then encoded 27, 21, 29, 32 and 58 slices for the liver, spleen, kidneys and pancreas, with the bisection
-    25, 20, 25, 26 and 43 at the same Dice (±0.002)."""
-
-    def __init__(self, stride: int) -> None:
-        self.stride = stride
-        self._until: int | None = None  # slices up to this one are decoded ``_closer`` apart
-        self._closer = stride
-
-    def from_slice(self, at: int, step: int) -> int:
-        """Slices from ``at`` to the next decoded one in direction ``step`` (``+1`` / ``-1``)."""
-        ahead = 0 if self._until is None else (self._until - at) * step
-        return min(self._closer, ahead) if ahead > 0 else self.stride
-
-    def disagree(self, at: int, k: int) -> None:
-        """Decoded slices ``at`` and ``k`` disagree: the slices between are decoded half as far apart."""
-        self._until, self._closer = k, max(1, abs(k - at) // 2)
-
-
 class Propagation:
     """Propagation of :class:`.MedSAMFamily` (a part of it: its state is set up there)."""
 
@@ -166,12 +141,14 @@ class Propagation:
                 previous, previous_map, at = first, anchor_map, k0
                 walked: list[tuple[int, float]] = []  # this direction's decoded slices and predicted IoU
                 filled: list[int] = []  # ... and the slices filled between them
-                reach = Reach(stride)
+                careful_to: int | None = None  # slices up to this one are decoded one by one
                 while first_k <= at + step <= last_k and at + step not in done:
-                    k = self._next_decoded(
-                        at, step, reach.from_slice(at, step), (first_k, last_k), done,
-                        track.points.__contains__,
-                    )
+                    if careful_to is not None and (careful_to - at) * step > 0:
+                        k = at + step
+                    else:
+                        k = self._next_decoded(
+                            at, step, stride, (first_k, last_k), done, track.points.__contains__
+                        )
                     if steps is not None:
                         steps.step()
                     box = bounding_box(previous)
@@ -220,7 +197,7 @@ class Propagation:
                         self._marked_near(fill, fg_marks, bg_marks, kk)
                         for kk, (fill, _) in zip(between, fills)
                     ):
-                        reach.disagree(at, k)  # the slices between decide
+                        careful_to = k  # the slices between decide: decoded one by one up to k
                         continue
                     if not fits:
                         break

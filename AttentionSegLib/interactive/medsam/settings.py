@@ -52,19 +52,19 @@ class MedSAMSettings:
         slice_gap_mm: a propagation decodes slices up to this far apart (as many slices as fit, at least
             one) and fills the slices between by shape-based interpolation (:mod:`.slice_fill`) when the two
             answers agree (``fill_min_iou``); elsewhere, and where a check above ends the propagation, it
-            decodes the slices between half as far apart, down to one by one (:class:`.propagation.Reach`),
-            so that a structure ends on the slice it ends. Slices with the user's points, or strokes on or
-            beside the filled answer (``box_margin``), are decoded. Every decoded slice costs an encoding
-            (0.25-1 s on 2 CPU cores); ``0`` decodes every slice. On the
+            decodes the slices between one by one, so that a structure ends on the slice it ends. Slices with
+            the user's points, or strokes on or beside the filled answer (``box_margin``), are decoded. Every
+            decoded slice costs an encoding (0.25-1 s on 2 CPU cores); ``0`` decodes every slice. On the
             10 organs of the whole example CTs (3 mm slices; ``benchmarks/medsam_speed.py --worker-thread``,
             float32 encoder, 2 cores) a first click encoded 17.5 slices instead of 30 (medians) and took
             22.2 s instead of 32.9 s (1.5x), one-click Dice 0.816 against 0.807; in
             ``benchmarks/interactive.py --views whole`` 5 scribble rounds ended at 0.911 against 0.909 and
             three clicks at 0.860 against 0.842; on the whole example MR (3 mm) at 0.861 against 0.869 (the
             right kidney 0.88 against 0.92), one click 0.539 against 0.534. A wider gap does not pay: 12 mm
-            on the same 10 organs encoded a median of 13 slices against 17.5, the click 1.24x faster (14.3 s
-            against 16.9 s), but one-click Dice fell to 0.808 from 0.816 (the spleens 0.94 against 0.96) and
-            a refine took 2.6 s against 0.7 s (it decodes slices that were filled).
+            on the same 10 organs encoded a median of 18 slices against 17.5 (the slices between disagree
+            more often), the click took 15.7 s against 15.2 s, one-click Dice fell to 0.797 from 0.816 (the
+            spleens 0.94 against 0.96) and a refine took 1.8 s against 0.7 s (it decodes slices that were
+            filled).
         fill_min_iou: ... the least IoU of two decoded slices' masks for the slices between to be filled.
         fill_max_growth: ... and the most the second mask may grow over the first (a fraction of its area):
             where a structure shrinks away from its anchor, the box from a mask two slices back is loose, and
