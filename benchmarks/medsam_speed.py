@@ -8,7 +8,7 @@ refine, with this checkout's engine against the engine of an earlier commit (``-
     python benchmarks/medsam_speed.py --dwell 10 --baseline 49bf65a  # the user looks 10 s before clicking
     python benchmarks/medsam_speed.py --via server --baseline 9c10723  # through attentionseg serve
     python benchmarks/medsam_speed.py --device cuda --limit 1          # on a GPU (one CT: 5 organs)
-    python benchmarks/medsam_speed.py --slice-mm 1.5 --limit 1 --baseline 8561e77  # thin slices (emulated)
+    python benchmarks/medsam_speed.py --spacing 0.8,0.8,1.5 --limit 1 --baseline 055bda9  # a clinical grid
 
 Protocol: the targets of ``benchmarks/interactive.py`` (``ct_organs``; ``--view whole`` by default: the user
 has the whole CT open). For each target and each setting (``before``: ``AttentionSegLib`` of the baseline
@@ -30,9 +30,9 @@ and the click's seconds count from then, the wait for the slice the prefetch was
 module's click waits behind it in the worker). An engine without ``prefetch`` (a baseline before it) clicks
 cold after the same pause.
 
-``--slice-mm MM``: the CTs resampled to slices ``MM`` thick first (``interactive.thinner_slices``: linear,
-the labels nearest), a thin-slice acquisition emulated from the 3 mm examples: the slices a click encodes
-depend on their count.
+``--spacing X,Y,Z``: the CTs resampled to this voxel size (mm) first (``interactive.resampled``: linear, the
+labels nearest), thin slices or a clinical CT's resolution emulated from the 3 mm examples: the slices a click
+encodes depend on their count, the walker's time on the voxels of its region.
 
 ``--via server``: the same click and refine through a fresh ``attentionseg serve`` on 127.0.0.1 per target and
 setting (the setting's engine on both ends), as the Slicer module's *Compute on: Server* runs them; the first
@@ -94,7 +94,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
     if not str(Path(AttentionSegLib.__file__ or "").resolve()).startswith(spec["engine"]):
         raise RuntimeError(f"AttentionSegLib was not imported from {spec['engine']}")
-    targets = ct_targets(Path(spec["data"]), None, spec["view"], spec.get("slice_mm"))
+    targets = ct_targets(Path(spec["data"]), None, spec["view"], spec.get("spacing"))
     target = next(t for t in targets if t.name == spec["target"])
     if spec.get("via") == "server":
         return _measure_on_server(spec, target)
@@ -254,6 +254,13 @@ def _medsam_options(text: str) -> dict[str, Any]:
     return parse(text)
 
 
+def _spacing(text: str) -> tuple[float, float, float]:
+    """``--spacing``, parsed as ``interactive.py`` does (imported only when given)."""
+    from interactive import spacing_arg
+
+    return spacing_arg(text)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(REPO_ROOT.parent / "shared" / "data"), help="../shared/data")
@@ -302,19 +309,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "'{\"slice_gap_mm\": 9}'; the baseline engine keeps its defaults",
     )
     parser.add_argument(
-        "--slice-mm",
-        type=float,
+        "--spacing",
+        type=_spacing,
         default=None,
-        metavar="MM",
-        help="resample the CTs to slices this thick first (a thin-slice acquisition emulated from the 3 mm "
-        "examples; default: as they are)",
+        metavar="X,Y,Z",
+        help="resample the CTs to this voxel size in mm first: thin slices (3,3,1.5) or a clinical CT's "
+        "resolution (0.8,0.8,1.5) emulated from the 3 mm examples (default: as they are)",
     )
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "medsam_speed.json"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.slice_mm is not None and not args.slice_mm > 0:
-        parser.error("--slice-mm must be > 0")
-    return args
+    return parser.parse_args(argv)
 
 
 @contextlib.contextmanager
@@ -350,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     names = [
         t.name
-        for t in ct_targets(Path(args.data), args.limit, args.view, args.slice_mm)
+        for t in ct_targets(Path(args.data), args.limit, args.view, args.spacing)
         if not args.structures or t.structure in args.structures
     ]
     if not names:
@@ -371,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "dwell": args.dwell,
                     "via": args.via,
                     "device": args.device,
-                    "slice_mm": args.slice_mm,
+                    "spacing": args.spacing,
                 }
                 if setting == "now" and args.medsam_options:  # the baseline engine keeps its defaults
                     spec["medsam_options"] = args.medsam_options
@@ -426,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_info(args.device)
     where = ("through attentionseg serve on 127.0.0.1" if args.via == "server"
              else "in a worker thread" if args.worker_thread else "in the main thread")
-    thin = f", resampled to {args.slice_mm:g} mm slices" if args.slice_mm else ""
+    thin = f", resampled to {'x'.join(f'{h:g}' for h in args.spacing)} mm voxels" if args.spacing else ""
     table = (
         f"**LiteMedSAM on the {args.device.upper()}** — first click (structures of {min(slices)}-"
         f"{max(slices)} slices, median {statistics.median(slices):.0f}) and one refine on the {len(names)} "
@@ -456,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "device": args.device,
                 "baseline": baseline_commit,
                 "medsam_options": args.medsam_options,
-                "slice_mm": args.slice_mm,
+                "spacing": args.spacing,
             },
             "per_target": per_target,
             "total_seconds": time.perf_counter() - started,

@@ -26,15 +26,15 @@ def test_bad_options_stop_the_run_before_it_starts(tmp_path: Path, capsys) -> No
     assert parse_args([]).medsam_options is None
 
 
-def test_slice_mm_must_be_positive(capsys) -> None:
+def test_spacing_takes_three_positive_sizes(capsys) -> None:
     from benchmarks.medsam_speed import parse_args as speed_args
 
     for parse in (parse_args, speed_args):
-        assert parse(["--slice-mm", "1.5"]).slice_mm == 1.5 and parse([]).slice_mm is None
-        for bad in ("0", "-1", "nan"):
+        assert parse(["--spacing", "0.8,0.8,1.5"]).spacing == (0.8, 0.8, 1.5) and parse([]).spacing is None
+        for bad in ("0.8,0.8", "0.8,0,1.5", "a,b,c", "1,1,nan"):
             with pytest.raises(SystemExit) as stopped:
-                parse(["--slice-mm", bad])
-            assert stopped.value.code == 2 and "--slice-mm must be > 0" in capsys.readouterr().err
+                parse(["--spacing", bad])
+            assert stopped.value.code == 2 and "three positive sizes" in capsys.readouterr().err
 
 
 def test_the_options_are_in_the_setting_and_in_every_session(tmp_path: Path, medsam_weights: Path) -> None:

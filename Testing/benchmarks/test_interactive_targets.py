@@ -43,11 +43,11 @@ def test_ct_organs_keep_their_two_scans(shared_data: Path) -> None:
 
 @pytest.mark.shared_data
 def test_thinner_slices_keep_each_organ_where_it_is_and_as_large(shared_data: Path) -> None:
-    """``--slice-mm 1.5``: the 3 mm example CT on 1.5 mm slices, same in-plane grid and centre; each organ
-    keeps its volume (mL) and its extent along the slices; a new slice's intensities lie between the two
-    real slices around it; a crop still holds the whole organ."""
+    """``--spacing 3,3,1.5``: the 3 mm example CT on 1.5 mm slices, same in-plane grid and centre; each
+    organ keeps its volume (mL) and its extent along the slices; a new slice's intensities lie between the
+    two real slices around it; a crop still holds the whole organ."""
     thick = {t.structure: t for t in ct_targets(shared_data, 1, "whole")}
-    thin = {t.structure: t for t in ct_targets(shared_data, 1, "whole", slice_mm=1.5)}
+    thin = {t.structure: t for t in ct_targets(shared_data, 1, "whole", spacing=(3.0, 3.0, 1.5))}
     assert list(thin) == list(ORGANS)
     for organ, target in thin.items():
         before = thick[organ]
@@ -70,5 +70,5 @@ def test_thinner_slices_keep_each_organ_where_it_is_and_as_large(shared_data: Pa
     low = np.minimum(image.array[k], image.array[k + 1]) - 1e-3
     high = np.maximum(image.array[k], image.array[k + 1]) + 1e-3
     assert ((thin_image.array[new] >= low) & (thin_image.array[new] <= high)).all()
-    crops = list(ct_targets(shared_data, 1, "crop", slice_mm=1.5))
+    crops = list(ct_targets(shared_data, 1, "crop", spacing=(3.0, 3.0, 1.5)))
     assert [int(t.truth.sum()) for t in crops] == [int(thin[t.structure].truth.sum()) for t in crops]

@@ -94,7 +94,8 @@ UNLABELLED = IGNORE_INDEX  # a voxel nobody marked
 REGULARISERS = ("random_walker", "crf", "none")
 
 __all__ = ["FeatureCache", "OnlineHeadResult", "OnlineHeadSettings", "REGULARISERS", "UNLABELLED",
-           "boundary_band", "fit_online_head", "mean_field_crf", "random_walker", "walker_spacing"]
+           "boundary_band", "coarse_seeds", "coarsen", "fit_online_head", "mean_field_crf", "random_walker",
+           "refine_grid", "walker_spacing"]
 
 Progress = Callable[[float, str], None]
 
@@ -287,13 +288,14 @@ def _conjugate_gradients(weights: list[torch.Tensor | None], gamma: float | torc
     return x, iteration, residual
 
 
-def _coarsen(x: torch.Tensor, kernel: list[int]) -> torch.Tensor:
+def coarsen(x: torch.Tensor, kernel: Sequence[int]) -> torch.Tensor:
     """Average-pool ``(B, *spatial)`` by ``kernel`` (ceil mode: odd sizes keep their last voxel)."""
     pool = F.avg_pool3d if x.ndim == 4 else F.avg_pool2d
     return pool(x[None], kernel_size=kernel, stride=kernel, ceil_mode=True)[0]
 
 
-def _refine_grid(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def refine_grid(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(B, *spatial)`` interpolated (linearly) to ``size``."""
     mode = "trilinear" if x.ndim == 4 else "bilinear"
     return F.interpolate(x[None], size=tuple(size), mode=mode, align_corners=False)[0]
 
@@ -380,15 +382,15 @@ def random_walker(image: torch.Tensor, seeds: torch.Tensor, spacing: Sequence[fl
     if initial is None and unknown is None and coarse_voxels and image.numel() > coarse_voxels:
         kernel = [2 if n >= 8 else 1 for n in spatial]
         if max(kernel) > 1:
-            coarse_seeds = _coarse_seeds(seeds, num_classes, kernel)
-            coarse_gamma = gamma if not torch.is_tensor(gamma) else _coarsen(gamma.to(dtype)[None], kernel)[0]
+            seeds_coarse = coarse_seeds(seeds, num_classes, kernel)
+            coarse_gamma = gamma if not torch.is_tensor(gamma) else coarsen(gamma.to(dtype)[None], kernel)[0]
             coarse_info: dict = {}
-            coarse = random_walker(_coarsen(image.to(dtype)[None], kernel)[0], coarse_seeds,
+            coarse = random_walker(coarsen(image.to(dtype)[None], kernel)[0], seeds_coarse,
                                    [h * k for h, k in zip(spacing, kernel)], num_classes,
-                                   prior=_coarsen(prior.to(dtype), kernel), gamma=coarse_gamma, beta=beta,
+                                   prior=coarsen(prior.to(dtype), kernel), gamma=coarse_gamma, beta=beta,
                                    tolerance=tolerance, max_iterations=max_iterations * 2,
                                    coarse_voxels=coarse_voxels, cancel=cancel, info=coarse_info)
-            initial = _refine_grid(coarse, spatial)
+            initial = refine_grid(coarse, spatial)
             levels += coarse_info.get("levels", 1)
     weights = _edge_weights(image.to(dtype), spacing, beta)
     # Two classes need one solve: x_0 = 1 - x_1 by the symmetry of the equations.
@@ -420,7 +422,7 @@ def _layout_walker(image: torch.Tensor, seeds: torch.Tensor, spacing: Sequence[f
                          coarse_voxels=settings.rw_coarse_voxels, cancel=cancel, info=info)
 
 
-def _coarse_seeds(seeds: torch.Tensor, num_classes: int, kernel: list[int]) -> torch.Tensor:
+def coarse_seeds(seeds: torch.Tensor, num_classes: int, kernel: Sequence[int]) -> torch.Tensor:
     """A coarse voxel is a seed of class ``k`` when its fine voxels hold marks of ``k`` and of no other."""
     pool = F.max_pool3d if seeds.ndim == 3 else F.max_pool2d
     hits = torch.stack([pool((seeds == k).float()[None, None], kernel_size=kernel, stride=kernel,

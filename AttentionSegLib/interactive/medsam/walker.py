@@ -6,9 +6,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ...losses import IGNORE_INDEX
 from ...progress import Cancelled, CancelToken
+from ..adapt.online_head import coarse_seeds, coarsen
 from ..cropped import support_box
 from ..family import SessionView
 from ..settings import RefineProgress
@@ -76,18 +79,30 @@ class Walker:
             low, high = self.options.walker_gamma_min, self.options.walker_gamma
             head_settings = replace(head_settings, prior_gamma=low + max(high - low, 0.0) * trust)
             volume_like = self.slices.shape[0] > 1
+            kernel = coarsening(image.shape, spacing, self.options.walker_max_voxels)
+            coarse = Coarse(kernel, self.device) if max(kernel) > 1 else None
+            walked_image, walked_targets, walked_p = (
+                (image, targets, p) if coarse is None else coarse.down(image, targets, p)
+            )
+            walked_spacing = spacing if coarse is None else coarse.spacing(spacing)
             result = fit_online_head(
-                image if volume_like else image[0],
-                targets if volume_like else targets[0],
+                walked_image if volume_like else walked_image[0],
+                walked_targets if volume_like else walked_targets[0],
                 num_classes=2,
-                spacing=spacing if volume_like else spacing[1:],
-                prior=np.stack([1.0 - p, p]) if volume_like else np.stack([1.0 - p[0], p[0]]),
+                spacing=walked_spacing if volume_like else walked_spacing[1:],
+                prior=np.stack([1.0 - walked_p, walked_p]) if volume_like
+                else np.stack([1.0 - walked_p[0], walked_p[0]]),
                 settings=head_settings,
                 time_budget_s=self.settings.head_seconds,
                 cancel=cancel,
                 device=self.device,
             )
-            answer = result.labels == 1
+            if coarse is None:
+                answer = result.labels == 1
+            else:
+                answer = coarse.answer(result.labels.reshape(walked_image.shape),
+                                       result.probabilities[1].reshape(walked_image.shape), targets)
+                answer = answer if volume_like else answer[0]
             # Correction clicks of one kind only (on a whole volume the frame is far away): a positive click
             # only adds, a negative one only takes away. The walker's smoothing otherwise shaved LiteMedSAM's
             # answer far from any click: on a whole ACDC volume a positive click on the apex took the left
@@ -115,3 +130,64 @@ class Walker:
             pad = max(int(np.ceil(self.options.walker_margin_mm / max(h, 1e-6))), 1)
             region.append(slice(max(along.start - pad, 0), min(along.stop + pad, mask.shape[axis])))
         return tuple(region)
+
+
+def coarsening(shape: Sequence[int], spacing: Sequence[float], max_voxels: int) -> list[int]:
+    """Integer factors per axis (array order) that bring a region of ``shape`` to at most ``max_voxels``:
+    each step coarsens the axis with the finest voxels (mm, after its factor) that keeps at least 8 of
+    them; ``[1, 1, 1]`` when the region already fits (or ``max_voxels`` is 0)."""
+    kernel = [1] * len(shape)
+
+    def voxels() -> int:
+        return int(np.prod([-(-n // f) for n, f in zip(shape, kernel)]))
+
+    while max_voxels and voxels() > max_voxels:
+        axes = [a for a in range(len(shape)) if shape[a] // (kernel[a] + 1) >= 8]
+        if not axes:
+            break
+        axis = min(axes, key=lambda a: spacing[a] * kernel[a])
+        kernel[axis] += 1
+    return kernel
+
+
+class Coarse:
+    """A walker region on a grid coarser by ``kernel`` (integer factors, array order): intensities and the
+    prior averaged over each block, a stroke's class kept where the block holds strokes of that class
+    alone; the answer interpolated back (linearly, the blocks' centres where they lie on the fine grid)."""
+
+    def __init__(self, kernel: Sequence[int], device: torch.device | str) -> None:
+        self.kernel = [int(f) for f in kernel]
+        self.device = torch.device(device)
+
+    def spacing(self, spacing: Sequence[float]) -> list[float]:
+        return [float(h) * f for h, f in zip(spacing, self.kernel)]
+
+    def down(
+        self, image: np.ndarray, targets: np.ndarray, prior: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``image``, ``targets`` (uint8, ``IGNORE_INDEX`` unmarked) and ``prior`` on the coarse grid."""
+        dense = torch.as_tensor(np.stack([image, prior]).astype(np.float32), device=self.device)
+        pooled = coarsen(dense, self.kernel).cpu().numpy()
+        marks = torch.as_tensor(np.where(targets == IGNORE_INDEX, -1, targets).astype(np.int64),
+                                device=self.device)
+        seeds = coarse_seeds(marks, 2, self.kernel).cpu().numpy()
+        coarse_targets = np.where(seeds < 0, IGNORE_INDEX, seeds).astype(np.uint8)
+        return pooled[0], coarse_targets, pooled[1]
+
+    def answer(self, labels: np.ndarray, probability: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """The foreground on the fine grid of ``targets`` from the coarse walk's ``labels`` and foreground
+        ``probability``: the probability, held on its label's side of 0.5, interpolated back; the fine
+        strokes keep their class."""
+        held = np.where(labels == 1, np.maximum(probability, 0.51), np.minimum(probability, 0.49))
+        answer = self.up(held, targets.shape) > 0.5
+        answer[targets == 1] = True
+        answer[targets == 0] = False
+        return answer
+
+    def up(self, coarse: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """A coarse map back on the fine grid of ``shape``."""
+        x = torch.as_tensor(np.ascontiguousarray(coarse, dtype=np.float32), device=self.device)[None, None]
+        mode = "trilinear" if x.ndim == 5 else "bilinear"
+        fine = F.interpolate(x, scale_factor=[float(f) for f in self.kernel], mode=mode, align_corners=False,
+                             recompute_scale_factor=False)[0, 0]
+        return fine[tuple(slice(0, n) for n in shape)].cpu().numpy()
