@@ -430,11 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_info(args.device)
     where = ("through attentionseg serve on 127.0.0.1" if args.via == "server"
              else "in a worker thread" if args.worker_thread else "in the main thread")
-    thin = f", resampled to {'x'.join(f'{h:g}' for h in args.spacing)} mm voxels" if args.spacing else ""
+    grid = f", resampled to {'x'.join(f'{h:g}' for h in args.spacing)} mm voxels" if args.spacing else ""
     table = (
         f"**LiteMedSAM on the {args.device.upper()}** — first click (structures of {min(slices)}-"
         f"{max(slices)} slices, median {statistics.median(slices):.0f}) and one refine on the {len(names)} "
-        f"`ct_organs` targets, view `{args.view}`{thin}, medians; {machine.get('cpu_count', '?')} CPU "
+        f"`ct_organs` targets, view `{args.view}`{grid}, medians; {machine.get('cpu_count', '?')} CPU "
         f"threads available, torch threads "
         f"{args.threads or 'default'}, encoder in {per_target[0].get('encoder_precision', '?')}, "
         f"{where}"
