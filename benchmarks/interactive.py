@@ -239,10 +239,7 @@ def resampled(image: Volume, labels: np.ndarray, spacing: Sequence[float]) -> tu
     is mostly 0.6-0.9 mm in-plane, reconstructed at 0.6-1.5 mm). The voxels between real ones are their
     blend, gentler on a propagation than real thin slices; it shows what depends on the count of slices
     and voxels (encodings, checks tuned per slice, the walker's region)."""
-    spacing = tuple(float(h) for h in spacing)
-    if len(spacing) != 3 or not all(h > 0 for h in spacing):
-        raise ValueError(f"spacing must be three positive sizes (mm), got {spacing!r}")
-    fine = resample_to_spacing(image, spacing, interpolator="linear")
+    fine = resample_to_spacing(image, spacing, interpolator="linear")  # it refuses a bad spacing
     fine_labels = resample_like(image.with_array(labels), fine, interpolator="nearest", default_value=0)
     return fine, fine_labels.array
 
