@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from AttentionSegLib.atomic import write_text_atomically
+from AttentionSegLib.devices import cpu_has_native_bfloat16
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_FIELDS = ("method", "dataset", "metric", "value")
@@ -54,7 +55,8 @@ def _cpu_name() -> str:
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The machine a benchmark ran on: cpu, core and thread counts, torch version, device, commit, load.
+    """The machine a benchmark ran on: cpu, its vector instructions as PyTorch uses them, whether it
+    multiplies bfloat16 in hardware, core and thread counts, torch version, device, commit, load.
 
     Args:
         device: the device the benchmark computed on (``"auto"`` is resolved as the engine resolves it).
@@ -65,6 +67,8 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         device = resolve_device("auto")
     info: dict[str, Any] = {
         "cpu": _cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX2, AVX512
+        "cpu_native_bfloat16": cpu_has_native_bfloat16(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

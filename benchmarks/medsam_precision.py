@@ -32,9 +32,10 @@ for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
 from common import machine_info, markdown_table, write_results  # noqa: E402
 from interactive import ct_targets  # noqa: E402
 
-from AttentionSegLib.devices import PRECISIONS, resolve_device  # noqa: E402
+from AttentionSegLib.devices import resolve_device  # noqa: E402
 from AttentionSegLib.interactive import RefineSettings  # noqa: E402
 from AttentionSegLib.interactive.medsam import (  # noqa: E402
+    ENCODER_PRECISIONS,
     SHARED_CACHE,
     MedSAMFamily,
     MedSAMSettings,
@@ -83,7 +84,7 @@ def run_target(target: Any, precisions: list[str], device: torch.device) -> dict
         "dice": {p: dice(masks[p], truth) for p in precisions},
         "agreement": {p: dice(masks[p], masks[precisions[0]]) for p in precisions},
         "encode_s": seconds,
-        "dtype": {p: str(families[p].encoder_dtype).removeprefix("torch.") for p in precisions},
+        "dtype": {p: families[p].encoder_precision for p in precisions},
     }
 
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the shared data folder (default: ../shared/data)")
     parser.add_argument("--limit", type=int, default=2, help="example CTs to use (default: 2, both)")
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"],
-                        choices=[p for p in PRECISIONS if p != "auto"],
+                        choices=[p for p in ENCODER_PRECISIONS if p != "auto"],
                         help="the first is the reference of the others (default: float32 bfloat16)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

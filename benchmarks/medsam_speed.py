@@ -110,7 +110,6 @@ def _measure(spec: dict[str, Any], target: Any) -> dict[str, Any]:
     from interactive import SessionSegmenter, frame_background, model_timings
     from robot import correction_scribble, next_click
 
-    from AttentionSegLib.devices import inference_precision
     from AttentionSegLib.metrics import dice
 
     if spec["threads"]:
@@ -137,7 +136,7 @@ def _measure(spec: dict[str, Any], target: Any) -> dict[str, Any]:
         "click_s": click_s,
         **({"first_look_s": looks[0] - started} if looks else {}),
         "click_dice": dice(mask, target.truth),
-        "encoder_precision": str(inference_precision(torch.device(device))).removeprefix("torch."),
+        "encoder_precision": _encoder_precision(device, spec.get("medsam_options")),
         "slices": int(target.truth.any(axis=(1, 2)).sum()),
         "prefetched_slices": prefetched["encoded"],
         **{f"click_{key}": value for key, value in timings.items()},
@@ -157,13 +156,11 @@ def _measure_on_server(spec: dict[str, Any], target: Any) -> dict[str, Any]:
     server of the setting's engine, its client the same engine's ``RemoteSession``), as the Slicer module's
     *Compute on: Server* runs them: the previews (once a second) come with the status polls."""
     import numpy as np
-    import torch
     from common import running_server
     from interactive import BACKGROUND, NOT_SCRIBBLED, frame_background
     from robot import correction_scribble, next_click
 
     from AttentionSegLib import ServerClient
-    from AttentionSegLib.devices import inference_precision
     from AttentionSegLib.metrics import dice
 
     device = spec.get("device") or "cpu"
@@ -188,8 +185,8 @@ def _measure_on_server(spec: dict[str, Any], target: Any) -> dict[str, Any]:
             "click_s": click_s,
             **({"first_look_s": looks[0] - started, "looks": len(looks)} if looks else {}),
             "click_dice": dice(mask, target.truth),
-            # the server's (same machine, same torch): its session's ``auto``
-            "encoder_precision": str(inference_precision(torch.device(device))).removeprefix("torch."),
+            # the server's (same machine, same torch and engine): what its session resolves
+            "encoder_precision": _encoder_precision(device, spec.get("medsam_options")),
             "slices": int(target.truth.any(axis=(1, 2)).sum()),
             "prefetched_slices": 0,
         }
@@ -200,6 +197,21 @@ def _measure_on_server(spec: dict[str, Any], target: Any) -> dict[str, Any]:
             result["refine_s"] = time.perf_counter() - started
         session.close()
         return result
+
+
+def _encoder_precision(device: str, options: dict[str, Any] | None) -> str:
+    """What the engine in use runs LiteMedSAM's encoder as, with these options (engines before ``int8``
+    resolve a floating-point dtype)."""
+    import torch
+
+    precision = (options or {}).get("encoder_precision", "auto")
+    try:
+        from AttentionSegLib.interactive.medsam import resolve_encoder_precision
+    except ImportError:
+        from AttentionSegLib.devices import inference_precision
+
+        return str(inference_precision(torch.device(device), precision)).removeprefix("torch.")
+    return resolve_encoder_precision(torch.device(device), precision)
 
 
 def _dwell(session: Any, point_ijk: Sequence[float], seconds: float, threads: int) -> dict[str, float]:

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-from AttentionSegLib import InteractiveSession, make_abdominal_phantom
+from AttentionSegLib import InteractiveSession, devices, make_abdominal_phantom
 from AttentionSegLib.interactive import RefineSettings
-from AttentionSegLib.interactive.medsam import MedSAMSettings
+from AttentionSegLib.interactive.medsam import MedSAMSettings, resolve_encoder_precision
+from AttentionSegLib.interactive.medsam import settings as settings_mod
 
 
 def test_from_dict_takes_some_fields_and_to_dict_gives_them_all_back_as_json() -> None:
@@ -80,3 +82,29 @@ def test_model_options_reach_litemedsam_and_the_session_names_refine_mode_and_st
     assert session.family.options.learning_rate == MedSAMSettings().learning_rate
     with pytest.raises(ValueError, match="unknown LiteMedSAM option"):
         InteractiveSession(image, "medsam_lite", device="cpu", model_options={"slices": 3})
+
+
+def test_encoder_precision_int8_is_asked_for_on_a_cpu_with_the_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``auto`` on a CPU: bfloat16 where the CPU multiplies it, else float32 (int8 only when asked for); an
+    explicit precision is taken as asked, ``int8`` off the CPU or without PyTorch's x86 int8 kernels is
+    refused with the reason."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(settings_mod, "int8_available", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: True)
+    assert resolve_encoder_precision(cpu, "auto") == "bfloat16"
+    monkeypatch.setattr(devices, "cpu_has_native_bfloat16", lambda: False)
+    assert resolve_encoder_precision(cpu, "auto") == "float32"
+    assert resolve_encoder_precision(cpu, "int8") == "int8"
+    assert resolve_encoder_precision(cpu, "bfloat16") == "bfloat16"
+    assert resolve_encoder_precision(torch.device("mps"), "auto") == "float32"
+    with pytest.raises(ValueError, match="runs on the CPU only"):
+        resolve_encoder_precision(torch.device("cuda"), "int8")
+    monkeypatch.setattr(settings_mod, "int8_available", lambda: False)
+    with pytest.raises(ValueError, match="no x86 int8 kernels"):
+        resolve_encoder_precision(cpu, "int8")
+    assert MedSAMSettings.from_dict({"encoder_precision": "int8"}).encoder_precision == "int8"
+    with pytest.raises(ValueError, match=r"encoder_precision must be one of \['auto', 'float32', 'bfloat16', "
+                                         r"'float16', 'int8'\]"):
+        MedSAMSettings(encoder_precision="int4")

@@ -333,21 +333,63 @@ def test_the_encoder_convolves_channels_last_maps_and_gives_the_same_embedding(m
     torch.testing.assert_close(embedding, contiguous, atol=1e-4, rtol=1e-4)
 
 
+def _plain_attention(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAM's attention as written: project every token, PyTorch's scaled dot-product attention, project
+    out."""
+    heads = [attention._heads(p(x)) for p, x in ((attention.q_proj, q), (attention.k_proj, k),
+                                                 (attention.v_proj, v))]
+    batch = max(h.shape[0] for h in heads)
+    heads = [h.expand(batch, -1, -1, -1) for h in heads]
+    return attention.out_proj(F.scaled_dot_product_attention(*heads).transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("sharing", ["distinct", "batch_of_one", "expanded"])
 @pytest.mark.parametrize(("queries", "keys"), [(4096, 7), (7, 4096), (12, 12)])
-def test_attention_gives_scaled_dot_product_attention_whichever_side_is_long(queries: int, keys: int) -> None:
-    """The image→token attention (4096 queries, 7 keys) lays its logits out keys first; every shape gives
-    PyTorch's own attention, and the weights on request are (B, heads, queries, keys) rows summing to 1."""
+def test_attention_gives_scaled_dot_product_attention_whichever_side_is_long(
+    queries: int, keys: int, sharing: str
+) -> None:
+    """Every shape gives PyTorch's own attention: the long side folded into the short one where it differs
+    between the batch's items, projected once where the batch shares it (a batch of one broadcast, or a
+    tensor expanded over the batch); the weights on request are (B, heads, queries, keys) rows summing to
+    1."""
     torch.manual_seed(0)
     attention = Attention(64, num_heads=4, downsample_rate=2).eval()
     q, k, v = torch.randn(2, queries, 64), torch.randn(2, keys, 64), torch.randn(2, keys, 64)
+    if sharing != "distinct":  # the long side (or, at 12 x 12, the keys) shared by the batch
+        shared = (lambda x: x[:1]) if sharing == "batch_of_one" else (lambda x: x[:1].expand(2, -1, -1))
+        if queries > keys:
+            q = shared(q)
+        else:
+            k, v = shared(k), shared(v)
     with torch.no_grad():
         out, weights = attention(q, k, v, need_weights=True)
-        heads = [attention._heads(p(x)) for p, x in ((attention.q_proj, q), (attention.k_proj, k),
-                                                     (attention.v_proj, v))]
-        expected = attention.out_proj(F.scaled_dot_product_attention(*heads).transpose(1, 2).flatten(2))
+        expected = _plain_attention(attention, q, k, v)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert weights is not None and weights.shape == (2, 4, queries, keys)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, queries))
+
+
+@pytest.mark.parametrize(("queries", "keys"), [(512, 7), (7, 512)])
+def test_folded_attention_back_propagates_as_the_plain_one(queries: int, keys: int) -> None:
+    """The folded products are the plain ones reassociated: the gradients of the inputs and of every
+    projection's weight and bias agree with SAM's attention as written."""
+    torch.manual_seed(1)
+    attention = Attention(32, num_heads=4, downsample_rate=2)
+    inputs = [torch.randn(3, n, 32, requires_grad=True) for n in (queries, keys, keys)]
+    target = torch.randn(3, queries, 32)
+    grads = []
+    for forward in (lambda *x: attention(*x)[0], lambda *x: _plain_attention(attention, *x)):
+        attention.zero_grad()
+        for x in inputs:
+            x.grad = None
+        ((forward(*inputs) - target) ** 2).sum().backward()
+        params = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in attention.parameters()]
+        grads.append([x.grad.clone() for x in inputs] + params)
+    assert len(grads[0]) == 3 + 8
+    # the key bias, which the softmax cancels, is left out of the folded logits: its gradient is 0 there and
+    # rounding noise in the plain one
+    for folded, plain in zip(*grads):  # float32 rounding, relative to each gradient's scale
+        torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4 * max(float(plain.abs().max()), 1.0))
 
 
 def test_temporary_gelu_overwrites_only_what_no_gradient_needs() -> None:
@@ -410,7 +452,9 @@ def test_a_large_mbconv_runs_in_strips_of_rows_with_the_values_of_the_whole_map(
 def test_prompts_on_one_slice_share_the_image_tokens_until_they_differ(model: MedSAMLite) -> None:
     """Three boxes on one embedding (expanded over the batch, as the session passes a slice's prompts): the
     first block's projections of the image tokens (token→image keys and values, image→token queries) run once
-    for the batch, and the answers are those of one copy of the embedding per prompt."""
+    for the batch; the image tokens each prompt makes its own are never projected (folded into the prompt
+    tokens, :class:`Attention`), nor are distinct copies of the embedding; the answers are those of one copy
+    of the embedding per prompt."""
     generator = torch.Generator().manual_seed(0)
     embedding = torch.randn(1, 256, 64, 64, generator=generator)
     boxes = torch.tensor([[60.0, 60.0, 120.0, 140.0], [40.0, 50.0, 150.0, 160.0], [100.0, 90, 200.0, 180]])
@@ -430,12 +474,12 @@ def test_prompts_on_one_slice_share_the_image_tokens_until_they_differ(model: Me
     try:
         with torch.no_grad():
             shared = model.decode(embedding.expand(3, -1, -1, -1), boxes=boxes, return_attention=True)
-            assert seen == {"keys": [1], "values": [1], "image_queries": [1], "second_keys": [3]}
+            assert seen == {"keys": [1], "values": [1], "image_queries": [1], "second_keys": []}
             copies = model.decode(embedding.repeat(3, 1, 1, 1), boxes=boxes, return_attention=True)
     finally:
         for handle in handles:
             handle.remove()
-    assert seen["keys"] == [1, 3]  # one copy per prompt: the projections run per prompt, as before
+    assert seen["keys"] == [1]  # one copy per prompt: folded too
     assert shared.attention is not None and copies.attention is not None
     torch.testing.assert_close(shared.logits, copies.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared.iou, copies.iou, atol=1e-6, rtol=1e-5)

@@ -84,11 +84,13 @@ from .settings import (
     ADAPTED_FORMAT,
     CT_FIELD_OF_VIEW_MM,
     CT_WINDOW,
+    ENCODER_PRECISIONS,
     LABELS,
     MEDSAM_MODEL_NAME,
     OTHER_FIELD_OF_VIEW_MM,
     REFINE_MODES,
     MedSAMSettings,
+    resolve_encoder_precision,
 )
 from .state import MedSAMState, SliceSteps, Track
 
@@ -96,6 +98,7 @@ __all__ = [
     "ADAPTED_FORMAT",
     "CT_FIELD_OF_VIEW_MM",
     "CT_WINDOW",
+    "ENCODER_PRECISIONS",
     "LABELS",
     "MEDSAM_MODEL_NAME",
     "OTHER_FIELD_OF_VIEW_MM",
@@ -112,5 +115,6 @@ __all__ = [
     "is_medsam_model",
     "looks_like_ct",
     "prior_trust",
+    "resolve_encoder_precision",
     "stroke_agreement",
 ]

@@ -23,7 +23,7 @@ class Decoding:
         the input and of ``encoder_precision``: the cache keeps each precision's embeddings apart)."""
         x = self.transform.to_model(self._normalised(k))
         digest = hashlib.sha1(x.numpy().tobytes())
-        digest.update(str(self.encoder_dtype).encode())
+        digest.update(self.encoder_precision.encode())
         return x, digest.hexdigest()
 
     def _encode(self, k: int, *, speculative: bool = False) -> torch.Tensor:

@@ -7,8 +7,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ...devices import PRECISIONS
+import torch
+
+from ...devices import PRECISIONS, inference_precision
 from ...json_fields import check_fields
+from ...networks.medsam_lite.int8 import int8_available
 
 MEDSAM_MODEL_NAME = "medsam_lite"
 ADAPTED_FORMAT = "attentionseg.medsam_lite.adapted/1"
@@ -17,7 +20,27 @@ CT_FIELD_OF_VIEW_MM = 360.0  # a CT crop is padded to this width (MedSAMSettings
 OTHER_FIELD_OF_VIEW_MM = 300.0  # ... and any other image to this one
 LABELS = 255  # class-agnostic: any label 1..254 (255 marks unscribbled voxels)
 REFINE_MODES = ("walker", "decoder")
+#: ``encoder_precision`` values: the floating-point ones of :data:`...devices.PRECISIONS`, and ``int8``.
+ENCODER_PRECISIONS = (*PRECISIONS, "int8")
 CLICK_PROMPTS = ("grow_box", "point")
+
+
+def resolve_encoder_precision(device: torch.device, precision: str = "auto") -> str:
+    """What ``encoder_precision`` runs as on ``device``: ``float32``, ``bfloat16``, ``float16`` or ``int8``.
+
+    ``auto`` and the floating-point precisions are :func:`...devices.inference_precision`'s; ``int8`` is taken
+    on a CPU where PyTorch has the kernels (:func:`...networks.medsam_lite.int8.int8_available`) and refused
+    elsewhere."""
+    if precision != "int8":
+        return str(inference_precision(device, precision)).removeprefix("torch.")
+    if device.type != "cpu":
+        raise ValueError(f"encoder_precision 'int8' runs on the CPU only, got device {device.type!r}")
+    if not int8_available():
+        raise ValueError(
+            "encoder_precision 'int8': this PyTorch build has no x86 int8 kernels (FBGEMM); use 'auto' or "
+            "'float32'"
+        )
+    return "int8"
 
 
 @dataclass
@@ -80,12 +103,17 @@ class MedSAMSettings:
         prefetch_mm: :meth:`.MedSAMFamily.prefetch` prepares the slices up to this far (mm) on each side of
             the slice the user looks at (75 mm: the slices a click on a 40-slice organ of a 3 mm CT decodes
             when it lands near the organ's middle; 51 slices, 102 MiB of cache at 3 mm).
-        encoder_precision: the image encoder's precision (``auto``, ``float32``, ``bfloat16``, ``float16``;
-            :func:`..devices.inference_precision`). ``auto`` takes bfloat16 on CUDA and on a CPU with
-            bfloat16 in hardware (AVX512-BF16, AMX), float32 elsewhere. Measured by
-            ``benchmarks/medsam_precision.py`` (the reference box of every slice of the 10 CT organ crops,
-            one CPU thread): 3D Dice 0.757 in bfloat16 against 0.755 in float32, the masks agreeing at Dice
-            0.979, the encoder 1.9x faster (1.36 s against 2.59 s per slice on shared cores).
+        encoder_precision: the image encoder's precision (``auto``, ``float32``, ``bfloat16``, ``float16``,
+            ``int8``; :func:`resolve_encoder_precision`). ``auto`` takes bfloat16 on CUDA and on a CPU with
+            bfloat16 in hardware (AVX512-BF16, AMX), float32 elsewhere. ``int8`` (x86 CPUs): the encoder's
+            linear layers in int8 (:mod:`...networks.medsam_lite.int8`), for a CPU without bfloat16 in
+            hardware; not ``auto``'s choice, as one click on the pancreas of ``example_ct_sm`` came out at
+            Dice 0.02 against 0.29 in float32 (the other 9 organs of ``ct_organs`` within 0.01, whole CTs).
+            Measured by ``benchmarks/medsam_precision.py`` (the reference box of every slice of the 10 CT
+            organ crops, 2 cores of an AMD EPYC with AVX512-BF16 and VNNI): 3D Dice 0.824 in float32, 0.826
+            in bfloat16, 0.827 in int8, the masks agreeing with float32's at Dice 0.988 and 0.976, the
+            encoder 1.56x and 1.32x faster (0.43 s and 0.51 s against 0.68 s per slice). Limited to AVX2,
+            int8 was 1.15x faster than float32 and bfloat16 (emulated) 7.6x slower.
         token_cache_mib: bound of the cache of the decoder transformer's output per (slice, prompt) (2 MiB
             each, float16), which lets a refine decode a slice again with its head alone.
         min_field_of_view_mm: a slice narrower than this (a crop) is zero-padded to it before the resize to
@@ -201,9 +229,9 @@ class MedSAMSettings:
             raise ValueError(f"click_box_mm must be positive half-sizes (mm), got {self.click_box_mm!r}")
         if not self.anchor_margins or not self.margins:
             raise ValueError("anchor_margins and margins must each hold at least one margin")
-        if self.encoder_precision not in PRECISIONS:
+        if self.encoder_precision not in ENCODER_PRECISIONS:
             raise ValueError(
-                f"encoder_precision must be one of {list(PRECISIONS)}, got {self.encoder_precision!r}"
+                f"encoder_precision must be one of {list(ENCODER_PRECISIONS)}, got {self.encoder_precision!r}"
             )
         if not self.walker_trust_credit >= 0:
             raise ValueError(f"walker_trust_credit must be >= 0 voxels, got {self.walker_trust_credit!r}")
