@@ -1,6 +1,7 @@
-"""LiteMedSAM's image encoder in float32 against bfloat16: the same masks, how much faster.
+"""LiteMedSAM's image encoder in float32 against bfloat16 and int8: the same masks, how much faster.
 
     python benchmarks/medsam_precision.py --threads 1                # about 10 minutes on 2 CPU cores
+    python benchmarks/medsam_precision.py --precisions float32 bfloat16 int8  # results/medsam_precision_int8
     python benchmarks/medsam_precision.py --device cuda --precisions float32 bfloat16 float16
 
 Protocol: the organ crops of ``benchmarks/interactive.py`` (``ct_organs``: liver, spleen, kidneys and pancreas

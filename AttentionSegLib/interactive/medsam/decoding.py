@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
@@ -41,6 +42,14 @@ class Decoding:
         self.encoded += 1
         return value
 
+    def _decoder_autocast(self) -> AbstractContextManager:
+        """Where the decoder computes (enter it inside ``no_grad``): without gradients, in the encoder's
+        bfloat16 or float16 (``MedSAMSettings.decoder_precision`` ``auto``), else in float32; the network
+        answers in float32 either way."""
+        if torch.is_grad_enabled() or self.options.decoder_precision == "float32":
+            return nullcontext()
+        return autocast_to(self.device, self.encoder_dtype)
+
     def _decode(
         self,
         k: int,
@@ -58,7 +67,7 @@ class Decoding:
             coords = self.transform.point_to_model(np.array([[p[0], p[1]] for p in points], np.float32))
             prompt_points = (torch.from_numpy(coords)[None], torch.tensor([[int(p[2]) for p in points]]))
         started = time.perf_counter()
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), self._decoder_autocast():
             out = self.network.decode(
                 embedding, boxes=boxes, points=prompt_points, return_attention=attention
             )
@@ -98,10 +107,10 @@ class Decoding:
         names = [self._token_key(k, box, points) for box in boxes]
         cached = [self._tokens.get(name) for name in names]
         started = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self._decoder_autocast():
             if all(c is not None for c in cached):  # the transformer's part is known: the head alone
                 hs = torch.cat([c[0] for c in cached if c is not None])
-                keys = torch.cat([c[1] for c in cached if c is not None]).float()
+                keys = torch.cat([c[1].float() for c in cached if c is not None])  # float16 in the cache
                 attention = torch.stack([c[2] for c in cached if c is not None])
                 self.head_only += len(boxes)
             else:

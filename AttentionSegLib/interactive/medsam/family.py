@@ -46,6 +46,8 @@ from .state import MedSAMState, SliceSteps, Track
 from .tuning import DecoderTuning
 from .walker import Walker
 
+HALF_PRECISIONS = ("bfloat16", "float16")  # the encoder's precisions the decoder follows (decoder_precision)
+
 
 def _keeps_answers_on_failure(method: Callable[..., Any]) -> Callable[..., Any]:
     """A step of :class:`MedSAMFamily` that fails or is cancelled (say on the 20th slice of a propagation)
@@ -637,6 +639,11 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             "network": "LiteMedSAM (TinyViT + SAM decoder)",
             "device": str(self.device),
             "encoder_precision": self.encoder_precision,
+            "decoder_precision": (
+                self.encoder_precision
+                if self.options.decoder_precision == "auto" and self.encoder_precision in HALF_PRECISIONS
+                else "float32"
+            ),
             "field_of_view_mm": self.field_of_view_mm,
             "propagation_stride": self._stride(),  # slices from one decoded slice to the next (slice_gap_mm)
             "prefetch_mm": self.options.prefetch_mm,  # prefetch() prepares the slices this far each side

@@ -132,7 +132,7 @@ class Prompts:
         embedding = self._encode(k).to(self.device, torch.float32)[None].expand(len(boxes), -1, -1, -1)
         prompt = torch.from_numpy(self.transform.box_to_model(np.asarray(boxes, dtype=np.float32)))
         started = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self._decoder_autocast():
             out = self.network.decode(embedding, boxes=prompt)
             logits = self.transform.logits_to_slice(out.logits[:, 0].float())
         self.decode_seconds += time.perf_counter() - started

@@ -203,7 +203,7 @@ class DecoderTuning:
         tuning reads."""
         name = self._token_key(k, box, ())
         started = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self._decoder_autocast():
             cached = self._tokens.get(name)
             if cached is None:
                 embedding = self._encode(k).to(self.device, torch.float32)[None]

@@ -1,16 +1,17 @@
 """Int8 linear layers for LiteMedSAM's frozen image encoder on a CPU (dynamic quantisation).
 
-The encoder's fully connected layers (the TinyViT attention and MLP blocks, ~80 % of its arithmetic) run
-as int8 matrix products: the weights quantised once per output feature (symmetric, scale = max |w| / 127),
-the activations quantised on each call over the range they show (Jacob et al., "Quantization and training
-of neural networks for efficient integer-arithmetic-only inference", CVPR 2018; PyTorch's dynamic
-quantisation on its FBGEMM kernels). Convolutions stay in float32 (in int8 the embedding's error grew 6x
-and they ran no faster). The embedding moves by about a tenth (relative L2 0.11-0.13 on slices of the
-example CT; bfloat16 0.05), the masks hardly: ``benchmarks/medsam_precision.py`` (the reference box on
-every slice of the 10 CT organ crops; ``results/medsam_precision.md``) gave 3D Dice 0.827 against 0.824 in
-float32, the masks agreeing at Dice 0.976 (bfloat16: 0.826, 0.988). Speed on 2 cores of an AMD EPYC: with
-AVX512-VNNI and AVX512-BF16, 0.51 s per slice against 0.68 s in float32 and 0.43 s in bfloat16; limited to
-AVX2 (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+The encoder's fully connected layers (the TinyViT attention and MLP blocks, ~80 % of its arithmetic) run as
+int8 matrix products: the weights quantised once per output feature (symmetric, scale = max |w| / 127), the
+activations quantised on each call over the range they show (Jacob et al., "Quantization and training of
+neural networks for efficient integer-arithmetic-only inference", CVPR 2018; PyTorch's dynamic quantisation
+on its FBGEMM kernels). Convolutions stay in float32 (with the 1x1 ones in int8 too, the embedding of a
+random input moved 6x further, 0.079 against 0.013, and no faster). The embedding moves by about a tenth
+(relative L2 0.11-0.13 on slices of the example CT; bfloat16 0.05), the masks hardly:
+``benchmarks/medsam_precision.py`` (the reference box on every slice of the 10 CT organ crops;
+``results/medsam_precision_int8.md``) gave 3D Dice 0.827 against 0.824 in float32, the masks agreeing at
+Dice 0.976 (bfloat16: 0.826, 0.988). Speed on 2 cores of an AMD EPYC: with AVX512-VNNI and AVX512-BF16, 0.51
+s per slice against 0.68 s in float32 and 0.43 s in bfloat16; limited to AVX2
+(``FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 MKL_ENABLE_INSTRUCTIONS=AVX2``), 0.61 s against 0.71 s in float32 and 5.4 s in (emulated) bfloat16.
 
 PyTorch has deprecated its quantised tensors (they will go in a future release): :func:`int8_available`

@@ -26,8 +26,8 @@ def _same_for_all(x: Tensor) -> bool:
     return x.shape[0] == 1 or x.stride(0) == 0
 
 
-#: One side of an attention holds at least this many times the other's tokens: it is folded (see
-#: :class:`Attention`).
+#: One side of an attention holding at least this many times the other's tokens is folded into it, when the
+#: heads times the few tokens are fewer than the projections' width (see :class:`Attention`).
 FOLD_RATIO = 8
 
 
@@ -78,9 +78,11 @@ class Attention(nn.Module):
         """(B, Nq, C), (B, Nk, C), (B, Nk, C) → output (B, Nq, C) and, on request, weights (B, h, Nq, Nk).
 
         A batch of one may broadcast against the others' batch (tokens shared by all prompts)."""
-        if q.shape[-2] >= FOLD_RATIO * k.shape[-2]:
+        internal = self.q_proj.out_features  # folding pays where heads x few tokens < this width
+        nq, nk = q.shape[-2], k.shape[-2]
+        if nq >= FOLD_RATIO * nk and self.num_heads * nk < internal:
             return self._many_queries(q, k, v, need_weights)
-        if k.shape[-2] >= FOLD_RATIO * q.shape[-2]:
+        if nk >= FOLD_RATIO * nq and self.num_heads * nq < internal:
             return self._many_keys(q, k, v, need_weights)
         qh, kh, vh = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
         attn = torch.softmax((qh @ kh.transpose(-2, -1)) / math.sqrt(qh.shape[-1]), dim=-1)

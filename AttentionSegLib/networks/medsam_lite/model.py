@@ -80,7 +80,9 @@ class MedSAMLite(nn.Module):
             multimask_output=False,
             return_attention=return_attention,
         )
-        return DecoderOutput(logits=logits, iou=iou, attention=attention)
+        return DecoderOutput(
+            logits=logits.float(), iou=iou.float(), attention=None if attention is None else attention.float()
+        )
 
     def decode_tokens(
         self,
@@ -93,7 +95,8 @@ class MedSAMLite(nn.Module):
         """The first part of :meth:`decode`: the two-way transformer's output tokens (B, N, 256), image
         tokens (B, 4096, 256) and, on request, the mask token's final attention (B, 64, 64).
         ``decode_head(tokens, upscale(keys))`` gives the same logits and IoU as ``decode``: a refine that
-        tunes only the decoder's head computes this part once per (slice, prompt)."""
+        tunes only the decoder's head computes this part once per (slice, prompt). Like every decoding
+        method it answers in float32 whatever autocast it ran under."""
         sparse, dense = self._prompts(embeddings, boxes, points, None)
         hs, keys, weights = self.mask_decoder.tokens_and_keys(
             embeddings,
@@ -104,17 +107,17 @@ class MedSAMLite(nn.Module):
         )
         attention = None
         if weights is not None:
-            attention = weights[:, :, 1].mean(dim=1).view(-1, EMBEDDING_SIZE, EMBEDDING_SIZE)
-        return hs, keys, attention
+            attention = weights[:, :, 1].mean(dim=1).view(-1, EMBEDDING_SIZE, EMBEDDING_SIZE).float()
+        return hs.float(), keys.float(), attention
 
     def upscale(self, keys: Tensor) -> Tensor:
         """Image tokens (B, 4096, 256) from :meth:`decode_tokens` → the upscaled map (B, 32, 256, 256)."""
-        return self.mask_decoder.upscale(keys, (EMBEDDING_SIZE, EMBEDDING_SIZE))
+        return self.mask_decoder.upscale(keys, (EMBEDDING_SIZE, EMBEDDING_SIZE)).float()
 
     def decode_head(self, hs: Tensor, upscaled: Tensor) -> DecoderOutput:
         """Logits and IoU from the output tokens and the upscaled map (the hypernetwork MLP, the IoU head)."""
         logits, iou = self.mask_decoder.masks(hs, upscaled)
-        return DecoderOutput(logits=logits, iou=iou)
+        return DecoderOutput(logits=logits.float(), iou=iou.float())
 
     def _prompts(
         self,
