@@ -627,20 +627,20 @@ def test_encoder_precisions_give_the_same_spleen(spleen: tuple[Volume, np.ndarra
 def test_the_decoder_computes_in_the_encoders_bfloat16_unless_a_gradient_is_recorded(
     spleen: tuple[Volume, np.ndarray],
 ) -> None:
-    """``decoder_precision`` ``auto`` with a bfloat16 encoder: a decoding's transformer runs in bfloat16 and
-    answers the spleen's reference box (three margins in one batch) as a float32 decoder does, in float32;
-    a decoding that records gradients (a fine-tuning) and ``decoder_precision`` ``float32`` stay in
-    float32."""
+    """``decoder_precision`` ``encoder`` with a bfloat16 encoder: a decoding's transformer runs in bfloat16
+    and answers the spleen's reference box (three margins in one batch) as a float32 decoder does, in
+    float32, also from the transformer's cached output; a decoding that records gradients (a fine-tuning)
+    and the default ``float32`` stay in float32."""
     image, truth = spleen
     seen: list[torch.dtype] = []
     answers = {}
-    for decoder in ("auto", "float32"):
+    for decoder in ("encoder", "float32"):
         family = MedSAMFamily(
             "medsam_lite", image, device=torch.device("cpu"), settings=RefineSettings(),
             generator=torch.Generator(),
             medsam=MedSAMSettings(encoder_precision="bfloat16", decoder_precision=decoder),
         )
-        assert family.describe()["decoder_precision"] == ("bfloat16" if decoder == "auto" else "float32")
+        assert family.describe()["decoder_precision"] == ("bfloat16" if decoder == "encoder" else "float32")
         reference = family._grid_labels(truth.astype(np.uint8)) == 1
         k = int(np.argmax(reference.reshape(reference.shape[0], -1).sum(axis=1)))
         rows, cols = np.nonzero(reference[k])
@@ -650,7 +650,7 @@ def test_the_decoder_computes_in_the_encoders_bfloat16_unless_a_gradient_is_reco
         try:
             seen.clear()
             mask, prob, _, chosen, iou = family._best(k, [family._grown(box, f) for f in (0.05, 0.1, 0.2)])
-            assert seen == [torch.bfloat16 if decoder == "auto" else torch.float32]
+            assert seen == [torch.bfloat16 if decoder == "encoder" else torch.float32]
             answers[decoder] = mask
             assert prob.dtype == np.float32 and 0 < iou <= 1.2
             seen.clear()  # the chosen box again: the head alone, on the transformer's cached output
@@ -663,7 +663,8 @@ def test_the_decoder_computes_in_the_encoders_bfloat16_unless_a_gradient_is_reco
         finally:
             handle.remove()
         assert dice(answers[decoder], reference[k]) >= 0.9
-    assert dice(answers["auto"], answers["float32"]) >= 0.97
+    assert dice(answers["encoder"], answers["float32"]) >= 0.97
+    assert MedSAMSettings().decoder_precision == "float32"
     with pytest.raises(ValueError, match="decoder_precision must be one of"):
         MedSAMSettings(decoder_precision="bfloat16")
 

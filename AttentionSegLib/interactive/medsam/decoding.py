@@ -43,10 +43,10 @@ class Decoding:
         return value
 
     def _decoder_autocast(self) -> AbstractContextManager:
-        """Where the decoder computes (enter it inside ``no_grad``): without gradients, in the encoder's
-        bfloat16 or float16 (``MedSAMSettings.decoder_precision`` ``auto``), else in float32; the network
-        answers in float32 either way."""
-        if torch.is_grad_enabled() or self.options.decoder_precision == "float32":
+        """Where the decoder computes (enter it inside ``no_grad``): without gradients and with
+        ``MedSAMSettings.decoder_precision`` ``encoder``, in the encoder's bfloat16 or float16, else in
+        float32; the network answers in float32 either way."""
+        if torch.is_grad_enabled() or self.options.decoder_precision != "encoder":
             return nullcontext()
         return autocast_to(self.device, self.encoder_dtype)
 

@@ -641,7 +641,7 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             "encoder_precision": self.encoder_precision,
             "decoder_precision": (
                 self.encoder_precision
-                if self.options.decoder_precision == "auto" and self.encoder_precision in HALF_PRECISIONS
+                if self.options.decoder_precision == "encoder" and self.encoder_precision in HALF_PRECISIONS
                 else "float32"
             ),
             "field_of_view_mm": self.field_of_view_mm,

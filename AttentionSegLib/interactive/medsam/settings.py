@@ -22,7 +22,7 @@ LABELS = 255  # class-agnostic: any label 1..254 (255 marks unscribbled voxels)
 REFINE_MODES = ("walker", "decoder")
 #: ``encoder_precision`` values: the floating-point ones of :data:`...devices.PRECISIONS`, and ``int8``.
 ENCODER_PRECISIONS = (*PRECISIONS, "int8")
-DECODER_PRECISIONS = ("auto", "float32")
+DECODER_PRECISIONS = ("float32", "encoder")
 CLICK_PROMPTS = ("grow_box", "point")
 
 
@@ -115,12 +115,14 @@ class MedSAMSettings:
             in bfloat16, 0.827 in int8, the masks agreeing with float32's at Dice 0.988 and 0.976, the
             encoder 1.56x and 1.32x faster (0.43 s and 0.51 s against 0.68 s per slice). Limited to AVX2,
             int8 was 1.15x faster than float32 and bfloat16 (emulated) 7.6x slower.
-        decoder_precision: ``auto``: a decoding without gradients runs the decoder's transformer and
-            upscaling in the encoder's precision where that is bfloat16 or float16 (its head, the logits and
-            every fine-tuning stay in float32); ``float32``: always float32. On 2 cores with AVX512-BF16,
-            one click on each of the 10 organs of ``ct_organs`` (whole CTs, ``benchmarks/interactive.py
-            --rounds 0 --clicks 1``) gave the same Dice as a float32 decoder (mean 0.801 both, every organ
-            within 0.01), 1.19x faster (1.81 s against 2.16 s per click with the slices encoded).
+        decoder_precision: ``float32`` (default), or ``encoder``: a decoding without gradients runs the
+            decoder's transformer and upscaling in the encoder's precision where that is bfloat16 or float16
+            (its head, the answers and every fine-tuning stay in float32). Measured on 2 cores with
+            AVX512-BF16 (``benchmarks/interactive.py --datasets ct_organs --views crop whole --rounds 5
+            --clicks 1``, encoder in bfloat16): the same Dice after 5 scribble rounds (0.906 on the crops,
+            0.911 on the whole CTs) and after one click on the whole CTs (0.801), the clicks 1.25-1.3x faster
+            with their slices encoded (decoder 0.023 against 0.034 s per prompt in a first click), but one
+            click on the crops 0.764 against 0.775 (the spleen of ``example_ct_sm`` 0.874 against 0.941).
         token_cache_mib: bound of the cache of the decoder transformer's output per (slice, prompt) (2 MiB
             each, float16), which lets a refine decode a slice again with its head alone.
         min_field_of_view_mm: a slice narrower than this (a crop) is zero-padded to it before the resize to
@@ -206,7 +208,7 @@ class MedSAMSettings:
     cache_mib: int = 512
     prefetch_mm: float = 75.0
     encoder_precision: str = "auto"
-    decoder_precision: str = "auto"
+    decoder_precision: str = "float32"
     token_cache_mib: int = 256
     min_field_of_view_mm: float | None = None
     learning_rate: float = 1e-4
