@@ -214,6 +214,15 @@ def _encoder_precision(device: str, options: dict[str, Any] | None) -> str:
     return resolve_encoder_precision(torch.device(device), precision)
 
 
+def encoder_precisions(rows: Sequence[dict[str, Any]]) -> str:
+    """The encoder's precision for the table's title: one name when the settings share it, else each with
+    its setting (``--medsam-options`` may set it for ``now`` alone)."""
+    precisions = {row["setting"]: row.get("encoder_precision", "?") for row in rows}
+    if len(set(precisions.values())) == 1:
+        return next(iter(precisions.values()))
+    return " / ".join(f"{value} ({setting})" for setting, value in precisions.items())
+
+
 def _dwell(session: Any, point_ijk: Sequence[float], seconds: float, threads: int) -> dict[str, float]:
     """The user looks at the slice of ``point_ijk`` for ``seconds`` while the session prefetches in another
     thread; then the prefetch is cancelled. Returns the slices it encoded and the seconds its cancel took
@@ -443,12 +452,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = ("through attentionseg serve on 127.0.0.1" if args.via == "server"
              else "in a worker thread" if args.worker_thread else "in the main thread")
     grid = f", resampled to {'x'.join(f'{h:g}' for h in args.spacing)} mm voxels" if args.spacing else ""
+    encoders = encoder_precisions(per_target)
     table = (
         f"**LiteMedSAM on the {args.device.upper()}** — first click (structures of {min(slices)}-"
         f"{max(slices)} slices, median {statistics.median(slices):.0f}) and one refine on the {len(names)} "
         f"`ct_organs` targets, view `{args.view}`{grid}, medians; {machine.get('cpu_count', '?')} CPU "
         f"threads available, torch threads "
-        f"{args.threads or 'default'}, encoder in {per_target[0].get('encoder_precision', '?')}, "
+        f"{args.threads or 'default'}, encoder in {encoders}, "
         f"{where}"
         f"{f'; the user looks at the slice {args.dwell:g} s before clicking' if args.dwell else ''}\n\n"
         + markdown_table(header, rows)

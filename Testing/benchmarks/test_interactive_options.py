@@ -60,3 +60,21 @@ def test_medsam_speed_takes_the_same_options_for_this_checkout_alone(capsys) -> 
     with pytest.raises(SystemExit) as stopped:
         speed_args(["--medsam-options", '{"gap": 1}'])
     assert stopped.value.code == 2 and "unknown LiteMedSAM option(s) ['gap']" in capsys.readouterr().err
+
+
+def test_medsam_speed_names_each_settings_encoder_precision() -> None:
+    """The table's title names the encoder's precision once when both settings share it, and per setting when
+    ``--medsam-options`` gave ``now`` another; each row's precision is what the engine resolves for its
+    options."""
+    import torch
+
+    from AttentionSegLib.interactive.medsam import resolve_encoder_precision
+    from benchmarks.medsam_speed import _encoder_precision, encoder_precisions
+
+    auto = resolve_encoder_precision(torch.device("cpu"))
+    assert _encoder_precision("cpu", None) == auto
+    assert _encoder_precision("cpu", {"encoder_precision": "float32"}) == "float32"
+    rows = [{"setting": setting, "encoder_precision": "bfloat16"} for setting in ("before", "now")]
+    assert encoder_precisions(rows) == "bfloat16"
+    rows[1]["encoder_precision"] = "int8"
+    assert encoder_precisions(rows) == "bfloat16 (before) / int8 (now)"
