@@ -45,9 +45,10 @@ class Attention(nn.Module):
       and the output projection ``W_o`` is applied to the few values before the weighted sum.
 
     The many tokens then meet ``heads x few`` (8 x 7 = 56) vectors instead of a ``dim / downsample_rate``
-    (128) wide projection: 4.6x fewer multiply-adds per prompt in LiteMedSAM's decoder. Many tokens shared
-    by the batch (the first block's image tokens, expanded over the prompts of one slice) are projected
-    once, as before.
+    (128) wide projection: per prompt, the products with the image tokens take 4.6x fewer multiply-adds
+    (0.41 against 1.88 G), the decoder 1.2x less time on a CPU (0.028 against 0.034 s per prompt in a
+    click; the additions and layer norms over the image tokens remain). Many tokens shared by the batch (the
+    first block's image tokens, expanded over the prompts of one slice) are projected once, as before.
     """
 
     def __init__(self, dim: int, num_heads: int, downsample_rate: int = 1) -> None:
