@@ -46,9 +46,7 @@ class Decoding:
         """Where the decoder computes (enter it inside ``no_grad``): without gradients and with
         ``MedSAMSettings.decoder_precision`` ``encoder``, in the encoder's bfloat16 or float16, else in
         float32; the network answers in float32 either way."""
-        if torch.is_grad_enabled() or self.options.decoder_precision != "encoder":
-            return nullcontext()
-        return autocast_to(self.device, self.encoder_dtype)
+        return nullcontext() if torch.is_grad_enabled() else autocast_to(self.device, self.decoder_dtype)
 
     def _decode(
         self,

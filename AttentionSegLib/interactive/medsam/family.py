@@ -46,8 +46,6 @@ from .state import MedSAMState, SliceSteps, Track
 from .tuning import DecoderTuning
 from .walker import Walker
 
-HALF_PRECISIONS = ("bfloat16", "float16")  # the encoder's precisions the decoder follows (decoder_precision)
-
 
 def _keeps_answers_on_failure(method: Callable[..., Any]) -> Callable[..., Any]:
     """A step of :class:`MedSAMFamily` that fails or is cancelled (say on the 20th slice of a propagation)
@@ -107,6 +105,10 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         self.encoder_precision = resolve_encoder_precision(device, self.options.encoder_precision)
         self.encoder_dtype = (
             torch.float32 if self.encoder_precision == "int8" else getattr(torch, self.encoder_precision)
+        )
+        #: what a decoding without gradients computes in (``MedSAMSettings.decoder_precision``)
+        self.decoder_dtype = (
+            self.encoder_dtype if self.options.decoder_precision == "encoder" else torch.float32
         )
         self.generator = generator
         self.network: MedSAMLite = load_medsam_lite(device=device)
@@ -639,11 +641,7 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             "network": "LiteMedSAM (TinyViT + SAM decoder)",
             "device": str(self.device),
             "encoder_precision": self.encoder_precision,
-            "decoder_precision": (
-                self.encoder_precision
-                if self.options.decoder_precision == "encoder" and self.encoder_precision in HALF_PRECISIONS
-                else "float32"
-            ),
+            "decoder_precision": str(self.decoder_dtype).removeprefix("torch."),
             "field_of_view_mm": self.field_of_view_mm,
             "propagation_stride": self._stride(),  # slices from one decoded slice to the next (slice_gap_mm)
             "prefetch_mm": self.options.prefetch_mm,  # prefetch() prepares the slices this far each side
