@@ -3,7 +3,7 @@
 The model-side configuration is the ``preprocessing`` dict of a checkpoint (``docs/engine-api.md``)::
 
     {"normalization": {"kind": "ct_window", "window": [lo, hi]} | {"kind": "zscore"} | {"kind": "none"},
-     "orientation": "LPS" | null,       # default: "LPS" for 3D models, null for 2D ones
+     "orientation": "LPS" | code | null,  # default: "LPS" for 3D models, null for 2D ones
      "spacing": [x, y, z] | null,       # null keeps the image's own spacing
      "patch_size": [d, h, w]}           # the inference window; default 64 per axis
 
@@ -20,7 +20,9 @@ image is first brought, by exact axis permutations and flips (no interpolation),
 direction is closest to the identity: ``i`` towards the patient's left, ``j`` posterior, ``k`` superior, as
 MONAI's ``Orientation`` and TotalSegmentator's canonical reorientation do before a network sees an image.
 2D models keep the array order by default: their slice axis is the acquisition's (a cardiac short-axis stack),
-which a reorientation could exchange for another.
+which a reorientation could exchange for another. Another code orders the axes otherwise (``"LIP"``: coronal
+slices along ``k``, :func:`canonical_axes`); LiteMedSAM's sessions use that to propagate through coronal or
+sagittal slices.
 """
 
 from __future__ import annotations
@@ -222,11 +224,37 @@ def resample_like(
                   has_channels=volume.has_channels)
 
 
-def canonical_axes(direction: np.ndarray) -> tuple[tuple[int, ...], tuple[bool, ...]] | None:
-    """The permutation and flips that bring an image closest to the identity direction (LPS order).
+#: Orientation codes name, for index axes i, j, k in turn, the patient direction each points to (DICOM's
+#: letters: Left, Right, Posterior, Anterior, Superior, Inferior; one letter of each pair).
+_LETTERS = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+
+
+def check_orientation(code: str) -> str:
+    """``code`` when it is an orientation code: three letters, one of each of L/R, P/A and S/I (``"LPS"``:
+    ``i`` towards the patient's left, ``j`` posterior, ``k`` superior).
+
+    Raises:
+        ValueError: naming the code and what is wrong with it.
+    """
+    if not isinstance(code, str) or len(code) != 3 or any(c not in _LETTERS for c in code):
+        raise ValueError(f"orientation {code!r}: expected three of the letters L, R, P, A, S, I (e.g. 'LPS')")
+    if len({_LETTERS[c][0] for c in code}) != 3:
+        raise ValueError(f"orientation {code!r}: needs one letter of each pair L/R, P/A and S/I")
+    return code
+
+
+def canonical_axes(
+    direction: np.ndarray, code: str = "LPS"
+) -> tuple[tuple[int, ...], tuple[bool, ...]] | None:
+    """The permutation and flips that bring an image closest to the direction ``code`` names (3D; a 2D image
+    takes the first two letters' axes, ``"LP"`` for ``"LPS"``).
 
     Args:
         direction: a ``(D, D)`` direction matrix (column ``a``: the world direction of index axis ``a``).
+        code: an orientation code (:func:`check_orientation`); ``"LPS"``, the default, is the identity
+            direction. A code of another order permutes the axes: ``"LIP"`` gives coronal slices along
+            ``k`` (the patient's right on the left of each slice, superior at the top), ``"PIL"`` sagittal
+            ones (anterior on the left, superior at the top), as a radiologist's viewer shows them.
 
     Returns:
         ``(axes, flips)``: new index axis ``n`` is old index axis ``axes[n]``, reversed when ``flips[n]``;
@@ -235,16 +263,20 @@ def canonical_axes(direction: np.ndarray) -> tuple[tuple[int, ...], tuple[bool, 
     """
     matrix = np.asarray(direction, dtype=np.float64)
     ndim = matrix.shape[0]
-    axes: list[int | None] = [None] * ndim
+    check_orientation(code)
+    targets = [_LETTERS[c] for c in code[:ndim]]
+    if ndim == 2 and sorted(w for w, _ in targets) != [0, 1]:
+        raise ValueError(f"orientation {code!r}: a 2D image has no axis {code[2]} to put second")
+    nearest: dict[int, int] = {}  # world axis -> the index axis most parallel to it
     taken: set[int] = set()
     # Largest |cosine| first: world axis w gets the index axis most parallel to it.
     for flat in np.argsort(-np.abs(matrix), axis=None, kind="stable"):
         world, index = divmod(int(flat), ndim)
-        if axes[world] is None and index not in taken:
-            axes[world] = index
+        if world not in nearest and index not in taken:
+            nearest[world] = index
             taken.add(index)
-    order = tuple(int(a) for a in axes)  # type: ignore[arg-type]
-    flips = tuple(bool(matrix[w, order[w]] < 0) for w in range(ndim))
+    order = tuple(nearest[w] for w, _ in targets)
+    flips = tuple(bool(matrix[w, a] * sign < 0) for (w, sign), a in zip(targets, order))
     if order == tuple(range(ndim)) and not any(flips):
         return None
     return order, flips
@@ -311,8 +343,9 @@ class PreprocessingConfig:
         normalization: the ``normalization`` entry (:func:`normalize_intensity`); default
             ``{"kind": "none"}``.
         spacing: the model spacing ``(x, y[, z])`` in mm, or ``None`` (keep the image's own, the default).
-        orientation: ``"LPS"`` or ``None``; default ``"LPS"``, ``None`` when ``patch_size`` has two entries
-            (a 2D model keeps its slice axis).
+        orientation: an orientation code (:func:`check_orientation`: ``"LPS"``, or another order such as
+            ``"LIP"`` for coronal slices along ``k``) or ``None`` (the image's own order); default
+            ``"LPS"``, ``None`` when ``patch_size`` has two entries (a 2D model keeps its slice axis).
         patch_size: the inference window in array order, or ``None`` (:meth:`window` then takes
             :data:`DEFAULT_PATCH_AXIS` per axis).
     """
@@ -341,8 +374,12 @@ class PreprocessingConfig:
         patch = values.get("patch_size")
         default = None if patch is not None and len(patch) == 2 else "LPS"
         orientation = values.get("orientation", default)
-        if orientation not in ("LPS", None):
-            raise ValueError(f"preprocessing.orientation must be 'LPS' or null, got {orientation!r}")
+        if orientation is not None:
+            try:
+                check_orientation(orientation)
+            except ValueError as error:
+                raise ValueError(f"preprocessing.orientation must be an orientation code or null: {error}") \
+                    from None
         normalize_intensity(np.zeros(1, np.float32), normalization)  # fail now on a bad config
         return cls(normalization=normalization, spacing=checked_spacing, orientation=orientation,
                    patch_size=None if patch is None else tuple(int(p) for p in patch))
@@ -412,7 +449,8 @@ class Preprocessor:
                 f"{volume.ndim}D image"
             )
         normalized = volume.with_array(normalize_intensity(volume.array, self.normalization))
-        orientation = canonical_axes(volume.direction_matrix) if self.orientation == "LPS" else None
+        code = self.orientation
+        orientation = canonical_axes(volume.direction_matrix, code) if code is not None else None
         oriented = reorient(normalized, orientation) if orientation is not None else normalized
         needs_resampling = self.spacing is not None and not np.allclose(
             oriented.spacing, self.spacing, rtol=_SPACING_RTOL, atol=0.0

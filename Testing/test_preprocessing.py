@@ -10,6 +10,7 @@ from AttentionSegLib.imageio import read_image
 from AttentionSegLib.preprocessing import (
     Preprocessor,
     canonical_axes,
+    check_orientation,
     normalize_intensity,
     reorient,
     resample_like,
@@ -273,6 +274,46 @@ def test_canonical_axes_of_identity_mirrored_and_permuted_storages():
                                                       3)) is None, "23 degrees off: still closest to identity"
 
 
+def test_canonical_axes_towards_other_orientation_codes():
+    # coronal slices along k: i left, j inferior (old k reversed), k posterior (old j)
+    assert canonical_axes(np.eye(3), "LIP") == ((0, 2, 1), (False, True, False))
+    # sagittal: i posterior (old j), j inferior (old k reversed), k left (old i)
+    assert canonical_axes(np.eye(3), "PIL") == ((1, 2, 0), (False, True, False))
+    # a sagittal acquisition (i posterior, j inferior, k right) is already its own sagittal order but for k
+    assert canonical_axes(np.asarray(SAGITTAL).reshape(3, 3), "PIL") == ((0, 1, 2), (False, False, True))
+    assert canonical_axes(np.asarray(SAGITTAL).reshape(3, 3), "PIR") is None
+    assert canonical_axes(np.eye(3), "LPS") == canonical_axes(np.eye(3)) is None
+    assert canonical_axes(np.eye(2), "LPS") is None  # a 2D image takes the first two letters
+    with pytest.raises(ValueError, match="no axis"):
+        canonical_axes(np.eye(2), "LIP")
+
+
+@pytest.mark.parametrize("code", ["LLS", "RAX", "LP", "lps", 7])
+def test_check_orientation_names_the_bad_code(code):
+    with pytest.raises(ValueError, match="orientation"):
+        check_orientation(code)
+
+
+@pytest.mark.parametrize("code", ["LIP", "PIL", "RAS"])
+def test_reorienting_to_a_code_keeps_every_voxel_at_its_physical_position(code):
+    rng = np.random.default_rng(2)
+    canonical = Volume(rng.integers(0, 1000, (5, 6, 7)).astype(np.int16), (0.7, 0.9, 2.5), (10.0, -4.0, 3.0))
+    stored = stored_as(canonical, SAGITTAL)
+    turned = reorient(stored, canonical_axes(stored.direction_matrix, code))
+    for n, letter in enumerate(code):  # index axis n points where its letter says
+        world = "LPS".index(letter) if letter in "LPS" else "RAI".index(letter)
+        sign = 1.0 if letter in "LPS" else -1.0
+        assert turned.direction_matrix[world, n] == pytest.approx(sign)
+    size = np.asarray(turned.size)  # (i, j, k) extents
+    for index in rng.integers(0, size, (20, 3)):
+        position = turned.ijk_to_lps([index]).reshape(-1)
+        i, j, k = np.rint(stored.lps_to_ijk([position]).reshape(-1)).astype(int)
+        assert turned.array[index[2], index[1], index[0]] == stored.array[k, j, i]
+    again = reorient(turned)
+    assert again.same_geometry(canonical, atol=1e-9)
+    np.testing.assert_array_equal(again.array, canonical.array)
+
+
 @pytest.mark.parametrize("direction", [RAS_STORED, SAGITTAL], ids=["ras-stored", "sagittal"])
 def test_reorient_keeps_every_voxel_at_its_physical_position(direction):
     rng = np.random.default_rng(0)
@@ -335,4 +376,4 @@ def test_2d_models_keep_the_array_order_unless_their_checkpoint_says_otherwise()
     kept3d, _ = Preprocessor({"patch_size": [8, 8, 8], "orientation": None}).forward(stored)
     np.testing.assert_array_equal(kept3d, stored.array)
     with pytest.raises(ValueError, match="preprocessing.orientation"):
-        Preprocessor({"orientation": "RAS"})
+        Preprocessor({"orientation": "RAX"})

@@ -32,6 +32,10 @@ whole volume in view: a method
 * ``--spacing X,Y,Z``: the CT and MR scans resampled to this voxel size (mm) before anything else
   (:func:`resampled`): thin slices (``3,3,1.5``) or a clinical CT's resolution (``0.8,0.8,1.5``) emulated
   from the 3 mm examples.
+* ``--acquisition coronal`` (or ``sagittal``): the CT and MR scans stored as that view's slices (after
+  ``--spacing``; :func:`acquired_as`), as a coronal or sagittal acquisition is: with ``--spacing 3,6,3`` a
+  coronal stack of 6 mm slices emulated from the 3 mm examples. ``axial``, the default, keeps them as they
+  are.
 * Methods: ``attentionseg_untrained`` (:class:`AttentionSegLib.InteractiveSession` from an untrained network
   config: 2D Attention U-Net for the ACDC slices, 3D for CT; refined with
       ``--strategy``, by default ``auto``: the
@@ -90,7 +94,12 @@ from AttentionSegLib.interactive import RefineSettings  # noqa: E402
 from AttentionSegLib.interactive.medsam import NoStructureAtClick  # noqa: E402
 from AttentionSegLib.interactive.settings import STRATEGIES  # noqa: E402
 from AttentionSegLib.metrics import dice  # noqa: E402
-from AttentionSegLib.preprocessing import resample_like, resample_to_spacing  # noqa: E402
+from AttentionSegLib.preprocessing import (  # noqa: E402
+    canonical_axes,
+    reorient,
+    resample_like,
+    resample_to_spacing,
+)
 from benchmarks.common import machine_info, markdown_table, write_results  # noqa: E402
 from benchmarks.robot import (  # noqa: E402
     BACKGROUND,
@@ -220,17 +229,32 @@ def acdc_targets(data: Path, limit: int | None, view: str = "crop") -> Iterator[
 
 
 def ct_targets(data: Path, limit: int | None, view: str = "crop",
-               spacing: Sequence[float] | None = None) -> Iterator[Target]:
+               spacing: Sequence[float] | None = None, acquisition: str = "axial") -> Iterator[Target]:
     """Organs of the TotalSegmentator example CTs, each cropped to the organ + ``ORGAN_MARGIN`` voxels
     (``view="crop"``) or in the whole scan (``"whole"``; ``"roi"``: with that box as the user's ROI).
-    ``spacing``: the scans resampled to this voxel size first (:func:`resampled`)."""
-    return _organ_targets(data, "ct_organs", CT_CASES, "total", limit, view, spacing)
+    ``spacing``: the scans resampled to this voxel size first (:func:`resampled`); ``acquisition``: then
+    stored as that view's slices (:func:`acquired_as`)."""
+    return _organ_targets(data, "ct_organs", CT_CASES, "total", limit, view, spacing, acquisition)
 
 
 def mr_targets(data: Path, limit: int | None, view: str = "crop",
-               spacing: Sequence[float] | None = None) -> Iterator[Target]:
+               spacing: Sequence[float] | None = None, acquisition: str = "axial") -> Iterator[Target]:
     """The same organs of the TotalSegmentator example MR (labels of the ``total_mr`` map)."""
-    return _organ_targets(data, "mr_organs", MR_CASES, "total_mr", limit, view, spacing)
+    return _organ_targets(data, "mr_organs", MR_CASES, "total_mr", limit, view, spacing, acquisition)
+
+
+#: ``--acquisition``: the orientation code of each view's storage (slices along ``k``).
+ACQUISITIONS = {"axial": None, "coronal": "LIP", "sagittal": "PIL"}
+
+
+def acquired_as(image: Volume, labels: np.ndarray, acquisition: str) -> tuple[Volume, np.ndarray]:
+    """``image`` and ``labels`` stored as ``acquisition``'s slices (``k`` along that view's normal; exact axis
+    permutations and flips, no interpolation), as a scanner stores a coronal or sagittal acquisition."""
+    code = ACQUISITIONS[acquisition]
+    orientation = None if code is None else canonical_axes(image.direction_matrix, code)
+    if orientation is None:
+        return image, labels
+    return reorient(image, orientation), reorient(image.with_array(labels), orientation).array
 
 
 def resampled(image: Volume, labels: np.ndarray, spacing: Sequence[float]) -> tuple[Volume, np.ndarray]:
@@ -256,7 +280,8 @@ def spacing_arg(text: str) -> tuple[float, float, float]:
 
 
 def _organ_targets(data: Path, dataset: str, cases: Sequence[tuple[str, str]], label_map: str,
-                   limit: int | None, view: str, spacing: Sequence[float] | None = None) -> Iterator[Target]:
+                   limit: int | None, view: str, spacing: Sequence[float] | None = None,
+                   acquisition: str = "axial") -> Iterator[Target]:
     root = _need(data / "totalsegmentator-examples")
     names = json.loads(_need(root / "labels.json").read_text())[label_map]
     ids = {name: int(value) for value, name in names.items()}
@@ -271,6 +296,7 @@ def _organ_targets(data: Path, dataset: str, cases: Sequence[tuple[str, str]], l
                              f"{image_name}'s {image.shape}")
         if spacing is not None:
             image, labels = resampled(image, labels, spacing)
+        image, labels = acquired_as(image, labels, acquisition)
         for organ in ORGANS:
             whole = labels == ids[organ]
             if not whole.any():
@@ -748,6 +774,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="resample the CT and MR scans to this voxel size in mm first (linear; labels "
                              "nearest): thin slices (3,3,1.5) or a clinical CT's resolution (0.8,0.8,1.5) "
                              "emulated from the 3 mm examples; ACDC stays as it is")
+    parser.add_argument("--acquisition", choices=sorted(ACQUISITIONS), default="axial",
+                        help="store the CT and MR scans as this view's slices (after --spacing), as a "
+                             "coronal or sagittal acquisition is (e.g. --spacing 3,6,3 --acquisition "
+                             "coronal: 6 mm coronal slices); ACDC stays as it is (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--medsam-options", type=_medsam_options, default=None, metavar="JSON",
                         help="LiteMedSAM's settings for attentionseg_medsam, a JSON object or a .json file, "
@@ -771,8 +801,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     machine = machine_info(args.device)  # at the start: the commit that ran, not one made while it ran
     limit = args.limit or None
-    loaders = {"acdc_val": acdc_targets, "ct_organs": partial(ct_targets, spacing=args.spacing),
-               "mr_organs": partial(mr_targets, spacing=args.spacing)}
+    organs = {"spacing": args.spacing, "acquisition": args.acquisition}
+    loaders = {"acdc_val": acdc_targets, "ct_organs": partial(ct_targets, **organs),
+               "mr_organs": partial(mr_targets, **organs)}
     records: list[dict[str, Any]] = []
     notes: list[str] = timing_notes(args.methods)
     per_target: list[dict[str, Any]] = []
@@ -841,6 +872,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                      "strategy": args.strategy, "medsam_options": args.medsam_options,
                      "limit": args.limit, "datasets": args.datasets, "methods": args.methods,
                      "views": args.views, "structures": args.structures, "spacing": args.spacing,
+                     "acquisition": args.acquisition,
                      "acdc_validation_patients": [ACDC_VALIDATION.start, ACDC_VALIDATION.stop - 1],
                      "acdc_margin": ACDC_MARGIN, "ct_margin": ORGAN_MARGIN, "click_radius": CLICK_RADIUS,
                      "untrained_acdc": UNTRAINED_ACDC, "untrained_ct": UNTRAINED_CT,

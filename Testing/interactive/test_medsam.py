@@ -36,6 +36,7 @@ from AttentionSegLib.interactive.medsam import (
 )
 from AttentionSegLib.networks.medsam_lite import MedSAMWeightsMissing, medsam_weights_path
 from AttentionSegLib.networks.medsam_lite.int8 import int8_available
+from AttentionSegLib.preprocessing import canonical_axes, reorient
 from AttentionSegLib.progress import Cancelled
 from AttentionSegLib.volume import Volume
 
@@ -709,6 +710,38 @@ def test_a_propagation_decodes_slices_6_mm_apart_and_fills_those_between(
     ends = np.nonzero(truth.any(axis=(1, 2)))[0]
     found = np.nonzero(mask.any(axis=(1, 2)))[0]
     assert abs(int(found.min()) - int(ends.min())) <= 1 and abs(int(found.max()) - int(ends.max())) <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_a_click_propagates_through_the_slices_of_the_view_slice_axis_names(
+    spleen: tuple[Volume, np.ndarray], clicked: InteractiveSession
+) -> None:
+    """The spleen's 6 mm axial stack stored as coronal slices (``k`` posterior), as a scanner stores a
+    coronal acquisition. By default a click propagates through axial slices whatever the storage (the same
+    slices as the stack stored axially: their embeddings are the ``clicked`` session's); with ``slice_axis``
+    ``coronal`` through the coronal ones (16 rows by 122 columns), and either answer comes back on the
+    image's own grid."""
+    image, truth = spleen
+    orientation = canonical_axes(image.direction_matrix, "LIP")
+    stored = reorient(image, orientation)
+    stored_truth = reorient(image.with_array(truth.astype(np.uint8)), orientation).array > 0
+    assert stored.shape == (101, 16, 122) and stored.spacing == (3.0, 6.0, 3.0)
+    click = next_click(np.zeros_like(stored_truth), stored_truth, stored.spacing)
+
+    axial = InteractiveSession(stored, "medsam_lite", device="cpu")
+    assert axial.family.slice_axis == "axial" and axial.family.slices.shape == (16, 101, 122)
+    mask = axial.click(click.point_ijk, label=1)
+    assert mask.shape == stored.shape and dice(mask == 1, stored_truth) >= 0.9
+    assert axial.family.timings()["encoded_slices"] <= 2  # the axial slices of the spleen are cached
+
+    coronal = InteractiveSession(stored, "medsam_lite", device="cpu", model_options={"slice_axis": "coronal"})
+    family = coronal.family
+    assert family.describe()["slice_axis"] == "coronal" and family.slices.shape == stored.shape
+    mask = coronal.click(click.point_ijk, label=1)
+    reached = np.nonzero((mask == 1).any(axis=(1, 2)))[0]
+    assert len(reached) > 10  # propagated through the coronal slices
+    assert mask.shape == stored.shape and dice(mask == 1, stored_truth) >= 0.7
 
 
 def test_the_embedding_cache_gives_up_prefetched_slices_before_used_ones() -> None:

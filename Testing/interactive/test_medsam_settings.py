@@ -42,6 +42,7 @@ def test_from_dict_takes_some_fields_and_to_dict_gives_them_all_back_as_json() -
     ({"click_prompt": "lasso"}, "click_prompt must be one of ['grow_box', 'point']"),
     ({"click_box_mm": []}, "click_box_mm must be positive half-sizes"),
     ({"refine_mode": "guess"}, "refine_mode must be one of"),
+    ({"slice_axis": "oblique"}, "slice_axis must be one of ['axial', 'coronal', 'sagittal']"),
     ([("slice_gap_mm", 0)], "must be an object of settings"),
 ])
 def test_bad_settings_are_refused_naming_the_field(values: Any, message: str) -> None:

@@ -27,9 +27,10 @@ from AttentionSegLib.networks.medsam_lite import (
     verify_weights,
 )
 from AttentionSegLib.networks.medsam_lite import weights as weights_mod
-from AttentionSegLib.networks.medsam_lite.mask_decoder import Attention
+from AttentionSegLib.networks.medsam_lite.mask_decoder import Attention, MaskDecoder
 from AttentionSegLib.networks.medsam_lite.tiny_vit import (
     Conv2dBN,
+    LayerNorm2d,
     MBConv,
     TemporaryGELU,
     relative_offset_index,
@@ -163,6 +164,42 @@ def test_a_small_slice_sits_on_a_padded_canvas_and_comes_back() -> None:
     frame = tf.to_model(mask.astype(np.float32))
     assert float(frame[:, 102:].abs().sum() + frame[:, :, 108:].abs().sum()) == 0
     assert np.array_equal((tf.logits_to_slice(frame[:1] - 0.5)[0] > 0).numpy(), mask)
+
+
+def test_layer_norm_2d_of_a_channels_last_map_is_the_same_with_its_gradients() -> None:
+    """The fused path (channels-last maps: the decoder's upscaled map, the encoder's neck) against the
+    written-out one (contiguous maps)."""
+    torch.manual_seed(0)
+    norm = LayerNorm2d(16)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 16, 9, 7) * 3 + 1
+    plain_x = x.clone().requires_grad_()
+    fast_x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    plain, fast = norm(plain_x), norm(fast_x)
+    assert fast.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(plain)
+    plain_grads = torch.autograd.grad(plain, [plain_x, norm.weight, norm.bias], grad)
+    fast_grads = torch.autograd.grad(fast, [fast_x, norm.weight, norm.bias], grad)
+    for a, b in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_mask_head_reads_a_channels_last_upscaled_map_as_a_contiguous_one() -> None:
+    torch.manual_seed(0)
+    decoder = MaskDecoder().eval()
+    hs, keys = torch.randn(2, 7, 256), torch.randn(2, 16 * 16, 256)
+    with torch.no_grad():
+        upscaled = decoder.upscale(keys, (16, 16))
+        assert upscaled.shape == (2, 32, 64, 64) and upscaled.is_contiguous(memory_format=torch.channels_last)
+        fast = decoder.masks(hs, upscaled)
+        plain = decoder.masks(hs, upscaled.contiguous())
+        written = decoder.output_upscaling(keys.transpose(1, 2).reshape(2, 256, 16, 16).contiguous())
+    torch.testing.assert_close(upscaled, written, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_medsam_lite_is_a_named_model_that_load_model_explains() -> None:
@@ -447,6 +484,77 @@ def test_a_large_mbconv_runs_in_strips_of_rows_with_the_values_of_the_whole_map(
     with torch.no_grad():
         assert block.strip_rows(x) == 64
         torch.testing.assert_close(block(x), whole, atol=0, rtol=0)
+
+
+def _randomised_conv_bn(in_ch: int, out_ch: int, kernel: int, groups: int = 1) -> Conv2dBN:
+    """A Conv2dBN in eval mode whose batch norm is not the identity (something to fold)."""
+    conv = Conv2dBN(in_ch, out_ch, kernel, groups=groups).eval()
+    with torch.no_grad():
+        conv.bn.running_mean.uniform_(-0.5, 0.5)
+        conv.bn.running_var.uniform_(0.5, 2.0)
+        conv.bn.weight.uniform_(0.5, 1.5)
+        conv.bn.bias.uniform_(-0.5, 0.5)
+    return conv
+
+
+@pytest.mark.parametrize(("kernel", "groups"), [(1, 1), (3, 16)], ids=["1x1", "depthwise-3x3"])
+def test_a_convolution_and_its_gelu_run_as_one_in_bfloat16(
+    monkeypatch: pytest.MonkeyPatch, kernel: int, groups: int
+) -> None:
+    """Under CPU autocast to bfloat16 and without gradients, ``Conv2dBN.gelu`` is oneDNN's convolution with
+    GELU as its post-op: one rounding to bfloat16 instead of two, so at least as near float32 as the two
+    apart; with gradients, the plain (differentiable) convolution and GELU."""
+    if not tiny_vit.fused_gelu_available():
+        pytest.skip("this PyTorch build has no oneDNN convolution with a GELU post-op")
+    torch.manual_seed(0)
+    conv = _randomised_conv_bn(16, 16, kernel, groups)
+    x = torch.randn(1, 16, 24, 20).contiguous(memory_format=torch.channels_last)
+    calls: list[str] = []
+    fused_op = torch.ops.mkldnn._convolution_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise",
+                        lambda *args: calls.append(args[7]) or fused_op(*args), raising=False)
+    with torch.no_grad():
+        exact = F.gelu(conv(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = conv.gelu(x)
+            assert calls == ["gelu"]
+            monkeypatch.setattr(tiny_vit, "_FUSED_GELU", False)
+            apart = conv.gelu(x)
+            assert calls == ["gelu"]
+    assert fused.dtype == apart.dtype == torch.bfloat16 and fused.shape == exact.shape
+
+    def error(y: torch.Tensor) -> float:
+        return float((y.float() - exact).norm() / exact.norm())
+
+    assert error(fused) < 0.01 and error(fused) <= error(apart)
+    monkeypatch.setattr(tiny_vit, "_FUSED_GELU", True)
+    leaf = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv.gelu(leaf)
+    out.float().sum().backward()
+    assert calls == ["gelu"] and leaf.grad is not None  # no fused call where a gradient is recorded
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_the_fused_encoder_gives_a_ct_slices_embedding_at_least_as_near_float32(
+    monkeypatch: pytest.MonkeyPatch, model: MedSAMLite, spleen_case: dict
+) -> None:
+    if not tiny_vit.fused_gelu_available():
+        pytest.skip("this PyTorch build has no oneDNN convolution with a GELU post-op")
+    image = spleen_case["image"].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        exact = model.encode(image)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = model.encode(image).float()
+            monkeypatch.setattr(tiny_vit, "_FUSED_GELU", False)
+            apart = model.encode(image).float()
+
+    def error(y: torch.Tensor) -> float:
+        return float((y - exact).norm() / exact.norm())
+
+    assert error(fused) < 0.06 and error(fused) <= error(apart) + 0.002
+    assert float((fused - apart).norm() / apart.norm()) < 0.04
 
 
 def test_prompts_on_one_slice_share_the_image_tokens_until_they_differ(model: MedSAMLite) -> None:

@@ -89,6 +89,7 @@ from .settings import (
     MEDSAM_MODEL_NAME,
     OTHER_FIELD_OF_VIEW_MM,
     REFINE_MODES,
+    SLICE_ORIENTATIONS,
     MedSAMSettings,
     resolve_encoder_precision,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "OTHER_FIELD_OF_VIEW_MM",
     "REFINE_MODES",
     "SHARED_CACHE",
+    "SLICE_ORIENTATIONS",
     "EmbeddingCache",
     "MedSAMFamily",
     "MedSAMSettings",

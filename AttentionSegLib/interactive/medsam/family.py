@@ -39,6 +39,7 @@ from .settings import (
     LABELS,
     MEDSAM_MODEL_NAME,
     OTHER_FIELD_OF_VIEW_MM,
+    SLICE_ORIENTATIONS,
     MedSAMSettings,
     resolve_encoder_precision,
 )
@@ -120,12 +121,13 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             p.requires_grad_(False)
         self.num_classes = LABELS
         self.labels: dict[int, str] = {}
+        self.slice_axis = self.options.slice_axis if volume.ndim == 3 else None
         self.grid = ModelGrid(
             volume,
             {
                 "normalization": {"kind": "none"},
                 "spacing": None,
-                "orientation": "LPS" if volume.ndim == 3 else None,
+                "orientation": None if self.slice_axis is None else SLICE_ORIENTATIONS[self.slice_axis],
             },
         )
         image = self.grid.image if self.grid.image.ndim == 3 else self.grid.image[None]
@@ -643,6 +645,7 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             "encoder_precision": self.encoder_precision,
             "decoder_precision": str(self.decoder_dtype).removeprefix("torch."),
             "field_of_view_mm": self.field_of_view_mm,
+            "slice_axis": self.slice_axis,  # the view propagated through (slice_axis; None for a 2D image)
             "propagation_stride": self._stride(),  # slices from one decoded slice to the next (slice_gap_mm)
             "prefetch_mm": self.options.prefetch_mm,  # prefetch() prepares the slices this far each side
             "strategy": self.options.refine_mode,

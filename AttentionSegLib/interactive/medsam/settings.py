@@ -24,6 +24,10 @@ REFINE_MODES = ("walker", "decoder")
 ENCODER_PRECISIONS = (*PRECISIONS, "int8")
 DECODER_PRECISIONS = ("float32", "encoder")
 CLICK_PROMPTS = ("grow_box", "point")
+#: ``slice_axis`` values and the orientation code (:func:`...preprocessing.check_orientation`) of each
+#: view's slices, as a radiologist's viewer shows them: axial with the patient's left on the right and
+#: anterior at the top, coronal with superior at the top, sagittal with anterior on the left.
+SLICE_ORIENTATIONS = {"axial": "LPS", "coronal": "LIP", "sagittal": "PIL"}
 
 
 def resolve_encoder_precision(device: torch.device, precision: str = "auto") -> str:
@@ -187,6 +191,7 @@ class MedSAMSettings:
     """
 
     window: list[float] | None = None
+    slice_axis: str = "axial"
     click_prompt: str = "grow_box"
     click_box_mm: list[float] = field(
         default_factory=lambda: [5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 80.0, 110.0, 140.0, 180.0]
@@ -231,6 +236,8 @@ class MedSAMSettings:
     def __post_init__(self) -> None:
         if self.refine_mode not in REFINE_MODES:
             raise ValueError(f"refine_mode must be one of {list(REFINE_MODES)}, got {self.refine_mode!r}")
+        if self.slice_axis not in SLICE_ORIENTATIONS:
+            raise ValueError(f"slice_axis must be one of {list(SLICE_ORIENTATIONS)}, got {self.slice_axis!r}")
         if self.click_prompt not in CLICK_PROMPTS:
             raise ValueError(f"click_prompt must be one of {list(CLICK_PROMPTS)}, got {self.click_prompt!r}")
         if self.window is not None and not (len(self.window) == 2 and self.window[1] > self.window[0]):

@@ -292,9 +292,11 @@ class MaskDecoder(nn.Module):
         return self.masks(hs, self.upscale(keys, size), multimask_output)
 
     def upscale(self, keys: Tensor, size: tuple[int, int]) -> Tensor:
-        """Image tokens (B, hw, C) → the upscaled map (B, C/8, 4h, 4w) the hypernetwork reads."""
+        """Image tokens (B, hw, C) → the upscaled map (B, C/8, 4h, 4w) the hypernetwork reads, held channels
+        last (the tokens are already (B, h, w, C) in memory: no copy, and the layer norm between the two
+        transposed convolutions runs fused)."""
         b, c = keys.shape[0], keys.shape[2]
-        return self.output_upscaling(keys.transpose(1, 2).reshape(b, c, *size))
+        return self.output_upscaling(keys.reshape(b, *size, c).permute(0, 3, 1, 2))
 
     def masks(self, hs: Tensor, upscaled: Tensor, multimask_output: bool = False) -> tuple[Tensor, Tensor]:
         """Mask logits and IoU from the output tokens and the upscaled map: the hypernetwork MLPs and the IoU
@@ -302,7 +304,11 @@ class MaskDecoder(nn.Module):
         first = 1 if multimask_output else 0
         chosen = range(first, self.num_mask_tokens) if multimask_output else range(1)
         hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in chosen], dim=1)
-        b, _, hu, wu = upscaled.shape
-        masks = (hyper @ upscaled.flatten(2)).view(b, -1, hu, wu)
+        b, c, hu, wu = upscaled.shape
+        if upscaled.is_contiguous(memory_format=torch.channels_last):  # (B, 4h·4w, C) rows: no copy
+            pixels = upscaled.permute(0, 2, 3, 1).reshape(b, hu * wu, c)
+            masks = (pixels @ hyper.transpose(1, 2)).transpose(1, 2).reshape(b, -1, hu, wu)
+        else:
+            masks = (hyper @ upscaled.flatten(2)).view(b, -1, hu, wu)
         iou = self.iou_prediction_head(hs[:, 0])[:, first : first + len(chosen)]
         return masks, iou
