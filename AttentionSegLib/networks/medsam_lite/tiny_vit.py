@@ -15,8 +15,8 @@ hidden channels most), and the attention blocks, which work on (B, H, W, C) toke
 copying. The activations (when no gradient is recorded, :class:`TemporaryGELU`) and the MBConv and MLP
 residual sums overwrite the fresh outputs they act on: the values are the same, the large maps are not
 allocated twice; in bfloat16 on a CPU a convolution and the GELU after it run as one oneDNN call
-(:meth:`Conv2dBN.gelu`). The embedding comes back contiguous. Submodule names follow the published state dict so the
-released weights load strictly.
+(:meth:`Conv2dBN.gelu`). The embedding comes back contiguous. Submodule names follow the published state
+dict so the released weights load strictly.
 """
 
 from __future__ import annotations
