@@ -72,3 +72,25 @@ def test_thinner_slices_keep_each_organ_where_it_is_and_as_large(shared_data: Pa
     assert ((thin_image.array[new] >= low) & (thin_image.array[new] <= high)).all()
     crops = list(ct_targets(shared_data, 1, "crop", spacing=(3.0, 3.0, 1.5)))
     assert [int(t.truth.sum()) for t in crops] == [int(thin[t.structure].truth.sum()) for t in crops]
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize(("acquisition", "normal"), [("coronal", 1), ("sagittal", 0)])
+def test_an_acquisition_stores_the_scans_as_that_views_slices(shared_data: Path, acquisition: str,
+                                                              normal: int) -> None:
+    """``--acquisition coronal``: the same voxels stored with ``k`` along the view's normal (posterior for
+    coronal slices, left-right for sagittal ones), each organ's labels with them and at the same places."""
+    axial = {t.structure: t for t in ct_targets(shared_data, 1, "whole")}
+    stored = {t.structure: t for t in ct_targets(shared_data, 1, "whole", acquisition=acquisition)}
+    assert list(stored) == list(ORGANS)
+    for organ, target in stored.items():
+        before = axial[organ]
+        k_axis = target.image.direction_matrix[:, 2]
+        assert int(np.argmax(np.abs(k_axis))) == normal and target.image.shape != before.image.shape
+        assert sorted(target.image.shape) == sorted(before.image.shape)
+        assert target.truth.sum() == before.truth.sum() and target.truth.shape == target.image.shape
+        centre = [np.argwhere(t.truth).mean(axis=0)[::-1] for t in (before, target)]  # (i, j, k)
+        positions = [t.image.ijk_to_lps([c]).reshape(-1) for t, c in zip((before, target), centre)]
+        np.testing.assert_allclose(positions[0], positions[1], atol=1e-6)
+        np.testing.assert_array_equal(np.sort(target.image.array, axis=None),
+                                      np.sort(before.image.array, axis=None))
