@@ -266,7 +266,8 @@ def canonical_axes(
     check_orientation(code)
     targets = [_LETTERS[c] for c in code[:ndim]]
     if ndim == 2 and sorted(w for w, _ in targets) != [0, 1]:
-        raise ValueError(f"orientation {code!r}: a 2D image has no axis {code[2]} to put second")
+        raise ValueError(f"orientation {code!r}: a 2D image has only the L/R and P/A axes for its first two "
+                         "letters to name")
     nearest: dict[int, int] = {}  # world axis -> the index axis most parallel to it
     taken: set[int] = set()
     # Largest |cosine| first: world axis w gets the index axis most parallel to it.

@@ -284,7 +284,7 @@ def test_canonical_axes_towards_other_orientation_codes():
     assert canonical_axes(np.asarray(SAGITTAL).reshape(3, 3), "PIR") is None
     assert canonical_axes(np.eye(3), "LPS") == canonical_axes(np.eye(3)) is None
     assert canonical_axes(np.eye(2), "LPS") is None  # a 2D image takes the first two letters
-    with pytest.raises(ValueError, match="no axis"):
+    with pytest.raises(ValueError, match="a 2D image has only the L/R and P/A axes"):
         canonical_axes(np.eye(2), "LIP")
 
 

@@ -65,11 +65,11 @@ class MedSAMSettings:
             --views whole``, one click, then 3 scribble rounds): the 10 CT organs 0.689 axial against
             0.654 coronal after one click, 0.878 and 0.877 after 3 rounds; the 5 MR organs (a 60 mm slab:
             its coronal slices are 20 rows high) 0.474 against 0.595 after one click, 0.830 against 0.823
-            after 3 rounds.
-            So axial stays the default for every acquisition. Slices resized to their physical proportions
-            instead (an axial slice of that acquisition has 6 mm rows and 3 mm columns) did worse: the
-            reference box on the spleen's slice of ``example_ct`` gave Dice 0.76-0.85 against 0.92-0.94 with
-            square pixels, one click on the CT organs 0.34 against 0.69.
+            after 3 rounds. So axial stays the default for every acquisition. Slices resized to their
+            physical proportions instead (an axial slice of that acquisition has 6 mm rows and 3 mm columns)
+            did worse: the reference box on the spleen's slice of ``example_ct`` gave Dice 0.76-0.85 against
+            0.92-0.94 with square pixels, one click on the CT organs 0.34 against 0.69 (in a run that also
+            decoded every slice).
         click_prompt: ``grow_box`` (a click grows a box) or ``point`` (a point prompt).
         click_box_mm: half-sizes (mm) of the boxes a click tries around itself (decoded in one batch; up to
             180 mm, so that a click near a liver's edge still has a box holding the whole liver).
