@@ -91,7 +91,7 @@ from AttentionSegLib import (  # noqa: E402
 )
 from AttentionSegLib.cli import read_model_options  # noqa: E402
 from AttentionSegLib.interactive import RefineSettings  # noqa: E402
-from AttentionSegLib.interactive.medsam import NoStructureAtClick  # noqa: E402
+from AttentionSegLib.interactive.medsam import SLICE_ORIENTATIONS, NoStructureAtClick  # noqa: E402
 from AttentionSegLib.interactive.settings import STRATEGIES  # noqa: E402
 from AttentionSegLib.metrics import dice  # noqa: E402
 from AttentionSegLib.preprocessing import (  # noqa: E402
@@ -243,8 +243,9 @@ def mr_targets(data: Path, limit: int | None, view: str = "crop",
     return _organ_targets(data, "mr_organs", MR_CASES, "total_mr", limit, view, spacing, acquisition)
 
 
-#: ``--acquisition``: the orientation code of each view's storage (slices along ``k``).
-ACQUISITIONS = {"axial": None, "coronal": "LIP", "sagittal": "PIL"}
+#: ``--acquisition``: the orientation code of each view's storage (slices along ``k``, as LiteMedSAM's
+#: ``slice_axis`` shows that view); ``axial`` keeps the scans as they are.
+ACQUISITIONS = {"axial": None, **{view: SLICE_ORIENTATIONS[view] for view in ("coronal", "sagittal")}}
 
 
 def acquired_as(image: Volume, labels: np.ndarray, acquisition: str) -> tuple[Volume, np.ndarray]:
