@@ -305,10 +305,7 @@ class MaskDecoder(nn.Module):
         chosen = range(first, self.num_mask_tokens) if multimask_output else range(1)
         hyper = torch.stack([self.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in chosen], dim=1)
         b, c, hu, wu = upscaled.shape
-        if upscaled.is_contiguous(memory_format=torch.channels_last):  # (B, 4h·4w, C) rows: no copy
-            pixels = upscaled.permute(0, 2, 3, 1).reshape(b, hu * wu, c)
-            masks = (pixels @ hyper.transpose(1, 2)).transpose(1, 2).reshape(b, -1, hu, wu)
-        else:
-            masks = (hyper @ upscaled.flatten(2)).view(b, -1, hu, wu)
+        pixels = upscaled.permute(0, 2, 3, 1).reshape(b, hu * wu, c)  # upscale()'s channels-last map: no copy
+        masks = (pixels @ hyper.transpose(1, 2)).transpose(1, 2).reshape(b, -1, hu, wu)
         iou = self.iou_prediction_head(hs[:, 0])[:, first : first + len(chosen)]
         return masks, iou
