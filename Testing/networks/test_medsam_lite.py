@@ -535,6 +535,33 @@ def test_a_convolution_and_its_gelu_run_as_one_in_bfloat16(
     assert calls == ["gelu"] and leaf.grad is not None  # no fused call where a gradient is recorded
 
 
+@pytest.mark.parametrize(("windows", "heads", "tokens"), [(3, 5, 196), (7, 4, 49)])
+def test_window_attention_in_bfloat16_runs_as_two_products_as_near_float32_as_the_fused_kernel(
+    monkeypatch: pytest.MonkeyPatch, windows: int, heads: int, tokens: int
+) -> None:
+    """On a CPU in bfloat16 ``window_attention`` is softmax(q kᵀ / √d + bias) v in two matrix products, not
+    PyTorch's fused kernel (twice as slow for these windows): the attention of float32 within bfloat16's
+    rounding, as the fused kernel's; in float32 the fused kernel itself."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(windows, heads, tokens, 32) for _ in range(3))
+    bias = torch.randn(heads, tokens, tokens)
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(windows, -1, -1, -1))
+    calls: list[int] = []
+    fused = F.scaled_dot_product_attention
+    monkeypatch.setattr(tiny_vit.F, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
+    assert torch.allclose(tiny_vit.window_attention(q, k, v, bias), exact, atol=1e-5) and calls == [1]
+    low = [t.bfloat16() for t in (q, k, v, bias)]
+    products = tiny_vit.window_attention(*low)
+    assert calls == [1] and products.dtype == torch.bfloat16  # no fused call in bfloat16
+    kernel = fused(*low[:3], attn_mask=low[3].expand(windows, -1, -1, -1))
+
+    def error(y: torch.Tensor) -> float:
+        return float((y.float() - exact).norm() / exact.norm())
+
+    assert error(products) < 0.02 and error(kernel) < 0.02
+
+
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_the_fused_encoder_gives_a_ct_slices_embedding_at_least_as_near_float32(
