@@ -590,6 +590,32 @@ def test_a_background_stroke_on_a_run_away_cuts_it_where_the_decoder_doubted(tot
     assert reached.min() >= reference.min() - 3 and dice(mask, truth) >= 0.2
 
 
+def test_a_chain_whose_masks_the_embedding_tells_from_the_anchors_ends_there(totalseg_dir: Path) -> None:
+    """The pancreas of ``example_ct`` (whole CT, one click at its deepest voxel): without the embedding's
+    check (``min_similarity`` 0) the chain runs on from the pancreas's end onto a structure of similar
+    intensity, 12 slices beyond; with it, it ends where two decoded slices in a row are unlike the anchor's
+    mask (cosine of their signatures below 0.5), a few slices beyond, and the Dice rises. The spleen's
+    chain, whose last slices are small, is the same either way."""
+    _weights_or_skip()
+    names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
+    image = read_image(totalseg_dir / "example_ct.nii.gz")
+    labels = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array
+
+    def beyond_and_dice(organ: str, options: dict[str, Any]) -> tuple[int, float]:
+        truth = labels == next(int(v) for v, name in names.items() if name == organ)
+        session = InteractiveSession(image, "medsam_lite", device="cpu", model_options=options)
+        mask = session.click(next_click(np.zeros_like(truth), truth, image.spacing).point_ijk, label=1) == 1
+        reference = np.nonzero(truth.reshape(truth.shape[0], -1).any(axis=1))[0]
+        reached = np.nonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0]
+        beyond = int((reached < reference.min()).sum() + (reached > reference.max()).sum())
+        return beyond, dice(mask, truth)
+
+    unchecked, unchecked_dice = beyond_and_dice("pancreas", {"min_similarity": 0.0})
+    checked, checked_dice = beyond_and_dice("pancreas", {})
+    assert unchecked >= 8 and checked <= 4 and checked_dice > unchecked_dice + 0.03
+    assert beyond_and_dice("spleen", {"min_similarity": 0.0}) == beyond_and_dice("spleen", {})
+
+
 def test_encoder_precisions_give_the_same_spleen(spleen: tuple[Volume, np.ndarray]) -> None:
     """bfloat16 (``auto`` on a CPU with it in hardware, and on CUDA) and int8 (asked for, on an x86 CPU)
     against float32: the reference box on the largest slice decodes to the same spleen, and the shared cache

@@ -232,3 +232,25 @@ class Decoding:
         median, spread, reference = model
         fraction = float((np.abs(self.slices[k][mask] - median) <= 3 * spread).mean())
         return fraction >= self.options.min_consistent * reference
+
+    def _signature(self, k: int, mask: np.ndarray) -> torch.Tensor | None:
+        """What LiteMedSAM's image embedding says ``mask`` holds on slice ``k``: the mean of the embedding's
+        256 channels over the mask's tokens (each weighted by the share of its 4x4 pixels of the 256 frame
+        the mask covers), of unit length; ``None`` for an empty mask. Two masks of one structure have
+        similar signatures (cosine 0.6-1 along the 10 organs of the example CTs, 0.43-0.6 on a kidney's
+        last slice); a mask on something else has not (0.16-0.55 where the pancreas's chain ran on above
+        it)."""
+        weights = F.avg_pool2d(self.transform.to_model(mask.astype(np.float32))[:1][None], 4)[0, 0]
+        total = float(weights.sum())
+        if total <= 0.0:
+            return None
+        embedding = self._encode(k).to(weights.device, torch.float32)
+        return F.normalize((embedding * weights).sum(dim=(1, 2)) / total, dim=0)
+
+    def _similar(self, k: int, mask: np.ndarray, reference: torch.Tensor | None) -> bool:
+        """Whether the signature (:meth:`_signature`) of ``mask`` on slice ``k`` is within
+        ``min_similarity`` (cosine) of ``reference``, the anchor's; any mask is when either is unknown."""
+        if reference is None or not self.options.min_similarity:
+            return True
+        signature = self._signature(k, mask)
+        return signature is None or float(signature @ reference) >= self.options.min_similarity

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from ...losses import IGNORE_INDEX
@@ -105,7 +106,17 @@ class Propagation:
         seeds: list[tuple[int, tuple[float, float, float, float] | None]] = [(track.anchor, track.box)]
         done: set[int] = set()
         intensity: tuple[float, float, float] | None = None
+        signature: torch.Tensor | None = None
         stride = self._stride()
+
+        def take_back(walked: list[tuple[int, float]], filled: list[int], edge: int, step: int) -> None:
+            """Unassign what a direction's propagation reached beyond slice ``edge``."""
+            for kk in [*(kk for kk, _ in walked), *filled]:
+                if (kk - edge) * step > 0:
+                    structure[kk], probability[kk] = False, 0.0
+                    used.pop(kk, None)
+                    maps.pop(kk, None)
+                    done.discard(kk)
 
         while seeds:
             k0, box0 = seeds.pop(0)
@@ -129,6 +140,7 @@ class Propagation:
                 continue
             if intensity is None:
                 intensity = self._intensity_model(k0, first)
+                signature = self._signature(k0, first)
             structure[k0], probability[k0], done = first, prob, done | {k0}
             if chosen is not None:
                 used[k0] = chosen
@@ -142,6 +154,7 @@ class Propagation:
                 walked: list[tuple[int, float]] = []  # this direction's decoded slices and predicted IoU
                 filled: list[int] = []  # ... and the slices filled between them
                 careful_to: int | None = None  # slices up to this one are decoded one by one
+                unlike: int | None = None  # the last decoded slice, when its mask was unlike the anchor's
                 while first_k <= at + step <= last_k and at + step not in done:
                     if careful_to is not None and (careful_to - at) * step > 0:
                         k = at + step
@@ -166,14 +179,7 @@ class Propagation:
                     mask = self._within(self._honour(mask, fg_marks, bg_marks, k, previous), limits)
                     cut = self._cut(walked, k, iou) if self._refuted(mask, fg_marks, bg_marks, k) else None
                     if cut is not None:
-                        kept = [kk for kk, _ in walked if (kk - cut) * step < 0]
-                        edge = max(kept, key=lambda kk: kk * step) if kept else k0
-                        for kk in [*(kk for kk, _ in walked), *filled]:
-                            if (kk - edge) * step > 0:
-                                structure[kk], probability[kk] = False, 0.0
-                                used.pop(kk, None)
-                                maps.pop(kk, None)
-                                done.discard(kk)
+                        take_back(walked, filled, self._edge_before(walked, cut, step, k0), step)
                         break
                     area, before = int(mask.sum()), int(previous.sum())
                     fits = not (
@@ -201,6 +207,11 @@ class Propagation:
                         continue
                     if not fits:
                         break
+                    like = self._similar(k, mask, signature)
+                    if not like and unlike is not None:  # two in a row: the chain has left the structure
+                        take_back(walked, filled, self._edge_before(walked, unlike, step, k0), step)
+                        break
+                    unlike = None if like else k
                     for kk, (fill, fill_prob) in zip(between, fills):
                         structure[kk], probability[kk] = fill, fill_prob
                         if previous_map is not None and amap is not None:
@@ -228,6 +239,13 @@ class Propagation:
                     break
         track.boxes = used
         return structure, probability, maps
+
+    @staticmethod
+    def _edge_before(walked: Sequence[tuple[int, float]], k: int, step: int, k0: int) -> int:
+        """The last slice a direction's propagation keeps when it is taken back from slice ``k`` on: the
+        decoded slice before ``k`` (of those ``walked``), else the seed ``k0``."""
+        kept = [kk for kk, _ in walked if (kk - k) * step < 0]
+        return max(kept, key=lambda kk: kk * step) if kept else k0
 
     def _stride(self) -> int:
         """Slices from one decoded slice to the next in a propagation: as many as fit in ``slice_gap_mm``
