@@ -238,8 +238,8 @@ class Decoding:
         256 channels over the mask's tokens (each weighted by the share of its 4x4 pixels of the 256 frame
         the mask covers), of unit length; ``None`` for an empty mask. Two masks of one structure have
         similar signatures (cosine 0.6-1 along the 10 organs of the example CTs, 0.43-0.6 on a kidney's
-        last slice); a mask on something else has not (0.16-0.55 where the pancreas's chain ran on above
-        it)."""
+        last slice); a mask on something else has not (0.16-0.67 where the pancreas's chain of
+        ``example_ct`` ran on past its end)."""
         weights = F.avg_pool2d(self.transform.to_model(mask.astype(np.float32))[:1][None], 4)[0, 0]
         total = float(weights.sum())
         if total <= 0.0:
