@@ -64,7 +64,7 @@ def run_target(target: Any, precisions: list[str], device: torch.device) -> dict
         for p in precisions
     }
     first = families[precisions[0]]
-    truth = first._grid_labels(target.truth.astype(np.uint8)) == 1  # the slices LiteMedSAM sees
+    truth = first.slice_labels(target.truth.astype(np.uint8)) == 1  # the slices LiteMedSAM sees
     masks = {p: np.zeros_like(truth) for p in precisions}
     seconds: dict[str, list[float]] = {p: [] for p in precisions}
     for k in range(truth.shape[0]):
@@ -74,10 +74,8 @@ def run_target(target: Any, precisions: list[str], device: torch.device) -> dict
         for p in precisions:
             family = families[p]
             before = family.encode_seconds
-            family._encode(k)
+            masks[p][k], _ = family.answer_to_box(k, box)
             seconds[p].append(family.encode_seconds - before)
-            logits, _ = family._decode(k, box)
-            masks[p][k] = (logits > 0).cpu().numpy()
     SHARED_CACHE.clear()  # each target's slices are new: keep the process's memory flat
     return {
         "target": target.name,

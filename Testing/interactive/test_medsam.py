@@ -478,7 +478,7 @@ def test_a_positive_click_off_the_structure_adds_a_part(spleen: tuple[Volume, np
     assert covered[0.5][0] >= 0.2 and covered[0.5][1] >= 5  # propagated over several slices
     session.undo()
     assert session.family.tracks[1].parts == []
-    grid_kidney = session.family._grid_labels(kidney.astype(np.uint8)) == 1
+    grid_kidney = session.family.slice_labels(kidney.astype(np.uint8)) == 1
     assert not (session.family.structures[1] & grid_kidney).any()  # LiteMedSAM's answer is undone too
     session.redo()
     assert (session.mask[kidney] == 1).mean() >= 0.2 and (session.family.structures[1] & grid_kidney).any()
@@ -633,12 +633,12 @@ def test_encoder_precisions_give_the_same_spleen(spleen: tuple[Volume, np.ndarra
             medsam=MedSAMSettings(encoder_precision=precision),
         )
         assert family.describe()["encoder_precision"] == precision
-        reference = family._grid_labels(truth.astype(np.uint8)) == 1  # the slices LiteMedSAM sees
+        reference = family.slice_labels(truth.astype(np.uint8)) == 1  # the slices LiteMedSAM sees
         k = int(np.argmax(reference.reshape(reference.shape[0], -1).sum(axis=1)))
         rows, cols = np.nonzero(reference[k])
         embeddings[precision] = family._encode(k)
-        logits, _ = family._decode(k, (cols.min(), rows.min(), cols.max(), rows.max()))
-        masks[precision] = (logits > 0).numpy()
+        masks[precision], score = family.answer_to_box(k, (cols.min(), rows.min(), cols.max(), rows.max()))
+        assert score > 0.5 and not family.structures and not family.tracks  # that slice alone, nothing kept
     for precision in precisions[1:]:
         assert not torch.equal(embeddings["float32"], embeddings[precision])
         assert dice(masks[precision], masks["float32"]) >= 0.97
@@ -668,7 +668,7 @@ def test_the_decoder_computes_in_the_encoders_bfloat16_unless_a_gradient_is_reco
             medsam=MedSAMSettings(encoder_precision="bfloat16", decoder_precision=decoder),
         )
         assert family.describe()["decoder_precision"] == ("bfloat16" if decoder == "encoder" else "float32")
-        reference = family._grid_labels(truth.astype(np.uint8)) == 1
+        reference = family.slice_labels(truth.astype(np.uint8)) == 1
         k = int(np.argmax(reference.reshape(reference.shape[0], -1).sum(axis=1)))
         rows, cols = np.nonzero(reference[k])
         box = (cols.min(), rows.min(), cols.max(), rows.max())
@@ -723,7 +723,7 @@ def test_a_propagation_decodes_slices_6_mm_apart_and_fills_those_between(
     def grid_slice(k_image: int) -> int:  # the slice of LiteMedSAM's (reoriented) grid
         marker = np.zeros(truth.shape, dtype=np.uint8)
         marker[k_image] = 1
-        return int(np.nonzero(family._grid_labels(marker).any(axis=(1, 2)))[0][0])
+        return int(np.nonzero(family.slice_labels(marker).any(axis=(1, 2)))[0][0])
 
     near, far = grid_slice(k + 1), grid_slice(k + 3)
     decoded = set(family.tracks[1].boxes)

@@ -213,6 +213,20 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         grid = self.grid.labels(array, IGNORE_INDEX)
         return grid if grid.ndim == 3 else grid[None]
 
+    def slice_labels(self, labels: np.ndarray) -> np.ndarray:
+        """A label map on the image's grid as the slices LiteMedSAM sees: ``(slices, H, W)`` of the
+        reoriented grid (``MedSAMSettings.slice_axis``; nearest neighbour, outside the image
+        ``IGNORE_INDEX``), in the frame of :meth:`answer_to_box`'s slices and boxes."""
+        return self._grid_labels(labels)
+
+    def answer_to_box(self, k: int, box: Sequence[float]) -> tuple[np.ndarray, float]:
+        """LiteMedSAM's answer to ``box`` ``(x0, y0, x1, y1)`` (pixels) on slice ``k`` of
+        :meth:`slice_labels`' grid, that slice alone: its mask and the decoder's predicted IoU. Nothing is
+        propagated or kept but the slice's embedding (in the shared cache; ``encode_seconds`` counts its
+        encoding)."""
+        (mask,), (score,) = self._decode_batch(k, [tuple(float(v) for v in box)])
+        return mask, score
+
     def _proposal(self, view: SessionView, labels: Sequence[int]) -> Proposal:
         """The session's mask with each of ``labels`` replaced by its propagated structure."""
         new = view.mask.copy()

@@ -22,6 +22,7 @@ dict so the released weights load strictly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -66,25 +67,20 @@ class TemporaryGELU(nn.GELU):
         return temporary_gelu(x)
 
 
-_FUSED_GELU: bool | None = None
-
-
+@cache
 def fused_gelu_available() -> bool:
     """Whether oneDNN's convolution with GELU as its post-op runs here in bfloat16
     (``torch.ops.mkldnn._convolution_pointwise``, the kernel ``torch.compile``'s CPU backend emits for a
     convolution followed by GELU); probed once. Where a PyTorch build lacks it, :meth:`Conv2dBN.gelu` runs the
     two apart."""
-    global _FUSED_GELU
-    if _FUSED_GELU is None:
-        try:
-            x = torch.ones(1, 2, 3, 3, dtype=torch.bfloat16)
-            w = torch.ones(2, 2, 1, 1, dtype=torch.bfloat16)
-            fused = torch.ops.mkldnn._convolution_pointwise
-            y = fused(x, w, None, [0, 0], [1, 1], [1, 1], 1, "gelu", [], "none")
-            _FUSED_GELU = bool(torch.allclose(y.float(), F.gelu(torch.full((1, 2, 3, 3), 2.0)), atol=0.02))
-        except (AttributeError, RuntimeError, NotImplementedError):
-            _FUSED_GELU = False
-    return _FUSED_GELU
+    try:
+        x = torch.ones(1, 2, 3, 3, dtype=torch.bfloat16)
+        w = torch.ones(2, 2, 1, 1, dtype=torch.bfloat16)
+        fused = torch.ops.mkldnn._convolution_pointwise
+        y = fused(x, w, None, [0, 0], [1, 1], [1, 1], 1, "gelu", [], "none")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(y.float(), F.gelu(torch.full((1, 2, 3, 3), 2.0)), atol=0.02))
 
 
 class Conv2dBN(nn.Sequential):
