@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from ...devices import autocast_to
-from .masks import stroke_agreement
+from .masks import air_around_body, stroke_agreement
+
+#: The logit the air around the body gets (a probability of 2e-9).
+OUTSIDE_LOGIT = -20.0
 
 
 class Decoding:
@@ -42,6 +45,22 @@ class Decoding:
         self.encoded += 1
         return value
 
+    def _whole_slices(self) -> bool:
+        """Whether the slices are as wide as a field of view (``fill_min_field`` of it), not a crop around
+        a structure."""
+        return max(self.transform.shape) >= self.options.fill_min_field * self.transform.min_side
+
+    def _in_body(self, k: int, logits: torch.Tensor) -> torch.Tensor:
+        """Slice ``k``'s logits ``(..., H, W)`` with the air around the patient (:func:`air_around_body`,
+        ``MedSAMSettings.body_hu``) at :data:`OUTSIDE_LOGIT`, on the whole slices of a CT; unchanged
+        elsewhere (a crop's edge may cut through a lung or the bowel)."""
+        if self.options.body_hu is None or not self.is_ct or not self._whole_slices():
+            return logits
+        outside = air_around_body(self.slices[k], self.options.body_hu)
+        if not outside.any():
+            return logits
+        return logits.masked_fill(torch.from_numpy(outside).to(logits.device), OUTSIDE_LOGIT)
+
     def _decoder_autocast(self) -> AbstractContextManager:
         """Where the decoder computes (enter it inside ``no_grad``): without gradients and with
         ``MedSAMSettings.decoder_precision`` ``encoder``, in the encoder's bfloat16 or float16, else in
@@ -69,7 +88,7 @@ class Decoding:
             out = self.network.decode(
                 embedding, boxes=boxes, points=prompt_points, return_attention=attention
             )
-            logits = self.transform.logits_to_slice(out.logits[0, 0].float())
+            logits = self._in_body(k, self.transform.logits_to_slice(out.logits[0, 0].float()))
         self.decode_seconds += time.perf_counter() - started
         self.decoded += 1
         amap = None
@@ -130,7 +149,7 @@ class Decoding:
                 assert found is not None
                 attention = found
             out = self.network.decode_head(hs, self.network.upscale(keys))
-            all_logits = self.transform.logits_to_slice(out.logits[:, 0].float())
+            all_logits = self._in_body(k, self.transform.logits_to_slice(out.logits[:, 0].float()))
             score = out.iou[:, 0].float().clone()
             answers = all_logits > 0
             if marks is not None and len(boxes) > 1:

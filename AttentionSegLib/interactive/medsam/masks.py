@@ -1,11 +1,12 @@
 """Small measures on slice masks and strokes: boxes, overlaps, agreement with strokes, trust in a prior,
-and whether an image is a CT."""
+whether an image is a CT and where the air around the body is."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 
 def looks_like_ct(values: np.ndarray) -> bool:
@@ -20,6 +21,16 @@ def looks_like_ct(values: np.ndarray) -> bool:
         return True
     low, high = np.percentile(values, [1.0, 99.0])
     return bool(low < -50.0 and high > 20.0)
+
+
+def air_around_body(values: np.ndarray, air_hu: float) -> np.ndarray:
+    """The air around the patient on a CT slice (Hounsfield units): the pixels below ``air_hu`` connected to
+    the slice's edge. The air inside the body (lungs, bowel gas, the trachea) is enclosed by it and is not
+    part of it."""
+    air = np.asarray(values) < air_hu
+    labelled, _ = ndimage.label(air)
+    edge = np.concatenate([labelled[0], labelled[-1], labelled[:, 0], labelled[:, -1]])
+    return np.isin(labelled, np.unique(edge[edge > 0]))
 
 
 def stroke_agreement(mask: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> float:

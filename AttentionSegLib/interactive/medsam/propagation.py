@@ -253,7 +253,7 @@ class Propagation:
         spacing = self.grid.context.model.spacing
         if not self.options.slice_gap_mm or len(spacing) < 3:
             return 1
-        if max(self.transform.shape) < self.options.fill_min_field * self.transform.min_side:
+        if not self._whole_slices():
             return 1  # a crop around the structure (see ``fill_min_field``)
         return max(1, int(np.floor(self.options.slice_gap_mm / max(float(spacing[2]), 1e-6) + 1e-6)))
 

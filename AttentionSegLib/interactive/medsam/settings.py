@@ -128,6 +128,13 @@ class MedSAMSettings:
             organ crops (120-250 mm wide, padded to 360 mm) filled propagations ran off the structure in round
             0 of the scribble protocol (spleen of ``example_ct`` 0.94 -> 0.74, right kidney 0.92 -> 0.76);
             the whole CT gave that spleen's round 0 at 0.941 both ways.
+        body_hu: on a CT's whole slices (``fill_min_field``), no answer holds the air around the patient:
+            the pixels below this many HU connected to the slice's edge (:func:`.masks.air_around_body`; the
+            lungs and the bowel's gas, enclosed by the body, are not cut). LiteMedSAM, which always finds
+            something in a box, answered a click on the abdominal wall above the liver of the example DICOM
+            series with the wall, the liver and 30,000 pixels of the air in front of the body, and the
+            propagation carried that air through every slice. Not on a crop (its edge may cut through a
+            lung or the bowel) nor on an MR. ``null`` turns the cut off.
         cache_mib: bound of the embedding cache (CPU memory; the slices only a prefetch asked for go first,
             :class:`EmbeddingCache`).
         prefetch_mm: :meth:`.MedSAMFamily.prefetch` prepares the slices up to this far (mm) on each side of
@@ -235,6 +242,7 @@ class MedSAMSettings:
     fill_min_iou: float = 0.5
     fill_max_growth: float = 0.1
     fill_min_field: float = 0.75
+    body_hu: float | None = -500.0
     grow_ratio: float = 1.5
     cache_mib: int = 512
     prefetch_mm: float = 75.0
@@ -294,6 +302,11 @@ class MedSAMSettings:
             raise ValueError(f"slice_gap_mm must be >= 0 mm, got {self.slice_gap_mm!r}")
         if not 0 <= self.fill_min_iou <= 1:
             raise ValueError(f"fill_min_iou must lie in [0, 1], got {self.fill_min_iou!r}")
+        if self.body_hu is not None and not -1000.0 < self.body_hu < -100.0:
+            raise ValueError(
+                f"body_hu must lie between -1000 and -100 HU (air, below fat) or be null, got "
+                f"{self.body_hu!r}"
+            )
         if not 0 <= self.fill_min_field <= 1:
             raise ValueError(f"fill_min_field must lie in [0, 1], got {self.fill_min_field!r}")
         if not self.fill_max_growth >= 0:
