@@ -496,10 +496,12 @@ class Preprocessor:
         volume: Volume,
         context: PreprocessingContext,
         interpolator: str = "linear",
+        default_value: float = 0.0,
     ) -> np.ndarray:
-        """An image-grid map (click maps, scribbles, masks) on the model grid, not intensity-normalised.
+        """An image-grid map (click maps, scribbles, masks) on the model grid, not intensity-normalised;
+        ``default_value`` where the model grid lies outside the image.
 
-        Use ``"nearest"`` for label maps (scribbles) and ``"linear"`` for continuous maps.
+        Use ``"nearest"`` for label maps (scribbles; it keeps their dtype), ``"linear"`` for continuous maps.
         """
         if volume.shape != context.original.shape:
             raise ValueError(f"Preprocessor.resample_channel: map of shape {volume.shape} is not on the "
@@ -512,7 +514,7 @@ class Preprocessor:
         if not context.resampled:
             return values
         return resample_like(context.oriented.with_array(values), context.model, interpolator=interpolator,
-                             default_value=0.0).array
+                             default_value=default_value).array
 
     def point_to_model_index(self, context: PreprocessingContext, point_ijk: Sequence[float]) -> np.ndarray:
         """An image voxel index ``(i, j, k)`` as a continuous array index ``(k, j, i)`` of the model grid."""

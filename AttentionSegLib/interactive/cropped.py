@@ -1,9 +1,10 @@
-"""Arrays kept by the undo history cut to where they are not zero.
+"""Arrays kept by the undo history cut to where they are not zero (or not their background).
 
 A family's answers for one label (LiteMedSAM's structure and its foreground probability, the walker's answer)
 are volumes of the image's size, but they are zero outside the slices the structure reached. The history keeps
 a snapshot per step; :class:`Cropped` keeps the box of the arrays' common support, exactly (the values outside
 it are zero, the values inside are copied as they are), so a step costs the structure's slab, not the volume.
+The session keeps its mask and its scribbles (their background ``IGNORE_INDEX``) the same way.
 """
 
 from __future__ import annotations
@@ -35,26 +36,27 @@ def support_box(*arrays: np.ndarray) -> tuple[slice, ...] | None:
 
 @dataclass(frozen=True)
 class Cropped:
-    """Arrays of one ``shape``, kept as their values in ``region`` (zero everywhere else)."""
+    """Arrays of one ``shape``, kept as their values in ``region`` (``background`` everywhere else)."""
 
     shape: tuple[int, ...]
     region: tuple[slice, ...]
     arrays: tuple[np.ndarray, ...]
+    background: int | float = 0
 
     @classmethod
-    def of(cls, *arrays: np.ndarray) -> Cropped:
-        """The bounding box of the voxels where any of ``arrays`` is not zero (:func:`support_box`), and
-        copies of them there."""
-        box = support_box(*arrays)  # checks the arrays
+    def of(cls, *arrays: np.ndarray, background: int | float = 0) -> Cropped:
+        """The bounding box of the voxels where any of ``arrays`` is not ``background`` (:func:`support_box`),
+        and copies of them there."""
+        box = support_box(*(arrays if background == 0 else [a != background for a in arrays]))
         shape = tuple(arrays[0].shape)
         region = box if box is not None else tuple(slice(0, 0) for _ in shape)
-        return cls(shape, region, tuple(np.array(a[region], copy=True) for a in arrays))
+        return cls(shape, region, tuple(np.array(a[region], copy=True) for a in arrays), background)
 
     def expand(self) -> tuple[np.ndarray, ...]:
-        """New full-size arrays: the kept values in ``region``, zero elsewhere."""
+        """New full-size arrays: the kept values in ``region``, ``background`` elsewhere."""
         out = []
         for kept in self.arrays:
-            full = np.zeros(self.shape, dtype=kept.dtype)
+            full = np.full(self.shape, self.background, dtype=kept.dtype)
             full[self.region] = kept
             out.append(full)
         return tuple(out)

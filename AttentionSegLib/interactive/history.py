@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from .cropped import Cropped
 
 
 @dataclass
@@ -25,10 +25,11 @@ class Click:
 
 @dataclass
 class Snapshot:
-    """The session's state before one step."""
+    """The session's state before one step: its mask and scribbles cut to where they hold anything
+    (:class:`.Cropped`: a step costs the labelled and scribbled box, not two copies of the volume)."""
 
-    mask: np.ndarray
-    scribbles: np.ndarray
+    mask: Cropped
+    scribbles: Cropped
     clicks: list[Click]
     model_state: Any
     note: str
@@ -53,6 +54,12 @@ class History:
     @property
     def can_redo(self) -> bool:
         return bool(self._redo)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the recorded masks and scribbles take (the model states, shared between snapshots while
+        they do not change, are the family's to count)."""
+        return sum(s.mask.nbytes + s.scribbles.nbytes for s in (*self._undo, *self._redo))
 
     @property
     def depth(self) -> tuple[int, int]:

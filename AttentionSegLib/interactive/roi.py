@@ -75,14 +75,19 @@ class ModelGrid:
         return tuple(self.image.shape)
 
     def labels(self, array: np.ndarray, fill: int) -> np.ndarray:
-        """An integer map of the image grid on the model grid (nearest neighbour;
-        ``fill`` outside the image)."""
-        grid = self.preprocessor.resample_channel(self.volume.with_array(array.astype(np.float32)),
-                                                  self.context, interpolator="nearest")
-        out = np.rint(grid).astype(np.int64)
+        """An integer map of the image grid on the model grid (nearest neighbour; ``fill`` outside the
+        image), a new array in the map's own integer type where that holds ``fill`` (a session's uint8 mask or
+        scribbles stay 1 byte a voxel: on a CT of 58 M voxels the int64 map took 467 MB, and 1.2 GB on the
+        way), else int64."""
+        values = np.asarray(array)
+        fits = np.issubdtype(values.dtype, np.integer) and np.can_cast(np.min_scalar_type(fill), values.dtype)
+        if not fits:
+            values = np.rint(values).astype(np.int64)
+        out = self.preprocessor.resample_channel(self.volume.with_array(values), self.context,
+                                                 interpolator="nearest", default_value=fill)
         if out.shape != self.image.shape:
             raise RuntimeError("resampled map does not fit the model grid")
-        return np.where(out < 0, fill, out)
+        return np.array(out, copy=True) if np.shares_memory(out, array) else out
 
     def channel(self, array: np.ndarray) -> np.ndarray:
         """A float map of the image grid on the model grid (linear interpolation)."""

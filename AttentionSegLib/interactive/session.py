@@ -27,6 +27,7 @@ from ..heap import reuse_freed_memory
 from ..losses import IGNORE_INDEX
 from ..progress import CancelToken, ProgressCallback
 from ..volume import Volume, check_finite
+from .cropped import Cropped
 from .family import ModelFamily, Proposal, check_point
 from .history import Click, History, Snapshot
 from .roi import click_disk
@@ -152,15 +153,15 @@ class InteractiveSession:
     # ------------------------------------------------------------------------------------------- undo / redo
 
     def _snapshot(self, note: str) -> Snapshot:
-        return Snapshot(self.mask.copy(), self.scribbles.copy(), list(self.clicks), self.family.state(), note,
-                        dict(self.bounds))
+        return Snapshot(Cropped.of(self.mask), Cropped.of(self.scribbles, background=IGNORE_INDEX),
+                        list(self.clicks), self.family.state(), note, dict(self.bounds))
 
     def _push_undo(self, note: str) -> None:
         self.history.push(self._snapshot(note))
 
     def _restore(self, snap: Snapshot) -> None:
-        self.mask = snap.mask.copy()
-        self.scribbles = snap.scribbles.copy()
+        (self.mask,) = snap.mask.expand()
+        (self.scribbles,) = snap.scribbles.expand()
         self.clicks = list(snap.clicks)
         self.bounds = dict(snap.bounds)
         self.family.restore(snap.model_state)

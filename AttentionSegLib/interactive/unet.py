@@ -353,7 +353,7 @@ class UNetFamily:
                    cancel: CancelToken | None) -> RefineReport:
         box = self._box(view)
         target = training_targets(view.scribbles, view.mask, view.locked)
-        x, t, _ = self._batch(view, box, self.grid.labels(target, IGNORE_INDEX)[box])
+        x, t, _ = self._batch(view, box, self.grid.labels(target, IGNORE_INDEX)[box].astype(np.int64))
         assert t is not None
         report = fine_tune_network(self.model.network, x, t, settings=self.settings,
                                    learning_rate=self._learning_rate(),

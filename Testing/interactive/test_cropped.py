@@ -24,6 +24,20 @@ def test_a_structure_and_its_probability_come_back_exactly_from_their_slab() -> 
     assert kept.expand()[0][15, 6, 22]
 
 
+def test_scribbles_are_kept_where_they_differ_from_their_background() -> None:
+    """The session's scribbles are 255 where nothing is drawn: kept as the box of the strokes, they come back
+    exactly, 255 around them; with nothing drawn nothing is kept."""
+    scribbles = np.full((30, 40, 50), 255, dtype=np.uint8)
+    scribbles[12, 5:9, 20] = 1
+    scribbles[14, 30, 7:11] = 0
+    kept = Cropped.of(scribbles, background=255)
+    assert kept.region == (slice(12, 15), slice(5, 31), slice(7, 21))
+    (back,) = kept.expand()
+    assert back.dtype == np.uint8 and np.array_equal(back, scribbles)
+    empty = Cropped.of(np.full((3, 4, 5), 255, dtype=np.uint8), background=255)
+    assert empty.nbytes == 0 and (empty.expand()[0] == 255).all()
+
+
 def test_an_empty_answer_keeps_nothing_and_comes_back_empty() -> None:
     kept = Cropped.of(np.zeros((4, 5, 6), dtype=bool))
     assert kept.nbytes == 0

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ...devices import autocast_to
 from .masks import air_around_body, stroke_agreement
+from .state import PROBABILITY_DTYPE
 
 #: The logit the air around the body gets (a probability of 2e-9).
 OUTSIDE_LOGIT = -20.0
@@ -179,7 +180,8 @@ class Decoding:
         prob = torch.sigmoid(logits).cpu().numpy()
         chosen = tuple(float(v) for v in boxes[best])
         iou = float(out.iou[best, 0])
-        return prob > 0.5, prob, amap.cpu().numpy(), (chosen[0], chosen[1], chosen[2], chosen[3]), iou
+        amap_kept = amap.cpu().numpy().astype(PROBABILITY_DTYPE)
+        return prob > 0.5, prob, amap_kept, (chosen[0], chosen[1], chosen[2], chosen[3]), iou
 
     @staticmethod
     def _token_key(k: int, box: Sequence[float], points: Sequence[tuple[float, float, int]]) -> tuple:
@@ -204,7 +206,7 @@ class Decoding:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         logits, amap = self._decode(k, box, points, attention=True)
         prob = torch.sigmoid(logits).cpu().numpy()
-        return prob > 0.5, prob, (amap.cpu().numpy() if amap is not None else None)
+        return prob > 0.5, prob, (amap.cpu().numpy().astype(PROBABILITY_DTYPE) if amap is not None else None)
 
     def _grown(
         self, box: Sequence[float], fraction: float | None = None, fixed: float | None = None

@@ -149,7 +149,7 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         self.structures: dict[int, np.ndarray] = {}  # label -> bool (slices, H, W)
         self.probabilities: dict[
             int, np.ndarray
-        ] = {}  # label -> float32 (slices, H, W) foreground probability
+        ] = {}  # label -> PROBABILITY_DTYPE (slices, H, W) foreground probability
         self.attention: dict[int, dict[int, np.ndarray]] = {}  # label -> slice -> (H, W) map in [0, 1]
         self.refined: dict[int, np.ndarray] = {}  # label -> bool (slices, H, W): the walker's answer
         self.adapt_steps = 0
@@ -594,7 +594,7 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         """Binary entropy (in bits, 0..1) of each structure's foreground probability; the largest wins."""
         total = np.zeros(self.slices.shape, dtype=np.float32)
         for prob in self.probabilities.values():
-            p = np.clip(prob, 1e-6, 1 - 1e-6)
+            p = np.clip(prob.astype(np.float32), 1e-6, 1 - 1e-6)
             total = np.maximum(total, -(p * np.log2(p) + (1 - p) * np.log2(1 - p)))
         return self._to_image(total, labels=False).astype(np.float32)
 

@@ -13,7 +13,7 @@ from ...losses import IGNORE_INDEX
 from ..family import SessionView
 from ..slice_fill import fill_between
 from .masks import _iou, bounding_box
-from .state import SliceSteps, Track
+from .state import PROBABILITY_DTYPE, SliceSteps, Track
 
 
 class Propagation:
@@ -100,7 +100,7 @@ class Propagation:
             return boxes if limits is None else [self._clipped(b, limits) for b in boxes]
 
         structure = np.zeros(self.slices.shape, dtype=bool)
-        probability = np.zeros(self.slices.shape, dtype=np.float32)
+        probability = np.zeros(self.slices.shape, dtype=PROBABILITY_DTYPE)
         maps: dict[int, np.ndarray] = {}
         used: dict[int, tuple[float, float, float, float]] = {}
         seeds: list[tuple[int, tuple[float, float, float, float] | None]] = [(track.anchor, track.box)]

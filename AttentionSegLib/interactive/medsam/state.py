@@ -15,6 +15,11 @@ from ...progress import Cancelled, CancelToken
 from ..cropped import Cropped
 from ..settings import Preview, RefineProgress
 
+#: How a structure's foreground probability and attention maps are kept (``(slices, H, W)`` per label): in
+#: float16, half of float32's memory (117 MB against 233 MB per label on a CT at 0.8 x 0.8 x 1 mm, 58 M
+#: voxels), to a relative 1e-3, far below what the walker's prior or an overlay can show.
+PROBABILITY_DTYPE = np.float16
+
 
 @dataclass
 class Track:

@@ -73,7 +73,7 @@ class Walker:
             targets = np.full(image.shape, IGNORE_INDEX, dtype=np.uint8)
             targets[bg[region]] = 0
             targets[fg[region]] = 1
-            p = np.clip(self.probabilities[label][region], 0.0, 1.0)
+            p = np.clip(self.probabilities[label][region].astype(np.float32), 0.0, 1.0)
             trust = prior_trust(p > 0.5, targets, credit)
             trust = trust**self.options.walker_trust
             low, high = self.options.walker_gamma_min, self.options.walker_gamma
