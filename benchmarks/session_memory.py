@@ -34,8 +34,7 @@ for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from common import machine_info, markdown_table, write_results  # noqa: E402
-from medsam_speed import SETTINGS, baseline_checkout  # noqa: E402
+from medsam_speed import SETTINGS, baseline_checkout  # noqa: E402  (imports no engine)
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "session_memory.json"
 MB = 1e6
@@ -137,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
+    # common imports the engine: here, never in a child, which takes its setting's engine
+    from common import machine_info, markdown_table, write_results
+
     if not (args.data / "totalsegmentator-examples" / "example_ct.nii.gz").exists():
         raise SystemExit(f"session_memory.py: error: no example CT under {args.data} (give --data)")
     spec = {"data": str(args.data), "spacing": args.spacing, "structures": args.structures,
