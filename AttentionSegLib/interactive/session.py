@@ -204,18 +204,24 @@ class InteractiveSession:
 
     def _apply(self, proposal: Proposal) -> None:
         """Write a family's proposal into the mask (within its region), respecting locks, scribbles and each
-        label's bounds."""
-        new_mask, region = proposal.labels, proposal.region
+        label's bounds. The mask becomes a new array (one a caller holds does not change); the work is done
+        in place on one copy of the proposal, whose full-volume temporaries took 350 MB at a step on a CT of
+        58 M voxels."""
+        new = np.array(proposal.labels, dtype=np.uint8)  # a copy: the family's answer stays as it was
         for label, (lo, hi) in self.bounds.items():
-            outside = np.ones(self.mask.shape, dtype=bool)
+            outside = new == label
             outside[tuple(slice(a, b + 1) for a, b in zip(lo[::-1], hi[::-1]))] = False
-            new_mask = np.where(outside & (new_mask == label), 0, new_mask)
-        keep = np.isin(self.mask, list(self.locked)) if self.locked else np.zeros(self.mask.shape, bool)
-        new = np.where(np.isin(new_mask, list(self.locked)), 0, new_mask) if self.locked else new_mask
-        scribbled = (self.scribbles != IGNORE_INDEX) & ~keep
-        new = np.where(scribbled, self.scribbles, new)
-        writable = ~keep if region is None else (~keep & region)
-        self.mask = np.where(writable, new, self.mask).astype(np.uint8)
+            new[outside] = 0
+        region = proposal.region
+        writable = np.ones(self.mask.shape, bool) if region is None else np.array(region, dtype=bool)
+        if self.locked:
+            locked = list(self.locked)
+            writable &= ~np.isin(self.mask, locked)
+            new[np.isin(new, locked)] = 0
+        np.copyto(new, self.scribbles, where=self.scribbles != IGNORE_INDEX)  # the user's word wins
+        mask = self.mask.copy()
+        np.copyto(mask, new, where=writable)
+        self.mask = mask
 
     # ------------------------------------------------------------------------------------------------ checks
 
