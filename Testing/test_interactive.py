@@ -125,6 +125,42 @@ def test_an_undo_step_keeps_the_labelled_and_scribbled_boxes_not_the_volume():
     assert np.array_equal(session.mask, mask) and (session.scribbles == 255).all()
 
 
+def test_a_proposal_is_written_by_the_rules_whatever_the_mix_of_locks_bounds_scribbles_and_region():
+    """The session's write rules, voxel by voxel, on random masks, scribbles and proposals: a locked label's
+    voxels stay; no locked label is written; a label never lands outside its bounds; every scribble not on a
+    locked voxel holds; outside the proposal's region nothing changes. The mask is a new array."""
+    from AttentionSegLib.interactive.family import Proposal
+
+    session, _ = _session(max_steps=1)
+    shape = session.mask.shape
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        session.mask = rng.integers(0, 3, shape, dtype=np.uint8)
+        session.scribbles = np.where(rng.random(shape) < 0.1, rng.integers(0, 3, shape), 255).astype(np.uint8)
+        session.locked = {int(rng.integers(1, 3))} if rng.random() < 0.5 else set()
+        lo = (int(rng.integers(0, 32)), int(rng.integers(0, 32)), 0)
+        session.bounds = {1: (lo, (lo[0] + 20, lo[1] + 20, 1))} if rng.random() < 0.5 else {}
+        labels = rng.integers(0, 3, shape, dtype=np.uint8)
+        region = rng.random(shape) < 0.7 if rng.random() < 0.5 else None
+        before = session.mask
+        session._apply(Proposal(labels, region))
+        after = session.mask
+        assert after is not before and after.dtype == np.uint8
+        kept = np.isin(before, list(session.locked))
+        writable = ~kept if region is None else ~kept & region
+        np.testing.assert_array_equal(after[~writable], before[~writable])
+        drawn = (session.scribbles != 255) & writable
+        np.testing.assert_array_equal(after[drawn], session.scribbles[drawn])
+        free = writable & ~drawn
+        expected = np.where(np.isin(labels, list(session.locked)), 0, labels)
+        if 1 in session.bounds:
+            (i0, j0, k0), (i1, j1, k1) = session.bounds[1]
+            inside = np.zeros(shape, bool)
+            inside[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1] = True
+            expected = np.where((expected == 1) & ~inside, 0, expected)
+        np.testing.assert_array_equal(after[free], expected[free])
+
+
 def test_locked_labels_are_never_overwritten():
     session, truth = _session(max_steps=3)
     session.add_scribbles(_scribbles(truth))
