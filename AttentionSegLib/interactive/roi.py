@@ -87,7 +87,7 @@ class ModelGrid:
                                                  interpolator="nearest", default_value=fill)
         if out.shape != self.image.shape:
             raise RuntimeError("resampled map does not fit the model grid")
-        return np.array(out, copy=True) if np.shares_memory(out, array) else out
+        return np.array(out, copy=True) if np.may_share_memory(out, array) else out
 
     def channel(self, array: np.ndarray) -> np.ndarray:
         """A float map of the image grid on the model grid (linear interpolation)."""

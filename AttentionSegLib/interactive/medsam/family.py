@@ -160,6 +160,7 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         self._state_cache: tuple[int, dict[str, torch.Tensor]] | None = None
         self._kept_copies: dict[tuple[str, int], tuple[tuple[np.ndarray, ...], Cropped]] = {}
         self._tokens: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._outside_slices: dict[int, np.ndarray | None] = {}  # Decoding._outside: packed bits per slice
         self._tokens_bytes = 0
         self.head_only = 0
         self.head_seconds = 0.0

@@ -134,7 +134,7 @@ class Prompts:
         started = time.perf_counter()
         with torch.no_grad(), self._decoder_autocast():
             out = self.network.decode(embedding, boxes=prompt)
-            logits = self._in_body(k, self.transform.logits_to_slice(out.logits[:, 0].float()))
+            logits = self._slice_logits(k, out.logits[:, 0].float())
         self.decode_seconds += time.perf_counter() - started
         self.decoded += len(boxes)
         return list((logits > 0).cpu().numpy()), [float(v) for v in out.iou[:, 0]]
