@@ -23,6 +23,11 @@ Protocol (``docs/benchmarks.md`` of the shared docs, §1 scribbles and §2 click
 * ``mr_organs``: the same organs of the TotalSegmentator example MR (``example_mr_sm`` with
   ``example_seg_mr``, the ``total_mr`` ids), cropped the same way: the engine on a second modality (3 mm,
   20 slices, organs cut by the volume's ends), and a third pancreas.
+* ``ct_structures`` (asked for with ``--datasets ct_structures``, never a default): every structure of the
+  example CTs' reference with ``STRUCTURE_MIN_VOXELS`` voxels or more (45 in ``example_ct``: organs, bowel,
+  vessels, vertebrae and hips, muscles), what a user may click on beyond the five organs; the tables add one
+  row per structure. ``python interactive.py --datasets ct_structures --views whole --limit 1 --rounds 3
+  --clicks 3 --methods attentionseg_medsam grow_from_seeds`` (17 minutes on 2 cores).
 * Views (``--views``): ``crop`` (the default; the crops above), ``whole`` (the
 whole volume in view: a method
   that only wins on a tight crop has not won) and ``roi`` (the whole volume in view, and the user has drawn a
@@ -111,7 +116,8 @@ from benchmarks.robot import (  # noqa: E402
 )
 
 BENCHMARK = "interactive"
-DATASETS = ("acdc_val", "ct_organs", "mr_organs")
+DATASETS = ("acdc_val", "ct_organs", "mr_organs", "ct_structures")
+DEFAULT_DATASETS = ("acdc_val", "ct_organs", "mr_organs")  # ct_structures: a survey, run on its own
 VIEWS = ("crop", "whole", "roi")
 VIEW_TITLES = {"crop": "cropped to the structure", "whole": "whole volume",
                "roi": "whole volume, the structure's box given"}
@@ -127,6 +133,7 @@ CT_CASES = (("example_ct", "example_seg_fast_force_split"), ("example_ct_sm", "e
 MR_CASES = (("example_mr_sm", "example_seg_mr"),)
 ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "pancreas")
 ORGAN_MARGIN = 8
+STRUCTURE_MIN_VOXELS = 500  # ct_structures: labelled structures of this many voxels or more (13.5 mL at 3 mm)
 CT_PRETRAINED = "demo_abdomen_ct"
 CLICK_RADIUS = 2  # the session's RefineSettings.click_radius: every method gets the same disk per click
 FOREGROUND = 1  # the robot's foreground scribble value for a binary target
@@ -237,6 +244,16 @@ def ct_targets(data: Path, limit: int | None, view: str = "crop",
     return _organ_targets(data, "ct_organs", CT_CASES, "total", limit, view, spacing, acquisition)
 
 
+def ct_structure_targets(data: Path, limit: int | None, view: str = "crop",
+                         spacing: Sequence[float] | None = None,
+                         acquisition: str = "axial") -> Iterator[Target]:
+    """Every structure of the TotalSegmentator example CTs' reference (organs, bowel, vessels, bones,
+    muscles) with at least ``STRUCTURE_MIN_VOXELS`` voxels, in the label map's order: what a user may click
+    on beyond the five organs of ``ct_organs``."""
+    return _organ_targets(data, "ct_structures", CT_CASES, "total", limit, view, spacing, acquisition,
+                          organs=None)
+
+
 def mr_targets(data: Path, limit: int | None, view: str = "crop",
                spacing: Sequence[float] | None = None, acquisition: str = "axial") -> Iterator[Target]:
     """The same organs of the TotalSegmentator example MR (labels of the ``total_mr`` map)."""
@@ -282,11 +299,12 @@ def spacing_arg(text: str) -> tuple[float, float, float]:
 
 def _organ_targets(data: Path, dataset: str, cases: Sequence[tuple[str, str]], label_map: str,
                    limit: int | None, view: str, spacing: Sequence[float] | None = None,
-                   acquisition: str = "axial") -> Iterator[Target]:
+                   acquisition: str = "axial", organs: Sequence[str] | None = ORGANS) -> Iterator[Target]:
+    """``organs`` of each case (``None``: every labelled structure of ``STRUCTURE_MIN_VOXELS`` or more)."""
     root = _need(data / "totalsegmentator-examples")
     names = json.loads(_need(root / "labels.json").read_text())[label_map]
     ids = {name: int(value) for value, name in names.items()}
-    missing = [o for o in ORGANS if o not in ids]
+    missing = [o for o in organs or () if o not in ids]
     if missing:
         raise ValueError(f"{root / 'labels.json'}: no id for {missing}")
     for image_name, seg_name in cases[:limit]:
@@ -298,7 +316,13 @@ def _organ_targets(data: Path, dataset: str, cases: Sequence[tuple[str, str]], l
         if spacing is not None:
             image, labels = resampled(image, labels, spacing)
         image, labels = acquired_as(image, labels, acquisition)
-        for organ in ORGANS:
+        if organs is None:
+            values, counts = np.unique(labels[labels > 0], return_counts=True)
+            chosen = [names[str(int(v))] for v, c in zip(values, counts)
+                      if c >= STRUCTURE_MIN_VOXELS and str(int(v)) in names]
+        else:
+            chosen = list(organs)
+        for organ in chosen:
             whole = labels == ids[organ]
             if not whole.any():
                 continue
@@ -726,9 +750,30 @@ def results_table(records: Sequence[Mapping[str, Any]], rounds: int, clicks: int
         if rows:
             parts.append(f"**{title}** — clicks ({clicks + 1} = never reached)\n\n" + markdown_table(header,
                                                                                                      rows))
+        if group[0] == "ct_structures":
+            parts.append(structure_table(records, group, rounds, clicks))
     if notes:
         parts.append("Notes:\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     return "\n".join(parts)
+
+
+def structure_table(records: Sequence[Mapping[str, Any]], group: tuple[str, str], rounds: int,
+                    clicks: int) -> str:
+    """Markdown: one row per structure of ``group`` (data set, view), each method's Dice after the first and
+    last click and after scribble rounds 0 and ``rounds`` (mean over the cases that have the structure)."""
+    chosen = [r for r in records if (r["dataset"], r.get("view", "crop")) == group and "label" in r]
+    methods = list(dict.fromkeys(r["method"] for r in chosen))
+    found = {(r["method"], r["label"], r["metric"], r.get("round")): r["value"] for r in chosen}
+    counts = {r["label"]: r["n"] for r in chosen if r["metric"] == "dice"}
+    columns = [("click_dice", 1, "@1 click")]
+    if clicks > 1:
+        columns.append(("click_dice", clicks, f"@{clicks} clicks"))
+    columns += [("dice", 0, "r0")] + ([("dice", rounds, f"r{rounds}")] if rounds else [])
+    header = ["structure", "cases", *[f"{m} {name}" for m in methods for _, _, name in columns]]
+    rows = [[label, counts[label], *[found.get((m, label, metric, index)) for m in methods
+                                     for metric, index, _ in columns]] for label in counts]
+    return (f"**{group[0]}, {VIEW_TITLES[group[1]]}** — Dice per structure\n\n"
+            + markdown_table(header, rows))
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -746,7 +791,10 @@ def _medsam_options(text: str) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS), choices=DATASETS,
+                        help="data sets (default: acdc_val ct_organs mr_organs; ct_structures, every "
+                             "structure of the example CTs' reference with 500 voxels or more, is a survey "
+                             "to ask for)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--views", nargs="+", default=["crop"], choices=VIEWS,
                         help="crop: each target cropped around its structure (the default); whole: the whole "
@@ -804,7 +852,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     limit = args.limit or None
     organs = {"spacing": args.spacing, "acquisition": args.acquisition}
     loaders = {"acdc_val": acdc_targets, "ct_organs": partial(ct_targets, **organs),
-               "mr_organs": partial(mr_targets, **organs)}
+               "mr_organs": partial(mr_targets, **organs),
+               "ct_structures": partial(ct_structure_targets, **organs)}
     records: list[dict[str, Any]] = []
     notes: list[str] = timing_notes(args.methods)
     per_target: list[dict[str, Any]] = []

@@ -11,7 +11,15 @@ pytest.importorskip("skimage",
                     reason="the benchmark needs scikit-image (the test extra: pip install -e '.[test]')")
 
 from AttentionSegLib.imageio import read_image  # noqa: E402
-from benchmarks.interactive import ORGAN_MARGIN, ORGANS, ct_targets, mr_targets  # noqa: E402
+from benchmarks.interactive import (  # noqa: E402
+    ORGAN_MARGIN,
+    ORGANS,
+    STRUCTURE_MIN_VOXELS,
+    ct_structure_targets,
+    ct_targets,
+    mr_targets,
+    structure_table,
+)
 
 
 @pytest.mark.shared_data
@@ -39,6 +47,41 @@ def test_ct_organs_keep_their_two_scans(shared_data: Path) -> None:
     targets = list(ct_targets(shared_data, None, "whole"))
     assert [t.name for t in targets[:1]] == ["example_ct/liver"]
     assert len(targets) == 2 * len(ORGANS) and {t.dataset for t in targets} == {"ct_organs"}
+
+
+@pytest.mark.shared_data
+def test_ct_structures_are_every_labelled_structure_large_enough(shared_data: Path,
+                                                                  totalseg_dir: Path) -> None:
+    """``ct_structures``: every structure of the first CT's reference with ``STRUCTURE_MIN_VOXELS`` voxels or
+    more, in the label map's order, with its whole truth (whole view) or its crop (crop view)."""
+    labels = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array
+    values, counts = np.unique(labels[labels > 0], return_counts=True)
+    expected = {int(v): int(c) for v, c in zip(values, counts) if c >= STRUCTURE_MIN_VOXELS}
+    whole = list(ct_structure_targets(shared_data, 1, "whole"))
+    assert len(whole) == len(expected) > len(ORGANS)
+    assert [int(t.truth.sum()) for t in whole] == list(expected.values())
+    names = [t.structure for t in whole]
+    assert set(ORGANS) <= set(names) and "aorta" in names and "adrenal_gland_right" not in names  # 166 voxels
+    assert {t.dataset for t in whole} == {"ct_structures"}
+    crops = {t.structure: t for t in ct_structure_targets(shared_data, 1, "crop")}
+    assert [int(crops[n].truth.sum()) for n in names] == list(expected.values())
+
+
+def test_the_structure_table_has_a_row_per_structure_and_each_methods_columns() -> None:
+    records = [
+        {"method": m, "dataset": "ct_structures", "view": "whole", "label": label, "metric": metric,
+         "round": index, "n": 1, "value": value}
+        for m, base in (("attentionseg_medsam", 0.5), ("grow_from_seeds", 0.2))
+        for label, shift in (("aorta", 0.1), ("colon", 0.0))
+        for metric, index, value in (("dice", 0, base + shift), ("dice", 3, base + shift + 0.3),
+                                     ("click_dice", 1, base), ("click_dice", 3, base + 0.2))
+    ]
+    table = structure_table(records, ("ct_structures", "whole"), rounds=3, clicks=3)
+    lines = table.strip().splitlines()
+    assert lines[2].startswith("| structure | cases | attentionseg_medsam @1 click |")
+    assert "grow_from_seeds r3" in lines[2]
+    assert lines[4] == ("| aorta | 1 | 0.500 | 0.700 | 0.600 | 0.900 | 0.200 | 0.400 | 0.300 | 0.600 |")
+    assert lines[5].startswith("| colon | 1 | 0.500 | 0.700 | 0.500 | 0.800 |")
 
 
 @pytest.mark.shared_data
