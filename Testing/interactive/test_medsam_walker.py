@@ -11,11 +11,41 @@ import pytest
 from AttentionSegLib import InteractiveSession
 from AttentionSegLib.interactive.adapt import online_head
 from AttentionSegLib.interactive.medsam import MedSAMSettings
-from AttentionSegLib.interactive.medsam.walker import Coarse, coarsening
+from AttentionSegLib.interactive.medsam.walker import Coarse, coarsening, stroke_connected_changes
 from AttentionSegLib.losses import IGNORE_INDEX
 from AttentionSegLib.metrics import dice
 from AttentionSegLib.preprocessing import resample_like, resample_to_spacing
 from AttentionSegLib.volume import Volume
+
+
+def test_a_correction_changes_only_the_pieces_that_touch_a_stroke_of_their_kind() -> None:
+    """What the walker takes away stays away only in the connected pieces that touch a background stroke,
+    what it adds only in those that touch a foreground stroke; elsewhere the answer before stands (a thin
+    structure's slices far from the click are not smoothed away)."""
+    before = np.zeros((6, 8, 8), dtype=bool)
+    before[:, 2:5, 2:5] = True  # a column through the slices
+    answer = before.copy()
+    answer[0:2] = False  # taken away on slices 0-1: no stroke there
+    answer[4:6, 2:5, 2:5] = False  # taken away on slices 4-5: a background stroke on slice 5
+    answer[1, 6:8, 6:8] = True  # added on slice 1: no stroke there
+    answer[3, 2:5, 5:7] = True  # added beside the column on slice 3: a foreground stroke there
+    targets = np.full(before.shape, IGNORE_INDEX, dtype=np.uint8)
+    targets[5, 3, 3] = 0
+    targets[3, 3, 6] = 1
+    result = stroke_connected_changes(answer, before, targets)
+    assert result[0:2, 2:5, 2:5].all()  # kept: the piece taken away touches no background stroke
+    assert not result[4:6, 2:5, 2:5].any()  # taken away: it holds the background stroke
+    assert not result[1, 6:8, 6:8].any()  # not added: no foreground stroke touches it
+    assert result[3, 2:5, 5:7].all()  # added
+    assert np.array_equal(result[2:4, 2:5, 2:5], before[2:4, 2:5, 2:5])
+    # Strokes of one kind: only adds, or only takes away.
+    only_fg = np.where(targets == 0, IGNORE_INDEX, targets).astype(np.uint8)
+    assert (stroke_connected_changes(answer, before, only_fg) >= before).all()
+    only_bg = np.where(targets == 1, IGNORE_INDEX, targets).astype(np.uint8)
+    assert (stroke_connected_changes(answer, before, only_bg) <= before).all()
+    # 2D (8-connected): no stroke on slice 1, so the answer before stands; slice 3's stroke adds its piece.
+    assert np.array_equal(stroke_connected_changes(answer[1], before[1], targets[1]), before[1])
+    assert np.array_equal(stroke_connected_changes(answer[3], before[3], targets[3]), before[3] | answer[3])
 
 
 def test_the_finest_axis_is_coarsened_first_until_the_region_fits() -> None:
