@@ -79,6 +79,14 @@ class ModelFamily(Protocol):
     #     def prefetch(self, point_ijk, progress, cancel) -> dict[str, int]:
     #         """Work a click near ``point_ijk`` would do, done ahead; no state the user sees changes."""
 
+    #
+    # Optional: families that keep caches beside the session's arrays (the server counts them in its memory
+    # bound):
+    #
+    #     def cache_bounds(self) -> tuple[int, dict[str, int]]:
+    #         """The most this session's own caches hold (bytes), and the process-wide caches it uses
+    #         ({name: bound in bytes}; counted once however many sessions share them)."""
+
     def refine(self, view: SessionView, time_budget_s: float, progress: RefineProgress | None,
                cancel: CancelToken | None) -> tuple[Proposal, RefineReport]:
         """Learn from the scribbles (and clicks, and locked segments) within the budget; the new mask."""

@@ -62,6 +62,18 @@ def network_bytes(engine: Any) -> int:
     return sum(p.numel() * p.element_size() for p in network.parameters())
 
 
+def engine_bytes(engine: Any, max_history: int) -> tuple[int, dict[str, int]]:
+    """What a session's engine holds beside its image: the network and its undo copies, the bounds of the
+    session's own caches, and the process-wide caches it uses (``{name: bound}``), from the family's
+    ``cache_bounds()`` where it has one (LiteMedSAM: its decoder tokens, and the image embeddings every
+    session of the process shares)."""
+    own, shared = 0, {}
+    bounds = getattr(getattr(engine, "family", None), "cache_bounds", None)
+    if callable(bounds):
+        own, shared = bounds()
+    return network_bytes(engine) * (max_history + 2) + int(own), dict(shared)
+
+
 def detach(value: Any) -> Any:
     """A copy that shares no numpy memory with the session (the next job may change its arrays)."""
     if isinstance(value, np.ndarray):
@@ -98,6 +110,7 @@ class Service:
                 "queue": len(self.queue), "idle_timeout_s": self.config.idle_timeout_s,
                 "max_upload_bytes": self.config.max_upload_bytes,
                 "max_memory_bytes": self.config.max_memory_bytes,
+                "estimated_bytes": self.store.estimated_bytes,
                 "token_required": self.config.token is not None, "features": list(FEATURES)}
 
     @staticmethod
@@ -135,7 +148,7 @@ class Service:
             try:
                 job.report(0.0, "loading the model")
                 engine = InteractiveSession(volume, model, device=self.device, **options)
-                self.store.add_bytes(session, network_bytes(engine) * (options["max_history"] + 2))
+                self.store.add_bytes(session, *engine_bytes(engine, options["max_history"]))
             except BaseException:
                 session.estimated_bytes = 0  # a session that did not open holds nothing
                 raise

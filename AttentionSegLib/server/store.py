@@ -92,6 +92,7 @@ class SessionStore:
         self._on_close = on_close
         self._sessions: dict[str, ServerSession] = {}
         self._expired: OrderedDict[str, str] = OrderedDict()  # id -> why it is gone
+        self._shared: dict[str, int] = {}  # process-wide caches the sessions use: name -> bound (bytes)
         self._lock = threading.RLock()
 
     # -- sessions --------------------------------------------------------------------------------------------
@@ -101,8 +102,12 @@ class SessionStore:
 
     @property
     def estimated_bytes(self) -> int:
+        """The estimated memory of the sessions and of the process-wide caches they have used."""
         with self._lock:
-            return sum(s.estimated_bytes for s in self._sessions.values())
+            return self._used()
+
+    def _used(self) -> int:
+        return sum(s.estimated_bytes for s in self._sessions.values()) + sum(self._shared.values())
 
     def reserve(self, shape: tuple[int, ...], itemsize: int, max_history: int) -> ServerSession:
         """A new, not yet opened session, if the count and the memory bound allow it.
@@ -120,26 +125,32 @@ class SessionStore:
             if len(self._sessions) >= self.config.max_sessions:
                 raise ServerFull(f"the server has {len(self._sessions)} open sessions, its maximum "
                                  "(attentionseg serve --max-sessions); close one or try again later")
-            used = sum(s.estimated_bytes for s in self._sessions.values())
+            used = self._used()
             if used + needed > limit:
-                raise ServerFull(f"the open sessions hold about {_mib(used)}; this image needs "
-                                 f"{_mib(needed)} more, beyond the server's memory bound of "
+                raise ServerFull(f"the open sessions and their caches hold about {_mib(used)}; this image "
+                                 f"needs {_mib(needed)} more, beyond the server's memory bound of "
                                  f"{_mib(limit)}; try again later")
             session = ServerSession(uuid.uuid4().hex, tuple(int(n) for n in shape), needed)
             self._sessions[session.id] = session
             return session
 
-    def add_bytes(self, session: ServerSession, extra: int) -> None:
-        """Count ``extra`` bytes more for ``session`` (its network, once loaded).
+    def add_bytes(self, session: ServerSession, extra: int, shared: dict[str, int] | None = None) -> None:
+        """Count ``extra`` bytes more for ``session`` (its network and its own caches, once loaded), and the
+        process-wide caches it uses (``shared``: name -> bound in bytes), each counted once for the
+        process, at the largest bound any session gave it, for as long as the server runs (the process keeps
+        them).
 
         Raises:
             TooLarge: the memory bound is crossed (the caller closes the session).
         """
         with self._lock:
             session.estimated_bytes += int(extra)
-            used = sum(s.estimated_bytes for s in self._sessions.values())
+            for name, bound in (shared or {}).items():
+                self._shared[name] = max(self._shared.get(name, 0), int(bound))
+            used = self._used()
             if used > self.config.max_memory_bytes:
-                raise TooLarge(f"with its network this session needs about {_mib(session.estimated_bytes)}; "
+                raise TooLarge(f"with its network and caches this session needs about "
+                               f"{_mib(session.estimated_bytes)}; "
                                f"the sessions would hold {_mib(used)}, beyond the server's memory bound of "
                                f"{_mib(self.config.max_memory_bytes)}")
 

@@ -43,3 +43,30 @@ def test_litemedsam_takes_its_settings_as_model_options(server: ServerProcess, p
     finally:
         for session in opened:
             session.close(quiet=True)
+
+
+def test_the_memory_bound_counts_litemedsams_caches(server: ServerProcess, phantom: Any,
+                                                    medsam_weights: Path) -> None:
+    """A LiteMedSAM session's estimate holds its decoder-token cache (``token_cache_mib``) beside its
+    network, and the server counts the image embeddings every session of the process shares once: a
+    second session adds its own bytes only."""
+    image, _, _ = phantom
+    client = server.client()
+    opened = []
+
+    def open_with(token_mib: int) -> int:
+        opened.append(client.open_session(image, "medsam_lite",
+                                          options={"model_options": {"token_cache_mib": token_mib}}))
+        return int(client._json("GET", f"/sessions/{opened[-1].id}")["estimated_bytes"])
+
+    try:
+        first = open_with(64)
+        assert first > 64 << 20, "the token cache is counted in the session's estimate"
+        with_one = client.health()["estimated_bytes"]
+        assert with_one >= first + (MedSAMSettings().cache_mib << 20), "the shared embedding cache is counted"
+        second = open_with(8)
+        assert first - second == (64 - 8) << 20, "each session counts its own token cache"
+        assert client.health()["estimated_bytes"] == with_one + second, "the shared cache is counted once"
+    finally:
+        for session in opened:
+            session.close(quiet=True)

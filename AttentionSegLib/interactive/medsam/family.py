@@ -657,6 +657,12 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             raise ValueError(f"{path}: its state does not fit LiteMedSAM's decoder")
         self.source = str(path)
 
+    def cache_bounds(self) -> tuple[int, dict[str, int]]:
+        """The most LiteMedSAM's caches hold (bytes), for the server's memory bound: this session's decoder
+        tokens (``token_cache_mib``), and the image embeddings that every session of the process shares
+        (:data:`.SHARED_CACHE`, at the largest ``cache_mib`` a session asked for), by name."""
+        return self.options.token_cache_mib << 20, {"medsam_embeddings": int(self.cache.max_bytes)}
+
     def describe(self) -> dict[str, Any]:
         return {
             "family": self.name,
