@@ -389,6 +389,9 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.statusLabel.text = _("Refine done ({strategy}).").format(strategy=strategy)
                 else:
                     self.ui.statusLabel.text = _("{name} done.").format(name=job.name)
+                # what the model is unsure of, and what to do (LiteMedSAM's predicted IoU)
+                for segment, note in controller.unsure.items():
+                    self.ui.statusLabel.text += f" {segment}: {note}."
                 if callback is not None:
                     callback(job)
         current = controller.current_job

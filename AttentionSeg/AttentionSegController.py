@@ -79,8 +79,10 @@ class SegmentationController:
             (one segment, in the colour of the segment it goes to; not saved with the scene, hidden from node
             selectors); ``None`` otherwise.
         model_labels: ``{label: name}`` the session's model segments (each offered as a segment at start).
-        session_facts: the engine session's own description at start (family, network, device and
-            ``strategy``, how Refine learns: ``online_head`` or ``finetune``).
+        session_facts: the engine session's own description (family, network, device and ``strategy``, how
+            Refine learns: ``online_head`` or ``finetune``), from the start; with LiteMedSAM, whose facts
+            report the structures it is unsure of (``unsure``), taken again after every step that writes
+            the segments (:attr:`unsure`).
     """
 
     def __init__(self, scene: Any, backend: SessionBackend | None = None) -> None:
@@ -449,8 +451,46 @@ class SegmentationController:
     def _submit(self, name: str, calls: Sequence[SessionCall], apply: ApplyResult | None) -> Job:
         self.cancel_prefetch()  # the user's work goes first: the engine leaves the slice it prepares
         job = self.backend.run(name, calls)
+        if apply == self._write_mask and "unsure" in self.session_facts:
+            apply = self._written_then_checked(name)
         self._pending.append((job, apply))
         return job
+
+    def _written_then_checked(self, name: str) -> ApplyResult:
+        """Writing a step's mask into the segments, then queueing the session's facts (named as the step),
+        which :attr:`unsure` reads."""
+
+        def apply(mask: Any) -> None:
+            self._write_mask(mask)
+            self.session_facts = {**self.session_facts, "unsure": {}}  # unknown until the check is back
+            self._pending.append((self.backend.run(name, [SessionCall.describe()]), self._take_facts))
+
+        return apply
+
+    def _take_facts(self, facts: Any) -> None:
+        self.session_facts = dict(facts or {})
+
+    @property
+    def unsure(self) -> dict[str, str]:
+        """``{segment name: why and what to do}`` for the segments whose answer the model is unsure of
+        (LiteMedSAM: its decoder's predicted IoU, ``MedSAMSettings.unsure_iou``), as of the last step
+        applied."""
+        facts = dict(self.session_facts.get("unsure") or {})
+        notes = {int(label): str(note) for label, note in facts.items()}
+        if not notes or self.segmentation_node is None:
+            return {}
+        segments = mrml.labelled_segments(self.segmentation_node)
+        segmentation = self.segmentation_node.GetSegmentation()
+        named = {}
+        for label, note in notes.items():
+            segment = segmentation.GetSegment(segments[label]) if label in segments else None
+            named[segment.GetName() if segment is not None else f"label {label}"] = note
+        return named
+
+    def wait_all(self, timeout: float | None = None, idle: Callable[[], None] | None = None) -> None:
+        """:meth:`wait` for every job submitted so far and for the checks their results queued."""
+        while self._pending:
+            self.wait(self._pending[-1][0], timeout, idle)
 
     def _offer_model_labels(self, description: dict[str, Any]) -> dict[int, str]:
         """Give every label the model segments a segment (named after the model's label) to click into."""

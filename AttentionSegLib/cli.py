@@ -319,13 +319,19 @@ def _segment_medsam(args: argparse.Namespace) -> int:
         if args.uncertainty:
             written.append(Path(args.uncertainty))
             write_image(volume.with_array(session.uncertainty().astype(np.float32)), stage(written[-1]))
+    facts = session.describe()
     if not args.quiet:
         timing = session.family.timings() if hasattr(session.family, "timings") else {}
+        iou = facts.get("predicted_iou", {}).get(args.label)
         print(f"segmented {image_path} with medsam_lite in {time.perf_counter() - started:.1f} s "
               f"({json.dumps({k: round(v, 3) for k, v in timing.items()})}); label {args.label}: "
-              f"{int((labels == args.label).sum())} voxels")
+              f"{int((labels == args.label).sum())} voxels"
+              + ("" if iou is None else f", LiteMedSAM's predicted IoU {iou:.2f}"))
         for path in written:
             print(f"wrote {path}")
+    unsure = facts.get("unsure", {}).get(args.label)
+    if unsure:  # a warning, shown with --quiet too
+        print(f"attentionseg segment: warning: {image_path}: {unsure}", file=sys.stderr)
     return 0
 
 

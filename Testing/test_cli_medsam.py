@@ -94,6 +94,25 @@ def test_click_writes_the_organ_with_the_input_geometry(kidney, tmp_path: Path) 
     assert _geometry(read_image(maps[0])) == _geometry(volume)
 
 
+def test_a_structure_litemedsam_is_unsure_of_gets_a_warning_even_when_quiet(kidney, tmp_path: Path,
+                                                                           capsys) -> None:
+    """The summary gives LiteMedSAM's predicted IoU; below ``unsure_iou`` (here set above any IoU: the
+    kidney's answer is good, about 0.9) a warning on stderr says what to do, also with ``--quiet``."""
+    path, volume, truth = kidney
+    k = truth.shape[0] // 2
+    rows, cols = np.nonzero(truth[k])
+    point = f"--point-ras={_ras(volume, (float(np.median(cols)), float(np.median(rows)), float(k)))}"
+    base = ["segment", str(path), "-o", str(tmp_path / "seg.nii.gz"), "--model", "medsam_lite", point,
+            "--device", "cpu"]
+    assert main(base) == 0
+    said = capsys.readouterr()
+    assert "LiteMedSAM's predicted IoU 0." in said.out and "warning" not in said.err
+    assert main([*base, "--quiet", "--model-options", '{"unsure_iou": 1.0}']) == 0
+    said = capsys.readouterr()
+    assert said.out == ""
+    assert "warning:" in said.err and "LiteMedSAM is unsure of label 1" in said.err and str(path) in said.err
+
+
 def test_box_on_one_slice_writes_the_organ(kidney, tmp_path: Path) -> None:
     """With LiteMedSAM's settings from a ``--model-options`` file (every slice decoded: no gap)."""
     path, volume, truth = kidney

@@ -415,6 +415,19 @@ class SessionSegmenter:
         self.session.add_scribbles(self._session_map(strokes))
         return self.session.refine(time_budget_s=self.time_budget_s) == self.label
 
+    def predicted_iou(self) -> float | None:
+        """The model's own estimate of the structure's answer (LiteMedSAM's predicted IoU), if it has one."""
+        value = self.session.describe().get("predicted_iou", {}).get(self.label)
+        return None if value is None else float(value)
+
+    def unsure(self) -> bool | None:
+        """Whether the model says it is unsure of the structure's answer (LiteMedSAM: ``unsure_iou``);
+        ``None`` while it has given none (a click it refused: the refusal says so)."""
+        facts = self.session.describe()
+        if self.label not in facts.get("predicted_iou", {}):
+            return None
+        return self.label in facts.get("unsure", {})
+
     def click(self, click: RobotClick) -> np.ndarray:
         try:
             more = {} if self.preview is None else {"preview": self.preview}
@@ -606,6 +619,8 @@ class Run:
     dice: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     scribbled: list[int] = field(default_factory=list)
+    predicted_iou: list[float | None] = field(default_factory=list)  # the model's own estimate, if any
+    unsure: list[bool | None] = field(default_factory=list)  # whether the model said it is unsure
 
     def noc(self, threshold: float, first: int) -> int:
         """First round (click count) whose Dice reaches ``threshold``; one past the last when none does."""
@@ -663,6 +678,9 @@ def click_run(segmenter: Any, target: Target, clicks: int) -> Run:
         mask = np.asarray(segmenter.click(click), dtype=bool)
         run.seconds.append(time.perf_counter() - started)
         run.dice.append(dice(mask, target.truth))
+        estimate, unsure = getattr(segmenter, "predicted_iou", None), getattr(segmenter, "unsure", None)
+        run.predicted_iou.append(estimate() if callable(estimate) else None)
+        run.unsure.append(unsure() if callable(unsure) else None)
     return run
 
 
@@ -704,11 +722,25 @@ def summarise(method: str, dataset: str, setting: str, runs: Mapping[str, Run], 
             for count in range(1, len(clicked[0].dice) + 1):
                 records.append({**base, **tag, "metric": "click_dice", "round": count, "n": len(clicked),
                                 "value": _mean([r.dice[count - 1] for r in clicked])})
+            judged = [r for r in clicked if r.unsure and r.unsure[0] is not None]
+            if judged and label is None:  # the model's word on its first answer, and how right it was
+                flagged = [r.dice[0] for r in judged if r.unsure[0]]
+                others = [r.dice[0] for r in judged if not r.unsure[0]]
+                records.append({**base, "metric": "click_unsure", "round": 1, "n": len(judged),
+                                "value": len(flagged) / len(judged)})
+                records.append({**base, "metric": "click_dice_unsure", "round": 1, "n": len(flagged),
+                                "value": _mean(flagged)})
+                records.append({**base, "metric": "click_dice_sure", "round": 1, "n": len(others),
+                                "value": _mean(others)})
             records.append({**base, **tag, "metric": "click_noc85", "n": len(clicked),
                             "value": _mean([r.noc(0.85, first=1) for r in clicked])})
             records.append({**base, **tag, "metric": "seconds_per_click", "n": len(clicked),
                             "value": _median([s for r in clicked for s in r.seconds])})
     return records
+
+
+def _text(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.3f}"
 
 
 def results_table(records: Sequence[Mapping[str, Any]], rounds: int, clicks: int,
@@ -750,6 +782,15 @@ def results_table(records: Sequence[Mapping[str, Any]], rounds: int, clicks: int
         if rows:
             parts.append(f"**{title}** — clicks ({clicks + 1} = never reached)\n\n" + markdown_table(header,
                                                                                                      rows))
+        for m in methods:  # the model's word on its first answers (LiteMedSAM: unsure_iou)
+            share = value(m, dataset, "click_unsure", 1)
+            if share is not None:
+                judged = next(r["n"] for r in records if (r["method"], r["dataset"], r.get("view", "crop"),
+                                                          r["metric"]) == (m, *group, "click_unsure"))
+                unsure = value(m, dataset, "click_dice_unsure", 1)
+                sure = value(m, dataset, "click_dice_sure", 1)
+                parts.append(f"{m} said it was unsure of {round(share * judged)} of its {judged} first "
+                             f"answers (Dice after one click {_text(unsure)}; the others {_text(sure)}).\n")
         if group[0] == "ct_structures":
             parts.append(structure_table(records, group, rounds, clicks))
     if notes:
@@ -906,6 +947,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                    "scribbled_voxels": runs[target.name].scribbled,
                                    "click_dice": click_runs.get(target.name, Run()).dice,
                                    "click_seconds": click_runs.get(target.name, Run()).seconds,
+                                   "click_predicted_iou": click_runs.get(target.name, Run()).predicted_iou,
+                                   "click_unsure": click_runs.get(target.name, Run()).unsure,
                                    "model_timings": {"scribbles": model_timings(segmenter),
                                                      "clicks": model_timings(clicker)}})
             if runs:

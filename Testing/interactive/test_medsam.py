@@ -648,6 +648,38 @@ def test_a_chain_whose_masks_the_embedding_tells_from_the_anchors_ends_there(tot
     assert beyond_and_dice("spleen", {"min_similarity": 0.0}) == beyond_and_dice("spleen", {})
 
 
+def test_a_structure_litemedsam_is_unsure_of_is_reported_with_what_to_do(totalseg_dir: Path) -> None:
+    """One click at the deepest voxel of ``example_ct``'s pancreas (whole CT) gives a poor answer, and the
+    decoder's predicted IoU over the chain's slices (about 0.70) is below ``unsure_iou``: the session's
+    facts say so, with what to do, until a correction; the spleen's good answer (about 0.91) is not
+    reported. The facts' value is the mean of the predicted IoUs the propagation kept, one per decoded
+    slice."""
+    _weights_or_skip()
+    names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
+    image = read_image(totalseg_dir / "example_ct.nii.gz")
+    labels = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array
+    facts, scores, sessions = {}, {}, {}
+    for organ in ("pancreas", "spleen"):
+        truth = labels == next(int(v) for v, name in names.items() if name == organ)
+        session = sessions[organ] = InteractiveSession(image, "medsam_lite", device="cpu")
+        mask = session.click(next_click(np.zeros_like(truth), truth, image.spacing).point_ijk, label=1) == 1
+        facts[organ], scores[organ] = session.describe(), dice(mask, truth)
+        track = session.family.tracks[1]
+        decoded = [*track.ious.values(), *(v for part in track.parts for v in part.ious.values())]
+        assert len(decoded) >= 3
+        assert facts[organ]["predicted_iou"][1] == pytest.approx(np.mean(decoded), abs=1e-3)
+    assert scores["pancreas"] < 0.6 and scores["spleen"] > 0.9
+    limit = MedSAMSettings().unsure_iou
+    assert facts["pancreas"]["predicted_iou"][1] < limit <= facts["spleen"]["predicted_iou"][1]
+    assert "LiteMedSAM is unsure of label 1" in facts["pancreas"]["unsure"][1]
+    assert "draw a box" in facts["pancreas"]["unsure"][1] and facts["spleen"]["unsure"] == {}
+    # once the user corrects it (the walker on a correction click), the answer is not LiteMedSAM's alone
+    truth = labels == next(int(v) for v, name in names.items() if name == "pancreas")
+    click = next_click(sessions["pancreas"].mask == 1, truth, image.spacing)
+    sessions["pancreas"].click(click.point_ijk, label=1, positive=click.positive)
+    assert sessions["pancreas"].describe()["unsure"] == {}
+
+
 def test_encoder_precisions_give_the_same_spleen(spleen: tuple[Volume, np.ndarray]) -> None:
     """bfloat16 (``auto`` on a CPU with it in hardware, and on CUDA) and int8 (asked for, on an x86 CPU)
     against float32: the reference box on the largest slice decodes to the same spleen, and the shared cache

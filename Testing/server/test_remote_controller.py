@@ -360,5 +360,9 @@ def test_a_litemedsam_click_on_the_server_grows_in_the_preview_node_and_lands_in
         assert [slices for slices, _ in seen] == sorted(slices for slices, _ in seen)  # it grew
         assert seen[-1][0] <= int(mask.reshape(mask.shape[0], -1).any(axis=1).sum())
         assert controller.preview_node is None and not scene.GetNodesByName(PREVIEW_NAME).GetNumberOfItems()
+        # the session's facts again after the step, over JSON (labels as text): the spleen's answer is sure
+        controller.wait_all(WAIT_S)
+        predicted = {int(k): v for k, v in controller.session_facts["predicted_iou"].items()}
+        assert predicted[1] >= 0.78 and controller.unsure == {}
     finally:
         controller.close()

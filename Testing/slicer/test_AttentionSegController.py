@@ -493,3 +493,41 @@ def test_the_model_options_field_is_a_json_object_or_empty() -> None:
         parse_model_options("{prefetch_mm: 0}")
     with pytest.raises(ValueError, match="must be a JSON object of settings.*not list"):
         parse_model_options("[0]")
+
+
+def test_the_controller_names_the_segments_litemedsam_is_unsure_of(scene: Any, medsam_weights: Path,
+                                                                   ct_organ_slices: Any) -> None:
+    """After a click the controller takes the session's facts again: a segment whose predicted IoU lies
+    below ``unsure_iou`` is named with the engine's note (here ``unsure_iou`` 1, above any answer: the
+    spleen's is good); with the default, the spleen is not. A U-Net session takes no facts after a step."""
+    volume, truth = ct_organ_slices("spleen")
+    node = mrml.add_volume_node(scene, volume, "spleen slices")
+    for options, expected in (({"unsure_iou": 1.0}, True), ({}, False)):
+        controller = SegmentationController(scene)
+        try:
+            job = controller.wait(controller.start(node, "medsam_lite", device="cpu", model_options=options),
+                                  WAIT_S)
+            assert job.state is JobState.SUCCEEDED, job.error_message
+            assert controller.unsure == {}
+            segment_id = target(controller)
+            name = controller.segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+            job = controller.wait(click_at(controller, pancreas_voxel(truth), segment_id), WAIT_S)
+            assert job.state is JobState.SUCCEEDED, job.error_message
+            controller.wait_all(WAIT_S)
+            assert 0.78 <= controller.session_facts["predicted_iou"][1] < 1.0
+            if expected:
+                assert list(controller.unsure) == [name]
+                assert "LiteMedSAM is unsure of label 1" in controller.unsure[name]
+            else:
+                assert controller.unsure == {}
+        finally:
+            controller.close()
+
+
+def test_a_unet_session_queues_no_check_after_a_step(controller: SegmentationController,
+                                                     pancreas: np.ndarray) -> None:
+    """The U-Nets' facts report nothing a step changes: the controller keeps those of the start."""
+    facts = controller.session_facts
+    controller.wait(click_at(controller, pancreas_voxel(pancreas), target(controller)), WAIT_S)
+    controller.wait_all(WAIT_S)
+    assert controller.session_facts is facts and controller.unsure == {}

@@ -657,6 +657,28 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             raise ValueError(f"{path}: its state does not fit LiteMedSAM's decoder")
         self.source = str(path)
 
+    def predicted_iou(self, label: int) -> float | None:
+        """The decoder's predicted IoU of ``label``'s structure: the mean over the slices its last
+        propagation decoded (its parts' too); ``None`` before one."""
+        track = self.tracks.get(label)
+        if track is None:
+            return None
+        values = [v for t in (track, *track.parts) for v in t.ious.values()]
+        return float(np.mean(values)) if values else None
+
+    def unsure(self, label: int) -> str | None:
+        """Why LiteMedSAM is unsure of ``label``'s structure, and what to do, when its predicted IoU is below
+        ``unsure_iou`` (a pancreas after one click: 0.63-0.76; the other organs of the example CTs 0.88-0.93);
+        else ``None``, also once the walker has refined it (the answer is then the user's strokes' as much as
+        LiteMedSAM's)."""
+        value = self.predicted_iou(label)
+        limit = self.options.unsure_iou
+        if value is None or limit is None or value >= limit or label in self.refined:
+            return None
+        return (f"LiteMedSAM is unsure of label {label} (its predicted IoU {value:.2f} is below {limit:g}): "
+                "check it, and draw a box around the structure, give it bounds, or correct it with clicks "
+                "or scribbles")
+
     def cache_bounds(self) -> tuple[int, dict[str, int]]:
         """The most LiteMedSAM's caches hold (bytes), for the server's memory bound: this session's decoder
         tokens (``token_cache_mib``), and the image embeddings that every session of the process shares
@@ -679,5 +701,12 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             "last_strategy": self.last_strategy,
             "classes": "any 1..254",
             "structures": sorted(self.tracks),
+            # the decoder's own estimate of each structure's answer (mean over its decoded slices)
+            "predicted_iou": {
+                label: round(value, 3)
+                for label in sorted(self.tracks)
+                if (value := self.predicted_iou(label)) is not None
+            },
+            "unsure": {label: note for label in sorted(self.tracks) if (note := self.unsure(label))},
             **{k: round(v, 4) for k, v in self.timings().items()},
         }

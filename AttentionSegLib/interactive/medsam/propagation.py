@@ -103,6 +103,7 @@ class Propagation:
         probability = np.zeros(self.slices.shape, dtype=PROBABILITY_DTYPE)
         maps: dict[int, np.ndarray] = {}
         used: dict[int, tuple[float, float, float, float]] = {}
+        ious: dict[int, float] = {}  # the decoder's predicted IoU of each slice decoded and kept
         seeds: list[tuple[int, tuple[float, float, float, float] | None]] = [(track.anchor, track.box)]
         done: set[int] = set()
         intensity: tuple[float, float, float] | None = None
@@ -115,6 +116,7 @@ class Propagation:
                 if (kk - edge) * step > 0:
                     structure[kk], probability[kk] = False, 0.0
                     used.pop(kk, None)
+                    ious.pop(kk, None)
                     maps.pop(kk, None)
                     done.discard(kk)
 
@@ -132,7 +134,7 @@ class Propagation:
                 )
             if steps is not None:
                 steps.step()
-            first, prob, amap, chosen, _ = self._best(
+            first, prob, amap, chosen, first_iou = self._best(
                 k0, candidates, track.points.get(k0, []), marks=self._strokes_on(fg_marks, bg_marks, k0)
             )
             first = self._within(first, limits)
@@ -144,6 +146,8 @@ class Propagation:
             structure[k0], probability[k0], done = first, prob, done | {k0}
             if chosen is not None:
                 used[k0] = chosen
+            if np.isfinite(first_iou):
+                ious[k0] = first_iou
             if amap is not None:
                 maps[k0] = amap
             if steps is not None:
@@ -229,6 +233,8 @@ class Propagation:
                         maps[k] = amap
                     done.add(k)
                     walked.append((k, iou))
+                    if np.isfinite(iou):
+                        ious[k] = iou
                     if steps is not None:
                         steps.reached(structure)
             # Foreground scribbles on slices the structure did not reach start a propagation of their own.
@@ -238,6 +244,7 @@ class Propagation:
                     scribbled = {kk: b for kk, b in scribbled.items() if kk != k}
                     break
         track.boxes = used
+        track.ious = ious
         return structure, probability, maps
 
     @staticmethod

@@ -246,6 +246,16 @@ class MedSAMSettings:
             dip condition the cut also took a background stroke on a leak of a confident chain for a
             run-away (liver, spleen, kidney crops: round 1 fell from 0.92-0.95 to 0.59-0.68); the chains of
             the 10 CT organs dipped 0.00-0.12 below their median (the small pancreases 0.15-0.21).
+        unsure_iou: a structure whose decoded slices' predicted IoU (the decoder's own estimate of each
+            answer's IoU, averaged over the slices its last propagation decoded) is below this is reported
+            as one LiteMedSAM is unsure of (:meth:`.MedSAMFamily.unsure`, the session's ``describe()``, the
+            command line and the module say so, and what to do), until the walker has refined it; ``None``:
+            never. After one click (``benchmarks/interactive.py``, the robot's click at the deepest voxel;
+            ``results/interactive_unsure_ct.md``) the 4 pancreases of the example CTs (crops and whole;
+            Dice 0.25-0.40) had 0.63-0.76, the 16 other organs 0.88-0.93 (Dice 0.76-0.96). On cine MR it is
+            a weak signal (``results/interactive_unsure_acdc.md``): of 26 first answers on ACDC it called 6
+            unsure (5 of them Dice 0.02-0.71, one right ventricle 0.86) and missed two myocardia at Dice
+            0.28-0.30 (0.78-0.80) and two left ventricles at 0.15 and 0.29 (0.85-0.89).
     """
 
     window: list[float] | None = None
@@ -292,6 +302,7 @@ class MedSAMSettings:
     walker_margin_mm: float = 15.0
     walker_max_voxels: int = 500_000
     refuted_dip: float | None = 0.2
+    unsure_iou: float | None = 0.78
 
     def __post_init__(self) -> None:
         if self.refine_mode not in REFINE_MODES:
@@ -337,6 +348,8 @@ class MedSAMSettings:
             raise ValueError(f"fill_min_field must lie in [0, 1], got {self.fill_min_field!r}")
         if not self.fill_max_growth >= 0:
             raise ValueError(f"fill_max_growth must be >= 0, got {self.fill_max_growth!r}")
+        if self.unsure_iou is not None and not 0 <= self.unsure_iou <= 1:
+            raise ValueError(f"unsure_iou must lie in [0, 1] or be None, got {self.unsure_iou!r}")
         if self.refuted_dip is not None and not self.refuted_dip >= 0:
             raise ValueError(f"refuted_dip must be >= 0 or None, got {self.refuted_dip!r}")
         if self.min_field_of_view_mm is not None and not self.min_field_of_view_mm > 0:

@@ -24,14 +24,16 @@ PROBABILITY_DTYPE = np.float16
 @dataclass
 class Track:
     """One structure's prompts: where it was anchored (slice, box in slice pixels), its point prompts, the
-    box each slice was decoded with in the last propagation (``boxes``; empty until the first) and the parts
-    that correction clicks added, each a track of its own, propagated on its own and joined to it."""
+    box each slice was decoded with in the last propagation (``boxes``; empty until the first), the parts
+    that correction clicks added, each a track of its own, propagated on its own and joined to it, and the
+    decoder's predicted IoU of each slice the last propagation decoded (``ious``)."""
 
     anchor: int
     box: tuple[float, float, float, float] | None
     points: dict[int, list[tuple[float, float, int]]] = field(default_factory=dict)
     boxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
     parts: list[Track] = field(default_factory=list)
+    ious: dict[int, float] = field(default_factory=dict)  # slice -> predicted IoU, last propagation
 
 
 @dataclass(frozen=True)
