@@ -671,8 +671,10 @@ def click_run(segmenter: Any, target: Target, clicks: int) -> Run:
     mask = np.zeros(target.truth.shape, dtype=bool)
     for _ in range(clicks):
         click = next_click(mask, target.truth, target.image.spacing)
-        if click is None:
+        if click is None:  # nothing left to correct: the answer stands
             run.dice.append(run.dice[-1])
+            run.predicted_iou.append(run.predicted_iou[-1])
+            run.unsure.append(run.unsure[-1])
             continue
         started = time.perf_counter()
         mask = np.asarray(segmenter.click(click), dtype=bool)
