@@ -680,6 +680,37 @@ def test_a_structure_litemedsam_is_unsure_of_is_reported_with_what_to_do(totalse
     assert sessions["pancreas"].describe()["unsure"] == {}
 
 
+def test_a_part_stays_near_the_slices_the_structure_reached(totalseg_dir: Path) -> None:
+    """The liver of ``example_ct`` (whole CT), three robot clicks: the third, positive, adds a part whose
+    answer holds as much bowel as liver, and its propagation ran 36 slices below the liver (Dice 0.86).
+    Within ``part_reach_mm`` (15 mm: 5 slices) of the slices the structure's own propagation reached, it
+    stops 5 slices below (Dice 0.89)."""
+    _weights_or_skip()
+    names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
+    image = read_image(totalseg_dir / "example_ct.nii.gz")
+    truth = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array == next(
+        int(v) for v, name in names.items() if name == "liver")
+    reference = np.nonzero(truth.reshape(truth.shape[0], -1).any(axis=1))[0]
+
+    def three_clicks(options: dict[str, Any]) -> tuple[np.ndarray, InteractiveSession]:
+        session = InteractiveSession(image, "medsam_lite", device="cpu", model_options=options)
+        mask = np.zeros_like(truth)
+        for _ in range(3):
+            click = next_click(mask, truth, image.spacing)
+            mask = session.click(click.point_ijk, label=1, positive=click.positive) == 1
+        return mask, session
+
+    def beyond(mask: np.ndarray) -> int:
+        reached = np.nonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0]
+        return int(max(reference.min() - reached.min(), reached.max() - reference.max(), 0))
+
+    free, session = three_clicks({"part_reach_mm": None})
+    assert session.family.tracks[1].parts, "the third click adds a part"
+    held, _ = three_clicks({})
+    assert beyond(free) >= 20 and beyond(held) <= 5
+    assert dice(held, truth) > dice(free, truth) + 0.01
+
+
 def test_encoder_precisions_give_the_same_spleen(spleen: tuple[Volume, np.ndarray]) -> None:
     """bfloat16 (``auto`` on a CPU with it in hardware, and on CUDA) and int8 (asked for, on an x86 CPU)
     against float32: the reference box on the largest slice decodes to the same spleen, and the shared cache

@@ -392,8 +392,9 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         """A positive correction click off the structure: when LiteMedSAM's answer to the box the click
         stands for is mostly new on that slice (less than ``part_max_overlap`` of it on the structure) and no
         larger than the structure's largest cross-section, it becomes a part of the structure, propagated on
-        its own (:meth:`_chain`): a liver lobe or the body of a pancreas that the anchor's propagation never
-        reached. Returns whether a part was added."""
+        its own (:meth:`_chain`; within ``part_reach_mm`` of the slices the structure's own propagation
+        reached): a liver lobe or the body of a pancreas that the anchor's propagation never reached. Returns
+        whether a part was added."""
         if self.options.part_max_overlap <= 0:
             return False
         box = self.box_from_click(k, x, y)

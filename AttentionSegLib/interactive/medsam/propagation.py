@@ -51,10 +51,11 @@ class Propagation:
         structure, probability, maps = self._chain(
             track, limits, fg_marks, bg_marks, self._scribbled_slices(fg_marks), steps
         )
+        part_limits = self._part_limits(structure, limits) if track.parts else limits
         for part in track.parts:
             if steps is not None:
                 steps.show = self._shows(label, steps, structure)
-            more, more_probability, more_maps = self._chain(part, limits, fg_marks, bg_marks, {}, steps)
+            more, more_probability, more_maps = self._chain(part, part_limits, fg_marks, bg_marks, {}, steps)
             structure |= more
             np.maximum(probability, more_probability, out=probability)
             for k, amap in more_maps.items():
@@ -62,6 +63,23 @@ class Propagation:
         self.structures[label] = structure
         self.probabilities[label] = probability
         self.attention[label] = maps
+
+    def _part_limits(
+        self, structure: np.ndarray, limits: tuple[int, int, float, float, float, float] | None
+    ) -> tuple[int, int, float, float, float, float] | None:
+        """Where a part's propagation may go: ``limits``, and within ``part_reach_mm`` of the slices the
+        structure's own propagation reached (all of them where it reached none)."""
+        reached = np.nonzero(structure.reshape(structure.shape[0], -1).any(axis=1))[0]
+        reach_mm = self.options.part_reach_mm
+        if reach_mm is None or not len(reached):
+            return limits
+        spacing = self.grid.context.model.spacing
+        step = float(spacing[2]) if len(spacing) > 2 else 1.0
+        reach = int(np.ceil(reach_mm / max(step, 1e-6) - 1e-6))
+        h, w = self.slices.shape[1:]
+        bounded = limits if limits is not None else (0, self.slices.shape[0] - 1, 0.0, 0.0, w - 1.0, h - 1.0)
+        return (max(bounded[0], int(reached[0]) - reach), min(bounded[1], int(reached[-1]) + reach),
+                *bounded[2:])
 
     def _shows(
         self, label: int, steps: SliceSteps, joined: np.ndarray | None = None
