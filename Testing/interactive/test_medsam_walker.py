@@ -134,3 +134,51 @@ def test_a_region_over_the_budget_is_walked_coarse_and_answers_as_the_fine_walk(
     assert dice(answers[20_000], truth) >= dice(answers[0], truth) - 0.03
     with pytest.raises(ValueError, match="walker_max_voxels"):
         MedSAMSettings(walker_max_voxels=-1)
+
+
+def test_corrections_of_a_structure_litemedsam_is_unsure_of_lean_on_the_strokes(
+    ct_organ_slices: Callable[..., tuple[Volume, np.ndarray]], medsam_weights, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a click on the pancreas of the example CT (6 mm slices) LiteMedSAM is unsure (its predicted IoU
+    below ``unsure_iou``), of the spleen it is sure. The first walk on the robot's strokes weighs its answer
+    as ever; a later one, correcting it, at most by ``walker_gamma_unsure`` (scaled by the same trust), so
+    its weight (the walker's ``prior_gamma``, seen by a spy that changes nothing) is lower than with the
+    option off (``None``). The spleen's corrections are weighed the same either way."""
+    from benchmarks.robot import correction_scribble, next_click
+
+    seen: list[float] = []
+    fit = online_head.fit_online_head
+
+    def spy(*args, **kwargs):  # records the prior's weight of each walk, changes nothing
+        seen.append(float(kwargs["settings"].prior_gamma))
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(online_head, "fit_online_head", spy)
+    limit = MedSAMSettings().unsure_iou
+    assert limit is not None
+    for organ in ("pancreas", "spleen"):
+        image, truth = ct_organ_slices(organ)
+        weights = {}
+        for unsure in (None, MedSAMSettings().walker_gamma_unsure):
+            session = InteractiveSession(image, "medsam_lite", device="cpu",
+                                         model_options={"walker_gamma_unsure": unsure})
+            click = next_click(np.zeros(truth.shape, dtype=bool), truth, image.spacing)
+            mask = session.click(click.point_ijk, label=1) == 1
+            iou = session.family.predicted_iou(1)
+            assert iou is not None and (iou < limit) == (organ == "pancreas")
+            seen.clear()
+            for _ in range(2):
+                strokes = correction_scribble(mask, truth)
+                assert strokes is not None
+                session.add_scribbles(strokes)
+                mask = session.refine(time_budget_s=5.0) == 1
+            assert len(seen) == 2
+            weights[unsure] = list(seen)
+        off, on = weights[None], weights[MedSAMSettings().walker_gamma_unsure]
+        assert on[0] == pytest.approx(off[0])  # the first walk: LiteMedSAM's answer weighed as ever
+        if organ == "pancreas":
+            assert on[1] < off[1] and on[1] <= MedSAMSettings().walker_gamma_unsure
+        else:
+            assert on[1] == pytest.approx(off[1])
+    with pytest.raises(ValueError, match="walker_gamma_unsure"):
+        MedSAMSettings(walker_gamma_unsure=0.0)

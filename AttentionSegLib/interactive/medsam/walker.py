@@ -40,8 +40,9 @@ class Walker:
         structure's strokes 1, every other stroke 0), ``p`` is LiteMedSAM's foreground probability on every
         slice it reached and 0 elsewhere, ``L`` the image's graph Laplacian on the windowed slices. Where no
         stroke is near, LiteMedSAM's answer stands; a correction pulls its neighbourhood along the image's
-        edges, across slices too, which the decoder could not learn from a few strokes (the pancreas,
-        whose boxes hold as much bowel as pancreas). On a grid fine enough for a band (2 mm), the online
+        edges, across slices too, which the decoder could not learn from a few strokes (the pancreas, whose
+        boxes hold as much bowel as pancreas). A structure LiteMedSAM is unsure of weighs its answer less once
+        the user corrects it (:meth:`_corrects_unsure`). On a grid fine enough for a band (2 mm), the online
         head decides the band at the walker's edge, with LiteMedSAM's probability among its features
         (:func:`.adapt.online_head.fit_online_head`). ``credit``: :func:`prior_trust`'s (a correction click
         passes ``walker_trust_credit``). ``one_sided`` (a correction click): the walker changes LiteMedSAM's
@@ -78,6 +79,8 @@ class Walker:
             trust = prior_trust(p > 0.5, targets, credit)
             trust = trust**self.options.walker_trust
             low, high = self.options.walker_gamma_min, self.options.walker_gamma
+            if self._corrects_unsure(label):
+                high = min(high, max(low, float(self.options.walker_gamma_unsure)))
             head_settings = replace(head_settings, prior_gamma=low + max(high - low, 0.0) * trust)
             volume_like = self.slices.shape[0] > 1
             kernel = coarsening(image.shape, spacing, self.options.walker_max_voxels)
@@ -120,6 +123,15 @@ class Walker:
             self.refined[label] = self._within(mask, self._limits(label, view, fg))
             walked += 1
         return walked
+
+    def _corrects_unsure(self, label: int) -> bool:
+        """Whether this walk corrects (the walker has refined ``label`` before) a structure LiteMedSAM is
+        unsure of (its predicted IoU below ``unsure_iou``): its strokes then outweigh LiteMedSAM's answer
+        (``walker_gamma_unsure``)."""
+        if self.options.walker_gamma_unsure is None or self.options.unsure_iou is None:
+            return False
+        value = self.predicted_iou(label)
+        return label in self.refined and value is not None and value < self.options.unsure_iou
 
     def _walk_region(self, mask: np.ndarray, spacing: Sequence[float]) -> tuple[slice, ...] | None:
         """The box of ``mask`` grown by ``walker_margin_mm`` (at least one slice across), clipped."""
