@@ -141,9 +141,11 @@ def test_corrections_of_a_structure_litemedsam_is_unsure_of_lean_on_the_strokes(
 ) -> None:
     """After a click on the pancreas of the example CT (6 mm slices) LiteMedSAM is unsure (its predicted IoU
     below ``unsure_iou``), of the spleen it is sure. The first walk on the robot's strokes weighs its answer
-    as ever; a later one, correcting it, at most by ``walker_gamma_unsure`` (scaled by the same trust), so
-    its weight (the walker's ``prior_gamma``, seen by a spy that changes nothing) is lower than with the
-    option off (``None``). The spleen's corrections are weighed the same either way."""
+    as ever; a later one, correcting it with foreground strokes on two slices or more (the click's disk and
+    the robot's strokes), at most by ``walker_gamma_unsure`` (scaled by the same trust), so its weight (the
+    walker's ``prior_gamma``, seen by a spy that changes nothing) is lower than with the option off
+    (``None``). The spleen's corrections are weighed the same either way. (Strokes on one slice alone keep
+    the full weight: ``test_a_background_stroke_on_a_run_away_cuts_it_where_the_decoder_doubted``.)"""
     from benchmarks.robot import correction_scribble, next_click
 
     seen: list[float] = []
