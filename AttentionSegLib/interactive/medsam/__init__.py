@@ -48,11 +48,11 @@ Here a click or a box on one slice becomes the structure in 3D:
   0.003: 0.829 / 0.872 / 0.891 / 0.902 (pancreas 0.50 / 0.63 / 0.68 / 0.73), trust-scaled ``γ = 0.02 J²``:
   0.899 (pancreas 0.71); the default ``γ = 0.003 + 0.017 J²`` in the recorded runs, with the later prompt
   changes: 0.903 (pancreas 0.693, ``results/interactive_unsure_walker_before_ct_crop.json``), and with at most
-  ``0.003 + 0.002 J²`` once the user corrects a structure LiteMedSAM is unsure of
-  (``MedSAMSettings.walker_gamma_unsure``): 0.912 (pancreas 0.736, ``results/interactive_medsam_ct.json``).
-  Only a trust-scaled weight kept one background stroke from carving a third of a well-found spleen away (the
-  spleen of ``Testing/interactive/test_medsam.py``, 6 mm slices: Dice 0.93 -> 0.86 after the stroke with a
-  fixed ``γ = 0.003``, 0.94 -> 0.95 trust-scaled).
+  ``0.003 + 0.002 J²`` once the user corrects a structure LiteMedSAM is unsure of with foreground strokes on
+  two slices or more (``MedSAMSettings.walker_gamma_unsure``): 0.912 (pancreas 0.736,
+  ``results/interactive_medsam_ct.json``). Only a trust-scaled weight kept one background stroke from carving
+  a third of a well-found spleen away (the spleen of ``Testing/interactive/test_medsam.py``, 6 mm slices: Dice
+  0.93 -> 0.86 after the stroke with a fixed ``γ = 0.003``, 0.94 -> 0.95 trust-scaled).
 * **Refine = the decoder learns this image** (``refine_mode="decoder"``; the session's ``strategy=
   "finetune"``). Scribbles on any slice fine-tune the mask decoder's head (its
   hypernetwork MLPs and IoU head, on the transformer's cached output; partial cross-entropy on the scribbled
