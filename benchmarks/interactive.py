@@ -415,18 +415,13 @@ class SessionSegmenter:
         self.session.add_scribbles(self._session_map(strokes))
         return self.session.refine(time_budget_s=self.time_budget_s) == self.label
 
-    def predicted_iou(self) -> float | None:
-        """The model's own estimate of the structure's answer (LiteMedSAM's predicted IoU), if it has one."""
-        value = self.session.describe().get("predicted_iou", {}).get(self.label)
-        return None if value is None else float(value)
-
-    def unsure(self) -> bool | None:
-        """Whether the model says it is unsure of the structure's answer (LiteMedSAM: ``unsure_iou``);
-        ``None`` while it has given none (a click it refused: the refusal says so)."""
+    def own_word(self) -> tuple[float | None, bool | None]:
+        """The model's own estimate of the structure's answer (LiteMedSAM's predicted IoU) and whether it
+        says it is unsure of it (``unsure_iou``); ``(None, None)`` while it has given none (a click it
+        refused: the refusal says so)."""
         facts = self.session.describe()
-        if self.label not in facts.get("predicted_iou", {}):
-            return None
-        return self.label in facts.get("unsure", {})
+        value = facts.get("predicted_iou", {}).get(self.label)
+        return (None, None) if value is None else (float(value), self.label in facts.get("unsure", {}))
 
     def click(self, click: RobotClick) -> np.ndarray:
         try:
@@ -680,9 +675,10 @@ def click_run(segmenter: Any, target: Target, clicks: int) -> Run:
         mask = np.asarray(segmenter.click(click), dtype=bool)
         run.seconds.append(time.perf_counter() - started)
         run.dice.append(dice(mask, target.truth))
-        estimate, unsure = getattr(segmenter, "predicted_iou", None), getattr(segmenter, "unsure", None)
-        run.predicted_iou.append(estimate() if callable(estimate) else None)
-        run.unsure.append(unsure() if callable(unsure) else None)
+        own_word = getattr(segmenter, "own_word", None)
+        estimate, unsure = own_word() if callable(own_word) else (None, None)
+        run.predicted_iou.append(estimate)
+        run.unsure.append(unsure)
     return run
 
 

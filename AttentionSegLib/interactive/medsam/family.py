@@ -667,16 +667,21 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         values = [v for t in (track, *track.parts) for v in t.ious.values()]
         return float(np.mean(values)) if values else None
 
+    def doubted_iou(self, label: int) -> float | None:
+        """``label``'s predicted IoU (:meth:`predicted_iou`) when below ``unsure_iou``, else ``None``."""
+        value, limit = self.predicted_iou(label), self.options.unsure_iou
+        return value if value is not None and limit is not None and value < limit else None
+
     def unsure(self, label: int) -> str | None:
         """Why LiteMedSAM is unsure of ``label``'s structure, and what to do, when its predicted IoU is below
         ``unsure_iou`` (a pancreas after one click: 0.63-0.76; the other organs of the example CTs 0.88-0.93);
         else ``None``, also once the walker has refined it (the answer is then the user's strokes' as much as
         LiteMedSAM's)."""
-        value = self.predicted_iou(label)
-        limit = self.options.unsure_iou
-        if value is None or limit is None or value >= limit or label in self.refined:
+        value = self.doubted_iou(label)
+        if value is None or label in self.refined:
             return None
-        return (f"LiteMedSAM is unsure of label {label} (its predicted IoU {value:.2f} is below {limit:g}): "
+        return (f"LiteMedSAM is unsure of label {label} (its predicted IoU {value:.2f} is below "
+                f"{self.options.unsure_iou:g}): "
                 "check it, and draw a box around the structure, give it bounds, or correct it with clicks "
                 "or scribbles")
 

@@ -131,12 +131,9 @@ class Walker:
         slice say nothing of the others, where LiteMedSAM's answer must still carry the structure (a
         background stroke that cut a pancreas's run-away left its 2-voxel stroke alone to hold it: Dice
         0.25 with LiteMedSAM's answer at full weight, 0.09 without)."""
-        if self.options.walker_gamma_unsure is None or self.options.unsure_iou is None:
+        if self.options.walker_gamma_unsure is None or label not in self.refined:
             return False
-        if label not in self.refined or int(fg.reshape(fg.shape[0], -1).any(axis=1).sum()) < 2:
-            return False
-        value = self.predicted_iou(label)
-        return value is not None and value < self.options.unsure_iou
+        return int(fg.reshape(fg.shape[0], -1).any(axis=1).sum()) >= 2 and self.doubted_iou(label) is not None
 
     def _walk_region(self, mask: np.ndarray, spacing: Sequence[float]) -> tuple[slice, ...] | None:
         """The box of ``mask`` grown by ``walker_margin_mm`` (at least one slice across), clipped."""
