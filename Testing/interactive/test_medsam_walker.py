@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from AttentionSegLib import InteractiveSession
 from AttentionSegLib.interactive.adapt import online_head
@@ -46,6 +47,36 @@ def test_a_correction_changes_only_the_pieces_that_touch_a_stroke_of_their_kind(
     # 2D (8-connected): no stroke on slice 1, so the answer before stands; slice 3's stroke adds its piece.
     assert np.array_equal(stroke_connected_changes(answer[1], before[1], targets[1]), before[1])
     assert np.array_equal(stroke_connected_changes(answer[3], before[3], targets[3]), before[3] | answer[3])
+
+
+def test_a_negative_click_on_a_leak_past_the_structure_does_not_shave_the_other_slices() -> None:
+    """The walker's answer to a background stroke on a leak (slice 0, past the structure's end) also shaves
+    the rim of every other slice; those rims touch the leak's removal (26-connected) but are a minority of
+    the answer on their slices, so they stay: only the leak goes. A run-away's cross-sections, all of the
+    answer on their slices, all go (the click is on the first of them)."""
+    before = np.zeros((6, 16, 16), dtype=bool)
+    before[0, 2:14, 2:14] = True  # the leak past the structure's end
+    before[1:, 3:13, 3:13] = True  # the structure
+    answer = before.copy()
+    answer[0] = False  # the leak taken away
+    answer[1:, 3, :] = answer[1:, 12, :] = False  # and a rim shaved off every slice beyond it
+    answer[1:, :, 3] = answer[1:, :, 12] = False
+    targets = np.full(before.shape, IGNORE_INDEX, dtype=np.uint8)
+    targets[0, 8, 8] = 0
+    result = stroke_connected_changes(answer, before, targets)
+    assert not result[0].any()
+    assert np.array_equal(result[1:], before[1:])
+    # 26-connected pieces, as before, would have shaved them: the test can tell the two apart.
+    pieces, _ = ndimage.label(before & ~answer, np.ones((3, 3, 3), dtype=bool))
+    assert pieces[1, 3, 3] == pieces[0, 8, 8]
+    # A run-away: its cross-sections on slices 0-2 are all of the answer there and all go.
+    runaway = before.copy()
+    runaway[1:3] = False
+    runaway[1:3, 3:13, 3:13] = True
+    gone = runaway.copy()
+    gone[0:3] = False
+    gone[3:] = before[3:]
+    assert not stroke_connected_changes(gone, runaway, targets)[0:3].any()
 
 
 def test_the_finest_axis_is_coarsened_first_until_the_region_fits() -> None:
