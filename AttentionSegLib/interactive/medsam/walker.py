@@ -46,8 +46,9 @@ class Walker:
         head decides the band at the walker's edge, with LiteMedSAM's probability among its features
         (:func:`.adapt.online_head.fit_online_head`). ``credit``: :func:`prior_trust`'s (a correction click
         passes ``walker_trust_credit``). ``one_sided`` (a correction click): the walker changes LiteMedSAM's
-        answer only in the connected pieces of the change that touch a stroke of their kind (with strokes of
-        one kind only it so only adds, or only takes away). Returns how many structures were walked.
+        answer only in the pieces of the change that a stroke of their kind reaches
+        (:func:`stroke_connected_changes`; with strokes of one kind only it so only adds, or only takes
+        away). Returns how many structures were walked.
         """
         from ..adapt.online_head import OnlineHeadSettings, fit_online_head
 
@@ -107,14 +108,16 @@ class Walker:
                 answer = coarse.answer(result.labels.reshape(walked_image.shape),
                                        result.probabilities[1].reshape(walked_image.shape), targets)
                 answer = answer if volume_like else answer[0]
-            # A correction click changes LiteMedSAM's answer only in the connected pieces of the change that
-            # touch a stroke of their kind (:func:`stroke_connected_changes`): with clicks of one kind only a
+            # A correction click changes LiteMedSAM's answer only in the pieces of the change that a stroke
+            # of their kind reaches (:func:`stroke_connected_changes`): with clicks of one kind only a
             # positive click only adds, a negative one only takes away. The walker's smoothing otherwise
             # shaved LiteMedSAM's answer far from any click: on a whole ACDC volume a positive click on the
             # apex took the left ventricle from 0.96 to 0.91, every slice losing its rim (0.95 with clicks of
             # one kind); on the whole example CT a third, negative click on the pancreas's run-away erased
-            # its head 40-55 mm away (Dice 0.47 -> 0.35; 0.54 now). Not for scribbles: there that smoothing
-            # also took back leaks (round 0 of two right ventricles, 0.79 -> 0.77 with it).
+            # its head 40-55 mm away (Dice 0.47 -> 0.35; 0.54 now). What a negative click takes away goes
+            # on to the other slices only where it is most of the answer there (a run-away), not as the
+            # rims the smoothing shaves off them. Not for scribbles: there that smoothing also took back
+            # leaks (round 0 of two right ventricles, 0.79 -> 0.77 with it).
             if one_sided:
                 before = structure[region] if volume_like else structure[region][0]
                 answer = stroke_connected_changes(answer, before, targets if volume_like else targets[0])
