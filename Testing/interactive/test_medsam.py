@@ -32,6 +32,8 @@ from AttentionSegLib.interactive.medsam import (
     NoStructureAtClick,
     SliceSteps,
     air_around_body,
+    bounding_box,
+    distinct_boxes,
     looks_like_ct,
     prior_trust,
 )
@@ -97,6 +99,32 @@ def test_a_click_gives_the_organ(clicked: InteractiveSession, spleen: tuple[Volu
     image, truth = spleen
     assert dice(clicked.mask == 1, truth) >= 0.8
     assert clicked.family.timings()["encoded_slices"] == 0  # the box test encoded these slices already
+
+
+def test_a_box_given_twice_is_decoded_once_with_the_answer_it_would_have_alone(
+    clicked: InteractiveSession, spleen: tuple[Volume, np.ndarray]
+) -> None:
+    """The propagation's margins of a small structure's box are all ``box_margin`` (the same box three times),
+    and the largest click boxes cut to a crop's edges are one box: each distinct box is decoded once."""
+    family = clicked.family
+    image, truth = spleen
+    k = int(np.argmax(family.slice_labels(truth.astype(np.uint8)).reshape(truth.shape[0], -1).sum(axis=1)))
+    small = family._grown((30.0, 20.0, 33.0, 23.0))  # 4 x 4 pixels: every margin is ``box_margin``
+    assert all(family._grown((30.0, 20.0, 33.0, 23.0), f) == small for f in family.options.margins)
+    other = family._grown(bounding_box(family.structures[1][k]))
+    assert distinct_boxes([small, other, small]) == ([small, other], [0, 1, 0])
+
+    before = family.decoded
+    masks, scores = family._decode_batch(k, [small, other, small])
+    assert family.decoded - before == 2
+    alone_masks, alone_scores = family._decode_batch(k, [other])
+    assert np.array_equal(masks[1], alone_masks[0]) and scores[1] == pytest.approx(alone_scores[0], abs=1e-4)
+    assert np.array_equal(masks[0], masks[2]) and scores[0] == scores[2]
+    assert not np.array_equal(masks[0], masks[1])
+
+    before = family.decoded
+    *_, chosen, _ = family._best(k, [small, small, small])
+    assert family.decoded - before == 1 and chosen == small
 
 
 def test_prefetch_encodes_the_slices_a_click_decodes_first(

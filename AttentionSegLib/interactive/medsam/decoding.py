@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...devices import autocast_to
-from .masks import air_around_body, stroke_agreement
+from .masks import air_around_body, distinct_boxes, stroke_agreement
 from .state import PROBABILITY_DTYPE
 
 #: The logit the air around the body gets (a probability of 2e-9).
@@ -135,6 +135,7 @@ class Decoding:
         0.66 on that slice; 0.87 without margin, 73 strokes covered)."""
         if not boxes:
             return (*self._mask(k, None, points), None, float("nan"))
+        boxes = distinct_boxes(boxes)[0]  # the first of equal answers would win either way
         names = [self._token_key(k, box, points) for box in boxes]
         cached = [self._tokens.get(name) for name in names]
         started = time.perf_counter()

@@ -49,6 +49,15 @@ def bounding_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     return float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())
 
 
+def distinct_boxes(boxes: Sequence[Sequence[float]]) -> tuple[list[tuple[float, ...]], list[int]]:
+    """The distinct boxes of ``boxes`` in the order first given, and for each box given the index of its
+    distinct one: a box given twice is decoded once (the margins of a small structure's box are all
+    ``box_margin``; the largest click boxes cut to a crop's edges are one box)."""
+    index: dict[tuple[float, ...], int] = {}
+    order = [index.setdefault(tuple(float(v) for v in box), len(index)) for box in boxes]
+    return list(index), order
+
+
 def prior_trust(inside: np.ndarray, targets: np.ndarray, credit: float = 0.0) -> float:
     """How far the strokes confirm a prior's mask: Youden's J = sensitivity + specificity - 1 of
     ``inside`` on the foreground (``targets == 1``) and background (``0``) strokes, clipped to [0, 1]; with

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .masks import _box_iou, bounding_box, stroke_agreement
+from .masks import _box_iou, bounding_box, distinct_boxes, stroke_agreement
 
 
 class NoStructureAtClick(ValueError):
@@ -128,16 +128,19 @@ class Prompts:
         return best
 
     def _decode_batch(self, k: int, boxes: Sequence[Sequence[float]]) -> tuple[list[np.ndarray], list[float]]:
-        """Masks (slice grid) and predicted IoUs of several boxes on slice ``k``, in one decoder call."""
-        embedding = self._encode(k).to(self.device, torch.float32)[None].expand(len(boxes), -1, -1, -1)
-        prompt = torch.from_numpy(self.transform.box_to_model(np.asarray(boxes, dtype=np.float32)))
+        """Masks (slice grid) and predicted IoUs of several boxes on slice ``k``, in one decoder call (a box
+        given twice, as the largest click boxes cut to a crop's edges are, is decoded once)."""
+        unique, order = distinct_boxes(boxes)
+        embedding = self._encode(k).to(self.device, torch.float32)[None].expand(len(unique), -1, -1, -1)
+        prompt = torch.from_numpy(self.transform.box_to_model(np.asarray(unique, dtype=np.float32)))
         started = time.perf_counter()
         with torch.no_grad(), self._decoder_autocast():
             out = self.network.decode(embedding, boxes=prompt)
             logits = self._slice_logits(k, out.logits[:, 0].float())
         self.decode_seconds += time.perf_counter() - started
-        self.decoded += len(boxes)
-        return list((logits > 0).cpu().numpy()), [float(v) for v in out.iou[:, 0]]
+        self.decoded += len(unique)
+        masks, scores = list((logits > 0).cpu().numpy()), [float(v) for v in out.iou[:, 0]]
+        return [masks[i] for i in order], [scores[i] for i in order]
 
     @staticmethod
     def _component_at(mask: np.ndarray, x: float, y: float) -> np.ndarray | None:
