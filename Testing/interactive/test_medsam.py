@@ -630,13 +630,20 @@ def test_a_background_stroke_on_a_run_away_cuts_it_where_the_decoder_doubted(tot
     cross-section leaves a 2-voxel stroke) propagates from the pancreas's 19 slices to the pelvis; its
     background stroke on that run-away (slice 17) cuts the propagation where the decoder's predicted IoU was
     lowest, near the pancreas (0.56 against a median of 0.87). Before (``refuted_dip=None``) the stroke
-    removed that slice's part alone: the structure still spanned the CT, Dice 0.002."""
+    removed that slice's part alone: the structure still spanned the CT, Dice 0.002.
+
+    One margin per propagated box (``margins``), float32: with three, the margin whose answer agrees best
+    with the stroke may leave it out (on an Intel Xeon with AMX the chain then went on through slice 67
+    unrefuted, round 1 Dice 0.010, in bfloat16 and in float32), and what this test holds is the cut once the
+    stroke refutes the chain. Measured on that Xeon: round 0 reaches slice 37 (float32; 59 in bfloat16), the
+    stroke cuts it at 93, Dice 0.229."""
     _weights_or_skip()
     names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
     value = next(int(v) for v, name in names.items() if name == "pancreas")
     image = read_image(totalseg_dir / "example_ct.nii.gz")
     truth = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array == value
-    session = InteractiveSession(image, "medsam_lite", device="cpu")
+    options = {"margins": [0.1], "encoder_precision": "float32"}
+    session = InteractiveSession(image, "medsam_lite", device="cpu", model_options=options)
     session.add_scribbles(initial_scribbles(truth))
     mask = session.refine(time_budget_s=10.0) == 1
     reference = np.nonzero(truth.reshape(truth.shape[0], -1).any(axis=1))[0]
@@ -655,7 +662,12 @@ def test_a_chain_whose_masks_the_embedding_tells_from_the_anchors_ends_there(tot
     check (``min_similarity`` 0) the chain runs on from the pancreas's end onto a structure of similar
     intensity, 12 slices beyond; with it, it ends where two decoded slices in a row are unlike the anchor's
     mask (cosine of their signatures below 0.5), a few slices beyond, and the Dice rises. The spleen's
-    chain, whose last slices are small, is the same either way."""
+    chain, whose last slices are small, is the same either way.
+
+    The pancreas's chains run without the overlap check (``min_overlap`` 0): on some CPUs it ends the chain
+    at slice 98, where the next mask shares 3 pixels with the last, before the embedding's check is reached
+    (an Intel Xeon with AMX, in bfloat16 and in float32; not an AMD EPYC). Measured on that Xeon: 12 slices
+    beyond without the embedding's check (Dice 0.322), 2 with it (0.398)."""
     _weights_or_skip()
     names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
     image = read_image(totalseg_dir / "example_ct.nii.gz")
@@ -670,8 +682,8 @@ def test_a_chain_whose_masks_the_embedding_tells_from_the_anchors_ends_there(tot
         beyond = int((reached < reference.min()).sum() + (reached > reference.max()).sum())
         return beyond, dice(mask, truth)
 
-    unchecked, unchecked_dice = beyond_and_dice("pancreas", {"min_similarity": 0.0})
-    checked, checked_dice = beyond_and_dice("pancreas", {})
+    unchecked, unchecked_dice = beyond_and_dice("pancreas", {"min_similarity": 0.0, "min_overlap": 0.0})
+    checked, checked_dice = beyond_and_dice("pancreas", {"min_overlap": 0.0})
     assert unchecked >= 8 and checked <= 4 and checked_dice > unchecked_dice + 0.03
     assert beyond_and_dice("spleen", {"min_similarity": 0.0}) == beyond_and_dice("spleen", {})
 
