@@ -632,18 +632,16 @@ def test_a_background_stroke_on_a_run_away_cuts_it_where_the_decoder_doubted(tot
     lowest, near the pancreas (0.56 against a median of 0.87). Before (``refuted_dip=None``) the stroke
     removed that slice's part alone: the structure still spanned the CT, Dice 0.002.
 
-    One margin per propagated box (``margins``), float32: with three, the margin whose answer agrees best
-    with the stroke may leave it out (on an Intel Xeon with AMX the chain then went on through slice 67
-    unrefuted, round 1 Dice 0.010, in bfloat16 and in float32), and what this test holds is the cut once the
-    stroke refutes the chain. Measured on that Xeon: round 0 reaches slice 37 (float32; 59 in bfloat16), the
-    stroke cuts it at 93, Dice 0.229."""
+    Where the stroke lies (slice 67 on an Intel Xeon with AMX, 53 pixels) the margin whose answer agreed best
+    with it covered 23 of them, the slice before's mask 46: judged by the answer alone the chain was not
+    refuted and the run-away went on (round 1 Dice 0.010); judged by the slice before's too
+    (:meth:`.MedSAMFamily._refuted`) it is cut at 93 (Dice 0.248)."""
     _weights_or_skip()
     names = json.loads((totalseg_dir / "labels.json").read_text())["total"]
     value = next(int(v) for v, name in names.items() if name == "pancreas")
     image = read_image(totalseg_dir / "example_ct.nii.gz")
     truth = read_image(totalseg_dir / "example_seg_fast_force_split.nii.gz").array == value
-    options = {"margins": [0.1], "encoder_precision": "float32"}
-    session = InteractiveSession(image, "medsam_lite", device="cpu", model_options=options)
+    session = InteractiveSession(image, "medsam_lite", device="cpu")
     session.add_scribbles(initial_scribbles(truth))
     mask = session.refine(time_budget_s=10.0) == 1
     reference = np.nonzero(truth.reshape(truth.shape[0], -1).any(axis=1))[0]
@@ -1128,6 +1126,28 @@ def test_a_refuted_propagation_is_cut_at_its_trough_of_doubt_only() -> None:
     assert MedSAMFamily._cut(family, trough, 70, 0.9) is None
     with pytest.raises(ValueError, match="refuted_dip"):
         MedSAMSettings(refuted_dip=-0.1)
+
+
+def test_a_background_stroke_refutes_the_structure_the_chain_brought_to_its_slice() -> None:
+    """``MedSAMFamily._refuted``: most of a slice's background stroke on its answer, or on the answer of the
+    slice before (a margin whose answer leaves the stroke out is still the structure the chain brought
+    there); never where the slice has a foreground stroke, nor where neither answer holds the stroke."""
+    bg = np.zeros((3, 8, 8), bool)
+    bg[1, 2:4, 2:6] = True  # 8 pixels on slice 1
+    fg = np.zeros_like(bg)
+    previous = np.zeros((8, 8), bool)
+    previous[1:5, 1:7] = True  # holds the whole stroke
+    dodging = np.zeros((8, 8), bool)
+    dodging[3:6, 1:7] = True  # holds 4 of its 8 pixels
+    shifted = np.roll(dodging, 1, axis=0)  # holds none
+    assert MedSAMFamily._refuted(dodging, fg, bg, 1)  # half of the stroke on the answer itself
+    assert not MedSAMFamily._refuted(shifted, fg, bg, 1)  # the answer alone leaves it out
+    assert MedSAMFamily._refuted(shifted, fg, bg, 1, previous)  # ... the chain brought it there
+    assert not MedSAMFamily._refuted(shifted, fg, bg, 1, np.zeros_like(previous))
+    assert not MedSAMFamily._refuted(previous, fg, bg, 0, previous)  # no stroke on slice 0
+    fg[1, 7, 7] = True
+    assert not MedSAMFamily._refuted(previous, fg, bg, 1, previous)  # the user marked the structure there
+    assert not MedSAMFamily._refuted(previous, None, None, 1, previous)
 
 
 def test_box_needs_a_box_prompted_model() -> None:

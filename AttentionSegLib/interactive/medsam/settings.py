@@ -261,17 +261,18 @@ class MedSAMSettings:
             the refine after a click took 4.7 s against 7.6 s (medians of the 5 organs; the liver 5.7 s
             against 18.4 s). The regions of the 3 mm example CTs (at most 270,000 voxels, the liver) are
             walked as they are.
-        refuted_dip: a propagated slice whose mask holds most of that slice's background strokes (and which
-            has no foreground stroke) says the propagation left the structure somewhere between its seed and
-            that slice. When the decoder's predicted IoU on that stretch fell at least this far below its
-            median, the propagation is cut at the slice where it was lowest (``None``: never). Without
-            bounds, the pancreas of ``example_ct`` (whole CT, scribbles) ran from its 19 slices to the pelvis
-            (100 slices, round 0 Dice 0.004): the chain left the pancreas where the predicted IoU fell to
-            0.56 and followed another structure the decoder was surer of (median 0.87); with the robot's
-            background strokes on it, 5 rounds ended at Dice 0.005, and with the cut at 0.707. Without the
-            dip condition the cut also took a background stroke on a leak of a confident chain for a
-            run-away (liver, spleen, kidney crops: round 1 fell from 0.92-0.95 to 0.59-0.68); the chains of
-            the 10 CT organs dipped 0.00-0.12 below their median (the small pancreases 0.15-0.21).
+        refuted_dip: a propagated slice whose mask, or the mask of the decoded slice before it, holds most of
+            that slice's background strokes (and which has no foreground stroke) says the propagation left the
+            structure somewhere between its seed and that slice. When the decoder's predicted IoU on that
+            stretch fell at least this far below its median, the propagation is cut at the slice where it was
+            lowest (``None``: never). Without bounds, the pancreas of ``example_ct`` (whole CT, scribbles) ran
+            from its 19 slices to the pelvis (100 slices, round 0 Dice 0.004): the chain left the pancreas
+            where the predicted IoU fell to 0.56 and followed another structure the decoder was surer of
+            (median 0.87); with the robot's background strokes on it, 5 rounds ended at Dice 0.005, and with
+            the cut at 0.707. Without the dip condition the cut also took a background stroke on a leak of a
+            confident chain for a run-away (liver, spleen, kidney crops: round 1 fell from 0.92-0.95 to
+            0.59-0.68); the chains of the 10 CT organs dipped 0.00-0.12 below their median (the small
+            pancreases 0.15-0.21).
         unsure_iou: a structure whose decoded slices' predicted IoU (the decoder's own estimate of each
             answer's IoU, averaged over the slices its last propagation decoded) is below this is reported
             as one LiteMedSAM is unsure of (:meth:`.MedSAMFamily.unsure`, the session's ``describe()``, the
