@@ -632,9 +632,9 @@ def test_a_background_stroke_on_a_run_away_cuts_it_where_the_decoder_doubted(tot
     lowest, near the pancreas (0.56 against a median of 0.87). Before (``refuted_dip=None``) the stroke
     removed that slice's part alone: the structure still spanned the CT, Dice 0.002.
 
-    Where the stroke lies (slice 67 on an Intel Xeon with AMX, 53 pixels) the margin whose answer agreed best
-    with it covered 23 of them, the slice before's mask 46: judged by the answer alone the chain was not
-    refuted and the run-away went on (round 1 Dice 0.010); judged by the slice before's too
+    On an Intel Xeon with AMX the robot's stroke lies on slice 67 of the image (53 pixels); the margin whose
+    answer agreed best with it covered 23 of them, the slice before's mask 46: judged by the answer alone the
+    chain was not refuted and the run-away went on (round 1 Dice 0.010); judged by the slice before's too
     (:meth:`.MedSAMFamily._refuted`) it is cut at 93 (Dice 0.248)."""
     _weights_or_skip()
     names = json.loads((totalseg_dir / "labels.json").read_text())["total"]

@@ -617,7 +617,7 @@ def test_prompts_on_one_slice_share_the_image_tokens_until_they_differ(model: Me
     assert seen["keys"] == [1]  # one copy per prompt: folded too
     assert shared.attention is not None and copies.attention is not None
     # float32 rounding: a batch of one embedding and one of three copies take different kernels (1.7e-5 at
-    # most on 4 of the 196,608 logits with an Intel Xeon's AMX; the two decoders agree to 1e-5 on an AMD EPYC)
+    # most, on 4 of the 196,608 logits, on an Intel Xeon with AMX; within 1e-5 on an AMD EPYC)
     torch.testing.assert_close(shared.logits, copies.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(shared.iou, copies.iou, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(shared.attention, copies.attention, atol=1e-7, rtol=1e-5)

@@ -73,9 +73,9 @@ def test_quantise_linears_replaces_every_linear_layer_in_place() -> None:
 def test_the_real_encoder_in_int8_gives_the_masks_of_float32(medsam_weights: Path) -> None:
     """All 40 linear layers of TinyViT in int8, on a CT phantom's slice (abdomen window, 256 x 256): the
     embedding moves by about a tenth (relative L2; 0.11-0.13 measured on slices of the example CT, bfloat16
-    0.05), and the box of each organ decodes to the mask float32's embedding gives (Dice 0.95 or more with
-    an AMD EPYC's VNNI kernels; 0.91-1.00 with an Intel Xeon's AMX, where the embedding moved by 0.135 and
-    organ 3, which float32 itself finds at Dice 0.84, came out at 0.75)."""
+    0.05), and the box of each organ decodes to the mask float32's embedding gives (Dice 0.95 or more on an
+    AMD EPYC with VNNI; 0.91-1.00 on an Intel Xeon with AMX, where the embedding moved by 0.135 and organ 3,
+    which float32 itself finds at Dice 0.84 against the phantom's label, came out at 0.75)."""
     model = load_medsam_lite(medsam_weights)
     encoder = model.image_encoder
     quantised = copy.deepcopy(encoder)
