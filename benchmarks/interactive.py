@@ -202,17 +202,24 @@ def _need(path: Path) -> Path:
     return path
 
 
-def acdc_targets(data: Path, limit: int | None, view: str = "crop") -> Iterator[Target]:
+def acdc_targets(data: Path, limit: int | None, view: str = "crop",
+                 spacing: Sequence[float] | None = None) -> Iterator[Target]:
     """ACDC validation volumes (patients 021-040, both frames), one target per
     structure, real round-0 scribbles.
 
     ``view="crop"``: cropped in-plane to the heart + ``ACDC_MARGIN``; ``"whole"``: the whole volume.
+    ``spacing`` (mm, ``X,Y,Z``): the voxel size the images are given instead of their files' 1, 1, 1 (the
+    source dropped it; ACDC's are 1.37-1.68 mm in-plane, slices 5-10 mm apart, Bernard et al., IEEE TMI
+    2018); only the header changes, not a voxel.
     """
     root = _need(data / "acdc-scribble")
     names = sorted(p.name.split(".")[0] for p in (root / "imagesTr").glob("patient*_frame*.nii.gz")
                    if int(p.name[7:10]) in ACDC_VALIDATION)
     for name in names[:limit]:
         image = read_image(root / "imagesTr" / f"{name}.nii.gz")
+        if spacing is not None:
+            image = Volume(image.array, spacing=tuple(spacing), origin=image.origin,
+                           direction=image.direction)
         labels = read_image(root / "labelsTr" / f"{name}.nii.gz").array
         scribbles = read_image(root / "scribblesTr" / f"{name}.nii.gz").array
         if view == "crop":
@@ -384,6 +391,7 @@ class SessionSegmenter:
         time_budget_s: budget of every refine.
         strategy: the session's refine strategy (``auto``: the online head on a CPU, fine-tuning on a GPU).
         model_options: LiteMedSAM's settings (``InteractiveSession(model_options=)``; ``--medsam-options``).
+        head_seconds: the online head's budget (``RefineSettings.head_seconds``; ``None``: its default).
 
     Attributes:
         preview: handed to every click (``InteractiveSession.click(preview=)``; ``benchmarks/medsam_speed.py``
@@ -392,10 +400,11 @@ class SessionSegmenter:
 
     def __init__(self, image: Volume, model: Any, *, label: int, device: str, time_budget_s: float,
                  seed: int = 0, strategy: str = "auto",
-                 model_options: Mapping[str, Any] | None = None) -> None:
+                 model_options: Mapping[str, Any] | None = None, head_seconds: float | None = None) -> None:
         more = {"model_options": model_options} if model_options else {}  # an older engine takes none
+        head = {} if head_seconds is None else {"head_seconds": head_seconds}
         self.session = InteractiveSession(image, model, device=device, seed=seed,
-                                          settings=RefineSettings(strategy=strategy), **more)
+                                          settings=RefineSettings(strategy=strategy, **head), **more)
         self.label = label
         self.time_budget_s = time_budget_s
         self.preview: Any = None
@@ -544,7 +553,7 @@ def plan_methods(dataset: str, methods: Sequence[str], args: argparse.Namespace)
                        f"refine {args.strategy} budget {budget:g} s, device {args.device}")
             plans[method] = MethodPlan(method, setting, lambda t, c=config: SessionSegmenter(
                 t.image, dict(c), label=1, device=args.device, time_budget_s=budget, seed=args.seed,
-                strategy=args.strategy))
+                strategy=args.strategy, head_seconds=args.head_seconds))
         elif method == "attentionseg_pretrained":
             plans[method] = _pretrained_plan(dataset, args)
         # the LiteMedSAM prior: click -> box, propagation; refine = random walker with its answer as prior
@@ -558,7 +567,7 @@ def plan_methods(dataset: str, methods: Sequence[str], args: argparse.Namespace)
                        + (f", options {json.dumps(options, sort_keys=True)}" if options else ""))
             plans[method] = MethodPlan(method, setting, lambda t, o=options: SessionSegmenter(
                 t.image, "medsam_lite", label=1, device=args.device, time_budget_s=budget, seed=args.seed,
-                strategy=args.strategy, model_options=o))
+                strategy=args.strategy, model_options=o, head_seconds=args.head_seconds))
         elif method == "grow_from_seeds":
             plans[method] = MethodPlan(method, "itk.FastGrowCut (itk-growcut), distance penalty 0",
                                        lambda t: SeedSegmenter(t.image, grow_from_seeds))
@@ -598,7 +607,8 @@ def _pretrained_plan(dataset: str, args: argparse.Namespace) -> MethodPlan:
         if label is None:
             return None
         return SessionSegmenter(target.image, model, label=label, device=args.device,
-                                time_budget_s=args.time_budget, seed=args.seed, strategy=args.strategy)
+                                time_budget_s=args.time_budget, seed=args.seed, strategy=args.strategy,
+                                head_seconds=args.head_seconds)
 
     return MethodPlan(method, setting, build)
 
@@ -862,11 +872,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="resample the CT and MR scans to this voxel size in mm first (linear; labels "
                              "nearest): thin slices (3,3,1.5) or a clinical CT's resolution (0.8,0.8,1.5) "
                              "emulated from the 3 mm examples; ACDC stays as it is")
+    parser.add_argument("--acdc-spacing", type=spacing_arg, default=None, metavar="X,Y,Z",
+                        help="give the ACDC volumes this voxel size in mm (the header only, no resampling): "
+                             "their files say 1,1,1, the source having dropped it; ACDC's slices lie 5-10 mm "
+                             "apart at 1.37-1.68 mm in-plane (e.g. 1.5625,1.5625,10)")
     parser.add_argument("--acquisition", choices=sorted(ACQUISITIONS), default="axial",
                         help="store the CT and MR scans as this view's slices (after --spacing), as a "
                              "coronal or sagittal acquisition is (e.g. --spacing 3,6,3 --acquisition "
                              "coronal: 6 mm coronal slices); ACDC stays as it is (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--head-seconds", type=float, default=None, metavar="S",
+                        help="the online head's training budget per refine (default: RefineSettings' 1 s). "
+                             "How many steps a budget buys depends on the machine's load; a large value "
+                             "(e.g. 1e6) lets the head take its max_steps always, for runs that must "
+                             "compare exactly (the random walker's band on ACDC's and other fine grids)")
     parser.add_argument("--medsam-options", type=_medsam_options, default=None, metavar="JSON",
                         help="LiteMedSAM's settings for attentionseg_medsam, a JSON object or a .json file, "
                              "e.g. '{\"slice_gap_mm\": 0}' (attentionseg models info medsam_lite lists them)")
@@ -876,6 +895,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.time_budget < 0:
         parser.error("--time-budget must be >= 0")
+    if args.head_seconds is not None and not args.head_seconds > 0:
+        parser.error("--head-seconds must be > 0")
     return args
 
 
@@ -890,7 +911,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     machine = machine_info(args.device)  # at the start: the commit that ran, not one made while it ran
     limit = args.limit or None
     organs = {"spacing": args.spacing, "acquisition": args.acquisition}
-    loaders = {"acdc_val": acdc_targets, "ct_organs": partial(ct_targets, **organs),
+    loaders = {"acdc_val": partial(acdc_targets, spacing=args.acdc_spacing),
+               "ct_organs": partial(ct_targets, **organs),
                "mr_organs": partial(mr_targets, **organs),
                "ct_structures": partial(ct_structure_targets, **organs)}
     records: list[dict[str, Any]] = []
@@ -961,8 +983,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "command": command,
         "settings": {"rounds": args.rounds, "clicks": args.clicks, "time_budget_s": args.time_budget,
                      "strategy": args.strategy, "medsam_options": args.medsam_options,
+                     "head_seconds": args.head_seconds,
                      "limit": args.limit, "datasets": args.datasets, "methods": args.methods,
                      "views": args.views, "structures": args.structures, "spacing": args.spacing,
+                     "acdc_spacing": args.acdc_spacing,
                      "acquisition": args.acquisition,
                      "acdc_validation_patients": [ACDC_VALIDATION.start, ACDC_VALIDATION.stop - 1],
                      "acdc_margin": ACDC_MARGIN, "ct_margin": ORGAN_MARGIN, "click_radius": CLICK_RADIUS,

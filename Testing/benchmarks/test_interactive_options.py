@@ -78,3 +78,21 @@ def test_medsam_speed_names_each_settings_encoder_precision() -> None:
     assert encoder_precisions(rows) == "bfloat16"
     rows[1]["encoder_precision"] = "int8"
     assert encoder_precisions(rows) == "bfloat16 (before) / int8 (now)"
+
+
+def test_head_seconds_reach_every_session_and_must_be_positive(capsys) -> None:
+    """``--head-seconds``: the online head's budget in every session of the run (``RefineSettings``), for
+    runs that must compare exactly whatever the machine's load; the engine's default without it."""
+    from AttentionSegLib.interactive import RefineSettings
+
+    image, labels, _ = make_abdominal_phantom(shape=(8, 32, 32), seed=1)
+    target = Target("ct_organs", "phantom", "organ", image, np.asarray(labels.array) > 0)
+    for argv, expected in ((["--head-seconds", "1e6"], 1e6), ([], RefineSettings().head_seconds)):
+        args = parse_args(["--methods", "attentionseg_untrained", *argv])
+        plan = plan_methods("ct_organs", ["attentionseg_untrained"], args)["attentionseg_untrained"]
+        assert plan.build is not None
+        assert plan.build(target).session.settings.head_seconds == expected
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit) as stopped:
+            parse_args(["--head-seconds", bad])
+        assert stopped.value.code == 2 and "--head-seconds must be > 0" in capsys.readouterr().err

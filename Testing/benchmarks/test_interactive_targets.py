@@ -137,3 +137,17 @@ def test_an_acquisition_stores_the_scans_as_that_views_slices(shared_data: Path,
         np.testing.assert_allclose(positions[0], positions[1], atol=1e-6)
         np.testing.assert_array_equal(np.sort(target.image.array, axis=None),
                                       np.sort(before.image.array, axis=None))
+
+
+@pytest.mark.shared_data
+def test_acdc_spacing_changes_the_header_alone(shared_data: Path) -> None:
+    """``--acdc-spacing``: the ACDC volumes keep every voxel and their crop, and say the given voxel size
+    instead of their files' 1, 1, 1."""
+    from benchmarks.interactive import acdc_targets
+
+    plain = next(iter(acdc_targets(shared_data, 1, "crop")))
+    given = next(iter(acdc_targets(shared_data, 1, "crop", spacing=(1.5625, 1.5625, 10.0))))
+    assert tuple(plain.image.spacing) == (1.0, 1.0, 1.0)
+    assert tuple(given.image.spacing) == (1.5625, 1.5625, 10.0)
+    assert np.array_equal(plain.image.array, given.image.array) and np.array_equal(plain.truth, given.truth)
+    assert given.name == plain.name and given.structure == plain.structure
