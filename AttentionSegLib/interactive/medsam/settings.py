@@ -187,7 +187,10 @@ class MedSAMSettings:
             366 mm wide). Measured on the 10 CT organ crops, reference box on every slice: 3D Dice 0.799
             at 300 mm, 0.846 at 360 mm, 0.837 at 400 mm, 0.832 at 450 mm, 0.728 at 200 mm; in
             ``benchmarks/interactive.py`` 300 -> 360 mm took one click from 0.740 to 0.775 and round 5 from
-            0.887 to 0.904. On the ACDC crops (MR) one click gave 0.553 at 300 mm and 0.499 at 360 mm. One
+            0.887 to 0.904. On the ACDC crops (MR) one click gave 0.553 at 300 mm and 0.499 at 360 mm
+            (files at 1 mm); at ACDC's own voxel size (``--acdc-spacing 1.5625,1.5625,10 --head-seconds
+            1e6``, 15 crops) 400 mm against 300 mm gave round 0 / 5 0.870 / 0.924 against 0.861 / 0.921,
+            but one / three clicks 0.562 / 0.638 against 0.591 / 0.649. One
             click on the 10 CT organ crops turns on it unpredictably, not smoothly: 0.773 at 360 mm, 0.707 at
             390 mm, 0.742 at 420 mm (at 420 mm the livers 0.91 / 0.92 against 0.88 / 0.90, the
             ``example_ct_sm`` right kidney 0.85 against 0.76, but the pancreases 0.04 against 0.27 / 0.25;

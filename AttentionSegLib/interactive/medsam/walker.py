@@ -180,7 +180,10 @@ def stroke_connected_changes(
     0.761). The trim going on only where the image looks like what the click took away (closer to its
     median than to the rest's) does not tell the two apart: the MR spleen's overreach has the spleen's
     intensity (median 0.088 against 0.066 of what stays, spread 0.16), so it went nowhere (MR crops 0.717
-    -> 0.726, the pancreas alone), while a left ventricle still lost 0.916 -> 0.867."""
+    -> 0.726, the pancreas alone), while a left ventricle still lost 0.916 -> 0.867. The trim rule only for a
+    structure LiteMedSAM doubts (``doubted_iou``; the spleen is sure, 0.90) moved the MR crops' pancreas
+    alone (0.208 -> 0.261; MR crops 0.717 -> 0.728), and nothing on the CT crops, the whole MR or 15 ACDC
+    crops."""
     if answer.ndim == 2:
         return stroke_connected_changes(answer[None], before[None], targets[None], most)[0]
     result = before.copy()
