@@ -174,16 +174,15 @@ def stroke_connected_changes(
     corrections that lowered the Dice lost 0.250 / 0.311 there against 0.049 / 0.070 (left ventricles
     trimmed on their other slices: 0.936 -> 0.872); the trim going on only within 2 pixels of the last
     slice's: MR crops 0.733, ACDC crops 0.674. Nor does the ACDC volumes' wrong spacing (1 mm for slices 5-10
-    mm apart) explain the ACDC loss: given 1.5625 x 1.5625 x 10 mm (``--acdc-spacing``, the online head at
-    its ``max_steps``), the trim rule took ACDC crops' three clicks from 0.649 to 0.639 (a left ventricle's
-    dark rims, 26-connected to a base slice's trim of 144 of its 291 voxels, went on every slice: 0.874 ->
-    0.761). The trim going on only where the image looks like what the click took away (closer to its
-    median than to the rest's) does not tell the two apart: the MR spleen's overreach has the spleen's
-    intensity (median 0.088 against 0.066 of what stays, spread 0.16), so it went nowhere (MR crops 0.717
-    -> 0.726, the pancreas alone), while a left ventricle still lost 0.916 -> 0.867. The trim rule only for a
-    structure LiteMedSAM doubts (``doubted_iou``; the spleen is sure, 0.90) moved the MR crops' pancreas
-    alone (0.208 -> 0.261; MR crops 0.717 -> 0.728), and nothing on the CT crops, the whole MR or 15 ACDC
-    crops."""
+    mm apart) explain the ACDC loss: given 1.5625 x 1.5625 x 10 mm (``--acdc-spacing``, the online head at its
+    ``max_steps``), the trim rule took ACDC crops' three clicks from 0.649 to 0.639 (a left ventricle's dark
+    rims, 26-connected to a base slice's trim of 110 of its 291 voxels, went on every slice: 0.867 -> 0.650 at
+    that second click). The trim going on only where the image looks like what the click took away (closer to
+    its median than to the rest's) does not tell the two apart: the MR spleen's overreach has the spleen's
+    intensity (median 0.088 against 0.066 of what stays, spread 0.16), so it went nowhere (MR crops 0.717 ->
+    0.726, the pancreas alone), while a left ventricle still lost 0.916 -> 0.867. The trim rule only for a
+    structure LiteMedSAM doubts (``doubted_iou``; the spleen is sure, 0.90) moved the MR crops' pancreas alone
+    (0.208 -> 0.261; MR crops 0.717 -> 0.728), and nothing on the CT crops, the whole MR or 15 ACDC crops."""
     if answer.ndim == 2:
         return stroke_connected_changes(answer[None], before[None], targets[None], most)[0]
     result = before.copy()
