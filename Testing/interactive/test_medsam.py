@@ -711,6 +711,7 @@ def test_a_structure_litemedsam_is_unsure_of_is_reported_with_what_to_do(totalse
     assert facts["pancreas"]["predicted_iou"][1] < limit <= facts["spleen"]["predicted_iou"][1]
     assert "LiteMedSAM is unsure of label 1" in facts["pancreas"]["unsure"][1]
     assert "draw a box" in facts["pancreas"]["unsure"][1] and facts["spleen"]["unsure"] == {}
+    assert "cropped" not in facts["pancreas"]["unsure"][1]  # the whole CT is in view
     # once the user corrects it (the walker on a correction click), the answer is not LiteMedSAM's alone
     truth = labels == next(int(v) for v, name in names.items() if name == "pancreas")
     click = next_click(sessions["pancreas"].mask == 1, truth, image.spacing)
@@ -1014,6 +1015,35 @@ def test_a_ct_crop_without_air_is_still_a_ct_and_the_mr_is_not(totalseg_dir: Pat
     assert not looks_like_ct((mr - mr.mean()) / mr.std()), "a z-scored MR"
 
 
+def test_on_a_ct_crop_the_unsure_note_says_the_whole_ct_serves_better(
+    right_kidney: tuple[Volume, np.ndarray],
+) -> None:
+    """A click on the right kidney of ``example_ct`` cropped to its box + 8 voxels (here 3 of its slices, to
+    keep the encoder's time short), with ``unsure_iou`` above any predicted IoU: the note names the crop's
+    width and says that LiteMedSAM answers better with the whole CT in view (see
+    :meth:`.MedSAMFamily.unsure`); with a field of view as narrow as the crop (its slices then count as
+    whole, and are not padded: LiteMedSAM answers the zoomed-in kidney at Dice 0.43), the note does not say
+    so."""
+    image, truth = right_kidney
+    click = next_click(np.zeros_like(truth), truth, image.spacing)
+    k = int(round(click.point_ijk[2]))
+    origin = tuple(float(c) for c in np.asarray(image.ijk_to_lps([[0, 0, k - 1]])).reshape(-1))
+    three = Volume(np.ascontiguousarray(image.array[k - 1 : k + 2]), spacing=image.spacing, origin=origin,
+                   direction=image.direction)
+    width = max(n * s for n, s in zip(three.shape[:0:-1], image.spacing[:2]))
+    notes = {}
+    for fov in (None, width):
+        session = InteractiveSession(three, "medsam_lite", device="cpu",
+                                     model_options={"unsure_iou": 1.0, "min_field_of_view_mm": fov})
+        mask = session.click((click.point_ijk[0], click.point_ijk[1], 1), label=1) == 1
+        if fov is None:
+            assert dice(mask[1], truth[k]) >= 0.9  # the kidney, padded to 360 mm (0.98 here)
+        notes[fov] = session.describe()["unsure"][1]
+        assert session.family.crop_width_mm == (width if fov is None else None)
+    assert f"this CT is cropped to {width:.0f} mm" in notes[None] and "whole CT in view" in notes[None]
+    assert notes[width].startswith("LiteMedSAM is unsure of label 1") and "cropped" not in notes[width]
+
+
 def test_a_crop_is_padded_to_the_field_of_view_of_its_modality() -> None:
     """``min_field_of_view_mm=None`` pads a CT crop (Hounsfield units, with air or without) to 360 mm and
     anything else to 300 mm before the resize to 256; an explicit width applies to both and a non-positive one
@@ -1044,6 +1074,7 @@ def test_a_crop_is_padded_to_the_field_of_view_of_its_modality() -> None:
         assert found.transform.scale == pytest.approx(256 / (width / 1.5))  # 80 px = 120 mm < width
     explicit = family(ct, min_field_of_view_mm=90.0)  # narrower than the slice: no padding
     assert explicit.transform.scale == pytest.approx(256 / 80)
+    assert family(ct).crop_width_mm == pytest.approx(120.0) and explicit.crop_width_mm is None
     # propagation: every other 3 mm slice decoded (slice_gap_mm 6), except on a crop (120 of 360 mm)
     assert explicit.describe()["propagation_stride"] == 2 and family(ct).describe()["propagation_stride"] == 1
     assert family(ct, fill_min_field=0.0).describe()["propagation_stride"] == 2

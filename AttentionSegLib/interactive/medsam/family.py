@@ -174,6 +174,15 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         return CT_FIELD_OF_VIEW_MM if self.is_ct else OTHER_FIELD_OF_VIEW_MM
 
     @property
+    def crop_width_mm(self) -> float | None:
+        """The slices' width (mm) when they are a crop around a structure (narrower than ``fill_min_field`` of
+        the field of view, :meth:`_whole_slices`: padded before the resize and decoded one by one), else
+        ``None``."""
+        if self._whole_slices():
+            return None
+        return max(self.transform.shape) * self.field_of_view_mm / self.transform.min_side
+
+    @property
     def model(self) -> MedSAMLite:
         """The (adapted) network: image encoder as released, decoder and prompt encoder fine-tuned here."""
         return self.network
@@ -682,14 +691,28 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         """Why LiteMedSAM is unsure of ``label``'s structure, and what to do, when its predicted IoU is below
         ``unsure_iou`` (a pancreas after one click: 0.63-0.76; the other organs of the example CTs 0.88-0.93);
         else ``None``, also once the walker has refined it (the answer is then the user's strokes' as much as
-        LiteMedSAM's)."""
+        LiteMedSAM's).
+
+        On a CT cropped around the structure (:attr:`crop_width_mm`) the note also says that the whole slice
+        serves LiteMedSAM better: it then sees the anatomy around the structure. One click at the deepest
+        voxel (``benchmarks/interactive.py``, ``results/interactive_medsam_ct.md`` and ``_whole_ct.md``) gave
+        the pancreases of the example CTs, the structures it is unsure of, Dice 0.46 / 0.30 with the whole CT
+        in view against 0.27 / 0.26 on crops of the organ's box + 8 voxels (the ``example_ct_sm`` right
+        kidney 0.91 against 0.76; the 10 organs 0.816 against 0.773). Not on other images: on ACDC's cine MR
+        the crops did as well (one click 0.591 against 0.571 on the whole volumes, ``results/
+        interactive_medsam_acdc_spacing10.md``)."""
         value = self.doubted_iou(label)
         if value is None or label in self.refined:
             return None
-        return (f"LiteMedSAM is unsure of label {label} (its predicted IoU {value:.2f} is below "
+        note = (f"LiteMedSAM is unsure of label {label} (its predicted IoU {value:.2f} is below "
                 f"{self.options.unsure_iou:g}): "
                 "check it, and draw a box around the structure, give it bounds, or correct it with clicks "
                 "or scribbles")
+        width = self.crop_width_mm if self.is_ct else None
+        if width is not None:
+            note += (f"; this CT is cropped to {width:.0f} mm: with the whole CT in view LiteMedSAM sees the "
+                     "anatomy around the structure and answers better")
+        return note
 
     def cache_bounds(self) -> tuple[int, dict[str, int]]:
         """The most LiteMedSAM's caches hold (bytes), for the server's memory bound: this session's decoder
