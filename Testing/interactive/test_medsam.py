@@ -33,7 +33,6 @@ from AttentionSegLib.interactive.medsam import (
     SliceSteps,
     air_around_body,
     bounding_box,
-    click_depth,
     distinct_boxes,
     looks_like_ct,
     prior_trust,
@@ -1106,10 +1105,7 @@ def test_a_click_on_the_body_wall_gets_none_of_the_air_around_the_body(example_c
     """On a CT's whole slices LiteMedSAM's answers hold none of the air around the patient
     (``MedSAMSettings.body_hu``). A click on the abdominal wall above the liver of the example DICOM series
     (5 of its slices) was answered with the wall, the liver and 16,600 pixels of the air in front of the body
-    on the click's slice, propagated through the others; without the cut (``body_hu`` null) it still is.
-    Both with ``min_click_depth`` 0, as then: the answer that held the wall, the liver and the air held the
-    click on its rim, and with the default depth the answer is the wall's alone (8,058 voxels against 29,862
-    with the liver), without air even with no cut."""
+    on the click's slice, propagated through the others; without the cut (``body_hu`` null) it still is."""
     _weights_or_skip()
     image = read_image(example_ct_dicom)
     first = 8
@@ -1120,56 +1116,10 @@ def test_a_click_on_the_body_wall_gets_none_of_the_air_around_the_body(example_c
     click = (136, 219, 2)  # the wall in front of the liver (voxel i, j, k)
     masks = {}
     for body_hu in (-500.0, None):
-        session = InteractiveSession(volume, "medsam_lite", device="cpu",
-                                     model_options={"body_hu": body_hu, "min_click_depth": 0.0})
+        session = InteractiveSession(volume, "medsam_lite", device="cpu", model_options={"body_hu": body_hu})
         masks[body_hu] = session.click(click, label=1) == 1
     assert masks[-500.0].any() and not (masks[-500.0] & outside).any()
     assert (masks[None] & outside).sum() > 10_000
-    wall = InteractiveSession(volume, "medsam_lite", device="cpu", model_options={"body_hu": None})
-    mask = wall.click(click, label=1) == 1
-    assert mask.any() and not (mask & outside).any() and mask.sum() < 0.5 * masks[-500.0].sum()
-
-
-def test_click_depth_is_the_clicks_distance_to_the_edge_relative_to_the_deepest_pixels() -> None:
-    """1 at a disk's centre, low on its rim, 0 outside; the slice's edge is the mask's edge; distances are in
-    mm: on pixels three times as wide as high a point three columns from the side is as deep as the centre
-    against the top and bottom."""
-    yy, xx = np.indices((41, 41))
-    disk = (yy - 20) ** 2 + (xx - 20) ** 2 <= 15**2
-    assert click_depth(disk, 20, 20) == pytest.approx(1.0)
-    assert click_depth(disk, 34, 20) <= 0.15
-    assert click_depth(disk, 20.4, 27.6) == pytest.approx(8 / 16, abs=0.05)  # the pixel (28, 20)
-    assert click_depth(disk, 2, 2) == 0.0 and click_depth(np.zeros((5, 5), bool), 2, 2) == 0.0
-    assert click_depth(np.ones((9, 9), bool), 4, 4) == pytest.approx(1.0)  # edged by the slice
-    square = np.zeros((23, 23), bool)
-    square[1:22, 1:22] = True  # 21 x 21 pixels
-    assert click_depth(square, 3, 11) == pytest.approx(3 / 11)
-    assert click_depth(square, 3, 11, spacing=(1.0, 3.0)) == pytest.approx(9 / 11)
-
-
-@pytest.mark.slow
-@pytest.mark.shared_data
-def test_a_click_is_not_answered_by_a_neighbour_whose_rim_holds_it(totalseg_dir: Path) -> None:
-    """The click at the deepest voxel of the pancreas of the whole example MR: the box with the highest
-    predicted IoU (0.91) among those whose answer holds the click answers a 2,494-pixel neighbour with the
-    click on its rim (depth 0.06; the pancreas has 139 pixels there), the pancreas's own answers hold it
-    0.45 deep (predicted IoU 0.78). With ``min_click_depth`` the neighbour no longer counts: Dice 0.03 ->
-    0.17 (:attr:`MedSAMSettings.min_click_depth`)."""
-    _weights_or_skip()
-    names = json.loads((totalseg_dir / "labels.json").read_text())["total_mr"]
-    value = next(int(v) for v, name in names.items() if name == "pancreas")
-    image = read_image(totalseg_dir / "example_mr_sm.nii.gz")
-    truth = read_image(totalseg_dir / "example_seg_mr.nii.gz").array == value
-    click = next_click(np.zeros_like(truth), truth, image.spacing)
-    scores = {}
-    for depth in (0.0, MedSAMSettings().min_click_depth):
-        session = InteractiveSession(image, "medsam_lite", device="cpu",
-                                     model_options={"min_click_depth": depth})
-        mask = session.click(click.point_ijk, label=1) == 1
-        scores[depth] = dice(mask, truth)
-        k = int(round(click.point_ijk[2]))
-        assert mask[k].sum() > (300 if depth == 0.0 else 0)  # the neighbour is the larger answer
-    assert scores[0.0] < 0.08 and scores[MedSAMSettings().min_click_depth] >= 0.12, scores
 
 
 def test_prior_trust_is_youdens_j_of_the_prior_on_the_strokes() -> None:

@@ -41,7 +41,6 @@ def test_from_dict_takes_some_fields_and_to_dict_gives_them_all_back_as_json() -
     ({"window": [240, -160]}, "window must be [lower, upper] with upper > lower"),
     ({"click_prompt": "lasso"}, "click_prompt must be one of ['grow_box', 'point']"),
     ({"click_box_mm": []}, "click_box_mm must be positive half-sizes"),
-    ({"min_click_depth": 1.0}, "min_click_depth must lie in [0, 1) (0: anywhere inside), got 1.0"),
     ({"refine_mode": "guess"}, "refine_mode must be one of"),
     ({"slice_axis": "oblique"}, "slice_axis must be one of ['axial', 'coronal', 'sagittal']"),
     ({"min_similarity": 1.0}, "min_similarity must be a cosine in [0, 1) (0: no check), got 1.0"),

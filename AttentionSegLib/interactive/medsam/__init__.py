@@ -80,15 +80,7 @@ from __future__ import annotations
 
 from .cache import SHARED_CACHE, EmbeddingCache
 from .family import MedSAMFamily, is_medsam_model
-from .masks import (
-    air_around_body,
-    bounding_box,
-    click_depth,
-    distinct_boxes,
-    looks_like_ct,
-    prior_trust,
-    stroke_agreement,
-)
+from .masks import air_around_body, bounding_box, distinct_boxes, looks_like_ct, prior_trust, stroke_agreement
 from .prompts import NoStructureAtClick
 from .settings import (
     ADAPTED_FORMAT,
@@ -125,7 +117,6 @@ __all__ = [
     "Track",
     "air_around_body",
     "bounding_box",
-    "click_depth",
     "distinct_boxes",
     "is_medsam_model",
     "looks_like_ct",

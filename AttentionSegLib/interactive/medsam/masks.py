@@ -49,23 +49,6 @@ def bounding_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
     return float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())
 
 
-def click_depth(region: np.ndarray, x: float, y: float, spacing: tuple[float, float] = (1.0, 1.0)) -> float:
-    """How deep the pixel nearest ``(x, y)`` lies in the 2D mask ``region``: its distance to the mask's edge
-    relative to the distance of the mask's deepest pixel (1 at the centre of a disk, towards 0 at its rim;
-    0 outside it). ``spacing``: (rows, columns) mm, so that the distances are physical."""
-    found = bounding_box(region)
-    if found is None:
-        return 0.0
-    yi = min(max(int(round(y)), 0), region.shape[0] - 1)
-    xi = min(max(int(round(x)), 0), region.shape[1] - 1)
-    if not region[yi, xi]:
-        return 0.0
-    x0, y0, x1, y1 = (int(v) for v in found)
-    inside = np.pad(region[y0 : y1 + 1, x0 : x1 + 1], 1)  # the edge of the slice is the mask's edge too
-    distance = ndimage.distance_transform_edt(inside, sampling=spacing)
-    return float(distance[yi - y0 + 1, xi - x0 + 1] / distance.max())
-
-
 def distinct_boxes(boxes: Sequence[Sequence[float]]) -> tuple[list[tuple[float, ...]], list[int]]:
     """The distinct boxes of ``boxes`` in the order first given, and for each box given the index of its
     distinct one: a box given twice is decoded once (the margins of a small structure's box are all

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .masks import _box_iou, bounding_box, click_depth, distinct_boxes, stroke_agreement
+from .masks import _box_iou, bounding_box, distinct_boxes, stroke_agreement
 
 
 class NoStructureAtClick(ValueError):
@@ -24,20 +24,18 @@ class Prompts:
         nothing).
 
         Boxes of several sizes centred on the click (``click_box_mm``) are decoded in one batch. A box is
-        plausible when its mask holds the click, not on its rim (``min_click_depth``), and touches at most two
-        of the box's sides inside the image (a mask that fills its box says the box is too small). Each
-        plausible box is re-centred on its mask (the mask's bounding box plus the margin), the re-centred
-        boxes are decoded in a second batch, and the one whose answer holds the click (not on its rim) with
-        the highest predicted IoU wins: the box a structure's own mask gives back is judged, not the box
-        centred on the click. A click near an organ's edge is otherwise answered best (by the predicted IoU)
-        by a box holding part of it: on ``example_ct``, the click at the liver's deepest voxel is near its
-        right edge, and the box centred on it with the best IoU held the right lobe alone (Dice 0.86 on that
-        slice, 0.92 now). In ``benchmarks/interactive.py`` (one click, the 10 CT organs) this took the whole
-        CT from 0.777 to 0.806 (livers 0.83 -> 0.88 / 0.90), the whole CT with the organ's box from 0.790 to
-        0.807, and 15 ACDC crops from 0.553 to 0.586; the CT organ crops stayed at 0.775. The winner's mask's
-        box is then decoded again while that keeps the click (not on its rim) and does not lower the predicted
-        IoU much. When no re-centred answer holds the click deep enough, the one with the highest predicted
-        IoU of those that hold it wins.
+        plausible when its mask holds the click and touches at most two of the box's sides inside the image (a
+        mask that fills its box says the box is too small). Each plausible box is re-centred on its mask (the
+        mask's bounding box plus the margin), the re-centred boxes are decoded in a second batch, and the one
+        whose answer holds the click with the highest predicted IoU wins: the box a structure's own mask gives
+        back is judged, not the box centred on the click. A click near an organ's edge is otherwise answered
+        best (by the predicted IoU) by a box holding part of it: on ``example_ct``, the click at the liver's
+        deepest voxel is near its right edge, and the box centred on it with the best IoU held the right lobe
+        alone (Dice 0.86 on that slice, 0.92 now). In ``benchmarks/interactive.py`` (one click, the 10 CT
+        organs) this took the whole CT from 0.777 to 0.806 (livers 0.83 -> 0.88 / 0.90), the whole CT with
+        the organ's box from 0.790 to 0.807, and 15 ACDC crops from 0.553 to 0.586; the CT organ crops
+        stayed at 0.775. The winner's mask's box is then decoded again while that keeps the click and does
+        not lower the predicted IoU much.
 
         ``None`` when the answer to no box holds the click: LiteMedSAM finds no structure there, and any box's
         answer would be something the user did not click on. On 4 whole cine-MR volumes of ACDC (patients
@@ -51,7 +49,7 @@ class Prompts:
         masks, _ = self._decode_batch(k, boxes)
         recentred = []
         for box, mask in zip(boxes, masks):
-            component = self._deep_component_at(mask, x, y)
+            component = self._component_at(mask, x, y)
             if component is None or self._touches(component, box) > 2:
                 continue
             found = bounding_box(component)
@@ -61,8 +59,7 @@ class Prompts:
             holding = [b for b, m in zip(boxes, masks) if self._component_at(m, x, y) is not None]
             return holding[-1] if holding else None
         masks, scores = self._decode_batch(k, recentred)
-        holding = [i for i, mask in enumerate(masks) if self._deep_component_at(mask, x, y) is not None]
-        holding = holding or [i for i, mask in enumerate(masks) if self._component_at(mask, x, y) is not None]
+        holding = [i for i, mask in enumerate(masks) if self._component_at(mask, x, y) is not None]
         best = max(holding, key=lambda i: scores[i]) if holding else 0
         box, mask, score = recentred[best], masks[best], scores[best]
         for _ in range(self.options.grow_iterations):  # each box's answer is decoded once
@@ -74,7 +71,7 @@ class Prompts:
             new = self._grown(found)
             (new_mask,), (new_score,) = self._decode_batch(k, [new])
             if (
-                self._deep_component_at(new_mask, x, y) is None
+                self._component_at(new_mask, x, y) is None
                 or new_score < score - 0.05
                 or _box_iou(new, box) > 0.9
             ):
@@ -144,18 +141,6 @@ class Prompts:
         self.decoded += len(unique)
         masks, scores = list((logits > 0).cpu().numpy()), [float(v) for v in out.iou[:, 0]]
         return [masks[i] for i in order], [scores[i] for i in order]
-
-    def _deep_component_at(self, mask: np.ndarray, x: float, y: float) -> np.ndarray | None:
-        """:meth:`_component_at` when the click lies at least ``min_click_depth`` deep in it
-        (:func:`.masks.click_depth`), else ``None``: an answer whose rim the click is on is a neighbour of
-        what the user clicked."""
-        component = self._component_at(mask, x, y)
-        least = self.options.min_click_depth
-        if component is None or not least:
-            return component
-        spacing = self.grid.context.model.spacing  # (x, y[, z]) mm of the reoriented grid
-        depth = click_depth(component, x, y, (float(spacing[1]), float(spacing[0])))
-        return component if depth >= least else None
 
     @staticmethod
     def _component_at(mask: np.ndarray, x: float, y: float) -> np.ndarray | None:

@@ -77,23 +77,6 @@ class MedSAMSettings:
         click_prompt: ``grow_box`` (a click grows a box) or ``point`` (a point prompt).
         click_box_mm: half-sizes (mm) of the boxes a click tries around itself (decoded in one batch; up to
             180 mm, so that a click near a liver's edge still has a box holding the whole liver).
-        min_click_depth: a click box's answer counts (:meth:`.MedSAMFamily.box_from_click`) only when the
-            click lies at least this deep in it: its distance to the answer's edge at least this fraction of
-            the distance of the answer's deepest pixel (:func:`.masks.click_depth`; 0: anywhere inside). A
-            user clicks inside a structure, not on its rim; an answer whose rim the click is on is a neighbour
-            that took the click in. On the whole example MR (3 mm) the click on the pancreas was answered with
-            a 2,494-pixel neighbour whose rim held the click (depth 0.06, predicted IoU 0.91, Dice 0.06 on the
-            slice) over the pancreas's own answers (depth 0.45, predicted IoU 0.78, Dice 0.28); with 0.25 the
-            pancreas got Dice 0.17 / 0.45 / 0.54 after 1 / 2 / 3 clicks against 0.03 / 0.05 / 0.05. In
-            deterministic click runs (``benchmarks/interactive.py --rounds 0 --clicks 3 --head-seconds 1e6``)
-            nothing else moved but upwards: the 5 whole-MR organs 0.645 / 0.687 / 0.686 -> 0.672 / 0.768 /
-            0.785, the 10 whole-CT organs 0.816 / 0.850 / 0.863 -> 0.816 / 0.857 / 0.868 (the ``example_ct``
-            pancreas's correction clicks), the 15 ACDC crops (1.5625 x 1.5625 x 10 mm) 0.649 -> 0.656 after 3
-            clicks (a myocardium's part), the CT and MR crops and the 15 whole ACDC volumes the same to the
-            third decimal. Every answer the CT organs kept had the click at depth 0.77 or more. 0.15 let a
-            neighbour at depth 0.19 through (whole MR 0.652 / 0.710 / 0.741); 0.35 refused a whole ACDC
-            myocardium's own answer (a thin ring: 0.10 -> 0.02 after one click; the 15 whole volumes 0.571 /
-            0.602 / 0.667 -> 0.565 / 0.594 / 0.663).
         box_margin: pixels of the 256 frame added around a mask to make the next box (MedSAM trained with
             boxes perturbed by up to 5 pixels).
         box_margin_fraction: ... or this fraction of the box's side, when larger (a tight box makes the next
@@ -332,7 +315,6 @@ class MedSAMSettings:
     click_box_mm: list[float] = field(
         default_factory=lambda: [5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 80.0, 110.0, 140.0, 180.0]
     )
-    min_click_depth: float = 0.25
     box_margin: float = 5.0
     box_margin_fraction: float = 0.1
     anchor_margins: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1])
@@ -386,10 +368,6 @@ class MedSAMSettings:
             raise ValueError(f"window must be [lower, upper] with upper > lower or null, got {self.window!r}")
         if not self.click_box_mm or min(self.click_box_mm) <= 0:
             raise ValueError(f"click_box_mm must be positive half-sizes (mm), got {self.click_box_mm!r}")
-        if not 0.0 <= self.min_click_depth < 1.0:
-            raise ValueError(
-                f"min_click_depth must lie in [0, 1) (0: anywhere inside), got {self.min_click_depth!r}"
-            )
         if not self.anchor_margins or not self.margins:
             raise ValueError("anchor_margins and margins must each hold at least one margin")
         if self.encoder_precision not in ENCODER_PRECISIONS:
