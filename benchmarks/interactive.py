@@ -72,6 +72,7 @@ import statistics
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -108,6 +109,7 @@ from AttentionSegLib.preprocessing import (  # noqa: E402
 from benchmarks.common import machine_info, markdown_table, write_results  # noqa: E402
 from benchmarks.robot import (  # noqa: E402
     BACKGROUND,
+    CLICK_PLACEMENTS,
     NOT_SCRIBBLED,
     RobotClick,
     correction_scribble,
@@ -668,14 +670,16 @@ def frame_background(target: Target) -> np.ndarray:
     return frame & ~target.truth
 
 
-def click_run(segmenter: Any, target: Target, clicks: int) -> Run:
+def click_run(segmenter: Any, target: Target, clicks: int, placement: str = "deepest", seed: int = 0) -> Run:
     """§2: clicks at the deepest voxel of the largest error component, positive on
-    a miss, negative on a leak."""
+    a miss, negative on a leak; ``placement="random"``: at a random inner voxel of it, drawn from a generator
+    seeded by ``seed`` and the target's name (every method gets the same first click)."""
     run = Run()
     segmenter.add_background(frame_background(target))
     mask = np.zeros(target.truth.shape, dtype=bool)
+    rng = np.random.default_rng([seed, zlib.crc32(target.name.encode())])
     for _ in range(clicks):
-        click = next_click(mask, target.truth, target.image.spacing)
+        click = next_click(mask, target.truth, target.image.spacing, placement=placement, rng=rng)
         if click is None:  # nothing left to correct: the answer stands
             run.dice.append(run.dice[-1])
             run.predicted_iou.append(run.predicted_iou[-1])
@@ -881,6 +885,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "coronal or sagittal acquisition is (e.g. --spacing 3,6,3 --acquisition "
                              "coronal: 6 mm coronal slices); ACDC stays as it is (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--click-placement", choices=CLICK_PLACEMENTS, default="deepest",
+                        help="where the robot clicks in the largest error: its deepest voxel (the default, "
+                             "the protocol's rule) or a random voxel inside it off its border (seeded by "
+                             "--seed and the target; a user rarely clicks at the centre)")
     parser.add_argument("--head-seconds", type=float, default=None, metavar="S",
                         help="the online head's training budget per refine (default: RefineSettings' 1 s). "
                              "How many steps a budget buys depends on the machine's load; a large value "
@@ -917,6 +925,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                "ct_structures": partial(ct_structure_targets, **organs)}
     records: list[dict[str, Any]] = []
     notes: list[str] = timing_notes(args.methods)
+    if args.clicks and args.click_placement == "random":
+        notes.append(f"Clicks at a random voxel inside the largest error, off its border (--click-placement "
+                     f"random, --seed {args.seed}), not at its deepest voxel.")
     per_target: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     started_all = time.perf_counter()
@@ -950,7 +961,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         clicker = plan.build(target)
                         if target.roi is not None:
                             clicker.add_bounds(target.roi)
-                        click_runs[target.name] = click_run(clicker, target, args.clicks)
+                        click_runs[target.name] = click_run(clicker, target, args.clicks,
+                                                            args.click_placement, args.seed)
                 except Exception as exc:  # one failing target must not lose the rest of a long run
                     errors.append({"method": method, "view": view, "target": target.name, "error": repr(exc),
                                    "traceback": traceback.format_exc()})
@@ -983,7 +995,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "command": command,
         "settings": {"rounds": args.rounds, "clicks": args.clicks, "time_budget_s": args.time_budget,
                      "strategy": args.strategy, "medsam_options": args.medsam_options,
-                     "head_seconds": args.head_seconds,
+                     "head_seconds": args.head_seconds, "click_placement": args.click_placement,
                      "limit": args.limit, "datasets": args.datasets, "methods": args.methods,
                      "views": args.views, "structures": args.structures, "spacing": args.spacing,
                      "acdc_spacing": args.acdc_spacing,

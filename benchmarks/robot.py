@@ -9,9 +9,10 @@ Rules of ``docs/benchmarks.md`` (shared docs) §1 and §2, applied to a binary t
   negatives and false positives taken separately, the larger wins); on its slice of largest area, the skeleton
   of the component's cross-section (at most ``max_voxels``, about 60) becomes a foreground scribble for a
   false negative, a background scribble for a false positive.
-* **Clicks** (:func:`next_click`): at the voxel of the largest error component
-farthest from its border (maximum
-  of the Euclidean distance transform), positive for a false negative, negative for a false positive.
+* **Clicks** (:func:`next_click`): at the voxel of the largest error component farthest from its border
+  (maximum of the Euclidean distance transform), positive for a false negative, negative for a false positive.
+  ``placement="random"`` puts the click on a voxel drawn at random inside the component instead (not on its
+  border): a user clicks somewhere inside a structure, rarely at its centre.
 
 Slices are taken along array axis 0 (``k``, the acquisition's slice axis for the CT and MR data used here).
 Masks are boolean arrays ``(k, j, i)``, or ``(j, i)`` for a single slice; points are ``(i, j, k)`` voxel
@@ -223,18 +224,32 @@ def correction_scribble(prediction: np.ndarray, target: np.ndarray, *, label: in
     return scribbles.reshape(target.shape)
 
 
+#: ``next_click``'s placements: the component's deepest voxel (the benchmark's rule), or a random inner one.
+CLICK_PLACEMENTS = ("deepest", "random")
+
+
 def next_click(prediction: np.ndarray, target: np.ndarray,
-               spacing_ijk: tuple[float, ...] | None = None) -> RobotClick | None:
+               spacing_ijk: tuple[float, ...] | None = None, placement: str = "deepest",
+               rng: np.random.Generator | None = None) -> RobotClick | None:
     """The robot's next click (§2), or ``None`` when there is no error left.
 
     The click goes to the maximum of the Euclidean distance transform of the largest error component (the most
-    central voxel when several share the maximum).
+    central voxel when several share the maximum). With ``placement="random"`` it goes to a voxel of the
+    component drawn uniformly (``rng``) among those off its border (deeper than one voxel), the deepest
+    voxel where there are none (a structure one or two voxels thin): the benchmark's clicks, all at the
+    deepest voxel, favour a method whose answer is right only for a central click.
 
     Args:
         prediction, target: boolean masks of one shape.
         spacing_ijk: voxel spacing in ITK order ``(i, j, k)`` so that "farthest from the border" is measured
             in millimetres; voxels when ``None``.
+        placement: ``deepest`` or ``random`` (:data:`CLICK_PLACEMENTS`).
+        rng: the random generator of ``random`` placement (required there).
     """
+    if placement not in CLICK_PLACEMENTS:
+        raise ValueError(f"next_click: placement must be one of {list(CLICK_PLACEMENTS)}, got {placement!r}")
+    if placement == "random" and rng is None:
+        raise ValueError("next_click: placement 'random' needs an rng")
     component = largest_error_component(prediction, target)
     if component is None:
         return None
@@ -243,5 +258,10 @@ def next_click(prediction: np.ndarray, target: np.ndarray,
     # Padding makes the image border count as the component's border too.
     depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=sampling)
     depth = depth[tuple(slice(1, -1) for _ in mask.shape)]
-    index = _most_central_deepest(mask, depth, tolerance=1e-6)
+    inner = mask & (depth > (1.0 if sampling is None else min(sampling)) + 1e-6)
+    if placement == "random" and inner.any():
+        candidates = np.argwhere(inner)
+        index = tuple(int(c) for c in candidates[int(rng.integers(len(candidates)))])
+    else:
+        index = _most_central_deepest(mask, depth, tolerance=1e-6)
     return RobotClick(index[::-1], component.false_negative)

@@ -14,7 +14,15 @@ pytest.importorskip("skimage",
                     reason="the benchmark needs scikit-image (the test extra: pip install -e '.[test]')")
 
 from AttentionSegLib import make_abdominal_phantom  # noqa: E402
-from benchmarks.interactive import Target, parse_args, plan_methods  # noqa: E402
+from benchmarks.interactive import (  # noqa: E402
+    SeedSegmenter,
+    Target,
+    click_run,
+    parse_args,
+    plan_methods,
+    random_walker,
+)
+from benchmarks.robot import next_click  # noqa: E402
 
 
 def test_bad_options_stop_the_run_before_it_starts(tmp_path: Path, capsys) -> None:
@@ -96,3 +104,28 @@ def test_head_seconds_reach_every_session_and_must_be_positive(capsys) -> None:
         with pytest.raises(SystemExit) as stopped:
             parse_args(["--head-seconds", bad])
         assert stopped.value.code == 2 and "--head-seconds must be > 0" in capsys.readouterr().err
+
+
+def test_click_placement_random_clicks_where_the_seeded_robot_says(capsys) -> None:
+    """``--click-placement random``: the click run's first click is the robot's random inner voxel drawn from
+    ``--seed`` and the target's name (the same for every method), seen in the random walker's seeds; the
+    default stays the deepest voxel."""
+    import zlib
+
+    args = parse_args(["--click-placement", "random", "--seed", "4"])
+    assert args.click_placement == "random" and parse_args([]).click_placement == "deepest"
+    with pytest.raises(SystemExit):
+        parse_args(["--click-placement", "edge"])
+    assert "--click-placement" in capsys.readouterr().err
+    image, labels, _ = make_abdominal_phantom(shape=(8, 32, 32), seed=1)
+    truth = np.asarray(labels.array) == 1
+    target = Target("ct_organs", "phantom", "organ", image, truth)
+    empty = np.zeros_like(truth)
+    drawn = np.random.default_rng([4, zlib.crc32(target.name.encode())])
+    for placement, rng in (("random", drawn), ("deepest", None)):
+        expected = next_click(empty, truth, image.spacing, placement=placement, rng=rng)
+        peer = SeedSegmenter(image, random_walker)
+        run = click_run(peer, target, 1, placement, seed=4)
+        assert len(run.dice) == 1 and peer.seeds[expected.point_ijk[::-1]] == 2
+    assert expected != next_click(empty, truth, image.spacing, placement="random",
+                                  rng=np.random.default_rng([4, zlib.crc32(target.name.encode())]))

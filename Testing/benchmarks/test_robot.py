@@ -155,6 +155,27 @@ def test_next_click_is_negative_on_a_leak_and_measures_depth_in_millimetres():
     assert next_click(target, target) is None
 
 
+def test_a_random_click_lands_inside_the_error_off_its_border_and_repeats_with_its_seed():
+    target = np.zeros((9, 40, 40), bool)
+    target[2:7, 5:16, 5:16] = True
+    empty = np.zeros_like(target)
+    inner = ndimage.binary_erosion(target)  # off the border: deeper than one voxel
+    clicks = [next_click(empty, target, placement="random", rng=np.random.default_rng(seed))
+              for seed in range(20)]
+    assert all(c.positive and inner[c.point_ijk[::-1]] for c in clicks)
+    assert len({c.point_ijk for c in clicks}) > 10  # spread over the block, not its centre alone
+    again = next_click(empty, target, placement="random", rng=np.random.default_rng(3))
+    assert again == clicks[3] and next_click(empty, target).point_ijk == (10, 10, 4)
+    thin = np.zeros((1, 20, 20), bool)
+    thin[0, 10, 2:18] = True  # one voxel thin: no voxel off the border, the deepest one is taken
+    assert next_click(np.zeros_like(thin), thin, placement="random",
+                      rng=np.random.default_rng(0)) == next_click(np.zeros_like(thin), thin)
+    with pytest.raises(ValueError, match="placement must be one of"):
+        next_click(empty, target, placement="edge")
+    with pytest.raises(ValueError, match="needs an rng"):
+        next_click(empty, target, placement="random")
+
+
 def test_next_click_counts_the_image_border_as_border():
     target = np.zeros((1, 20, 20), bool)
     target[0, :, :10] = True  # touches the image border on three sides
