@@ -699,8 +699,8 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         the pancreases of the example CTs, the structures it is unsure of, Dice 0.46 / 0.30 with the whole CT
         in view against 0.27 / 0.26 on crops of the organ's box + 8 voxels (the ``example_ct_sm`` right
         kidney 0.91 against 0.76; the 10 organs 0.816 against 0.773). Not on other images: on ACDC's cine MR
-        the crops did as well (one click 0.591 against 0.571 on the whole volumes, ``results/
-        interactive_medsam_acdc_spacing10.md``)."""
+        the crops did as well (one click 0.591 against 0.571 on the whole volumes,
+        ``results/interactive_medsam_acdc_spacing10.md``)."""
         value = self.doubted_iou(label)
         if value is None or label in self.refined:
             return None
