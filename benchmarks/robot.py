@@ -236,8 +236,8 @@ def next_click(prediction: np.ndarray, target: np.ndarray,
     The click goes to the maximum of the Euclidean distance transform of the largest error component (the most
     central voxel when several share the maximum). With ``placement="random"`` it goes to a voxel of the
     component drawn uniformly (``rng``) among those off its border (deeper than the finest voxel side), the
-    deepest voxel where there are none (a structure one or two voxels thin): the benchmark's clicks, all at the
-    deepest voxel, favour a method whose answer is right only for a central click.
+    deepest voxel where there are none (a structure one or two voxels thin): the benchmark's clicks, all at
+    the deepest voxel, favour a method whose answer is right only for a central click.
 
     Args:
         prediction, target: boolean masks of one shape.
