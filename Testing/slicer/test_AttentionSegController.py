@@ -349,13 +349,17 @@ def assert_engine_unchanged(before: dict[str, Any], after: dict[str, Any]) -> No
 
 
 class BlockUntilCancelled:
-    """Stands in for a family's ``click`` / ``refine``: says it runs, waits for the cancel token, raises."""
+    """Stands in for a family's ``click`` / ``refine``: says it runs, waits for the cancel token, raises.
+
+    The token is the argument that can be set (``click`` takes the preview after it: taking the last
+    argument, the stand-in failed at once and the job came out failed or cancelled by a race with the
+    test's cancel, failed on a loaded machine)."""
 
     def __init__(self) -> None:
         self.running = threading.Event()
 
     def __call__(self, *args: Any) -> Any:
-        cancel = args[-1]
+        cancel = next(arg for arg in args if callable(getattr(arg, "is_set", None)))
         self.running.set()
         deadline = time.monotonic() + WAIT_S
         while not cancel.is_set() and time.monotonic() < deadline:
