@@ -47,6 +47,9 @@ def test_from_dict_takes_some_fields_and_to_dict_gives_them_all_back_as_json() -
     ({"min_similarity": -0.1}, "min_similarity must be a cosine in [0, 1)"),
     ({"unsure_iou": 1.5}, "unsure_iou must lie in [0, 1] or be None, got 1.5"),
     ({"part_reach_mm": -1}, "part_reach_mm must be >= 0 mm or None, got -1"),
+    ({"reanchor_iou_drop": -0.1}, "reanchor_iou_drop must be >= 0 or None, got -0.1"),
+    ({"reanchor_tries": 0}, "reanchor_tries must be >= 1, got 0"),
+    ({"reanchor_min_depth": 1.5}, "reanchor_min_depth must lie in [0, 1], got 1.5"),
     ([("slice_gap_mm", 0)], "must be an object of settings"),
 ])
 def test_bad_settings_are_refused_naming_the_field(values: Any, message: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,9 +12,23 @@ from scipy import ndimage
 
 from .masks import _box_iou, bounding_box, distinct_boxes, stroke_agreement
 
+#: clicks whose answers :meth:`Prompts._click_answers` keeps (up to 6 MB each on 512 x 512 slices)
+CLICK_ANSWERS_KEPT = 4
+
 
 class NoStructureAtClick(ValueError):
     """LiteMedSAM finds nothing at a click: the answer to no box around it holds the clicked pixel."""
+
+
+@dataclass(frozen=True)
+class ClickAnswer:
+    """A box a click may stand for and LiteMedSAM's answer to it on the click's slice: the mask, its
+    predicted IoU, and the mask's connected part under the click (``None`` when the click is not in it)."""
+
+    box: tuple[float, float, float, float]
+    mask: np.ndarray
+    score: float
+    component: np.ndarray | None
 
 
 class Prompts:
@@ -55,23 +70,12 @@ class Prompts:
         """
         if self.uniform_around(k, x, y):
             return None
-        boxes = self._click_boxes(k, x, y)
-        masks, _ = self._decode_batch(k, boxes)
-        recentred = []
-        for box, mask in zip(boxes, masks):
-            component = self._component_at(mask, x, y)
-            if component is None or self._touches(component, box) > 2:
-                continue
-            found = bounding_box(component)
-            assert found is not None
-            recentred.append(self._grown(found))
-        if not recentred:  # nothing plausible: the largest box that holds the click, else none
-            holding = [b for b, m in zip(boxes, masks) if self._component_at(m, x, y) is not None]
-            return holding[-1] if holding else None
-        masks, scores = self._decode_batch(k, recentred)
-        holding = [i for i, mask in enumerate(masks) if self._component_at(mask, x, y) is not None]
-        best = max(holding, key=lambda i: scores[i]) if holding else 0
-        box, mask, score = recentred[best], masks[best], scores[best]
+        found = self._click_answers(k, x, y)
+        if isinstance(found, tuple):  # nothing plausible: the largest box that holds the click, else none
+            return found[0]
+        holding = [a for a in found if a.component is not None]
+        best = max(holding, key=lambda a: a.score) if holding else found[0]
+        box, mask, score = best.box, best.mask, best.score
         for _ in range(self.options.grow_iterations):  # each box's answer is decoded once
             component = self._component_at(mask, x, y)
             if component is None:
@@ -88,6 +92,46 @@ class Prompts:
                 break
             box, mask, score = new, new_mask, new_score
         return box
+
+    def _click_answers(
+        self, k: int, x: float, y: float
+    ) -> list[ClickAnswer] | tuple[tuple[float, float, float, float] | None]:
+        """The re-centred boxes of a click on slice ``k`` and their answers (:meth:`box_from_click`): of
+        the ``click_box_mm`` boxes centred on ``(x, y)``, each whose answer holds the click and touches at
+        most two of its sides is re-centred on that answer and decoded again. Where no box is plausible, a
+        1-tuple instead: the largest box whose answer holds the click, else ``None``. The last few clicks'
+        are kept while the decoder's weights stand (a negative click asks again for the first click's:
+        :meth:`.MedSAMFamily._reanchor`; 0.5-0.9 s of decoding on a CPU core)."""
+        key = (k, float(x), float(y), self._version)
+        kept = self._click_answers_kept.get(key)
+        if kept is None:
+            kept = self._click_answers_kept[key] = self._decode_click_answers(k, x, y)
+            while len(self._click_answers_kept) > CLICK_ANSWERS_KEPT:
+                self._click_answers_kept.popitem(last=False)
+        return kept
+
+    def _decode_click_answers(
+        self, k: int, x: float, y: float
+    ) -> list[ClickAnswer] | tuple[tuple[float, float, float, float] | None]:
+        """:meth:`_click_answers` decoded."""
+        boxes = self._click_boxes(k, x, y)
+        masks, _ = self._decode_batch(k, boxes)
+        recentred = []
+        for box, mask in zip(boxes, masks):
+            component = self._component_at(mask, x, y)
+            if component is None or self._touches(component, box) > 2:
+                continue
+            found = bounding_box(component)
+            assert found is not None
+            recentred.append(self._grown(found))
+        if not recentred:
+            holding = [b for b, m in zip(boxes, masks) if self._component_at(m, x, y) is not None]
+            return (holding[-1] if holding else None,)
+        masks, scores = self._decode_batch(k, recentred)
+        return [
+            ClickAnswer(box, mask, score, self._component_at(mask, x, y))
+            for box, mask, score in zip(recentred, masks, scores)
+        ]
 
     def _click_boxes(self, k: int, x: float, y: float) -> list[tuple[float, float, float, float]]:
         """The boxes of ``click_box_mm`` half-sizes centred on ``(x, y)`` of slice ``k``, cut to the slice."""
@@ -162,6 +206,16 @@ class Prompts:
             return None
         labelled, _ = ndimage.label(mask)
         return labelled == labelled[yi, xi]
+
+    @classmethod
+    def _depth_in(cls, mask: np.ndarray, x: int, y: int) -> float:
+        """How deep pixel ``(x, y)`` lies in its connected part of ``mask``: its distance to the part's edge
+        over the part's deepest pixel's (0 outside the mask, 1 at the deepest pixel)."""
+        component = cls._component_at(mask, x, y)
+        if component is None:
+            return 0.0
+        distance = ndimage.distance_transform_edt(component)
+        return float(distance[y, x] / distance.max())
 
     def _touches(self, mask: np.ndarray, box: Sequence[float]) -> int:
         """On how many sides inside the image the mask reaches the box's edge (within a pixel)."""

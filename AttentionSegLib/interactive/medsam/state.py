@@ -34,6 +34,8 @@ class Track:
     boxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
     parts: list[Track] = field(default_factory=list)
     ious: dict[int, float] = field(default_factory=dict)  # slice -> predicted IoU, last propagation
+    click: tuple[float, float] | None = None  # the click (x, y on the anchor slice) the box stands for
+    rechosen: bool = False  # a negative click chose the click's box again (:meth:`.MedSAMFamily._reanchor`)
 
 
 @dataclass(frozen=True)
