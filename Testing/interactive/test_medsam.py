@@ -101,6 +101,34 @@ def test_a_click_gives_the_organ(clicked: InteractiveSession, spleen: tuple[Volu
     assert clicked.family.timings()["encoded_slices"] == 0  # the box test encoded these slices already
 
 
+def test_the_answers_to_a_click_are_kept_while_the_decoders_weights_stand(clicked: InteractiveSession) -> None:
+    """A negative click asks again for the first click's answers (``MedSAMFamily._reanchor``): the last
+    clicks' are kept, decoded again once the decoder's weights changed (a refine, an undo), and only the last
+    few are kept."""
+    from AttentionSegLib.interactive.medsam.prompts import CLICK_ANSWERS_KEPT
+
+    family = clicked.family
+    track = family.tracks[1]
+    assert track.click is not None and not track.rechosen
+    x, y = track.click
+    decoded = family.decoded
+    first = family._click_answers(track.anchor, x, y)
+    assert family.decoded == decoded  # the click's own, kept from the click
+    assert isinstance(first, list) and any(a.component is not None for a in first)
+    assert family._click_answers(track.anchor, x, y) is first
+    family._version += 1
+    try:
+        again = family._click_answers(track.anchor, x, y)
+        assert again is not first and family.decoded > decoded
+        assert [a.box for a in again] == [a.box for a in first]
+        for step in range(CLICK_ANSWERS_KEPT):
+            family._click_answers(track.anchor, x + 2.0 * (step + 1), y)
+        assert len(family._click_answers_kept) == CLICK_ANSWERS_KEPT
+        assert family._click_answers(track.anchor, x, y) is not again  # the oldest went first
+    finally:
+        family._version -= 1
+
+
 def test_a_box_given_twice_is_decoded_once_with_the_answer_it_would_have_alone(
     clicked: InteractiveSession, spleen: tuple[Volume, np.ndarray]
 ) -> None:

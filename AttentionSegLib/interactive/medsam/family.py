@@ -439,6 +439,14 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         click's place on that slice, and whose predicted IoU is at most ``reanchor_iou_drop`` below the
         section's. The largest (the next in the series) is propagated and kept when the new structure leaves
         the negative click out, else the next (``reanchor_tries`` in all).
+
+        In ``benchmarks/interactive.py --rounds 0 --clicks 3`` (results ``interactive_reanchor_*``): clicks
+        off the centre on the whole example MR, Dice after 2 / 3 clicks 0.293 / 0.302 -> 0.496 / 0.545; at
+        the deepest voxel MR crops 0.717 -> 0.792 and ACDC crops 0.649 -> 0.674 after 3; the CT organs
+        unchanged; no target fell. Without the depth condition right answers with a leak at a pole were
+        chosen again smaller: the ``example_ct_sm`` liver 0.906 -> 0.836 and an MR crop liver 0.575 -> 0.051
+        (predicted IoU within 0.05, more than once), an MR crop spleen 0.816 -> 0.323 at the second click
+        (within 0.03, once).
         """
         drop = self.options.reanchor_iou_drop
         track = self.tracks[label]
