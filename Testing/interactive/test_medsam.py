@@ -101,7 +101,7 @@ def test_a_click_gives_the_organ(clicked: InteractiveSession, spleen: tuple[Volu
     assert clicked.family.timings()["encoded_slices"] == 0  # the box test encoded these slices already
 
 
-def test_the_answers_to_a_click_are_kept_while_the_decoders_weights_stand(clicked: InteractiveSession) -> None:
+def test_the_answers_to_a_click_are_kept_while_the_decoder_stands(clicked: InteractiveSession) -> None:
     """A negative click asks again for the first click's answers (``MedSAMFamily._reanchor``): the last
     clicks' are kept, decoded again once the decoder's weights changed (a refine, an undo), and only the last
     few are kept."""
