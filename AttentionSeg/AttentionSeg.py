@@ -392,6 +392,9 @@ class AttentionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 # what the model is unsure of, and what to do (LiteMedSAM's predicted IoU)
                 for segment, note in controller.unsure.items():
                     self.ui.statusLabel.text += f" {segment}: {note}."
+                # what the step did that the user would not expect (a click's answer chosen again)
+                for segment, note in controller.notes.items():
+                    self.ui.statusLabel.text += f" {segment}: {note}."
                 if callback is not None:
                     callback(job)
         current = controller.current_job

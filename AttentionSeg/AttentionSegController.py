@@ -458,11 +458,12 @@ class SegmentationController:
 
     def _written_then_checked(self, name: str) -> ApplyResult:
         """Writing a step's mask into the segments, then queueing the session's facts (named as the step),
-        which :attr:`unsure` reads."""
+        which :attr:`unsure` and :attr:`notes` read."""
 
         def apply(mask: Any) -> None:
             self._write_mask(mask)
-            self.session_facts = {**self.session_facts, "unsure": {}}  # unknown until the check is back
+            # unknown until the check is back
+            self.session_facts = {**self.session_facts, "unsure": {}, "notes": {}}
             self._pending.append((self.backend.run(name, [SessionCall.describe()]), self._take_facts))
 
         return apply
@@ -475,7 +476,18 @@ class SegmentationController:
         """``{segment name: why and what to do}`` for the segments whose answer the model is unsure of
         (LiteMedSAM: its decoder's predicted IoU, ``MedSAMSettings.unsure_iou``), as of the last step
         applied."""
-        facts = dict(self.session_facts.get("unsure") or {})
+        return self._by_segment("unsure")
+
+    @property
+    def notes(self) -> dict[str, str]:
+        """``{segment name: note}`` for the segments that the last step applied changed in a way the user
+        would not expect of it (LiteMedSAM: a negative click that chose the first click's answer again)."""
+        return self._by_segment("notes")
+
+    def _by_segment(self, fact: str) -> dict[str, str]:
+        """The session's ``{label: note}`` fact ``fact`` by segment name (``label N`` where the label has no
+        segment)."""
+        facts = dict(self.session_facts.get(fact) or {})
         notes = {int(label): str(note) for label, note in facts.items()}
         if not notes or self.segmentation_node is None:
             return {}

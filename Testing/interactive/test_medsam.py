@@ -1243,7 +1243,8 @@ def test_a_negative_click_in_a_wrong_answer_chooses_the_first_clicks_box_again(t
     kidney's own answer 0.90, Dice 0.88). The robot's next click, negative at the deepest voxel of what was
     taken in wrongly, chooses the click's box again among the smaller answers that leave that place out
     (Dice 0.67); with that turned off (``reanchor_iou_drop`` ``None``) the walker only trims around the
-    negative click. Undo brings back the first answer and its box."""
+    negative click. The session's facts say so after that click alone (``notes``); undo brings back the first
+    answer and its box. The next step's facts have no note."""
     _weights_or_skip()
     names = json.loads((totalseg_dir / "labels.json").read_text())["total_mr"]
     value = next(int(v) for v, name in names.items() if name == "kidney_right")
@@ -1257,18 +1258,27 @@ def test_a_negative_click_in_a_wrong_answer_chooses_the_first_clicks_box_again(t
         box = session.family.tracks[1].box
         negative = next_click(first, kidney, image.spacing)
         assert negative is not None and not negative.positive
+        assert session.describe()["notes"] == {}
         second = session.click(negative.point_ijk, label=1, positive=False) == 1
         assert not second[negative.point_ijk[::-1]]
-        outcome[drop] = (dice(first, kidney), dice(second, kidney), session.family.tracks[1].box != box)
-    (first_dice, trimmed, moved), (same_first, rechosen, rechose) = outcome[None], outcome[0.03]
+        outcome[drop] = (dice(first, kidney), dice(second, kidney), session.family.tracks[1].box != box,
+                         session.describe()["notes"])
+    (first_dice, trimmed, moved, unsaid), (same_first, rechosen, rechose, said) = outcome[None], outcome[0.03]
     assert first_dice < 0.3 and same_first == first_dice
-    assert not moved and trimmed < 0.3
+    assert not moved and trimmed < 0.3 and unsaid == {}
     assert rechose and rechosen >= 0.6
+    assert list(said) == [1] and "smaller answer" in said[1] and "undo" in said[1]
     track = session.family.tracks[1]
     assert track.rechosen and track.click is not None
+    third = next_click(session.mask == 1, kidney, image.spacing)  # the note told of the step before it
+    assert third is not None
+    session.click(third.point_ijk, label=1, positive=third.positive)
+    assert session.describe()["notes"] == {}
+    session.undo()
     session.undo()
     assert session.family.tracks[1].box == box and not session.family.tracks[1].rechosen
     assert dice(session.mask == 1, kidney) == pytest.approx(first_dice)
+    assert session.describe()["notes"] == {}
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ check the workflow's mechanics and geometry, not segmentation quality.
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -526,6 +528,51 @@ def test_the_controller_names_the_segments_litemedsam_is_unsure_of(scene: Any, m
                 assert controller.unsure == {}
         finally:
             controller.close()
+
+
+def test_the_controller_names_a_segment_whose_click_answer_a_negative_click_chose_again(
+        scene: Any, medsam_weights: Path, totalseg_dir: Path) -> None:
+    """The right kidney of the whole example MR clicked off its centre (voxel (40, 61, 10), as in the engine's
+    test): LiteMedSAM answers with the kidney and its neighbours, and the robot's negative click deep in that
+    answer chooses the click's box again. The controller names the segment with the engine's note after that
+    click, not after the first, and not once it is undone."""
+    root = str(Path(__file__).resolve().parents[2])  # the benchmarks' robot, as the engine's tests use it
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.robot import next_click
+
+    names = json.loads((totalseg_dir / "labels.json").read_text())["total_mr"]
+    value = next(int(v) for v, name in names.items() if name == "kidney_right")
+    kidney = read_image(totalseg_dir / "example_seg_mr.nii.gz").array == value
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "example_mr_sm")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(totalseg_dir / "example_mr_sm.nii.gz"))
+    assert storage.ReadData(node)
+    controller = SegmentationController(scene)
+    try:
+        job = controller.wait(controller.start(node, "medsam_lite", device="cpu"), WAIT_S)
+        assert job.state is JobState.SUCCEEDED, job.error_message
+        segment_id = target(controller)
+        name = controller.segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+        job = controller.wait(click_at(controller, (40, 61, 10), segment_id), WAIT_S)
+        assert job.state is JobState.SUCCEEDED, job.error_message
+        controller.wait_all(WAIT_S)
+        assert controller.notes == {}
+        first = mrml.read_segment(controller.segmentation_node, segment_id, node)
+        negative = next_click(first, kidney, mrml.volume_from_node(node).spacing)
+        assert negative is not None and not negative.positive
+        job = controller.wait(click_at(controller, negative.point_ijk, segment_id, positive=False), WAIT_S)
+        assert job.state is JobState.SUCCEEDED, job.error_message
+        controller.wait_all(WAIT_S)
+        assert list(controller.notes) == [name] and "smaller answer" in controller.notes[name]
+        assert not mrml.read_segment(controller.segmentation_node, segment_id, node)[negative.point_ijk[::-1]]
+        job = controller.wait(controller.undo(), WAIT_S)
+        assert job.state is JobState.SUCCEEDED, job.error_message
+        controller.wait_all(WAIT_S)
+        assert controller.notes == {}
+        assert np.array_equal(mrml.read_segment(controller.segmentation_node, segment_id, node), first)
+    finally:
+        controller.close()
 
 
 def test_a_unet_session_queues_no_check_after_a_step(controller: SegmentationController,

@@ -52,15 +52,18 @@ def _keeps_answers_on_failure(method: Callable[..., Any]) -> Callable[..., Any]:
     """A step of :class:`MedSAMFamily` that fails or is cancelled (say on the 20th slice of a propagation)
     leaves the family's answers (structures, probabilities, attention, the walker's) as they were; the
     session restores the rest (prompts, decoder weights) from its snapshot. The answers' arrays are replaced,
-    never written into, so copies of the dicts suffice."""
+    never written into, so copies of the dicts suffice. Each step starts with no :attr:`MedSAMFamily.notes`
+    (they tell of the last step); one that fails leaves the last step's."""
 
     @functools.wraps(method)
     def atomic(self: MedSAMFamily, *args: Any, **kwargs: Any) -> Any:
         kept = dict(self.structures), dict(self.probabilities), dict(self.attention), dict(self.refined)
+        notes, self.notes = self.notes, {}
         try:
             return method(self, *args, **kwargs)
         except BaseException:
             self.structures, self.probabilities, self.attention, self.refined = kept
+            self.notes = notes
             raise
 
     return atomic
@@ -152,6 +155,9 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         ] = {}  # label -> PROBABILITY_DTYPE (slices, H, W) foreground probability
         self.attention: dict[int, dict[int, np.ndarray]] = {}  # label -> slice -> (H, W) map in [0, 1]
         self.refined: dict[int, np.ndarray] = {}  # label -> bool (slices, H, W): the walker's answer
+        #: label -> what the last step did to it that the user would not expect of it (a click's answer chosen
+        #: again: :meth:`_reanchor`); ``describe()["notes"]``, which the module shows
+        self.notes: dict[int, str] = {}
         self.adapt_steps = 0
         self.last_strategy = ""
         self.decode_seconds = 0.0
@@ -484,6 +490,11 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
             self.tracks[label] = Track(k0, answer.box, parts=track.parts, click=track.click, rechosen=True)
             self._propagate(label, view, grid_scribbles, steps)
             if not self.structures[label][k, yi, xi]:
+                self.notes[label] = (
+                    "the negative click lay deep inside LiteMedSAM's answer to the first click on label "
+                    f"{label}: it now gives a smaller answer to that click, which leaves the negative click "
+                    "out; undo brings the first answer back"
+                )
                 return True
         self.tracks[label] = kept[0]
         self.structures[label], self.probabilities[label], self.attention[label] = kept[1:]
@@ -670,6 +681,7 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
         self._version += 1
         self._state_cache = (self._version, state.weights)
         self.tracks = copy.deepcopy(state.tracks)
+        self.notes = {}  # they told of a step that is undone (or redone: it is not run again)
         current, self._kept_copies = self._kept_copies, {}
 
         def arrays(key: tuple[str, int], kept: Cropped) -> tuple[np.ndarray, ...]:
@@ -829,5 +841,6 @@ class MedSAMFamily(Decoding, Prompts, Propagation, Walker, DecoderTuning):
                 if (value := self.predicted_iou(label)) is not None
             },
             "unsure": {label: note for label in sorted(self.tracks) if (note := self.unsure(label))},
+            "notes": {label: self.notes[label] for label in sorted(self.notes)},  # of the last step
             **{k: round(v, 4) for k, v in self.timings().items()},
         }
