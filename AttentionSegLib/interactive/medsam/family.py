@@ -53,17 +53,16 @@ def _keeps_answers_on_failure(method: Callable[..., Any]) -> Callable[..., Any]:
     leaves the family's answers (structures, probabilities, attention, the walker's) as they were; the
     session restores the rest (prompts, decoder weights) from its snapshot. The answers' arrays are replaced,
     never written into, so copies of the dicts suffice. Each step starts with no :attr:`MedSAMFamily.notes`
-    (they tell of the last step); one that fails leaves the last step's."""
+    (they tell of the last step; the session's rollback of a failed one clears them too)."""
 
     @functools.wraps(method)
     def atomic(self: MedSAMFamily, *args: Any, **kwargs: Any) -> Any:
         kept = dict(self.structures), dict(self.probabilities), dict(self.attention), dict(self.refined)
-        notes, self.notes = self.notes, {}
+        self.notes = {}
         try:
             return method(self, *args, **kwargs)
         except BaseException:
             self.structures, self.probabilities, self.attention, self.refined = kept
-            self.notes = notes
             raise
 
     return atomic
