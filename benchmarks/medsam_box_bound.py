@@ -1,6 +1,7 @@
 """What one click on a CT organ is worth against a perfect box: LiteMedSAM's bounds in each view.
 
-    python benchmarks/medsam_box_bound.py --threads 1                 # about 15 minutes on 2 CPU cores
+    python benchmarks/medsam_box_bound.py --threads 1                 # about 10 minutes on 2 CPU cores
+    python benchmarks/medsam_box_bound.py --views crop whole roi --threads 1   # results/medsam_box_bound
     python benchmarks/medsam_box_bound.py --views crop --threads 1    # the organ crops alone, 4 minutes
 
 Protocol: the targets of ``benchmarks/interactive.py --datasets ct_organs`` (liver, spleen, kidneys and
