@@ -9,6 +9,7 @@ never leaves a half-written result behind.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -160,6 +161,28 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
         sync()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def add_ct_organ_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options of a benchmark on the ``ct_organs`` targets of ``interactive.py``: ``--data``, ``--limit``
+    (example CTs), ``--device``, ``--threads``, ``--out`` (default ``results/<name>.json``)."""
+    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data",
+                        help="the shared data folder (default: ../shared/data)")
+    parser.add_argument("--limit", type=int, default=2, help="example CTs to use (default: 2, both)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / f"{name}.json",
+                        help=f"JSON to write; the table goes beside it as .md (default: benchmarks/results/"
+                             f"{name}.json)")
+
+
+def device_of(args: argparse.Namespace) -> torch.device:
+    """The device of :func:`add_ct_organ_options`' ``--device``, torch's CPU threads set to ``--threads``."""
+    from AttentionSegLib.devices import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
 
 
 def markdown_table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:

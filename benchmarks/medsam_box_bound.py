@@ -29,22 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from common import machine_info, markdown_table, write_results  # noqa: E402
+from common import add_ct_organ_options, device_of, machine_info, markdown_table, write_results  # noqa: E402
 from interactive import VIEWS, ct_targets  # noqa: E402
 from robot import next_click  # noqa: E402
 
 from AttentionSegLib import InteractiveSession  # noqa: E402
-from AttentionSegLib.devices import resolve_device  # noqa: E402
 from AttentionSegLib.interactive.medsam import SHARED_CACHE, bounding_box  # noqa: E402
 
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "medsam_box_bound.json"
 #: the answers compared, in the tables' order
 ANSWERS = ("one_click", "box_click_slice", "box_largest_slice", "box_every_slice")
 
@@ -97,21 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data",
-                        help="the shared data folder (default: ../shared/data)")
-    parser.add_argument("--limit", type=int, default=2, help="example CTs to use (default: 2, both)")
     parser.add_argument("--views", nargs="+", default=["crop", "whole"], choices=VIEWS,
                         help="views of each organ (default: crop whole; roi: the whole CT, the organ's box "
                              "as its bounds)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="JSON to write; the table goes beside it as .md (default: benchmarks/results/"
-                             "medsam_box_bound.json)")
+    add_ct_organ_options(parser, "medsam_box_bound")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = device_of(args)
     started = time.perf_counter()
     per_target: list[dict[str, Any]] = []
     records, tables = [], []

@@ -30,10 +30,9 @@ for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from common import machine_info, markdown_table, write_results  # noqa: E402
+from common import add_ct_organ_options, device_of, machine_info, markdown_table, write_results  # noqa: E402
 from interactive import ct_targets  # noqa: E402
 
-from AttentionSegLib.devices import resolve_device  # noqa: E402
 from AttentionSegLib.interactive import RefineSettings  # noqa: E402
 from AttentionSegLib.interactive.medsam import (  # noqa: E402
     ENCODER_PRECISIONS,
@@ -42,8 +41,6 @@ from AttentionSegLib.interactive.medsam import (  # noqa: E402
     MedSAMSettings,
     bounding_box,
 )
-
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "medsam_precision.json"
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -91,21 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data",
-                        help="the shared data folder (default: ../shared/data)")
-    parser.add_argument("--limit", type=int, default=2, help="example CTs to use (default: 2, both)")
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"],
                         choices=[p for p in ENCODER_PRECISIONS if p != "auto"],
                         help="the first is the reference of the others (default: float32 bfloat16)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="JSON to write; the table goes beside it as .md (default: benchmarks/results/"
-                             "medsam_precision.json)")
+    add_ct_organ_options(parser, "medsam_precision")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = device_of(args)
     started = time.perf_counter()
     per_target = []
     for target in ct_targets(args.data, args.limit, "crop"):
