@@ -163,6 +163,13 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that ran benchmark ``script`` (its ``__file__``) with ``argv`` (``None``: the process's
+    own arguments), as the results record it: ``python benchmarks/<script> ARGS``."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *args])
+
+
 def add_ct_organ_options(parser: argparse.ArgumentParser, name: str) -> None:
     """The options of a benchmark on the ``ct_organs`` targets of ``interactive.py``: ``--data``, ``--limit``
     (example CTs), ``--device``, ``--threads``, ``--out`` (default ``results/<name>.json``)."""

@@ -35,7 +35,7 @@ for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from common import add_ct_organ_options, device_of, machine_info, markdown_table, write_results  # noqa: E402
+from common import add_ct_organ_options, command_line, device_of, machine_info, markdown_table, write_results  # noqa: E402
 from interactive import VIEWS, ct_targets  # noqa: E402
 from robot import next_click  # noqa: E402
 
@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(f"**ct_organs, view {view}** — 3D Dice\n\n"
                       + markdown_table(["target", *ANSWERS], rows))
     table = "\n".join(tables)
-    command = "python benchmarks/medsam_box_bound.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     out_json, out_md = write_results(
         "medsam_box_bound", records, args.out, table,
-        extra={"machine": machine_info(device), "command": command.strip(), "per_target": per_target,
+        extra={"machine": machine_info(device), "command": command, "per_target": per_target,
                "settings": {"views": args.views, "limit": args.limit, "device": str(device)},
                "total_seconds": time.perf_counter() - started},
     )

@@ -30,7 +30,7 @@ for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from common import add_ct_organ_options, device_of, machine_info, markdown_table, write_results  # noqa: E402
+from common import add_ct_organ_options, command_line, device_of, machine_info, markdown_table, write_results  # noqa: E402
 from interactive import ct_targets  # noqa: E402
 
 from AttentionSegLib.interactive import RefineSettings  # noqa: E402
@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
              f"crops ({sum(r['slices'] for r in per_target)} slices), device {device}\n\n"
              + markdown_table(["precision", "runs as", "3D Dice", f"Dice vs {reference}", "s/slice (median)",
                                f"speed-up over {reference}"], rows))
-    command = "python benchmarks/medsam_precision.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     out_json, out_md = write_results(
         "medsam_precision", records, args.out, table,
-        extra={"machine": machine_info(device), "command": command.strip(), "per_target": per_target,
+        extra={"machine": machine_info(device), "command": command, "per_target": per_target,
                "settings": {"precisions": args.precisions, "limit": args.limit, "device": str(device)},
                "total_seconds": time.perf_counter() - started},
     )

@@ -370,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.child is not None:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
-    from common import machine_info, markdown_table, write_results
+    from common import command_line, machine_info, markdown_table, write_results
     from interactive import ct_targets
 
     names = [
@@ -463,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{f'; the user looks at the slice {args.dwell:g} s before clicking' if args.dwell else ''}\n\n"
         + markdown_table(header, rows)
     )
-    command = "python benchmarks/medsam_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     write_results(
         "medsam_speed",
         records,
@@ -471,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table,
         extra={
             "machine": machine,
-            "command": command.strip(),
+            "command": command,
             "settings": {
                 "view": args.view,
                 "limit": args.limit,

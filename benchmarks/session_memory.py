@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
     # common imports the engine: here, never in a child, which takes its setting's engine
-    from common import machine_info, markdown_table, write_results
+    from common import command_line, machine_info, markdown_table, write_results
 
     if not (args.data / "totalsegmentator-examples" / "example_ct.nii.gz").exists():
         raise SystemExit(f"session_memory.py: error: no example CT under {args.data} (give --data)")
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              + markdown_table(["engine", "MB held by the new session", "MB held after the steps",
                                "MB a step allocated at most", "MB of masks and scribbles in the undo history",
                                f"Dice ({' / '.join(args.structures)})"], rows))
-    command = "python benchmarks/session_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     out_json, out_md = write_results("session_memory", records, args.out, table,
                                      extra={"command": command, "machine": machine_info("cpu"),
                                             "baseline": baseline_commit, "per_setting": results})

@@ -34,8 +34,10 @@ def test_the_left_kidney_crop_gets_four_answers(shared_data: Path, medsam_weight
     monkeypatch.setattr(bound, "ct_targets", lambda data, limit, view: (
         t for t in original(data, limit, view) if t.name == "example_ct_sm/kidney_left"))
     out = tmp_path / "bound.json"
-    assert main(["--data", str(shared_data), "--limit", "2", "--views", "crop", "--out", str(out)]) == 0
+    argv = ["--data", str(shared_data), "--limit", "2", "--views", "crop", "--out", str(out)]
+    assert main(argv) == 0
     results = json.loads(out.read_text())
+    assert results["command"] == " ".join(["python", "benchmarks/medsam_box_bound.py", *argv])
     (target,) = results["per_target"]
     assert target["target"] == "example_ct_sm/kidney_left" and target["view"] == "crop"
     assert all(target["dice"][answer] >= 0.85 for answer in ANSWERS), target["dice"]
