@@ -105,7 +105,14 @@ class MedSAMSettings:
             the ``example_ct`` right kidney 0.896 / 0.899 / 0.697). The previous slice's logits as SAM's
             dense mask prompt as well (LiteMedSAM was trained with boxes alone) lowered every organ, even
             with the reference box on every slice (10 CT organ crops: the livers 0.913 / 0.915 -> 0.850 /
-            0.852, the pancreases 0.507 / 0.546 -> 0.422 / 0.411).
+            0.852, the pancreases 0.507 / 0.546 -> 0.422 / 0.411). Nor did more boxes after the chain:
+            every slice it reached decoded again with the union of its boxes on that slice and the two
+            beside it (so that a section that moves from slice to slice lies in the box) gave one click on
+            the CT organ crops 0.768 (the pancreases 0.26 / 0.24, the livers 0.85 / 0.88) and on the whole
+            CTs 0.817; chains also from the two slices beside the click's, each anchored by the click's
+            answer there, joined to its chain by a vote of the three, their union or their mean
+            probability: crops 0.773 / 0.773 / 0.772, whole CTs 0.815 / 0.809 / 0.818 (the pancreases
+            within 0.03 throughout).
         grow_iterations: at most this many re-centrings of the chosen box on its mask.
         jump_ratio: propagation stops where the area changes by more than this factor between slices.
         grow_ratio: of the candidate boxes of a slice, those whose mask grows by more than this factor over
